@@ -1,0 +1,218 @@
+"""The typed run config: loaded from YAML once, validated once, then passed around frozen.
+
+Keys are a contract with users and other tools: rename nothing, add freely. Relative paths are
+resolved against the current working directory when the data is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from privmed.errors import ConfigError
+
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: Literal["medmnist", "image-folder", "dicom", "phantom"] = "phantom"
+    name: str | None = Field(None, description="medmnist: which file, e.g. pneumoniamnist")
+    root: Path | None = Field(None, description="folder holding the data")
+    size: int | None = Field(
+        None, ge=8, le=512, description="image side in pixels; medmnist: 28, 64, 128 or 224"
+    )
+    csv: Path | None = Field(
+        None, description="image-folder (optional) / dicom (required): file, label, site, patient"
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="per-site validation share")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=0.5, description="held-out test share, for sources without a test split"
+    )
+    channels: int | None = Field(
+        None, ge=1, le=3, description="image-folder/dicom: 1 (grey) or 3 (RGB); default 1"
+    )
+    download: bool = Field(True, description="medmnist: download a missing file")
+    samples_per_site: int = Field(600, ge=20, le=100_000, description="phantom: images per site")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataConfig":
+        if self.source == "medmnist":
+            if not self.name:
+                raise ValueError("data.name is required for source 'medmnist' (e.g. pneumoniamnist)")
+            if self.size is not None and self.size not in MEDMNIST_SIZES:
+                raise ValueError(
+                    f"data.size: {self.size} is not a MedMNIST size; allowed: 28, 64, 128, 224"
+                )
+        if self.source in ("medmnist", "image-folder", "dicom") and self.root is None:
+            raise ValueError(f"data.root is required for source '{self.source}'")
+        if self.source == "dicom" and self.csv is None:
+            raise ValueError("data.csv is required for source 'dicom' (columns file, label[, site, patient])")
+        return self
+
+
+class SitesConfig(_Section):
+    count: int = Field(3, ge=1, le=1000)
+    partition: Literal["natural", "iid", "dirichlet", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0, le=1e6, description="dirichlet / quantity concentration")
+    names: list[str] | None = None
+    min_samples: int = Field(
+        10, ge=1, description="a site with fewer training samples than this is an error"
+    )
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "SitesConfig":
+        if self.names is not None:
+            if len(self.names) != self.count:
+                raise ValueError(
+                    f"sites.names has {len(self.names)} names but sites.count is {self.count}"
+                )
+            if len(set(self.names)) != len(self.names):
+                raise ValueError(f"sites.names must be unique, got {self.names}")
+        return self
+
+    def site_names(self) -> list[str]:
+        return list(self.names) if self.names else [f"site-{i + 1}" for i in range(self.count)]
+
+
+class ModelConfig(_Section):
+    name: str = Field("cnn", description="a model registry name: cnn, resnet18")
+    width: int | None = Field(None, ge=4, le=512, description="channels of the first stage")
+
+
+class FederationConfig(_Section):
+    strategy: Literal["fedavg", "cyclic", "local", "pooled"] = "fedavg"
+    rounds: int = Field(20, ge=1, le=100_000)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    cyclic_order: Literal["fixed", "shuffled"] = Field(
+        "fixed", description="cyclic: visit sites in the configured order, or shuffle every round"
+    )
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(0.01, gt=0, le=10)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    augment: bool = Field(True, description="random flips/shifts of training images")
+    eval_batch_size: int = Field(512, ge=1)
+
+
+class OutputConfig(_Section):
+    keep_checkpoints: int = Field(2, ge=1, description="round checkpoints kept on disk (newest)")
+
+
+class RunConfig(_Section):
+    name: str | None = None
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    task: Literal["classification"] = "classification"
+    data: DataConfig = DataConfig()
+    sites: SitesConfig = SitesConfig()
+    model: ModelConfig = ModelConfig()
+    federation: FederationConfig = FederationConfig()
+    training: TrainingConfig = TrainingConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names valid at `loc` (a pydantic error location), for 'did you mean'."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_error(err: dict, source: str) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(RunConfig, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{source}: unknown key '{where}'{hint} (allowed here: {', '.join(known)})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":
+        return f"{source}: {msg}"
+    given = err.get("input")
+    if isinstance(given, dict):
+        return f"{source}: {where}: {msg}"
+    return f"{source}: {where}: {msg}, got {given!r}"
+
+
+def validate_config(raw: dict | RunConfig, source: str = "config") -> RunConfig:
+    """A RunConfig from a dict (or a RunConfig, returned as is); ConfigError names the bad field."""
+    if isinstance(raw, RunConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("; ".join(_format_error(err, source) for err in e.errors())) from None
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
+    """A copy of `raw` with each 'a.b.c=value' applied; the value is parsed as YAML."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: '{item}' is not of the form key.path=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: '{key}': '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = parsed
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML config. `name` defaults to the file's stem."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    raw.setdefault("name", path.stem)
+    return validate_config(raw, source=str(path))
