@@ -7,6 +7,7 @@ A file is written to a temporary sibling, flushed to disk, then renamed over the
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -43,12 +44,25 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON (NaN and infinities written as null), so any JSON reader can load it."""
+    text = json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False)
+    write_text(path, text + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Rewrite a whole JSON-lines file (small files only: metrics per round)."""
-    write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    lines = (json.dumps(_finite(r), default=_json_default, allow_nan=False) + "\n" for r in rows)
+    write_text(path, "".join(lines))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def torch_save(path: Path, obj: Any) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from privmed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""privmed from Python (notebooks, scripts): a config in, the summary and the trained model out.
+
+    import privmed
+    result = privmed.run({"data": {"source": "phantom"}, "federation": {"rounds": 3}})
+    result.summary["test"]["auc"], result.model
+
+Without `out`, nothing is written anywhere; with `out`, the run directory is written as by
+`privmed run` (and `resume=True` continues it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from privmed.config import RunConfig, load_config, validate_config
+from privmed.federation.experiment import prepare_experiment
+from privmed.federation.rundir import RunDir
+from privmed.federation.runner import RunResult, run_in_process
+
+
+def run(
+    config: RunConfig | dict | str | Path,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    report: bool = True,
+) -> RunResult:
+    """Run one experiment in this process.
+
+    config: a RunConfig, a dict of config keys, or the path of a YAML file.
+    out: run directory to write (None: write nothing). resume: continue the run in `out`.
+    report: write report.html into `out` at the end.
+    """
+    if isinstance(config, (str, Path)):
+        cfg = load_config(config)
+    else:
+        cfg = validate_config(config)
+    run_dir = None
+    if out is not None:
+        out = Path(out)
+        if resume and not (out / "config.yaml").exists():
+            resume = False  # nothing to resume yet (e.g. a job restarted before its first round)
+        run_dir = RunDir.check_resume(out, cfg) if resume else RunDir.check_new(out)
+    exp = prepare_experiment(cfg)  # all validation happens before the first file is written
+    result = run_in_process(exp, run_dir=run_dir, resume=resume, progress=progress)
+    if run_dir is not None and report:
+        from privmed.report import write_report
+
+        write_report(run_dir.path)
+    return result

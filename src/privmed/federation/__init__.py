@@ -1,0 +1,1 @@
+"""Federation: sites that train locally, strategies that combine them, and runners that drive both."""

@@ -1,0 +1,134 @@
+"""The run directory: config, metrics, checkpoints, summary, predictions and model.
+
+Layout (every file written atomically):
+    config.yaml                 the resolved config
+    metrics.jsonl               one line per completed round
+    checkpoints/round-NNNN.pt   everything needed to continue after round NNNN (newest kept)
+    summary.json, predictions.npz, model.pt, report.html, plots/   at the end of the run
+A checkpoint holds the metrics history too, so `--resume` rewrites metrics.jsonl from it: a kill
+between the two writes can neither lose nor double a round.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from privmed import io
+from privmed.config import RunConfig
+from privmed.errors import RunDirError
+
+_CKPT = re.compile(r"^round-(\d{4,})\.pt$")
+
+
+def _to_torch(obj: Any) -> Any:
+    """numpy arrays -> tensors, recursively, so checkpoints load with torch's weights_only=True."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {k: _to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_torch(v) for v in obj]
+    return obj
+
+
+def _to_numpy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_numpy(v) for v in obj]
+    return obj
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # -------------------------------------------------------------- opening
+    @classmethod
+    def check_new(cls, path: Path) -> "RunDir":
+        """A RunDir for a new run at `path`; RunDirError if it holds a run or other files.
+        Creates nothing yet."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"--out: {path} exists and is not a directory")
+        if (path / "config.yaml").exists():
+            raise RunDirError(
+                f"--out: {path} holds another run; pass --resume to continue it, or choose another --out"
+            )
+        if path.is_dir() and any(path.iterdir()):
+            raise RunDirError(f"--out: {path} is not empty and holds no privmed run; choose another --out")
+        return cls(path)
+
+    @classmethod
+    def check_resume(cls, path: Path, cfg: RunConfig) -> "RunDir":
+        """A RunDir to continue; RunDirError if it holds no run, or a run of another config (only
+        federation.rounds may change, to extend a run)."""
+        path = Path(path)
+        saved_file = path / "config.yaml"
+        if not saved_file.is_file():
+            raise RunDirError(f"--resume: {path} holds no privmed run (no config.yaml)")
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+        diff = [k for k in config_diff(saved, cfg.to_dict()) if k != "federation.rounds"]
+        if diff:
+            raise RunDirError(
+                f"--resume: the config differs from the one {path} was started with, at {', '.join(diff)}"
+            )
+        return cls(path)
+
+    def start(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        io.write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        d = self.path / "checkpoints"
+        if not d.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT.match(p.name))]
+        return sorted(found)
+
+    def save_checkpoint(self, ckpt: dict, keep: int) -> None:
+        """Write round `ckpt['round']`'s checkpoint, then metrics.jsonl, then prune old rounds."""
+        rnd = int(ckpt["round"])
+        io.torch_save(self.path / "checkpoints" / f"round-{rnd:04d}.pt", _to_torch(ckpt))
+        io.write_jsonl(self.path / "metrics.jsonl", ckpt["history"])
+        for r, p in self.checkpoints()[:-keep]:
+            p.unlink(missing_ok=True)
+
+    def load_latest(self) -> dict | None:
+        """The newest readable checkpoint (as numpy), or None when no round completed."""
+        for rnd, p in reversed(self.checkpoints()):
+            try:
+                return _to_numpy(torch.load(p, weights_only=True))
+            except Exception:  # noqa: BLE001 - a damaged file: fall back to the previous round
+                continue
+        return None
+
+    # -------------------------------------------------------------- end of run
+    def finish(self, summary: dict, predictions: dict[str, np.ndarray], model: dict) -> None:
+        buf = _io.BytesIO()
+        np.savez_compressed(buf, **predictions)
+        io.write_bytes(self.path / "predictions.npz", buf.getvalue())
+        io.torch_save(self.path / "model.pt", _to_torch(model))
+        io.write_json(self.path / "summary.json", summary)

@@ -1,0 +1,143 @@
+"""A site (hospital): trains and evaluates a model on its own data, and knows nothing of rounds'
+bookkeeping, strategies or runners. Both runners (in-process, Flower) drive this same class.
+
+Weights travel as lists of numpy arrays in the order of the model's state_dict.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from privmed.config import TrainingConfig
+from privmed.data.sites import SiteData
+from privmed.federation.strategies import SiteUpdate, TrainTask, Weights
+
+
+def get_weights(model: nn.Module) -> Weights:
+    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
+
+
+def set_weights(model: nn.Module, weights: Weights) -> None:
+    keys = list(model.state_dict())
+    if len(keys) != len(weights):
+        raise ValueError(f"model has {len(keys)} tensors, got {len(weights)} arrays")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights)})
+
+
+def derive_seed(seed: int, *parts: int | str) -> int:
+    """A 63-bit seed for one purpose (e.g. site 'b', round 3, training) from the run's seed.
+
+    Every draw in a run comes from such a seed, never from global state, so round r of a resumed run
+    draws exactly what round r of an uninterrupted run drew.
+    """
+    words = [seed] + [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image (N, C, H, W) by up to `max_shift` pixels in each direction, filling the
+    border by reflection. Draws only from `gen`."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (N, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (N, 1, 1, W)
+    idx_n = torch.arange(n)[:, None, None, None]
+    idx_c = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[idx_n, idx_c, rows, cols]
+
+
+class Site:
+    """One hospital's training and evaluation.
+
+    `model_factory()` returns a model of the run's architecture (its initial weights do not matter:
+    the weights to train from always come with the task).
+    """
+
+    def __init__(
+        self,
+        data: SiteData,
+        model_factory: Callable[[], nn.Module],
+        training: TrainingConfig,
+        local_epochs: int,
+        seed: int,
+    ):
+        self.data = data
+        self.name = data.name
+        self.training = training
+        self.local_epochs = local_epochs
+        self.seed = seed
+        self.model = model_factory()
+        self._x = torch.from_numpy(data.train.images)
+        self._y = torch.from_numpy(data.train.labels.astype(np.int64))
+
+    @property
+    def n_train(self) -> int:
+        return len(self.data.train)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.training
+        if t.optimizer == "adam":
+            return torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(
+            self.model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+
+    def train(self, task: TrainTask, rnd: int) -> SiteUpdate:
+        """Train `local_epochs` epochs from `task.weights`; the optimizer starts fresh each round."""
+        start = time.perf_counter()
+        set_weights(self.model, task.weights)
+        self.model.train()
+        opt = self._optimizer()
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "train", rnd, self.name))
+        n, bs = self.n_train, self.training.batch_size
+        max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment else 0
+        total_loss, steps = 0.0, 0
+        for _ in range(self.local_epochs):
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n, bs):
+                idx = perm[i : i + bs]
+                xb = random_shift(self._x[idx], max_shift, gen)
+                loss = F.cross_entropy(self.model(xb), self._y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total_loss += float(loss) * len(idx)
+                steps += 1
+        samples = n * self.local_epochs
+        return SiteUpdate(
+            site=self.name,
+            weights=get_weights(self.model),
+            n_samples=n,
+            model_key=task.model_key,
+            metrics={
+                "train_loss": total_loss / samples,
+                "sample_gradient_steps": samples,
+                "optimizer_steps": steps,
+                "train_seconds": time.perf_counter() - start,
+            },
+        )
+
+    def predict(self, weights: Weights, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, K) of the model with `weights` on `images` (N, C, H, W)."""
+        return predict(self.model, weights, images, self.training.eval_batch_size)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, weights: Weights, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities (N, K), float64, of `model` loaded with `weights` on `images`."""
+    set_weights(model, weights)
+    model.eval()
+    x = torch.from_numpy(images)
+    out = [F.softmax(model(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy().astype(np.float64)
