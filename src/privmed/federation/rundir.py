@@ -98,6 +98,8 @@ class RunDir:
 
     def start(self, cfg: RunConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.rglob(".*.tmp"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
         io.write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # -------------------------------------------------------------- checkpoints

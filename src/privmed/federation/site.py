@@ -112,7 +112,7 @@ class Site:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total_loss += float(loss) * len(idx)
+                total_loss += loss.item() * len(idx)
                 steps += 1
         samples = n * self.local_epochs
         return SiteUpdate(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "ece")
 
@@ -50,6 +50,13 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(np.sum(count[seen] / count.sum() * np.abs(acc[seen] - conf[seen])))
 
 
+def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Mean recall over the classes present in `labels` (sklearn's balanced_accuracy_score, without
+    its warning for a site whose validation data holds one class)."""
+    present = np.unique(labels)
+    return float(recall_score(labels, pred, labels=present, average="macro", zero_division=0))
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """auc, accuracy, balanced_accuracy, ece, loss (mean cross-entropy, nats) and n."""
     pred = probs.argmax(axis=1)
@@ -57,7 +64,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     return {
         "auc": roc_auc(probs, labels),
         "accuracy": float(accuracy_score(labels, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "balanced_accuracy": balanced_accuracy(pred, labels),
         "ece": expected_calibration_error(probs, labels),
         "loss": float(-np.mean(np.log(p_true))),
         "n": int(len(labels)),

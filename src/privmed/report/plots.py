@@ -1,0 +1,210 @@
+"""The report's figures: pure functions, arrays in, PNG bytes out; one function per figure.
+
+Figures are built on `matplotlib.figure.Figure` with an explicit Agg canvas, never pyplot, so
+nothing here touches matplotlib's global state or needs a display. Missing values are NaN: a metric
+that is NaN in some round leaves a gap in its line, it does not fail.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import roc_curve
+
+from privmed.tasks.classification import expected_calibration_error, reliability_bins, roc_auc
+
+DPI = 110
+TITLE_SIZE = 11
+LABEL_SIZE = 10
+TICK_SIZE = 9
+LEGEND_SIZE = 8
+
+
+def learning_curves(
+    rounds: Sequence[int],
+    val_auc_by_site: Mapping[str, Sequence[float]],
+    train_loss_by_site: Mapping[str, Sequence[float]],
+    pooled_val_auc: Sequence[float],
+    pooled_test_auc: Sequence[float],
+    best_round: int | None = None,
+    val_label: str = "pooled validation",
+    test_label: str = "pooled test",
+) -> bytes:
+    """Two panels over `rounds` (R,): validation AUC per site plus pooled validation and pooled test
+    AUC (legend entries `val_label`, `test_label`), with the selected round marked; below, the
+    training loss per site. Every series is (R,) floats aligned with `rounds`, NaN (or None) where a
+    round has no value."""
+    many = len(val_auc_by_site) > 6  # legend goes outside the axes: widen the figure for it
+    fig = _figure((6.4 + 2.2 * many + 1.4 * (len(val_auc_by_site) > 14), 6.2))
+    ax_auc, ax_loss = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    x = np.asarray(rounds, dtype=float)
+    colours = _colours(list(val_auc_by_site) + [s for s in train_loss_by_site if s not in val_auc_by_site])
+
+    for site, values in val_auc_by_site.items():
+        # Above the pooled lines: a site whose score equals the pooled one must stay visible.
+        ax_auc.plot(x, _floats(values), marker="o", ms=3, lw=1.2, color=colours[site], label=site,
+                    zorder=3)
+    ax_auc.plot(x, _floats(pooled_val_auc), color="black", lw=2.4, marker="o", ms=4,
+                label=val_label, zorder=2)
+    ax_auc.plot(x, _floats(pooled_test_auc), color="dimgray", lw=1.8, ls="--", marker="s", ms=3,
+                label=test_label, zorder=2)
+    for ax in (ax_auc, ax_loss):
+        if best_round is not None:
+            ax.axvline(best_round, color="tab:red", lw=1, ls=":", zorder=0)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=TICK_SIZE)
+    if best_round is not None:
+        ax_auc.plot([], [], color="tab:red", lw=1, ls=":", label=f"selected round ({best_round})")
+    ax_auc.set_ylabel("validation AUC", fontsize=LABEL_SIZE)
+    ax_auc.set_title("Learning curves", fontsize=TITLE_SIZE)
+    lo = _finite_min([val_auc_by_site.values(), [pooled_val_auc, pooled_test_auc]])
+    if lo is not None:
+        ax_auc.set_ylim(max(0.0, min(lo, 0.9) - 0.03), 1.01)
+    if not many:
+        ax_auc.legend(fontsize=LEGEND_SIZE, loc="lower right")
+    else:  # too many to fit inside without hiding the curves; constrained layout makes room
+        ax_auc.legend(fontsize=LEGEND_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      ncol=1 + (len(val_auc_by_site) > 14))
+
+    for site, values in train_loss_by_site.items():
+        ax_loss.plot(x, _floats(values), marker="o", ms=3, lw=1.2, color=colours[site], label=site)
+    ax_loss.set_ylabel("training loss\n(per site, colours as above)", fontsize=LABEL_SIZE)
+    ax_loss.set_xlabel("round", fontsize=LABEL_SIZE)
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if len(x):
+        ax_loss.set_xlim(x.min() - 0.5, x.max() + 0.5)  # else one round gets fractional ticks
+    return _png(fig)
+
+
+def roc(
+    probs_by_model: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    class_names: Sequence[str] | None = None,
+) -> bytes:
+    """ROC curves on one test set. `labels` (N,) ints; each probs (N, K) with the same K.
+
+    K = 2: one curve per model, class 1 positive, AUC in the legend. K > 2: one one-vs-rest curve per
+    class present in `labels`, for a single model only (ValueError for several). ValueError when
+    `labels` holds a single class (ROC is undefined)."""
+    labels = np.asarray(labels)
+    k = _n_classes(probs_by_model)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("ROC needs test labels of at least two classes")
+    if k > 2 and len(probs_by_model) != 1:
+        raise ValueError(f"ROC for {k} classes is drawn for one model, got {len(probs_by_model)}")
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+
+    fig = _figure((5.4, 4.8))
+    ax = fig.subplots()
+    if k == 2:
+        colours = _colours(list(probs_by_model))
+        for model, probs in probs_by_model.items():
+            fpr, tpr, _ = roc_curve(labels, probs[:, 1])
+            auc = roc_auc(probs, labels)
+            ax.plot(fpr, tpr, lw=1.8, color=colours[model], label=f"{model} (AUC {auc:.3f})")
+        title = f"ROC, test set (positive class: {names[1]})"
+    else:
+        [(model, probs)] = probs_by_model.items()
+        colours = _colours(names)
+        for c in np.unique(labels):
+            fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
+            auc = roc_auc(np.stack([1 - probs[:, c], probs[:, c]], axis=1), (labels == c).astype(int))
+            ax.plot(fpr, tpr, lw=1.5, color=colours[names[c]], label=f"{names[c]} (AUC {auc:.3f})")
+        title = f"ROC, test set, one class vs rest ({model})"
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="chance")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (1 − specificity)", fontsize=LABEL_SIZE)
+    ax.set_ylabel("true positive rate (sensitivity)", fontsize=LABEL_SIZE)
+    ax.set_title(title, fontsize=TITLE_SIZE)
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=LEGEND_SIZE, loc="lower right")
+    return _png(fig)
+
+
+def calibration(
+    probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray, n_bins: int = 15
+) -> bytes:
+    """Reliability diagram of top-label confidence in `n_bins` equal-width bins (as the ECE metric),
+    above a histogram of how many test images fall in each bin. `labels` (N,) ints; each probs
+    (N, K). ECE in the title for one model, in the legend for several."""
+    labels = np.asarray(labels)
+    k = _n_classes(probs_by_model)
+    fig = _figure((6.0, 5.2))
+    ax_rel, ax_cnt = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.2))
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    colours = _colours(list(probs_by_model))
+    single = len(probs_by_model) == 1
+
+    ax_rel.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="perfect calibration")
+    for model, probs in probs_by_model.items():
+        conf, acc, count = reliability_bins(probs, labels, n_bins)
+        ece = expected_calibration_error(probs, labels, n_bins)
+        seen = count > 0
+        label = "model" if single else f"{model} (ECE {ece:.3f})"
+        ax_rel.plot(conf[seen], acc[seen], marker="o", ms=4, lw=1.5, color=colours[model], label=label)
+        ax_cnt.stairs(count, edges, color=colours[model], fill=single, alpha=0.6 if single else 1.0,
+                      lw=1.2)
+    if single:
+        title = f"Calibration, test set: ECE {ece:.3f}"
+    else:
+        title = "Calibration, test set (ECE per model in the legend)"
+    lo = max(0.0, 1.0 / k - 0.05)
+    ax_rel.set_xlim(lo, 1.0)
+    ax_rel.set_ylim(-0.02, 1.02)
+    ax_rel.set_ylabel("observed accuracy", fontsize=LABEL_SIZE)
+    ax_rel.set_title(title, fontsize=TITLE_SIZE)
+    ax_rel.legend(fontsize=LEGEND_SIZE, loc="upper left")
+    ax_cnt.set_ylabel("images", fontsize=LABEL_SIZE)
+    ax_cnt.set_xlabel("predicted confidence (probability of the predicted class)", fontsize=LABEL_SIZE)
+    ax_cnt.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
+    for ax in (ax_rel, ax_cnt):
+        ax.tick_params(labelsize=TICK_SIZE)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    # No "Software" tag: the same data gives the same bytes across matplotlib patch versions.
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _colours(names: Sequence[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _floats(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([math.nan if v is None else float(v) for v in values], dtype=float)
+
+
+def _finite_min(groups) -> float | None:
+    finite = [v for group in groups for series in group for v in _floats(series) if np.isfinite(v)]
+    return min(finite) if finite else None
+
+
+def _n_classes(probs_by_model: Mapping[str, np.ndarray]) -> int:
+    if not probs_by_model:
+        raise ValueError("no model probabilities given")
+    ks = {np.shape(p)[1] for p in probs_by_model.values()}
+    if len(ks) != 1:
+        raise ValueError(f"models disagree on the number of classes: {sorted(ks)}")
+    return ks.pop()

@@ -1,0 +1,139 @@
+"""The `privmed` command: help, and bad input -> one line on stderr, exit 2, nothing written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import tiny_config
+
+
+def privmed(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "privmed", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["run", "--help"], ["report", "--help"]])
+def test_help(args):
+    r = privmed(*args)
+    assert r.returncode == 0 and "usage: privmed" in r.stdout
+
+
+def _write(tmp_path: Path, cfg: dict, name="cfg.yaml") -> Path:
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump(cfg))
+    return f
+
+
+def _npz(path: Path, n=60, size=28, labels=None, **extra):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, size, size), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.integers(0, 2, (n, 1)) if labels is None else labels(n))
+    arrays.update(extra)
+    np.savez(path, **arrays)
+
+
+def _medmnist_cfg(root: Path) -> dict:
+    cfg = tiny_config()
+    cfg["data"] = {"source": "medmnist", "name": "pneumoniamnist", "root": str(root), "download": False}
+    cfg["sites"] = {"count": 2, "partition": "iid", "min_samples": 5}
+    return cfg
+
+
+def _image_folder(root: Path, sizes=((16, 16),)):
+    for c in ("normal", "pneumonia"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            w, h = sizes[i % len(sizes)]
+            Image.fromarray(np.full((h, w), 40 * i % 255, np.uint8)).save(root / c / f"{i}.png")
+
+
+def _bad_cases(tmp_path: Path):
+    """(config dict, text the one-line message must contain) per kind of bad input."""
+    cases = {}
+    cfg = tiny_config()
+    cfg["sites"]["partiton"] = "iid"
+    cases["unknown key"] = (cfg, "did you mean 'partition'")
+    cases["wrong type"] = (tiny_config(federation__rounds="ten"), "federation.rounds")
+    cases["out of range"] = (tiny_config(training__lr=-0.1), "training.lr")
+    cases["unknown model"] = (tiny_config(model__name="resnet19"), "did you mean 'resnet18'")
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    cases["missing file"] = (_medmnist_cfg(missing), "pneumoniamnist.npz")
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "pneumoniamnist.npz").write_bytes(b"PK\x03\x04 this is not a zip archive")
+    cases["corrupt npz"] = (_medmnist_cfg(corrupt), "pneumoniamnist.npz")
+
+    bad_labels = tmp_path / "labels"
+    bad_labels.mkdir()
+    _npz(bad_labels / "pneumoniamnist.npz", labels=lambda n: np.full((n, 1), 7))
+    cases["labels out of range"] = (_medmnist_cfg(bad_labels), "label")
+
+    cfg = _medmnist_cfg(tmp_path / "labels")
+    cases["site without data"] = (
+        {**cfg, "sites": {"count": 40, "partition": "dirichlet", "alpha": 0.01}}, "site")
+
+    mixed = tmp_path / "mixed"
+    _image_folder(mixed, sizes=((16, 16), (20, 16)))
+    cfg = tiny_config()
+    cfg["data"] = {"source": "image-folder", "root": str(mixed)}
+    cfg["sites"] = {"count": 2, "partition": "iid", "min_samples": 2}
+    cases["mixed sizes"] = (cfg, "data.size")
+
+    broken = tmp_path / "broken"
+    _image_folder(broken)
+    (broken / "normal" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    cfg = {**cfg, "data": {"source": "image-folder", "root": str(broken)}}
+    cases["corrupt png"] = (cfg, "3.png")
+    return cases
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path):
+    failures = []
+    for kind, (cfg, expected) in _bad_cases(tmp_path).items():
+        f = _write(tmp_path, cfg, f"{kind.replace(' ', '-')}.yaml")
+        out = tmp_path / f"out-{kind.replace(' ', '-')}"
+        r = privmed("run", f, "--out", out, "--quiet")
+        lines = r.stderr.strip().splitlines()
+        ok = (r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr
+              and expected in lines[0] and not out.exists())
+        if not ok:
+            failures.append(f"{kind}: rc={r.returncode} stderr={r.stderr.strip()[-400:]!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_out_dir_holding_another_run_is_refused(tmp_path):
+    f = _write(tmp_path, tiny_config(federation__rounds=1))
+    out = tmp_path / "run"
+    assert privmed("run", f, "--out", out, "--quiet").returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    r = privmed("run", f, "--out", out, "--quiet")
+    assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # untouched
+
+
+def test_report_on_a_non_run_dir(tmp_path):
+    r = privmed("report", tmp_path)
+    assert r.returncode == 2 and str(tmp_path) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_and_report(tmp_path):
+    f = _write(tmp_path, tiny_config(federation__rounds=1))
+    out = tmp_path / "run"
+    r = privmed("run", f, "--out", out, "--set", "seed=5")
+    assert r.returncode == 0, r.stderr
+    assert f"report: {(out / 'report.html').resolve()}" in r.stdout
+    assert "SYNTHETIC" in r.stdout
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 5
+    (out / "report.html").unlink()
+    r = privmed("report", out)
+    assert r.returncode == 0 and (out / "report.html").exists()

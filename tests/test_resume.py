@@ -1,0 +1,113 @@
+"""Kill a run at some moment, resume it, and get what an uninterrupted run gets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+
+TIMING = {"seconds", "train_seconds"}
+
+
+def _cfg_file(tmp_path: Path) -> Path:
+    cfg = tiny_config(federation__rounds=4)
+    cfg["data"]["samples_per_site"] = 200
+    f = tmp_path / "cfg.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    return f
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True, text=True, **kw)
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _final(out: Path):
+    summary = json.loads((out / "summary.json").read_text())
+    model = torch.load(out / "model.pt", weights_only=True)["state_dicts"]["global"]
+    return summary, model
+
+
+def _kill_when(cfg: Path, out: Path, ready) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "privmed", "run", str(cfg), "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = _cfg_file(tmp)
+    out = tmp / "run"
+    r = _run(["run", str(cfg), "--out", str(out), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    return cfg, out
+
+
+def _ckpt_written(out: Path, rnd: int):
+    return lambda: (out / "checkpoints" / f"round-{rnd:04d}.pt").exists()
+
+
+@pytest.mark.parametrize("when", ["after-round-1", "after-round-3", "mid-round-2"])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, reference, when):
+    cfg, ref_out = reference
+    out = tmp_path / "run"
+    if when == "mid-round-2":
+        # Round 1 is checkpointed; kill a moment later, while round 2 is training.
+        ready_1 = _ckpt_written(out, 1)
+        t = {}
+        def ready():
+            if ready_1() and "at" not in t:
+                t["at"] = time.monotonic()
+            return "at" in t and time.monotonic() - t["at"] > 0.3
+        _kill_when(cfg, out, ready)
+    else:
+        _kill_when(cfg, out, _ckpt_written(out, int(when[-1])))
+    assert not (out / "summary.json").exists(), "the run finished before it was killed"
+
+    r = _run(["run", str(cfg), "--out", str(out), "--resume", "--quiet"])
+    assert r.returncode == 0, r.stderr
+    assert _rows(out) == _rows(ref_out)
+    (s_ref, m_ref), (s, m) = _final(ref_out), _final(out)
+    for k in m_ref:
+        assert torch.equal(m_ref[k], m[k]), k
+    for key in ("test", "val", "sites", "best_round", "sample_gradient_steps", "rounds_completed"):
+        assert s[key] == s_ref[key], key
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_resume_refuses_another_config(tmp_path, reference):
+    cfg, ref_out = reference
+    out = tmp_path / "run"
+    assert _run(["run", str(cfg), "--out", str(out), "--quiet", "--set", "federation.rounds=1"]).returncode == 0
+    r = _run(["run", str(cfg), "--out", str(out), "--resume", "--set", "training.lr=0.1"])
+    assert r.returncode == 2
+    assert "training.lr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_can_extend_rounds(tmp_path, reference):
+    cfg, ref_out = reference
+    out = tmp_path / "run"
+    assert _run(["run", str(cfg), "--out", str(out), "--quiet", "--set", "federation.rounds=2"]).returncode == 0
+    r = _run(["run", str(cfg), "--out", str(out), "--quiet", "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert _rows(out) == _rows(ref_out)
