@@ -78,7 +78,10 @@ def _bad_cases(tmp_path: Path):
     _npz(bad_labels / "pneumoniamnist.npz", labels=lambda n: np.full((n, 1), 7))
     cases["labels out of range"] = (_medmnist_cfg(bad_labels), "label")
 
-    cfg = _medmnist_cfg(tmp_path / "labels")
+    good = tmp_path / "good"
+    good.mkdir()
+    _npz(good / "pneumoniamnist.npz")
+    cfg = _medmnist_cfg(good)
     cases["site without data"] = (
         {**cfg, "sites": {"count": 40, "partition": "dirichlet", "alpha": 0.01}}, "site")
 

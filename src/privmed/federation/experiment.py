@@ -48,18 +48,19 @@ def prepare_experiment(cfg: RunConfig) -> Experiment:
     )
 
     def model_factory() -> nn.Module:
-        return build_model(
-            cfg.model.name,
-            in_channels=source.in_channels,
-            num_classes=source.n_classes,
-            image_size=source.image_size,
-            width=cfg.model.width,
-        )
+        """A model with the run's initial weights, drawn from the run's seed without touching
+        torch's global random state."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "init"))
+            return build_model(
+                cfg.model.name,
+                in_channels=source.in_channels,
+                num_classes=source.n_classes,
+                image_size=source.image_size,
+                width=cfg.model.width,
+            )
 
-    # Initial weights from the run's seed, without touching torch's global random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, "init"))
-        initial = get_weights(model_factory())
+    initial = get_weights(model_factory())
 
     train_on = [pooled_site(site_data, POOLED_SITE)] if strategy.pools_data else site_data
     trainers = {

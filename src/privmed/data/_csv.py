@@ -1,0 +1,61 @@
+"""The index CSV of the file-based sources: one row per image, `file` relative to data.root."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path, PurePosixPath
+
+from privmed.errors import DataError
+
+
+def read_index(path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows as {column: stripped value} for the required and present optional columns.
+
+    `file` is normalised to a POSIX relative path. Raises DataError for a missing or unreadable
+    file, a missing required column, an empty value or a file listed twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"data.csv: {path} not found (expected a CSV with columns {', '.join(required)})"
+        )
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            body = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file; save the CSV as UTF-8") from None
+    except (csv.Error, OSError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    if not header:
+        raise DataError(f"{path}: empty CSV; expected a header with columns {', '.join(required)}")
+    header = [h.strip().lower() for h in header]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}: missing column '{missing[0]}'; found columns {header}, required "
+            f"{list(required)}, optional {list(optional)}"
+        )
+    wanted = {c: header.index(c) for c in (*required, *optional) if c in header}
+
+    rows: list[dict[str, str]] = []
+    seen: dict[str, int] = {}
+    for line, raw in body:
+        if not any(v.strip() for v in raw):
+            continue  # blank line
+        row = {}
+        for col, i in wanted.items():
+            value = raw[i].strip() if i < len(raw) else ""
+            if not value:
+                raise DataError(f"{path}: line {line}: empty '{col}' value; every row needs one")
+            row[col] = value
+        row["file"] = PurePosixPath(row["file"].replace("\\", "/")).as_posix()
+        name = row["file"]
+        if name in seen:
+            raise DataError(f"{path}: line {line}: file '{name}' is already listed on line {seen[name]}")
+        seen[row["file"]] = line
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows below the header")
+    return rows
