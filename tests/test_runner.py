@@ -62,6 +62,16 @@ def test_every_strategy_does_equal_work(strategy):
         assert 1 <= s["best_round"] <= 2
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "cyclic", "local", "pooled"])
+def test_local_steps_do_equal_work(strategy):
+    # 120 phantom images per site, ~100 for training: 5 steps of 8 never wrap within a pass,
+    # 20 steps of 8 wrap, and still count exactly.
+    for steps in (5, 20):
+        s = privmed.run(tiny_config(federation__strategy=strategy, federation__local_steps=steps,
+                                    training__batch_size=8)).summary
+        assert s["sample_gradient_steps"] == 2 * 3 * steps * 8  # rounds x sites x steps x batch
+
+
 def test_fedavg_learns_the_phantom_task():
     cfg = tiny_config(federation__rounds=6)
     cfg["data"]["samples_per_site"] = 300

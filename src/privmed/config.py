@@ -92,6 +92,12 @@ class FederationConfig(_Section):
     strategy: Literal["fedavg", "cyclic", "local", "pooled"] = "fedavg"
     rounds: int = Field(20, ge=1, le=100_000)
     local_epochs: int = Field(1, ge=1, le=1000)
+    local_steps: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="train a fixed number of batches per site and round instead of local_epochs "
+        "(as FLamby does); the pooled strategy then trains local_steps x sites.count batches, "
+        "so that it does the same work",
+    )
     cyclic_order: Literal["fixed", "shuffled"] = Field(
         "fixed", description="cyclic: visit sites in the configured order, or shuffle every round"
     )

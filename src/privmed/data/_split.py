@@ -8,13 +8,18 @@ from privmed.errors import DataError
 
 
 def holdout_by_patient(
-    labels: np.ndarray, patients: np.ndarray, fraction: float, rng: np.random.Generator
+    labels: np.ndarray,
+    patients: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    field: str = "data.test_fraction",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx), sorted int64 arrays that partition range(N).
 
     Patients are stratified by their most frequent label; within each label, shuffled patients go to
     the test side until its image count is closest to `fraction` of that label's images. One
-    patient's images all land on one side. Raises DataError when either side would be empty.
+    patient's images all land on one side. Raises DataError, naming the config `field` that set
+    `fraction`, when either side would be empty.
     """
     labels = np.asarray(labels)
     uniq, inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
@@ -40,8 +45,8 @@ def holdout_by_patient(
     train_idx, test_idx = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
     if len(test_idx) == 0 or len(train_idx) == 0:
         raise DataError(
-            f"data.test_fraction: {fraction} of {len(labels)} images ({len(uniq)} patients) leaves "
-            "an empty train or test set; add images (at least 2 patients per class) or raise it"
+            f"{field}: {fraction} of {len(labels)} images ({len(uniq)} patients) leaves "
+            "an empty side of the split; add images (at least 2 patients per class) or raise it"
         )
     return train_idx.astype(np.int64), test_idx.astype(np.int64)
 

@@ -75,19 +75,3 @@ def split_by_quantity(
     """Units shuffled and cut into parts of the given shares."""
     cuts = np.round(np.cumsum(shares)[:-1] * n_units).astype(int)
     return [np.sort(p) for p in np.split(rng.permutation(n_units), cuts)]
-
-
-def stratified_holdout(
-    unit_label: np.ndarray, fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """(kept_units, held_units): about `fraction` of each class's units held out (at least one unit
-    of a class with two or more units, so every split sees every class it can)."""
-    kept, held = [], []
-    for k in np.unique(unit_label):
-        units = rng.permutation(np.flatnonzero(unit_label == k))
-        n_held = int(round(fraction * len(units)))
-        if len(units) >= 2:
-            n_held = min(max(n_held, 1), len(units) - 1)
-        held.append(units[:n_held])
-        kept.append(units[n_held:])
-    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))

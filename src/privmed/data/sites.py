@@ -9,6 +9,7 @@ import numpy as np
 
 from privmed.config import SitesConfig
 from privmed.data import partition as P
+from privmed.data._split import holdout_by_patient
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import ConfigError, DataError
 
@@ -73,7 +74,7 @@ def _natural(
         if source.val is not None and source.val.site is not None:
             va = source.val.subset(np.flatnonzero(source.val.site == name))
         else:
-            tr, va = _holdout(tr, val_fraction, rng)
+            tr, va = _holdout(tr, val_fraction, rng, name)
         te = None
         if source.test.site is not None:
             idx = np.flatnonzero(source.test.site == name)
@@ -120,7 +121,7 @@ def _random(
         if val_sets is not None:
             va = val_sets[s]
         else:
-            tr, va = _holdout(tr, val_fraction, rng)
+            tr, va = _holdout(tr, val_fraction, rng, name)
         out.append(SiteData(name, tr, va, None))
     return out
 
@@ -139,10 +140,13 @@ def _split_val(
     return [val.subset(idx) for idx in P.units_to_items(unit_of_item, unit_sets)]
 
 
-def _holdout(data: ImageSet, fraction: float, rng: np.random.Generator) -> tuple[ImageSet, ImageSet]:
-    unit_of_item, unit_label, _ = P.patient_units(data.patient_ids(), data.labels)
-    kept, held = P.stratified_holdout(unit_label, fraction, rng)
-    keep_idx, held_idx = P.units_to_items(unit_of_item, [kept, held])
+def _holdout(
+    data: ImageSet, fraction: float, rng: np.random.Generator, site: str
+) -> tuple[ImageSet, ImageSet]:
+    """A site's validation split, stratified by label, patients kept whole."""
+    keep_idx, held_idx = holdout_by_patient(
+        data.labels, data.patient_ids(), fraction, rng, field=f"data.val_fraction (site '{site}')"
+    )
     return data.subset(keep_idx), data.subset(held_idx)
 
 

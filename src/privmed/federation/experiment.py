@@ -63,8 +63,11 @@ def prepare_experiment(cfg: RunConfig) -> Experiment:
     initial = get_weights(model_factory())
 
     train_on = [pooled_site(site_data, POOLED_SITE)] if strategy.pools_data else site_data
+    steps = cfg.federation.local_steps
+    if steps is not None and strategy.pools_data:
+        steps *= len(site_data)  # the pooled site does the work of all sites together
     trainers = {
-        sd.name: Site(sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed)
+        sd.name: Site(sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, steps)
         for sd in train_on
     }
     return Experiment(cfg, source, site_data, trainers, strategy, model_factory, initial)

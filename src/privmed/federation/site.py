@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,11 +71,13 @@ class Site:
         training: TrainingConfig,
         local_epochs: int,
         seed: int,
+        local_steps: int | None = None,
     ):
         self.data = data
         self.name = data.name
         self.training = training
         self.local_epochs = local_epochs
+        self.local_steps = local_steps
         self.seed = seed
         self.model = model_factory()
         self._x = torch.from_numpy(data.train.images)
@@ -94,31 +96,28 @@ class Site:
         )
 
     def train(self, task: TrainTask, rnd: int) -> SiteUpdate:
-        """Train `local_epochs` epochs from `task.weights`; the optimizer starts fresh each round."""
+        """Train from `task.weights` for `local_epochs` epochs, or `local_steps` batches when set;
+        the optimizer starts fresh each round."""
         start = time.perf_counter()
         set_weights(self.model, task.weights)
         self.model.train()
         opt = self._optimizer()
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "train", rnd, self.name))
-        n, bs = self.n_train, self.training.batch_size
         max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment else 0
-        total_loss, steps = 0.0, 0
-        for _ in range(self.local_epochs):
-            perm = torch.randperm(n, generator=gen)
-            for i in range(0, n, bs):
-                idx = perm[i : i + bs]
-                xb = random_shift(self._x[idx], max_shift, gen)
-                loss = F.cross_entropy(self.model(xb), self._y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total_loss += loss.item() * len(idx)
-                steps += 1
-        samples = n * self.local_epochs
+        total_loss, samples, steps = 0.0, 0, 0
+        for idx in self._batches(gen):
+            xb = random_shift(self._x[idx], max_shift, gen)
+            loss = F.cross_entropy(self.model(xb), self._y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += loss.item() * len(idx)
+            samples += len(idx)
+            steps += 1
         return SiteUpdate(
             site=self.name,
             weights=get_weights(self.model),
-            n_samples=n,
+            n_samples=self.n_train,
             model_key=task.model_key,
             metrics={
                 "train_loss": total_loss / samples,
@@ -127,6 +126,22 @@ class Site:
                 "train_seconds": time.perf_counter() - start,
             },
         )
+
+    def _batches(self, gen: torch.Generator) -> Iterator[torch.Tensor]:
+        """Index batches: `local_epochs` passes over the shuffled data; or, when `local_steps` is
+        set, exactly that many full batches cut from a stream of consecutive shuffled passes."""
+        n, bs = self.n_train, self.training.batch_size
+        if self.local_steps is None:
+            for _ in range(self.local_epochs):
+                perm = torch.randperm(n, generator=gen)
+                yield from (perm[i : i + bs] for i in range(0, n, bs))
+            return
+        stream = torch.empty(0, dtype=torch.long)
+        for _ in range(self.local_steps):
+            while len(stream) < bs:
+                stream = torch.cat([stream, torch.randperm(n, generator=gen)])
+            yield stream[:bs]
+            stream = stream[bs:]
 
     def predict(self, weights: Weights, images: np.ndarray) -> np.ndarray:
         """Class probabilities (N, K) of the model with `weights` on `images` (N, C, H, W)."""
