@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
-from privmed import __version__
+from privmed import __version__, io
 from privmed.federation.evaluation import SELECTION, SELECTION_LOCAL, Evaluator, mean_metrics
 from privmed.federation.experiment import Experiment
 from privmed.federation.rundir import RunDir
@@ -40,12 +40,9 @@ class RunResult:
 
 
 def _fresh_state(exp: Experiment) -> dict[str, Any]:
-    models = exp.strategy.init_state(exp.initial_weights, exp.trainer_names)
-    if exp.strategy.pools_data:
-        models = {GLOBAL: models[GLOBAL]}
     return {
         "round": 0,
-        "models": models,
+        "models": exp.strategy.init_state(exp.initial_weights, exp.trainer_names),
         "best": {},  # model key -> {"round", "score", "weights"}
         "history": [],
         "wall_seconds": 0.0,
@@ -78,8 +75,6 @@ def run_in_process(
     if run_dir is not None:
         run_dir.start(cfg)
         if state["history"]:  # resumed: metrics.jsonl may lag its checkpoint by one write
-            from privmed import io
-
             io.write_jsonl(run_dir.path / "metrics.jsonl", state["history"])
     evaluator = Evaluator(exp)
     rounds = cfg.federation.rounds
