@@ -1,0 +1,185 @@
+"""The privacy ledger: per site, every DP release (round, noise, sample rate, steps) and the epsilon spent.
+
+Pure bookkeeping: the runner asks `check_round` before a round (which refuses it if any site would pass
+its budget), `record`s each site's release after it, and `save`s the ledger to privacy_ledger.json in the
+run directory. `truncate` rewinds it to a checkpoint's round on resume, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from privmed.errors import PrivmedError
+from privmed.io import write_json
+from privmed.privacy.accountants import (
+    Release,
+    check_accountant_name,
+    check_delta_range,
+    check_epsilon_range,
+    epsilon_spent,
+)
+
+LEDGER_FILE = "privacy_ledger.json"
+UNIT = "patient"
+MECHANISM = "DP-SGD (Poisson-sampled Gaussian)"
+_CACHE_SIZE = 256
+
+
+class BudgetExceeded(PrivmedError):
+    """A round would push a site past its privacy budget; it was refused before it started."""
+
+
+class LedgerError(PrivmedError):
+    """The ledger would count a release twice, or a ledger file is inconsistent."""
+
+
+class PrivacyLedger:
+    """Per-site DP releases against one epsilon budget at one delta, accounted by `accountant`."""
+
+    def __init__(
+        self, budget_epsilon: float, delta: float, accountant: str = "prv", sites: Sequence[str] = ()
+    ) -> None:
+        check_epsilon_range(budget_epsilon)
+        check_delta_range(delta)
+        check_accountant_name(accountant)
+        self.budget_epsilon = float(budget_epsilon)
+        self.delta = float(delta)
+        self.accountant = accountant
+        self._releases: dict[str, list[tuple[int, Release]]] = {str(s): [] for s in sites}
+        # Epsilon by exact history, so a round checked then recorded is computed once, and a value can
+        # never outlive a record or truncate.
+        self._cache: OrderedDict[tuple[Release, ...], float] = OrderedDict()
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._releases)
+
+    def releases(self, site: str) -> list[tuple[int, Release]]:
+        """[(round, release)] for `site`, in round order."""
+        return list(self._site(site))
+
+    def epsilon(self, site: str) -> float:
+        """Epsilon `site` has spent over all its recorded releases."""
+        return self._epsilon(tuple(r for _, r in self._site(site)))
+
+    def check_round(
+        self, planned: Mapping[str, Release | Sequence[Release]], round: int
+    ) -> dict[str, float]:
+        """Epsilon each planned site would reach after `round`; BudgetExceeded if any would pass the
+        budget (naming each such site and the figures). Records nothing."""
+        refusals, after = [], {}
+        for site, plan in planned.items():
+            plan = [plan] if isinstance(plan, Release) else list(plan)
+            history = self._releases.get(site, [])
+            if history and round <= history[-1][0]:
+                raise LedgerError(
+                    f"privacy ledger: site '{site}' already has releases up to round {history[-1][0]}; "
+                    f"round {round} would be counted twice"
+                )
+            spent = self._epsilon(tuple(r for _, r in history))
+            after[site] = self._epsilon(tuple(r for _, r in history) + tuple(plan))
+            if after[site] > self.budget_epsilon:
+                what = ", ".join(
+                    f"noise multiplier {r.noise_multiplier:g}, sample rate {r.sample_rate:g}, {r.steps} steps"
+                    for r in plan
+                )
+                refusals.append(
+                    f"site '{site}' has spent epsilon {spent:.4g} and this round ({what}) would bring it to "
+                    f"{after[site]:.4g}, past its budget {self.budget_epsilon:g}"
+                )
+        if refusals:
+            context = f"delta {self.delta:g}, {self.accountant} accountant"
+            raise BudgetExceeded(f"round {round} refused ({context}): " + "; ".join(refusals))
+        return after
+
+    def record(self, site: str, round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Add the release `site` made in `round` (rounds strictly increase per site)."""
+        if not isinstance(round, numbers.Integral) or isinstance(round, bool) or round < 0:
+            raise ValueError(f"round must be an integer >= 0, got {round!r}")
+        round = int(round)
+        release = Release(noise_multiplier, sample_rate, steps)
+        history = self._releases.setdefault(str(site), [])
+        if history and round <= history[-1][0]:
+            recorded = any(r == round for r, _ in history)
+            seen = "is already recorded" if recorded else "comes before the last one"
+            raise LedgerError(
+                f"privacy ledger: round {round} for site '{site}' {seen} "
+                f"(recorded rounds end at {history[-1][0]}); a release is never counted twice"
+            )
+        history.append((round, release))
+
+    def truncate(self, last_round: int) -> None:
+        """Drop every release after `last_round` (resuming from that round's checkpoint)."""
+        for site, history in self._releases.items():
+            self._releases[site] = [(r, rel) for r, rel in history if r <= last_round]
+
+    def to_dict(self) -> dict:
+        return {
+            "unit": UNIT,
+            "mechanism": MECHANISM,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "budget_epsilon": self.budget_epsilon,
+            "sites": {
+                site: {
+                    "epsilon": self.epsilon(site),
+                    "releases": [
+                        {"round": r, "noise_multiplier": rel.noise_multiplier,
+                         "sample_rate": rel.sample_rate, "steps": rel.steps}
+                        for r, rel in history
+                    ],
+                }
+                for site, history in self._releases.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PrivacyLedger:
+        """The ledger `to_dict` wrote; epsilons are recomputed from the releases, not trusted."""
+        try:
+            if data["unit"] != UNIT or data["mechanism"] != MECHANISM:
+                raise LedgerError(
+                    f"privacy ledger: unit/mechanism {data['unit']!r}/{data['mechanism']!r} "
+                    f"is not {UNIT!r}/{MECHANISM!r}"
+                )
+            ledger = cls(data["budget_epsilon"], data["delta"], data["accountant"], sites=list(data["sites"]))
+            for site, entry in data["sites"].items():
+                for rel in entry["releases"]:
+                    sigma, q, steps = rel["noise_multiplier"], rel["sample_rate"], rel["steps"]
+                    ledger.record(site, rel["round"], sigma, q, steps)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LedgerError(f"privacy ledger: malformed ({type(e).__name__}: {e})") from None
+        return ledger
+
+    def save(self, path: Path) -> None:
+        """Write the ledger as JSON, atomically (a reader sees the old file or the new one)."""
+        write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyLedger:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LedgerError(f"privacy ledger {path}: cannot be read ({e})") from None
+        return cls.from_dict(data)
+
+    def _site(self, site: str) -> list[tuple[int, Release]]:
+        if site not in self._releases:
+            known = ", ".join(self._releases) or "none"
+            raise LedgerError(f"privacy ledger: unknown site '{site}' (known: {known})")
+        return self._releases[site]
+
+    def _epsilon(self, history: tuple[Release, ...]) -> float:
+        if history in self._cache:
+            self._cache.move_to_end(history)
+            return self._cache[history]
+        eps = epsilon_spent(history, self.delta, self.accountant)
+        self._cache[history] = eps
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return eps
