@@ -11,13 +11,12 @@ every site; cyclic training has one stage per site, in the order the model trave
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from privmed.errors import ConfigError
+from privmed.errors import ConfigError, unknown_name
 
 Weights = list[np.ndarray]
 State = dict[str, Weights]
@@ -166,11 +165,7 @@ def strategy_names() -> list[str]:
 
 def build_strategy(name: str, *, cyclic_order: str = "fixed", seed: int = 0) -> Strategy:
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"federation.strategy: unknown strategy '{name}'{hint} (known: {', '.join(strategy_names())})"
-        )
+        raise ConfigError(unknown_name("federation.strategy", "strategy", name, _REGISTRY))
     if name == "cyclic":
         return Cyclic(order=cyclic_order, seed=seed)
     return _REGISTRY[name]()

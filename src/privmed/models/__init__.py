@@ -6,12 +6,11 @@ Every model maps (N, C, H, W) float images to (N, num_classes) logits.
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 from torch import nn
 
-from privmed.errors import ConfigError
+from privmed.errors import ConfigError, unknown_name
 from privmed.models.cnn import SmallCNN
 from privmed.models.resnet import resnet18
 
@@ -27,9 +26,7 @@ def model_names() -> list[str]:
 
 def check_model_name(name: str) -> None:
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"model.name: unknown model '{name}'{hint} (known: {', '.join(model_names())})")
+        raise ConfigError(unknown_name("model.name", "model", name, _REGISTRY))
 
 
 def build_model(

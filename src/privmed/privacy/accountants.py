@@ -9,7 +9,6 @@ epsilon at the given delta; `independent_epsilon` recomputes it with dp-accounti
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import numbers
 import warnings
@@ -22,7 +21,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privmed.errors import ConfigError
+from privmed.errors import ConfigError, unknown_name
 
 # PRV adds this to its estimate to report a guaranteed upper bound, so no PRV epsilon is below it.
 PRV_EPS_ERROR = 0.01
@@ -66,11 +65,7 @@ def accountant_names() -> list[str]:
 
 def check_accountant_name(name: str) -> None:
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"privacy.accountant: unknown accountant '{name}'{hint} (known: {', '.join(accountant_names())})"
-        )
+        raise ConfigError(unknown_name("privacy.accountant", "accountant", name, _REGISTRY))
 
 
 def check_delta_range(delta: float) -> None:

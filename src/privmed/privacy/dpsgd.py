@@ -16,7 +16,6 @@ GradSampleModule (`grad_sample_mode` "hooks", "functorch", "ew") or its ghost-cl
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import warnings
 from typing import Callable, Iterator
@@ -28,7 +27,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from privmed.errors import ConfigError
+from privmed.errors import ConfigError, unknown_name
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 # Measured on privmed's `cnn` at 28 px, CPU, 1 thread (benchmarks/dp_grad_sample_modes.py, short runs
@@ -45,11 +44,7 @@ _FIRST_LAYER_HOOK_WARNING = r"Full backward hook is firing when gradients are co
 
 def check_grad_sample_mode(mode: str) -> None:
     if mode not in GRAD_SAMPLE_MODES:
-        close = difflib.get_close_matches(str(mode), GRAD_SAMPLE_MODES, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"grad_sample_mode: unknown mode '{mode}'{hint} (known: {', '.join(GRAD_SAMPLE_MODES)})"
-        )
+        raise ConfigError(unknown_name("grad_sample_mode", "mode", mode, GRAD_SAMPLE_MODES))
 
 
 # ---------------------------------------------------------------------------------------------------
