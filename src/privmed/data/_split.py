@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from privmed.data.base import ImageSet
 from privmed.errors import DataError
+
+_HOLDOUT_STREAM = 0x7E57  # seeds the test hold-out apart from any other draw from the same seed
 
 
 def holdout_by_patient(
@@ -61,3 +64,17 @@ def check_patients_disjoint(train: np.ndarray | None, test: np.ndarray | None, w
             f"{where}: patient '{both[0]}' has images in both train and test ({len(both)} such "
             "patients); a patient's images must all be on one side"
         )
+
+
+def train_test(
+    full: ImageSet, is_test: np.ndarray | None, test_fraction: float, seed: int, where: str
+) -> tuple[ImageSet, ImageSet]:
+    """(train, test): the split the source gives (`is_test`, (N,) bool), checked so that no patient
+    is on both sides; or, without one, a seeded hold-out of `test_fraction` by patient."""
+    if is_test is not None:
+        train, test = full.subset(np.flatnonzero(~is_test)), full.subset(np.flatnonzero(is_test))
+        check_patients_disjoint(train.patient, test.patient, where)
+        return train, test
+    rng = np.random.default_rng([seed, _HOLDOUT_STREAM])
+    tr, te = holdout_by_patient(full.labels, full.patient_ids(), test_fraction, rng)
+    return full.subset(tr), full.subset(te)

@@ -17,11 +17,10 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from privmed.config import DataConfig
 from privmed.data._csv import read_index
 from privmed.data._images import center_crop_resize, stack_images
-from privmed.data._split import check_patients_disjoint, holdout_by_patient
+from privmed.data._split import train_test
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import DataError
 
-_HOLDOUT_STREAM = 0x7E57  # seeds the test hold-out apart from any other draw from the same seed
 
 
 def load_dicom(data: DataConfig, seed: int) -> SourceData:
@@ -48,12 +47,8 @@ def load_dicom(data: DataConfig, seed: int) -> SourceData:
     cols = rows[0].keys()
     column = lambda name: np.array([r[name] for r in rows]) if name in cols else None  # noqa: E731
     full = ImageSet(images=images, labels=labels, site=column("site"), patient=column("patient"))
-    if "split" in cols:
-        train, test = _given_split(full, rows, csv_path)
-    else:
-        rng = np.random.default_rng([seed, _HOLDOUT_STREAM])
-        tr, te = holdout_by_patient(labels, full.patient_ids(), data.test_fraction, rng)
-        train, test = full.subset(tr), full.subset(te)
+    is_test = _given_split(rows, csv_path) if "split" in cols else None
+    train, test = train_test(full, is_test, data.test_fraction, seed, str(csv_path))
 
     return SourceData(
         train=train,
@@ -90,9 +85,8 @@ def parse_labels(values: list[str], where: Path) -> tuple[np.ndarray, list[str]]
     return labels, names
 
 
-def _given_split(
-    full: ImageSet, rows: list[dict[str, str]], csv_path: Path
-) -> tuple[ImageSet, ImageSet]:
+def _given_split(rows: list[dict[str, str]], csv_path: Path) -> np.ndarray:
+    """(N,) bool: which rows the CSV's `split` column puts in the test set."""
     split = np.array([r["split"].lower() for r in rows])
     bad = [(r["file"], r["split"]) for r, s in zip(rows, split) if s not in ("train", "test")]
     if bad:
@@ -104,10 +98,7 @@ def _given_split(
         raise DataError(
             f"{csv_path}: column 'split' names no '{missing}' rows; need both train and test"
         )
-    train = full.subset(np.flatnonzero(split == "train"))
-    test = full.subset(np.flatnonzero(split == "test"))
-    check_patients_disjoint(train.patient, test.patient, str(csv_path))
-    return train, test
+    return split == "test"
 
 
 def read_dicom(path: Path) -> np.ndarray:

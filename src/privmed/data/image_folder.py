@@ -17,12 +17,11 @@ import numpy as np
 from privmed.config import DataConfig
 from privmed.data._csv import read_index
 from privmed.data._images import IMAGE_SUFFIXES, read_image, stack_images
-from privmed.data._split import check_patients_disjoint, holdout_by_patient
+from privmed.data._split import train_test
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import DataError
 
 SPLIT_FOLDERS = ("train", "val", "test")
-_HOLDOUT_STREAM = 0x7E57  # seeds the test hold-out apart from any other draw from the same seed
 
 
 @dataclass(frozen=True)
@@ -54,14 +53,8 @@ def load_image_folder(data: DataConfig, seed: int) -> SourceData:
     full = ImageSet(images=images, labels=labels, site=site, patient=patient)
 
     split = np.array([it.split for it in items])
-    if (split == "test").any():
-        train = full.subset(np.flatnonzero(split != "test"))
-        test = full.subset(np.flatnonzero(split == "test"))
-        check_patients_disjoint(train.patient, test.patient, str(data.csv))
-    else:
-        rng = np.random.default_rng([seed, _HOLDOUT_STREAM])
-        tr, te = holdout_by_patient(labels, full.patient_ids(), data.test_fraction, rng)
-        train, test = full.subset(tr), full.subset(te)
+    is_test = (split == "test") if (split == "test").any() else None
+    train, test = train_test(full, is_test, data.test_fraction, seed, str(data.csv))
 
     return SourceData(
         train=train,

@@ -27,10 +27,6 @@ class Experiment:
     initial_weights: Weights
 
     @property
-    def site_names(self) -> list[str]:
-        return [sd.name for sd in self.site_data]
-
-    @property
     def trainer_names(self) -> list[str]:
         return list(self.trainers)
 

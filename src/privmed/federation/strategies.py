@@ -159,10 +159,6 @@ class Pooled(FedAvg):
 _REGISTRY = {"fedavg": FedAvg, "cyclic": Cyclic, "local": Local, "pooled": Pooled}
 
 
-def strategy_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def build_strategy(name: str, *, cyclic_order: str = "fixed", seed: int = 0) -> Strategy:
     if name not in _REGISTRY:
         raise ConfigError(unknown_name("federation.strategy", "strategy", name, _REGISTRY))
