@@ -33,6 +33,16 @@ METRIC_ROWS = (  # (key, label) of the metrics shown in the headline table, in o
     ("loss", "Loss (cross-entropy)"),
     ("n", "Images"),
 )
+ACCOUNTANTS = {  # summary['privacy']['accountant'] -> what the report calls it
+    "prv": "PRV (privacy random variables, Gopi et al. 2021, via Opacus)",
+    "rdp": "RDP (Rényi DP, via Opacus)",
+    "pld": "PLD (privacy loss distributions, via Google's dp-accounting)",
+}
+PRIVATE_MODES = ("dp-sgd", "central")
+UNITS = {  # summary['privacy']['unit'] -> (guarantee wording, unit of privacy)
+    "patient": ("per patient", "one patient, with all of their images"),
+    "site": ("per site", "one whole site, all of its patients together"),
+}
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,8 @@ def _read_predictions(path: Path) -> tuple[np.ndarray | None, dict[str, np.ndarr
 
 
 def make_figures(run: RunFiles) -> list[FigureOut]:
-    return [_learning_curves(run), *_prediction_figures(run)]
+    privacy = _privacy_figure(run)
+    return [_learning_curves(run), *([privacy] if privacy else []), *_prediction_figures(run)]
 
 
 def _learning_curves(run: RunFiles) -> FigureOut:
@@ -189,6 +200,57 @@ def _learning_curves(run: RunFiles) -> FigureOut:
         test_label=test_label,
     )
     return FigureOut("learning_curves", title, caption, png=png)
+
+
+def _privacy_figure(run: RunFiles) -> FigureOut | None:
+    """Epsilon spent per site over the rounds; None for a run without differential privacy."""
+    privacy = _dict(run.summary.get("privacy"))
+    rows = [row for row in run.metrics if isinstance(row.get("epsilon"), dict)]
+    if not rows and _privacy_status(privacy) != "private":
+        return None
+    title = "Privacy spent"
+    accountant = privacy.get("accountant")
+    budget = _num(privacy.get("budget_epsilon"))
+    how = f"delta = {fmt_number(privacy.get('delta'))}"
+    if accountant:
+        how = f"accountant: {ACCOUNTANTS.get(accountant, accountant)}; {how}"
+    caption = (
+        f"Epsilon each site has spent after each round, as the privacy ledger accounts it ({how}). "
+        "It only grows, and it never passes the budget line (dashed): the run refuses a round that "
+        "would take a site past its budget."
+    )
+    if budget is None:
+        caption += " The run recorded no budget, so no budget line is drawn."
+    if privacy.get("mode") == "central":
+        caption += " Under central DP every site takes part in every round, so the lines coincide."
+    if not rows:
+        return FigureOut("privacy_spent", title, caption,
+                         note="No completed rounds recorded a privacy spend: nothing to plot.")
+    rounds, series = _epsilon_series(run, rows)
+    png = plots.privacy_spent(rounds, series, budget=budget, delta=_num(privacy.get("delta")))
+    return FigureOut("privacy_spent", title, caption, png=png)
+
+
+def _epsilon_series(run: RunFiles, rows: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
+    """Rounds and each site's epsilon after them, from the rows' ledger figures. A site a row does not
+    name made no release that round: its epsilon stays where it was (0 before its first). The series
+    start at round 0 with nothing spent when the rows start at round 1."""
+    named = [s for row in rows for s in row["epsilon"]]
+    sites = [s for s in _site_names(run) if s in named]
+    sites += [s for s in dict.fromkeys(named) if s not in sites]
+    rounds = [row["round"] for row in rows]
+    series: dict[str, list[float]] = {s: [] for s in sites}
+    for site in sites:
+        last = 0.0
+        for row in rows:
+            if site in row["epsilon"]:
+                x = _num(row["epsilon"][site])
+                last = math.nan if x is None else x
+            series[site].append(last)
+    if rounds[0] == 1:
+        rounds = [0, *rounds]
+        series = {s: [0.0, *v] for s, v in series.items()}
+    return rounds, series
 
 
 def _prediction_figures(run: RunFiles) -> list[FigureOut]:
@@ -260,7 +322,7 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
         "run_rows": _run_rows(run),
         "sites": _sites_table(run),
         "figures": [_figure_context(f) for f in figures],
-        "privacy": _privacy_rows(s.get("privacy")),
+        "privacy": _privacy(s.get("privacy")),
         "data_description": data.get("description"),
         "data_citation": data.get("citation"),
         "class_names": data.get("class_names"),
@@ -287,6 +349,7 @@ def _overview(run: RunFiles) -> list[tuple[str, str]]:
         ("Rounds completed", rounds),
         ("Model", model_text),
         ("Data", f"{source or NA}" + (f" / {name}" if name else "")),
+        ("Privacy", _privacy_overview(s.get("privacy"))),
     ]
 
 
@@ -330,17 +393,81 @@ def _sites_table(run: RunFiles) -> dict:
     return {"columns": [label for _, label in columns], "rows": rows}
 
 
-def _privacy_rows(privacy: Any) -> list[tuple[str, str]] | None:
-    """Top-level scalars of summary['privacy'], until the privacy section proper replaces this."""
+def _privacy_status(privacy: Any) -> str:
+    """"private", "none" (trained without differential privacy) or "unknown" (not recorded)."""
     if not isinstance(privacy, dict):
-        return None
-    rows = []
-    for key, value in privacy.items():
-        if isinstance(value, bool) or value is None or isinstance(value, str):
-            rows.append((str(key), NA if value is None else str(value)))
-        elif isinstance(value, (int, float)):
-            rows.append((str(key), fmt_number(value)))
-    return rows
+        return "unknown"
+    if privacy.get("mode") == "none":
+        return "none"
+    if privacy.get("mode") in PRIVATE_MODES or _num(privacy.get("epsilon")) is not None:
+        return "private"
+    return "unknown"
+
+
+def _privacy_epsilon(privacy: dict) -> float | None:
+    """The run's epsilon: the largest any site spent."""
+    eps = _num(privacy.get("epsilon"))
+    if eps is None:
+        eps = max((x for x in map(_num, _dict(privacy.get("sites")).values()) if x is not None),
+                  default=None)
+    return eps
+
+
+def _privacy_overview(privacy: Any) -> str:
+    status = _privacy_status(privacy)
+    if status == "none":
+        return "none"
+    if status == "unknown":
+        return "not recorded"
+    unit = UNITS.get(privacy.get("unit"), (None,))[0]
+    return f"DP {unit + ', ' if unit else ''}ε ≤ {fmt_epsilon(_privacy_epsilon(privacy))}"
+
+
+def _privacy(privacy: Any) -> dict:
+    """The Privacy section: the guarantee in a sentence, its terms, each site's spend and plan, and
+    what the guarantee covers (the runner's statement, verbatim)."""
+    status = _privacy_status(privacy)
+    privacy = _dict(privacy)
+    statement = privacy.get("statement")
+    statement = str(statement) if statement else None
+    if status == "none":
+        if statement is None:
+            statement = "the model and its updates may reveal the patients they were trained on."
+        if not statement.lower().startswith("no differential privacy"):
+            statement = "No differential privacy: " + statement
+        return {"status": status, "notice": statement}
+    if status == "unknown":
+        return {"status": status, "notice": (
+            "Privacy: not recorded. This run's summary.json has no privacy entry (it was written "
+            "before privmed reported privacy), so this report cannot state a differential-privacy "
+            "guarantee for the model.")}
+    unit_words, unit_text = UNITS.get(privacy.get("unit"), (None, None))
+    delta = fmt_number(privacy.get("delta"))
+    budget = _num(privacy.get("budget_epsilon"))
+    guarantee = (
+        f"Differential privacy{' ' + unit_words if unit_words else ''}: epsilon ≤ "
+        f"{fmt_epsilon(_privacy_epsilon(privacy))} at delta = {delta} for every site."
+    )
+    accountant = privacy.get("accountant")
+    rows = [
+        ("Mechanism", str(privacy.get("mechanism") or NA)),
+        ("Unit of privacy", unit_text or str(privacy.get("unit") or NA)),
+        ("Delta", delta),
+        ("Accountant", ACCOUNTANTS.get(accountant, str(accountant or NA))),
+        ("Budget", NA if budget is None else f"epsilon ≤ {fmt_number(budget)} per site"),
+        ("Clipping norm", fmt_number(privacy.get("max_grad_norm"))),
+    ]
+    spent, plan = _dict(privacy.get("sites")), _dict(privacy.get("plan"))
+    sites = []
+    for name in dict.fromkeys([*plan, *spent]):
+        p = _dict(plan.get(name))
+        sites.append({"name": str(name), "cells": [
+            _int(p.get("n_patients")), fmt_epsilon(spent.get(name)), fmt_number(budget),
+            fmt_number(p.get("noise_multiplier")), fmt_number(p.get("sample_rate")),
+            _int(p.get("steps")), _int(p.get("turns")),
+        ]})
+    return {"status": status, "guarantee": guarantee, "rows": rows, "sites": sites,
+            "statement": statement}
 
 
 def _figure_context(fig: FigureOut) -> dict:
@@ -398,6 +525,12 @@ def fmt_number(value: float) -> str:
     if float(x).is_integer() and abs(x) < 1e15:
         return _int(x)
     return f"{x:.4g}"
+
+
+def fmt_epsilon(value: Any) -> str:
+    """Epsilon to 3 significant digits; "n/a" for a missing or non-finite value."""
+    x = _num(value)
+    return NA if x is None else f"{x:.3g}"
 
 
 def _int(value: Any) -> str:

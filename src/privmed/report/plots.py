@@ -172,6 +172,43 @@ def calibration(
     return _png(fig)
 
 
+def privacy_spent(
+    rounds: Sequence[int],
+    epsilon_by_site: Mapping[str, Sequence[float]],
+    budget: float | None = None,
+    delta: float | None = None,
+) -> bytes:
+    """Epsilon each site has spent after each of `rounds` (R,), one line per site (each series (R,)
+    floats, NaN or None where unknown), with the budget as a dashed horizontal line; y from 0.
+    `delta` goes in the axis label."""
+    many = len(epsilon_by_site) > 6
+    fig = _figure((6.4 + 2.2 * many + 1.4 * (len(epsilon_by_site) > 14), 4.2))
+    ax = fig.subplots()
+    x = np.asarray(rounds, dtype=float)
+    colours = _colours(list(epsilon_by_site))
+    for site, values in epsilon_by_site.items():
+        ax.plot(x, _floats(values), marker="o", ms=3, lw=1.4, color=colours[site], label=site, zorder=3)
+    top = _finite_max([epsilon_by_site.values()])
+    if budget is not None and math.isfinite(budget):
+        ax.axhline(budget, color="black", lw=1.2, ls="--", zorder=2, label=f"budget (ε = {budget:g})")
+        top = budget if top is None else max(top, budget)
+    ax.set_ylim(0.0, 1.1 * top if top else 1.0)
+    ax.set_ylabel("ε spent" + ("" if delta is None else f" (δ = {delta:g})"), fontsize=LABEL_SIZE)
+    ax.set_xlabel("round", fontsize=LABEL_SIZE)
+    ax.set_title("Privacy spent per site", fontsize=TITLE_SIZE)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if len(x):
+        ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.grid(alpha=0.3)
+    if not many:
+        ax.legend(fontsize=LEGEND_SIZE, loc="lower right")
+    else:
+        ax.legend(fontsize=LEGEND_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  ncol=1 + (len(epsilon_by_site) > 14))
+    return _png(fig)
+
+
 def _figure(size: tuple[float, float]) -> Figure:
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -199,6 +236,11 @@ def _floats(values: Sequence[float | None]) -> np.ndarray:
 def _finite_min(groups) -> float | None:
     finite = [v for group in groups for series in group for v in _floats(series) if np.isfinite(v)]
     return min(finite) if finite else None
+
+
+def _finite_max(groups) -> float | None:
+    finite = [v for group in groups for series in group for v in _floats(series) if np.isfinite(v)]
+    return max(finite) if finite else None
 
 
 def _n_classes(probs_by_model: Mapping[str, np.ndarray]) -> int:
