@@ -49,7 +49,7 @@ def test_fedavg_by_hand():
     tasks = s.configure(state, ["a", "b"])
     assert [t.site for t in tasks] == ["a", "b"]
     ups = [SiteUpdate("a", _w([1.0, 2.0]), 1), SiteUpdate("b", _w([4.0, 8.0]), 3)]
-    new = s.aggregate(state, ups)
+    new = s.aggregate(state, ups, 1)
     # (1*[1,2] + 3*[4,8]) / 4 = [3.25, 6.5]
     np.testing.assert_allclose(new[GLOBAL][0], [3.25, 6.5])
     np.testing.assert_allclose(state[GLOBAL][0], [0.0, 0.0])  # the input state is not mutated
@@ -60,7 +60,7 @@ def test_cyclic_passes_model_on_and_shuffles_per_round():
     sites = ["a", "b", "c"]
     assert s.stages(1, sites) == [["a"], ["b"], ["c"]]
     state = s.init_state(_w([0.0]), sites)
-    state = s.aggregate(state, [SiteUpdate("a", _w([5.0]), 10)])
+    state = s.aggregate(state, [SiteUpdate("a", _w([5.0]), 10)], 1)
     (task,) = s.configure(state, ["b"])
     np.testing.assert_allclose(task.weights[0], [5.0])  # b trains on what a handed on
 
@@ -76,7 +76,7 @@ def test_local_keeps_one_model_per_site():
     tasks = s.configure(state, ["a", "b"])
     assert [t.model_key for t in tasks] == ["a", "b"]
     new = s.aggregate(state, [SiteUpdate("a", _w([1.0]), 5, model_key="a"),
-                              SiteUpdate("b", _w([2.0]), 50, model_key="b")])
+                              SiteUpdate("b", _w([2.0]), 50, model_key="b")], 1)
     assert new["a"][0][0] == 1.0 and new["b"][0][0] == 2.0
 
 
@@ -84,7 +84,7 @@ def test_pooled_trains_one_pooled_site():
     s = build_strategy("pooled")
     assert s.pools_data and s.stages(1, [POOLED_SITE]) == [[POOLED_SITE]]
     state = s.init_state(_w([0.0]), [POOLED_SITE])
-    new = s.aggregate(state, [SiteUpdate(POOLED_SITE, _w([7.0]), 100)])
+    new = s.aggregate(state, [SiteUpdate(POOLED_SITE, _w([7.0]), 100)], 1)
     assert new[GLOBAL][0][0] == 7.0
 
 

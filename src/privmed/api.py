@@ -36,13 +36,17 @@ def run(
         cfg = load_config(config)
     else:
         cfg = validate_config(config)
-    run_dir = None
+    run_dir, noise = None, None
     if out is not None:
         out = Path(out)
         if resume and not (out / "config.yaml").exists():
             resume = False  # nothing to resume yet (e.g. a job restarted before its first round)
         run_dir = RunDir.check_resume(out, cfg) if resume else RunDir.check_new(out)
-    exp = prepare_experiment(cfg)  # all validation happens before the first file is written
+        if resume:
+            # The noise a run started with is kept when it is resumed, even when federation.rounds
+            # was raised: rounds past the budget are then refused by the ledger.
+            noise = run_dir.privacy_noise()
+    exp = prepare_experiment(cfg, noise=noise)  # all validation happens before the first file is written
     result = run_in_process(exp, run_dir=run_dir, resume=resume, progress=progress)
     if run_dir is not None and report:
         from privmed.report import write_report

@@ -25,6 +25,9 @@ examples:
   privmed run cfg.yaml --set federation.rounds=5 --set sites.alpha=0.1
   privmed run cfg.yaml --out runs/x --resume    continue a run that was stopped
   privmed report runs/x                         write runs/x/report.html again
+  privmed privacy plan --epsilon 8 --patients 1500 --batch-size 256 --epochs 30
+  privmed privacy plan configs/pneumonia-dp.yaml  the noise each site of a config will get
+  privmed privacy spent runs/x                  the run's privacy ledger as a table
 """
 
 
@@ -63,6 +66,42 @@ def _parser() -> argparse.ArgumentParser:
         "federation.rounds may be raised to extend it)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    priv = sub.add_parser(
+        "privacy", help="plan a privacy budget, or show what a run has spent",
+        description="Differential privacy: `plan` finds the noise that meets a budget; `spent` shows "
+        "a run's privacy ledger.",
+    )
+    priv_sub = priv.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND")
+    plan = priv_sub.add_parser(
+        "plan", help="the noise multiplier for a budget, and the epsilon curve over epochs",
+        description="Given a budget (epsilon, delta), a site's size, the batch size and the training "
+        "length, print the DP-SGD noise multiplier that meets the budget and the epsilon spent after "
+        "each epoch. With CONFIG instead, plan every site of that run (loads its data).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  privmed privacy plan --epsilon 8 --patients 1570 --batch-size 256 --epochs 30\n"
+        "  privmed privacy plan --noise-multiplier 1.1 --patients 1570 --batch-size 256 --steps 200\n"
+        "  privmed privacy plan configs/pneumonia-dp.yaml --set privacy.epsilon=3",
+    )
+    plan.add_argument("config", nargs="?", type=Path, metavar="CONFIG", help="plan the sites of this run config")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="override a value of CONFIG (repeatable)")
+    plan.add_argument("--epsilon", type=float, help="the budget (give this or --noise-multiplier)")
+    plan.add_argument("--noise-multiplier", type=float, help="fixed noise: report the epsilon it spends")
+    plan.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")
+    plan.add_argument("--patients", type=int, help="patients at the site (the privacy unit)")
+    plan.add_argument("--batch-size", type=int, help="expected batch size (patients per step)")
+    length = plan.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="passes over the data")
+    length.add_argument("--steps", type=int, help="DP-SGD steps in all")
+    plan.add_argument("--accountant", default="prv", help="prv (default), rdp or pld")
+    spent = priv_sub.add_parser(
+        "spent", help="a run's privacy ledger as a table",
+        description="Print RUN_DIR/privacy_ledger.json as a table: per site, the epsilon spent "
+        "(recomputed from the recorded releases), the budget and the releases.",
+    )
+    spent.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
     rep = sub.add_parser(
         "report", help="(re)write a run directory's report.html",
@@ -115,6 +154,17 @@ def _main(argv: list[str] | None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         return _run(cfg, args.out or Path("runs") / cfg.name, resume=args.resume, quiet=args.quiet)
+    if args.command == "privacy":
+        from privmed import privacy_cli
+
+        if args.privacy_command == "plan":
+            print(privacy_cli.plan(args))
+            return 0
+        if args.privacy_command == "spent":
+            print(privacy_cli.spent(args.run_dir))
+            return 0
+        print("privmed privacy: give a subcommand: plan or spent (see privmed privacy --help)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.command == "report":
         from privmed.report import write_report
 

@@ -101,6 +101,12 @@ class FederationConfig(_Section):
     cyclic_order: Literal["fixed", "shuffled"] = Field(
         "fixed", description="cyclic: visit sites in the configured order, or shuffle every round"
     )
+    model_selection: Literal["auto", "best-validation", "last"] = Field(
+        "auto",
+        description="which round's model is the result: the one with the best validation AUC, or "
+        "the last one (its choice then uses no validation data); auto: best-validation without "
+        "privacy, last with privacy.mode dp-sgd or central",
+    )
 
 
 class TrainingConfig(_Section):
@@ -111,6 +117,45 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, lt=1)
     augment: bool = Field(True, description="random flips/shifts of training images")
     eval_batch_size: int = Field(512, ge=1)
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy: `dp-sgd` gives every site's patients an (epsilon, delta) guarantee over
+    everything the site releases in the run; `central` gives every site (all its data at once) one
+    over the server's noisy averages (DP-FedAvg)."""
+
+    mode: Literal["none", "dp-sgd", "central"] = "none"
+    epsilon: float | None = Field(
+        None, gt=0, le=1000,
+        description="the budget per site; noise is calibrated up front for all planned rounds and "
+        "local steps (give this, or noise_multiplier, or both)",
+    )
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="must be below 1 / (patients at the smallest site)"
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0, le=1e6,
+        description="clipping norm C: of each patient's gradient (dp-sgd), of each site's model "
+        "update (central)",
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0, le=1000,
+        description="fix the noise instead of calibrating it to epsilon; the epsilon the run will "
+        "spend is then computed and reported (with epsilon also given, it is the budget)",
+    )
+    accountant: Literal["prv", "rdp", "pld"] = "prv"
+    grad_sample_mode: Literal["ew", "hooks", "functorch", "ghost"] = Field(
+        "ew", description="how Opacus computes per-sample gradients (dp-sgd); ew was fastest on CPU"
+    )
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> "PrivacyConfig":
+        if self.mode != "none" and self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                f"privacy.mode '{self.mode}' needs privacy.epsilon (the budget per site, e.g. 8) "
+                "or privacy.noise_multiplier"
+            )
+        return self
 
 
 class OutputConfig(_Section):
@@ -126,7 +171,22 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check_privacy(self) -> "RunConfig":
+        mode, strategy = self.privacy.mode, self.federation.strategy
+        if mode == "central" and strategy != "fedavg":
+            raise ValueError(
+                f"privacy.mode 'central' (DP-FedAvg: the server clips and noises the sites' updates) "
+                f"needs federation.strategy 'fedavg', got '{strategy}'; use privacy.mode 'dp-sgd'"
+            )
+        return self
+
+    @property
+    def private(self) -> bool:
+        return self.privacy.mode != "none"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -18,6 +18,7 @@ from privmed.tasks.classification import classification_metrics
 
 SELECTION = "highest validation AUC over all sites' validation data (pooled), earliest round on ties"
 SELECTION_LOCAL = "each site's model: highest AUC on that site's own validation data"
+SELECTION_LAST = "the last round's model (no validation data plays a part in the choice)"
 
 
 class Evaluator:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -11,9 +11,11 @@ from torch import nn
 from privmed.config import RunConfig
 from privmed.data import SourceData, load_source
 from privmed.data.sites import SiteData, pooled_site, split_into_sites
-from privmed.federation.site import Site, derive_seed, get_weights
-from privmed.federation.strategies import POOLED_SITE, Strategy, Weights, build_strategy
+from privmed.federation.site import DPTraining, Site, derive_seed, get_weights, n_patients
+from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.models import build_model, check_model_name
+from privmed.privacy.dpsgd import validate_model
+from privmed.privacy.plan import PrivacyPlan, SiteFacts, make_plan
 
 
 @dataclass
@@ -25,15 +27,17 @@ class Experiment:
     strategy: Strategy
     model_factory: Callable[[], nn.Module]
     initial_weights: Weights
+    privacy: PrivacyPlan | None = None  # None: privacy.mode 'none'
 
     @property
     def trainer_names(self) -> list[str]:
         return list(self.trainers)
 
 
-def prepare_experiment(cfg: RunConfig) -> Experiment:
-    """Load and partition the data, build the model and the strategy. Raises PrivmedError on bad
-    input; writes nothing."""
+def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None) -> Experiment:
+    """Load and partition the data, build the model, the strategy and (with privacy) the privacy
+    plan. `noise`: the noise multipliers a resumed run started with (else calibrated from the
+    config). Raises PrivmedError on bad input; writes nothing."""
     check_model_name(cfg.model.name)
     strategy = build_strategy(
         cfg.federation.strategy, cyclic_order=cfg.federation.cyclic_order, seed=cfg.seed
@@ -62,8 +66,46 @@ def prepare_experiment(cfg: RunConfig) -> Experiment:
     steps = cfg.federation.local_steps
     if steps is not None and strategy.pools_data:
         steps *= len(site_data)  # the pooled site does the work of all sites together
+    plan = None
+    if cfg.private:
+        if cfg.privacy.mode == "dp-sgd":
+            validate_model(model_factory())
+        plan = _privacy_plan(cfg, strategy, train_on, steps)
+        if noise is not None:
+            plan = plan.with_noise(noise)
+        if cfg.privacy.mode == "central":
+            sigma = next(iter(plan.noise_multipliers().values()))  # one server, one noise
+            strategy = DPFedAvg(cfg.privacy.max_grad_norm, sigma, len(site_data), seed=cfg.seed)
+
+    def dp(name: str) -> DPTraining | None:
+        if plan is None or cfg.privacy.mode != "dp-sgd":
+            return None
+        return DPTraining(plan.release(name), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
+
     trainers = {
-        sd.name: Site(sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, steps)
+        sd.name: Site(
+            sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, steps, dp=dp(sd.name)
+        )
         for sd in train_on
     }
-    return Experiment(cfg, source, site_data, trainers, strategy, model_factory, initial)
+    return Experiment(cfg, source, site_data, trainers, strategy, model_factory, initial, plan)
+
+
+def _privacy_plan(
+    cfg: RunConfig, strategy: Strategy, train_on: list[SiteData], local_steps: int | None
+) -> PrivacyPlan:
+    """Noise for every site, fixed for all planned rounds: a site's turns are counted from the
+    strategy's own stages, so any strategy (fedavg, cyclic, ...) is accounted as it will run."""
+    names = [sd.name for sd in train_on]
+    turns = dict.fromkeys(names, 0)
+    for rnd in range(1, cfg.federation.rounds + 1):
+        for stage in strategy.stages(rnd, names):
+            for name in stage:
+                turns[name] += 1
+    facts = {sd.name: SiteFacts(n_patients(sd.train), turns[sd.name]) for sd in train_on}
+    return make_plan(
+        cfg.privacy, facts,
+        batch_size=cfg.training.batch_size,
+        local_epochs=cfg.federation.local_epochs,
+        local_steps=local_steps,
+    )

@@ -127,6 +127,13 @@ class RunDir:
                 continue
         return None
 
+    def privacy_noise(self) -> dict[str, float] | None:
+        """The noise multipliers the run was started with (from its newest checkpoint), or None when
+        it has no checkpoint or no privacy."""
+        state = self.load_latest()
+        privacy = None if state is None else state.get("privacy")
+        return None if privacy is None else dict(privacy["noise"])
+
     # -------------------------------------------------------------- end of run
     def finish(self, summary: dict, predictions: dict[str, np.ndarray], model: dict) -> None:
         buf = _io.BytesIO()

@@ -19,11 +19,15 @@ from torch import nn
 from tqdm import tqdm
 
 from privmed import __version__, io
-from privmed.federation.evaluation import SELECTION, SELECTION_LOCAL, Evaluator, mean_metrics
+from privmed.errors import RunDirError
+from privmed.federation.evaluation import SELECTION, SELECTION_LAST, SELECTION_LOCAL, Evaluator, mean_metrics
 from privmed.federation.experiment import Experiment
 from privmed.federation.rundir import RunDir
 from privmed.federation.site import set_weights
 from privmed.federation.strategies import GLOBAL, State
+from privmed.privacy.accountants import Release
+from privmed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+from privmed.privacy.plan import NO_PRIVACY, guarantee_statement
 from privmed.tasks.classification import classification_metrics
 
 
@@ -40,7 +44,11 @@ class RunResult:
 
 
 def _fresh_state(exp: Experiment) -> dict[str, Any]:
+    plan = exp.privacy
     return {
+        "privacy": None if plan is None else {
+            "noise": plan.noise_multipliers(), "ledger": plan.new_ledger().to_dict()
+        },
         "round": 0,
         "models": exp.strategy.init_state(exp.initial_weights, exp.trainer_names),
         "best": {},  # model key -> {"round", "score", "weights"}
@@ -51,8 +59,22 @@ def _fresh_state(exp: Experiment) -> dict[str, Any]:
     }
 
 
-def _train_round(exp: Experiment, models: State, rnd: int, bar: tqdm | None) -> tuple[State, dict]:
+def _planned_releases(exp: Experiment, rnd: int) -> dict[str, list[Release]]:
+    """The DP releases round `rnd` will make, per site (one per training turn)."""
+    planned: dict[str, list[Release]] = {}
+    for stage in exp.strategy.stages(rnd, exp.trainer_names):
+        for site in stage:
+            planned.setdefault(site, []).append(exp.privacy.release(site))
+    return planned
+
+
+def _train_round(
+    exp: Experiment, models: State, rnd: int, bar: tqdm | None
+) -> tuple[State, dict, dict[str, list[Release]]]:
+    """Train one round; returns the new state, its metrics, and the DP releases each site made
+    (what the sites report, under dp-sgd; the server's noisy sums, under central)."""
     strategy, losses, steps, train_s = exp.strategy, {}, 0, 0.0
+    releases: dict[str, list[Release]] = {}
     for stage in strategy.stages(rnd, exp.trainer_names):
         updates = []
         for task in strategy.configure(models, stage):
@@ -62,9 +84,14 @@ def _train_round(exp: Experiment, models: State, rnd: int, bar: tqdm | None) -> 
             losses[task.site] = upd.metrics["train_loss"]
             steps += upd.metrics["sample_gradient_steps"]
             train_s += upd.metrics["train_seconds"]
+            if "release" in upd.metrics:
+                releases.setdefault(task.site, []).append(upd.metrics["release"])
+            elif exp.privacy is not None and exp.privacy.mode == "central":
+                releases.setdefault(task.site, []).append(exp.privacy.release(task.site))
             updates.append(upd)
-        models = strategy.aggregate(models, updates)
-    return models, {"train_loss": losses, "sample_gradient_steps": steps, "train_seconds": train_s}
+        models = strategy.aggregate(models, updates, rnd)
+    info = {"train_loss": losses, "sample_gradient_steps": steps, "train_seconds": train_s}
+    return models, info, releases
 
 
 def run_in_process(
@@ -72,10 +99,21 @@ def run_in_process(
 ) -> RunResult:
     cfg = exp.config
     state = (run_dir.load_latest() if (run_dir and resume) else None) or _fresh_state(exp)
+    ledger = None
+    if exp.privacy is not None:
+        if state["privacy"]["noise"] != exp.privacy.noise_multipliers():
+            raise RunDirError(
+                f"--resume: the run was started with noise multipliers {state['privacy']['noise']}, "
+                f"but this experiment plans {exp.privacy.noise_multipliers()} (prepare it with noise=...)"
+            )
+        ledger = PrivacyLedger.from_dict(state["privacy"]["ledger"])
     if run_dir is not None:
         run_dir.start(cfg)
         if state["history"]:  # resumed: metrics.jsonl may lag its checkpoint by one write
             io.write_jsonl(run_dir.path / "metrics.jsonl", state["history"])
+        if ledger is not None:  # and the ledger file may lag it too
+            ledger.save(run_dir.path / LEDGER_FILE)
+    keep_last = _selects_last(cfg)
     evaluator = Evaluator(exp)
     rounds = cfg.federation.rounds
     bar = tqdm(
@@ -85,11 +123,23 @@ def run_in_process(
     try:
         for rnd in range(state["round"] + 1, rounds + 1):
             t0 = time.perf_counter()
-            models, train_info = _train_round(exp, state["models"], rnd, bar if progress else None)
+            epsilon = None
+            if ledger is not None:  # refuse the round before it starts if a site would pass its budget
+                try:
+                    epsilon = ledger.check_round(_planned_releases(exp, rnd), rnd)
+                except BudgetExceeded as e:
+                    done = f"round {state['round']}" if state["round"] else "no round"
+                    raise BudgetExceeded(f"{e}. The run stops here; {done} completed.") from None
+            models, train_info, releases = _train_round(
+                exp, state["models"], rnd, bar if progress else None
+            )
+            if ledger is not None:
+                _record(ledger, rnd, releases, _planned_releases(exp, rnd))
+                state["privacy"]["ledger"] = ledger.to_dict()
             scores_row, scores = evaluator.evaluate(models)
             for key, score in scores.items():
                 best = state["best"].get(key)
-                if best is None or score > best["score"]:
+                if keep_last or best is None or score > best["score"]:
                     state["best"][key] = {"round": rnd, "score": score, "weights": models[key]}
             state["sample_gradient_steps"] += train_info["sample_gradient_steps"]
             state["train_seconds"] += train_info["train_seconds"]
@@ -101,6 +151,7 @@ def run_in_process(
                 "train_seconds": train_info["train_seconds"],
                 "sample_gradient_steps": state["sample_gradient_steps"],
                 "train_loss": train_info["train_loss"],
+                **({} if epsilon is None else {"epsilon": epsilon}),
                 **scores_row,
                 **_best_rounds(state["best"]),
             }
@@ -110,6 +161,8 @@ def run_in_process(
                 run_dir.save_checkpoint(
                     {**state, "config": cfg.to_dict()}, keep=cfg.output.keep_checkpoints
                 )
+                if ledger is not None:
+                    ledger.save(run_dir.path / LEDGER_FILE)
             bar.set_postfix_str(
                 f"val AUC {_fmt(row['val']['auc'])}, test AUC {_fmt(row['test']['auc'])}"
             )
@@ -117,6 +170,49 @@ def run_in_process(
     finally:
         bar.close()
     return _finish(exp, state, evaluator, run_dir)
+
+
+def _record(
+    ledger: PrivacyLedger, rnd: int, made: dict[str, list[Release]], planned: dict[str, list[Release]]
+) -> None:
+    """Add what each site released in round `rnd` to the ledger. A release that differs from the
+    plan the round was checked against is a bug, never silently accounted."""
+    if made != planned:
+        raise AssertionError(f"round {rnd}: sites released {made}, but the round was planned as {planned}")
+    for site, releases in made.items():
+        if len(releases) != 1:
+            raise NotImplementedError(f"round {rnd}: site '{site}' trained {len(releases)} times")
+        r = releases[0]
+        ledger.record(site, rnd, r.noise_multiplier, r.sample_rate, r.steps)
+
+
+def _privacy_summary(exp: Experiment, state: dict) -> dict:
+    """What the run's guarantee is, from the ledger: every epsilon here is the ledger's."""
+    plan = exp.privacy
+    if plan is None:
+        return {"mode": "none", "epsilon": None, "statement": NO_PRIVACY}
+    ledger = PrivacyLedger.from_dict(state["privacy"]["ledger"])
+    spent = {site: ledger.epsilon(site) for site in ledger.sites}
+    epsilon = max(spent.values())
+    return {
+        "mode": plan.mode,
+        "unit": plan.unit,
+        "mechanism": plan.mechanism,
+        "epsilon": epsilon,
+        "delta": plan.delta,
+        "accountant": plan.accountant,
+        "budget_epsilon": plan.budget,
+        "sites": spent,
+        "max_grad_norm": plan.max_grad_norm,
+        "plan": plan.to_dict()["sites"],
+        "statement": guarantee_statement(plan.mode, f"{epsilon:.3g}", f"{plan.delta:g}"),
+    }
+
+
+def _selects_last(cfg) -> bool:
+    """Whether the run's result is its last round's model (see federation.model_selection)."""
+    choice = cfg.federation.model_selection
+    return choice == "last" or (choice == "auto" and cfg.private)
 
 
 def _best_rounds(best: dict) -> dict:
@@ -174,13 +270,14 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
         "rounds_completed": state["round"],
         "rounds_planned": cfg.federation.rounds,
         "best_round": None if local else best_rounds.get(GLOBAL),
-        "selection": SELECTION_LOCAL if local else SELECTION,
+        "selection": SELECTION_LAST if _selects_last(cfg) else (SELECTION_LOCAL if local else SELECTION),
         "test": test_scores,
         "val": val_scores,
         "sites": site_rows,
         "wall_seconds": state["wall_seconds"],
         "train_seconds": state["train_seconds"],
         "sample_gradient_steps": state["sample_gradient_steps"],
+        "privacy": _privacy_summary(exp, state),
         "data": {
             "source": cfg.data.source,
             "synthetic": src.synthetic,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -16,8 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from privmed.config import TrainingConfig
+from privmed.data.base import ImageSet
 from privmed.data.sites import SiteData
 from privmed.federation.strategies import SiteUpdate, TrainTask, Weights
+from privmed.privacy.accountants import Release
+from privmed.privacy.dpsgd import dp_train
 
 
 def get_weights(model: nn.Module) -> Weights:
@@ -29,6 +33,11 @@ def set_weights(model: nn.Module, weights: Weights) -> None:
     if len(keys) != len(weights):
         raise ValueError(f"model has {len(keys)} tensors, got {len(weights)} arrays")
     model.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights)})
+
+
+def n_patients(images: ImageSet) -> int:
+    """Distinct patients in `images` (each item is its own patient when the source names none)."""
+    return len(images) if images.patient is None else len(np.unique(images.patient))
 
 
 def derive_seed(seed: int, *parts: int | str) -> int:
@@ -57,11 +66,23 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
     return padded[idx_n, idx_c, rows, cols]
 
 
+@dataclass(frozen=True)
+class DPTraining:
+    """How a site trains under DP-SGD: each turn is `release.steps` steps with patients Poisson-sampled
+    at `release.sample_rate`, per-patient gradients clipped to `max_grad_norm`, noise
+    `release.noise_multiplier` x `max_grad_norm`."""
+
+    release: Release
+    max_grad_norm: float
+    grad_sample_mode: str
+
+
 class Site:
     """One hospital's training and evaluation.
 
     `model_factory()` returns a model of the run's architecture (its initial weights do not matter:
-    the weights to train from always come with the task).
+    the weights to train from always come with the task). With `dp`, every training turn is DP-SGD
+    and its update reports the release it made (`metrics["release"]`) for the privacy ledger.
     """
 
     def __init__(
@@ -72,8 +93,10 @@ class Site:
         local_epochs: int,
         seed: int,
         local_steps: int | None = None,
+        dp: DPTraining | None = None,
     ):
         self.data = data
+        self.dp = dp
         self.name = data.name
         self.training = training
         self.local_epochs = local_epochs
@@ -86,6 +109,10 @@ class Site:
     @property
     def n_train(self) -> int:
         return len(self.data.train)
+
+    @property
+    def n_patients(self) -> int:
+        return n_patients(self.data.train)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.training
@@ -101,9 +128,11 @@ class Site:
         start = time.perf_counter()
         set_weights(self.model, task.weights)
         self.model.train()
-        opt = self._optimizer()
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "train", rnd, self.name))
         max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment else 0
+        if self.dp is not None:
+            return self._train_dp(task, gen, max_shift, start)
+        opt = self._optimizer()
         total_loss, samples, steps = 0.0, 0, 0
         for idx in self._batches(gen):
             xb = random_shift(self._x[idx], max_shift, gen)
@@ -124,6 +153,36 @@ class Site:
                 "sample_gradient_steps": samples,
                 "optimizer_steps": steps,
                 "train_seconds": time.perf_counter() - start,
+            },
+        )
+
+    def _train_dp(
+        self, task: TrainTask, gen: torch.Generator, max_shift: int, start: float
+    ) -> SiteUpdate:
+        dp, t = self.dp, self.training
+        info = dp_train(
+            self.model, self._x, self._y,
+            steps=dp.release.steps,
+            sample_rate=dp.release.sample_rate,
+            noise_multiplier=dp.release.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            lr=t.lr, optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+            generator=gen,
+            grad_sample_mode=dp.grad_sample_mode,
+            augment=(lambda xb, g: random_shift(xb, max_shift, g)) if max_shift else None,
+            patients=self.data.train.patient,
+        )
+        return SiteUpdate(
+            site=self.name,
+            weights=get_weights(self.model),
+            n_samples=self.n_train,
+            model_key=task.model_key,
+            metrics={
+                "train_loss": info["train_loss"],
+                "sample_gradient_steps": info["sample_gradient_steps"],
+                "optimizer_steps": info["optimizer_steps"],
+                "train_seconds": time.perf_counter() - start,
+                "release": dp.release,
             },
         )
 

@@ -12,10 +12,12 @@ from torch import nn
 
 from privmed.errors import ConfigError, unknown_name
 from privmed.models.cnn import SmallCNN
+from privmed.models.dpcnn import TemperedSigmoidCNN
 from privmed.models.resnet import resnet18
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
+    "dpcnn": TemperedSigmoidCNN,
     "resnet18": resnet18,
 }
 

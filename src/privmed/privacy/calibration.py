@@ -165,14 +165,16 @@ def epsilon_curve(
     ]
 
 
-def check_delta(delta: float, n_patients_smallest_site: int) -> None:
-    """Raise ConfigError unless 0 < delta < 1 / (patients at the smallest site)."""
-    n = n_patients_smallest_site
+def check_delta(delta: float, n_units: int, units: str = "patients at the smallest site") -> None:
+    """Raise ConfigError unless 0 < delta < 1 / n_units (`units` says what was counted: patients at
+    the smallest site for DP-SGD, sites for site-level DP). A larger delta allows a mechanism that
+    publishes one unit's data outright."""
+    n = n_units
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n_patients_smallest_site must be an integer >= 1, got {n!r}")
+        raise ValueError(f"n_units must be an integer >= 1, got {n!r}")
     check_delta_range(delta)
     if delta >= 1.0 / n:
         raise ConfigError(
-            f"privacy.delta: {delta:g} is too large: it must be below 1 / (patients at the smallest site) "
+            f"privacy.delta: {delta:g} is too large: it must be below 1 / ({units}) "
             f"= 1/{n} = {1.0 / n:.3g}"
         )

@@ -20,6 +20,7 @@ import math
 import warnings
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from opacus.grad_sample import prepare_module
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
@@ -115,6 +116,31 @@ def poisson_batches(
             yield torch.nonzero(u < sample_rate).flatten()
 
     return batches()
+
+
+def patient_batches(
+    patients: np.ndarray, sample_rate: float, steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Poisson sampling of patients, for data with several items (images) per patient.
+
+    For each step, every patient (a distinct value of `patients`, (N,) ids per item) is in the batch
+    independently with probability `sample_rate`, and brings one of its items, drawn uniformly. So
+    each patient contributes at most one clipped gradient per step, and adding or removing a patient
+    changes a step's gradient sum by at most C: the guarantee is per patient, as the accountant
+    assumes. Yields the int64 item indices (B,), B = patients drawn. When every patient has one item
+    this draws exactly what `poisson_batches` draws over the items."""
+    patients = np.asarray(patients)
+    _, inverse, counts = np.unique(patients, return_inverse=True, return_counts=True)
+    if counts.max(initial=1) == 1:
+        yield from poisson_batches(len(patients), sample_rate, steps, generator)
+        return
+    items = torch.from_numpy(np.argsort(inverse, kind="stable"))  # items grouped by patient
+    counts_t = torch.from_numpy(counts)
+    offsets = torch.cumsum(counts_t, 0) - counts_t
+    for chosen in poisson_batches(len(counts), sample_rate, steps, generator):
+        u = torch.rand(len(chosen), dtype=torch.float64, generator=generator)
+        k = torch.clamp((u * counts_t[chosen]).long(), max=counts_t[chosen] - 1)
+        yield items[offsets[chosen] + k]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,12 +337,14 @@ def dp_train(
     generator: torch.Generator,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    patients: np.ndarray | None = None,
 ) -> dict[str, float | int]:
     """Train `model` in place for `steps` DP-SGD steps on x (N, C, H, W), y (N,) int64 labels, with
-    Poisson batches of rate `sample_rate` (expected size sample_rate * N) and a fresh optimizer.
+    Poisson batches of rate `sample_rate` and a fresh optimizer.
 
-    The privacy unit is one item (row of x): when a patient has several items, sample per patient
-    (group the items) or report the guarantee as per item.
+    The privacy unit is the patient: `patients` (N,) gives each item's patient (None: one item per
+    patient). Patients are sampled, each bringing one of its items (`patient_batches`); the expected
+    batch size is sample_rate x patients.
 
     `augment(x_batch, generator)` transforms each drawn batch (per item, so privacy is unaffected).
     Batches, augmentation and noise all draw from `generator`, in that order per step: same seed,
@@ -334,7 +362,15 @@ def dp_train(
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if n == 0:
         raise ValueError("no training items")
-    expected_batch_size = sample_rate * n
+    if patients is None:
+        batches = poisson_batches(n, sample_rate, steps, generator)
+        n_patients = n
+    else:
+        if len(patients) != n:
+            raise ValueError(f"x has {n} items but patients has {len(patients)}")
+        batches = patient_batches(patients, sample_rate, steps, generator)
+        n_patients = len(np.unique(patients))
+    expected_batch_size = sample_rate * n_patients
     base = make_optimizer(model, optimizer, lr, momentum, weight_decay)
     total_loss, drawn, empty = 0.0, 0, 0
     with DPSGD(
@@ -346,7 +382,7 @@ def dp_train(
         generator=generator,
         grad_sample_mode=grad_sample_mode,
     ) as dp:
-        for idx in poisson_batches(n, sample_rate, steps, generator):
+        for idx in batches:
             xb = x[idx]
             if augment is not None and len(idx):
                 xb = augment(xb, generator)

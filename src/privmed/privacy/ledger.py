@@ -24,8 +24,9 @@ from privmed.privacy.accountants import (
 )
 
 LEDGER_FILE = "privacy_ledger.json"
-UNIT = "patient"
+UNIT = "patient"  # DP-SGD's unit; central DP (DP-FedAvg) protects a whole site
 MECHANISM = "DP-SGD (Poisson-sampled Gaussian)"
+UNITS = ("patient", "site")
 _CACHE_SIZE = 256
 
 
@@ -41,7 +42,13 @@ class PrivacyLedger:
     """Per-site DP releases against one epsilon budget at one delta, accounted by `accountant`."""
 
     def __init__(
-        self, budget_epsilon: float, delta: float, accountant: str = "prv", sites: Sequence[str] = ()
+        self,
+        budget_epsilon: float,
+        delta: float,
+        accountant: str = "prv",
+        sites: Sequence[str] = (),
+        unit: str = UNIT,
+        mechanism: str = MECHANISM,
     ) -> None:
         check_epsilon_range(budget_epsilon)
         check_delta_range(delta)
@@ -49,6 +56,7 @@ class PrivacyLedger:
         self.budget_epsilon = float(budget_epsilon)
         self.delta = float(delta)
         self.accountant = accountant
+        self.unit, self.mechanism = unit, mechanism
         self._releases: dict[str, list[tuple[int, Release]]] = {str(s): [] for s in sites}
         # Epsilon by exact history, so a round checked then recorded is computed once, and a value can
         # never outlive a record or truncate.
@@ -119,8 +127,8 @@ class PrivacyLedger:
 
     def to_dict(self) -> dict:
         return {
-            "unit": UNIT,
-            "mechanism": MECHANISM,
+            "unit": self.unit,
+            "mechanism": self.mechanism,
             "accountant": self.accountant,
             "delta": self.delta,
             "budget_epsilon": self.budget_epsilon,
@@ -141,12 +149,14 @@ class PrivacyLedger:
     def from_dict(cls, data: Mapping) -> PrivacyLedger:
         """The ledger `to_dict` wrote; epsilons are recomputed from the releases, not trusted."""
         try:
-            if data["unit"] != UNIT or data["mechanism"] != MECHANISM:
+            if data["unit"] not in UNITS:
                 raise LedgerError(
-                    f"privacy ledger: unit/mechanism {data['unit']!r}/{data['mechanism']!r} "
-                    f"is not {UNIT!r}/{MECHANISM!r}"
+                    f"privacy ledger: unit {data['unit']!r} is not one of {', '.join(map(repr, UNITS))}"
                 )
-            ledger = cls(data["budget_epsilon"], data["delta"], data["accountant"], sites=list(data["sites"]))
+            ledger = cls(
+                data["budget_epsilon"], data["delta"], data["accountant"], sites=list(data["sites"]),
+                unit=data["unit"], mechanism=data["mechanism"],
+            )
             for site, entry in data["sites"].items():
                 for rel in entry["releases"]:
                     sigma, q, steps = rel["noise_multiplier"], rel["sample_rate"], rel["steps"]

@@ -1,0 +1,240 @@
+"""A run's privacy plan: for every site, the DP release it makes each time it trains (noise multiplier,
+sample rate, steps) and how often it trains, fixed before the first round.
+
+    plan = make_plan(cfg.privacy, sites={name: SiteFacts(...)}, batch_size=..., ...)
+    plan.release(site)   the Release one training turn of `site` makes
+    plan.new_ledger()    an empty PrivacyLedger with the run's budget
+
+dp-sgd (Abadi et al. 2016): the unit is a patient of the site; a turn is `steps` DP-SGD steps with
+patients Poisson-sampled at rate q = batch_size / patients. Noise is calibrated per site, so that after
+every planned turn the site has spent at most epsilon (sites of different sizes get different noise).
+
+central (DP-FedAvg, McMahan et al. 2018): the unit is a whole site; each round the server releases the
+mean of the sites' clipped updates plus Gaussian noise, a Gaussian mechanism with sensitivity C on the
+sum; every site takes part in every round (sample rate 1), so all sites spend the same epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from privmed.config import PrivacyConfig
+from privmed.errors import ConfigError
+from privmed.privacy.accountants import Release, epsilon_spent
+from privmed.privacy.calibration import check_delta, noise_for_epsilon
+from privmed.privacy.ledger import PrivacyLedger
+
+UNITS = {"dp-sgd": "patient", "central": "site"}
+MECHANISMS = {
+    "dp-sgd": "DP-SGD (Poisson-sampled Gaussian)",
+    "central": "DP-FedAvg (clipped site updates, Gaussian noise added by the server)",
+}
+
+
+NO_PRIVACY = (
+    "No differential privacy (privacy.mode: none): the model and its updates may reveal the "
+    "patients they were trained on."
+)
+_NOT_COVERED = (
+    "Not covered: the scores computed each round on validation and test patients (they are never "
+    "trained on; their scores are reported as computed, without noise). With model_selection 'last' "
+    "(the default under privacy) the final model does not depend on them."
+)
+STATEMENTS = {
+    "dp-sgd": (
+        "Each site's patients have ({epsilon}, {delta})-differential privacy (the unit is one patient, "
+        "with all of their images) against everything the site released during the run: every "
+        "model update of every round, and so the final model. It holds against the coordinator, "
+        "the other sites and anyone who gets the model. " + _NOT_COVERED
+    ),
+    "central": (
+        "Each site, as a whole (all of its patients together), has ({epsilon}, {delta})-differential "
+        "privacy against anyone who sees the server's noisy averages: the other sites and anyone who "
+        "gets the model. It does not hold against the server itself, which sees each site's clipped "
+        "update before adding noise. " + _NOT_COVERED
+    ),
+}
+
+
+def guarantee_statement(mode: str, epsilon: str = "epsilon", delta: str = "delta") -> str:
+    """What the guarantee of `mode` covers, in words (with the figures when given)."""
+    if mode == "none":
+        return NO_PRIVACY
+    return STATEMENTS[mode].format(epsilon=epsilon, delta=delta)
+
+
+@dataclass(frozen=True)
+class SiteFacts:
+    """What planning needs to know about a training site."""
+
+    n_patients: int  # distinct patients in its training data (the privacy unit for dp-sgd)
+    turns: int  # how many times it trains over the planned rounds
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    n_patients: int
+    turns: int
+    release: Release  # what one training turn releases
+    planned_epsilon: float  # after all `turns`
+
+    def to_dict(self) -> dict:
+        return {
+            "n_patients": self.n_patients,
+            "turns": self.turns,
+            "noise_multiplier": self.release.noise_multiplier,
+            "sample_rate": self.release.sample_rate,
+            "steps": self.release.steps,
+            "planned_epsilon": self.planned_epsilon,
+        }
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    mode: str
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    budget: float  # the ledger's budget: privacy.epsilon, or (noise fixed) the largest planned epsilon
+    sites: dict[str, SitePlan]
+    calibrated: bool  # True: noise was calibrated to privacy.epsilon
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.mode]
+
+    @property
+    def mechanism(self) -> str:
+        return MECHANISMS[self.mode]
+
+    def release(self, site: str) -> Release:
+        return self.sites[site].release
+
+    def noise_multipliers(self) -> dict[str, float]:
+        return {s: p.release.noise_multiplier for s, p in self.sites.items()}
+
+    def new_ledger(self) -> PrivacyLedger:
+        return PrivacyLedger(
+            self.budget, self.delta, self.accountant, sites=list(self.sites),
+            unit=self.unit, mechanism=self.mechanism,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "unit": self.unit,
+            "mechanism": self.mechanism,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "max_grad_norm": self.max_grad_norm,
+            "budget_epsilon": self.budget,
+            "calibrated": self.calibrated,
+            "sites": {s: p.to_dict() for s, p in self.sites.items()},
+        }
+
+    def with_noise(self, noise: Mapping[str, float]) -> PrivacyPlan:
+        """This plan with the noise a run was started with (a resumed run keeps its noise even when
+        federation.rounds was raised: the extra rounds then meet the ledger's budget)."""
+        if set(noise) != set(self.sites):
+            raise ConfigError(
+                f"--resume: the run's privacy plan covers sites {sorted(noise)}, not {sorted(self.sites)}"
+            )
+        sites = {
+            s: replace(p, release=replace(p.release, noise_multiplier=float(noise[s])))
+            for s, p in self.sites.items()
+        }
+        return replace(self, sites=sites)
+
+
+def sample_rate_and_steps(
+    n_patients: int, batch_size: int, local_epochs: int, local_steps: int | None
+) -> tuple[float, int]:
+    """DP-SGD's Poisson rate q = batch_size / patients (at most 1) and the steps of one training turn:
+    `local_steps`, or `local_epochs` passes of 1/q expected steps each (rounded up)."""
+    q = min(1.0, batch_size / n_patients)
+    steps = local_steps if local_steps is not None else math.ceil(local_epochs / q - 1e-9)
+    return q, int(steps)
+
+
+def make_plan(
+    privacy: PrivacyConfig,
+    sites: Mapping[str, SiteFacts],
+    *,
+    batch_size: int,
+    local_epochs: int,
+    local_steps: int | None,
+) -> PrivacyPlan:
+    """The plan for `privacy.mode` ('dp-sgd' or 'central'); ConfigError (naming the field and the
+    figures) when delta is too large for the sites, the target epsilon is unreachable, or a fixed
+    noise multiplier would spend more than privacy.epsilon."""
+    mode = privacy.mode
+    if mode not in UNITS:
+        raise ValueError(f"no privacy plan for mode {mode!r}")
+    if not sites:
+        raise ValueError("no sites to plan for")
+    _check_delta(privacy.delta, mode, sites)
+    releases: dict[str, Release] = {}
+    calibrated: dict[tuple[float, int], float] = {}  # sites of equal size share one calibration
+    for name, facts in sites.items():
+        if mode == "dp-sgd":
+            q, steps = sample_rate_and_steps(facts.n_patients, batch_size, local_epochs, local_steps)
+        else:
+            q, steps = 1.0, 1  # every site in every round; one Gaussian release of the sum per round
+        total = steps * facts.turns
+        if privacy.noise_multiplier is not None:
+            sigma = privacy.noise_multiplier
+        else:
+            if (q, total) not in calibrated:
+                calibrated[q, total] = noise_for_epsilon(
+                    privacy.epsilon, privacy.delta, q, total, privacy.accountant
+                )
+            sigma = calibrated[q, total]
+        releases[name] = Release(sigma, q, steps)
+    plans = {
+        name: SitePlan(
+            n_patients=facts.n_patients,
+            turns=facts.turns,
+            release=releases[name],
+            planned_epsilon=_planned(releases[name], facts.turns, privacy),
+        )
+        for name, facts in sites.items()
+    }
+    if privacy.epsilon is not None:
+        budget = privacy.epsilon
+        over = {s: p for s, p in plans.items() if p.planned_epsilon > budget}
+        if over:
+            site, p = max(over.items(), key=lambda kv: kv[1].planned_epsilon)
+            r = p.release
+            need = noise_for_epsilon(budget, privacy.delta, r.sample_rate, r.steps * p.turns, privacy.accountant)
+            raise ConfigError(
+                f"privacy.noise_multiplier: {r.noise_multiplier:g} would spend epsilon "
+                f"{p.planned_epsilon:.4g} at site '{site}' ({p.turns} turns of {r.steps} steps at sample "
+                f"rate {r.sample_rate:.4g}), past privacy.epsilon {budget:g}; allowed: a noise multiplier "
+                f">= {need:.4g}, fewer rounds or steps, or a larger epsilon"
+            )
+    else:
+        budget = max(p.planned_epsilon for p in plans.values())
+    return PrivacyPlan(
+        mode=mode,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        max_grad_norm=privacy.max_grad_norm,
+        budget=budget,
+        sites=plans,
+        calibrated=privacy.noise_multiplier is None,
+    )
+
+
+def _planned(release: Release, turns: int, privacy: PrivacyConfig) -> float:
+    total = Release(release.noise_multiplier, release.sample_rate, release.steps * turns)
+    return epsilon_spent([total], privacy.delta, privacy.accountant)
+
+
+def _check_delta(delta: float, mode: str, sites: Mapping[str, SiteFacts]) -> None:
+    if mode == "dp-sgd":
+        name, facts = min(sites.items(), key=lambda kv: kv[1].n_patients)
+        check_delta(delta, facts.n_patients, f"patients at the smallest site, '{name}'")
+    else:
+        check_delta(delta, len(sites), "sites")

@@ -1,0 +1,160 @@
+"""`privmed privacy plan` and `privmed privacy spent`: text out, PrivmedError on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from privmed.errors import ConfigError, RunDirError
+from privmed.privacy.accountants import Release, check_accountant_name, epsilon_spent
+from privmed.privacy.calibration import check_delta, noise_for_epsilon
+from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from privmed.privacy.plan import sample_rate_and_steps
+
+CURVE_POINTS = 12  # epochs shown in the epsilon curve (evenly spread, always the last)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns aligned right (first column left), two spaces apart."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def plan(args: argparse.Namespace) -> str:
+    if args.config is not None:
+        flags = [f for f in ("epsilon", "noise_multiplier", "patients", "batch_size", "epochs", "steps")
+                 if getattr(args, f) is not None]
+        if flags:
+            raise ConfigError(
+                f"privacy plan: give CONFIG or --{flags[0].replace('_', '-')}, not both "
+                "(change the config's values with --set)"
+            )
+        return plan_config(args.config, args.overrides)
+    return plan_site(
+        epsilon=args.epsilon, noise_multiplier=args.noise_multiplier, delta=args.delta,
+        patients=args.patients, batch_size=args.batch_size, epochs=args.epochs, steps=args.steps,
+        accountant=args.accountant,
+    )
+
+
+def plan_site(
+    *,
+    epsilon: float | None,
+    noise_multiplier: float | None,
+    delta: float,
+    patients: int | None,
+    batch_size: int | None,
+    epochs: int | None,
+    steps: int | None,
+    accountant: str = "prv",
+) -> str:
+    """The noise for one site's DP-SGD training and its epsilon after each epoch, as text."""
+    for flag, value in (("--patients", patients), ("--batch-size", batch_size)):
+        if value is None:
+            raise ConfigError(f"privacy plan: {flag} is required (or give a CONFIG)")
+        if value < 1:
+            raise ConfigError(f"privacy plan: {flag}: {value} is not allowed (an integer >= 1)")
+    if epochs is None and steps is None:
+        raise ConfigError("privacy plan: give --epochs or --steps (how long the site trains)")
+    if (epochs if epochs is not None else steps) < 1:
+        raise ConfigError(f"privacy plan: --{'epochs' if epochs is not None else 'steps'} must be >= 1")
+    if epsilon is None and noise_multiplier is None:
+        raise ConfigError("privacy plan: give --epsilon (the budget) or --noise-multiplier")
+    if noise_multiplier is not None and not (0 < noise_multiplier < math.inf):
+        raise ConfigError(f"privacy plan: --noise-multiplier: {noise_multiplier} is not allowed (> 0)")
+    check_accountant_name(accountant)
+    check_delta(delta, patients, "patients at the site")
+    q, per_epoch = sample_rate_and_steps(patients, batch_size, 1, None)
+    total = steps if steps is not None else epochs * per_epoch
+    if noise_multiplier is None:
+        sigma = noise_for_epsilon(epsilon, delta, q, total, accountant)
+    else:
+        sigma = noise_multiplier
+    spent = epsilon_spent([Release(sigma, q, total)], delta, accountant)
+    n_epochs = math.ceil(total / per_epoch)
+    shown = sorted({1} | {max(1, round(i * n_epochs / CURVE_POINTS)) for i in range(1, CURVE_POINTS + 1)})
+    rows = []
+    for e in shown:
+        s = min(e * per_epoch, total)
+        eps = spent if s == total else epsilon_spent([Release(sigma, q, s)], delta, accountant)
+        rows.append([str(e), str(s), f"{eps:.3f}"])
+    if epsilon is None:
+        verdict = f"fixed: spends epsilon {spent:.3f}"
+    elif spent > epsilon:
+        verdict = f"fixed: spends epsilon {spent:.3f}, PAST the budget {epsilon:g}"
+    else:
+        verdict = (
+            f"{'calibrated to' if noise_multiplier is None else 'fixed, within'} "
+            f"epsilon {epsilon:g}: spends {spent:.3f}"
+        )
+    return "\n".join([
+        f"DP-SGD plan (unit: patient; delta {delta:g}; {accountant} accountant)",
+        f"  {patients} patients, expected batch {batch_size}: sample rate {q:.4g}, "
+        f"{per_epoch} steps per epoch, {total} steps in all",
+        f"  noise multiplier {sigma:.4g} ({verdict})",
+        "",
+        table(["epoch", "steps", "epsilon"], rows),
+    ])
+
+
+def plan_config(path: Path, overrides: list[str]) -> str:
+    """Every site's plan for the run a config describes (loads and partitions its data)."""
+    from privmed.config import load_config
+    from privmed.federation.experiment import prepare_experiment
+
+    cfg = load_config(path, overrides)
+    if not cfg.private:
+        raise ConfigError(
+            f"{path}: privacy.mode is 'none': nothing to plan (try --set privacy.mode=dp-sgd "
+            "--set privacy.epsilon=8)"
+        )
+    p = prepare_experiment(cfg).privacy
+    rows = [
+        [site, str(s.n_patients), f"{s.release.sample_rate:.4g}", str(s.release.steps), str(s.turns),
+         f"{s.release.noise_multiplier:.4g}", f"{s.planned_epsilon:.3f}"]
+        for site, s in p.sites.items()
+    ]
+    how = "calibrated to the budget" if p.calibrated else "fixed by privacy.noise_multiplier"
+    return "\n".join([
+        f"{p.mechanism} plan for {path} (unit: {p.unit}; delta {p.delta:g}; {p.accountant} accountant; "
+        f"clip {p.max_grad_norm:g}; budget epsilon {p.budget:g}; noise {how})",
+        "",
+        table(["site", "patients" if p.unit == "patient" else "units", "sample rate", "steps/turn",
+               "turns", "noise", "epsilon"], rows),
+    ])
+
+
+def spent(run_dir: Path) -> str:
+    """The run's ledger as a table; every epsilon recomputed from the recorded releases."""
+    path = Path(run_dir) / LEDGER_FILE
+    if not Path(run_dir).is_dir():
+        raise RunDirError(f"{run_dir}: not a directory")
+    if not path.is_file():
+        raise RunDirError(
+            f"{run_dir}: no {LEDGER_FILE} (the run had privacy.mode 'none', or it is not a privmed run)"
+        )
+    ledger = PrivacyLedger.load(path)
+    rows = []
+    for site in ledger.sites:
+        releases = ledger.releases(site)
+        rounds = f"{releases[0][0]}-{releases[-1][0]}" if releases else "-"
+        sigmas = sorted({r.noise_multiplier for _, r in releases})
+        rates = sorted({r.sample_rate for _, r in releases})
+        rows.append([
+            site, f"{ledger.epsilon(site):.3f}", f"{ledger.budget_epsilon:g}", str(len(releases)), rounds,
+            ", ".join(f"{s:.4g}" for s in sigmas) or "-", ", ".join(f"{q:.4g}" for q in rates) or "-",
+            str(sum(r.steps for _, r in releases)),
+        ])
+    return "\n".join([
+        f"privacy ledger of {run_dir} ({ledger.mechanism}; unit: {ledger.unit}; delta {ledger.delta:g}; "
+        f"{ledger.accountant} accountant)",
+        "",
+        table(["site", "epsilon", "budget", "releases", "rounds", "noise", "sample rate", "steps"], rows),
+    ])

@@ -1,0 +1,321 @@
+"""Differential privacy wired into runs: the plan, the ledger of a real run against dp-accounting,
+refusal of rounds past the budget, kill-and-resume, central DP (DP-FedAvg), patient-level sampling,
+and the `privmed privacy` commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import privmed
+from conftest import tiny_config
+from privmed.config import PrivacyConfig, validate_config
+from privmed.errors import ConfigError
+from privmed.federation.experiment import prepare_experiment
+from privmed.federation.strategies import GLOBAL, DPFedAvg, SiteUpdate
+from privmed.privacy import PrivacyLedger, Release, epsilon_spent, independent_epsilon
+from privmed.privacy.dpsgd import patient_batches, poisson_batches
+from privmed.privacy.plan import SiteFacts, make_plan, sample_rate_and_steps
+from privmed.privacy_cli import plan_site
+
+
+def dp_config(**over) -> dict:
+    """A tiny phantom run with DP-SGD: 3 sites x 80 training patients, SGD as DP wants it."""
+    base = {
+        "privacy__mode": "dp-sgd",
+        "privacy__epsilon": 4.0,
+        "privacy__accountant": "rdp",  # the fast one; the PRV default is checked below
+        "training__batch_size": 32,
+        "training__optimizer": "sgd",
+        "training__lr": 0.5,
+        "training__momentum": 0.0,
+        "federation__rounds": 3,
+    }
+    return tiny_config(**{**base, **over})
+
+
+def _run(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True, text=True, env=env, **kw)
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def test_sample_rate_and_steps():
+    assert sample_rate_and_steps(1000, 250, local_epochs=2, local_steps=None) == (0.25, 8)
+    assert sample_rate_and_steps(1000, 300, local_epochs=1, local_steps=None) == (0.3, 4)  # 3.33 -> 4
+    assert sample_rate_and_steps(1000, 250, local_epochs=9, local_steps=5) == (0.25, 5)
+    assert sample_rate_and_steps(100, 250, local_epochs=1, local_steps=None) == (1.0, 1)
+
+
+def test_plan_calibrates_each_site_to_the_budget_and_never_over():
+    cfg = PrivacyConfig(mode="dp-sgd", epsilon=3.0, accountant="rdp")
+    sites = {"big": SiteFacts(2000, turns=10), "small": SiteFacts(400, turns=10)}
+    plan = make_plan(cfg, sites, batch_size=100, local_epochs=1, local_steps=None)
+    for name, p in plan.sites.items():
+        total = Release(p.release.noise_multiplier, p.release.sample_rate, p.release.steps * p.turns)
+        eps = epsilon_spent([total], 1e-5, "rdp")
+        assert eps == pytest.approx(p.planned_epsilon) and 3.0 * 0.97 < eps <= 3.0, name
+    # The small site samples a larger share of its patients per step, so it needs more noise.
+    assert plan.release("small").sample_rate == 0.25 and plan.release("big").sample_rate == 0.05
+    assert plan.release("small").noise_multiplier > plan.release("big").noise_multiplier
+    assert plan.budget == 3.0 and plan.unit == "patient"
+
+
+def test_plan_with_fixed_noise_reports_its_epsilon_and_checks_the_budget():
+    sites = {"a": SiteFacts(1000, turns=5)}
+    fixed = make_plan(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, accountant="rdp"), sites,
+                      batch_size=100, local_epochs=1, local_steps=None)
+    eps = epsilon_spent([Release(1.0, 0.1, 50)], 1e-5, "rdp")
+    assert fixed.budget == pytest.approx(eps) and not fixed.calibrated
+    with pytest.raises(ConfigError, match=r"privacy\.noise_multiplier: 1 would spend epsilon .* site 'a'.*"
+                       r"past privacy\.epsilon 1; allowed: a noise multiplier >= "):
+        make_plan(PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0, epsilon=1.0, accountant="rdp"), sites,
+                  batch_size=100, local_epochs=1, local_steps=None)
+
+
+def test_delta_must_be_below_one_over_the_smallest_site():
+    sites = {"a": SiteFacts(1000, 1), "tiny": SiteFacts(50, 1)}
+    with pytest.raises(ConfigError, match=r"privacy\.delta: 0\.05 .* smallest site, 'tiny'.*1/50"):
+        make_plan(PrivacyConfig(mode="dp-sgd", epsilon=1.0, delta=0.05), sites,
+                  batch_size=10, local_epochs=1, local_steps=None)
+
+
+def test_config_needs_a_budget_and_central_needs_fedavg():
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon.*or privacy\.noise_multiplier"):
+        validate_config(tiny_config(privacy__mode="dp-sgd"))
+    with pytest.raises(ConfigError, match=r"'central'.*fedavg.*got 'cyclic'"):
+        validate_config(tiny_config(privacy__mode="central", privacy__epsilon=1.0,
+                                    federation__strategy="cyclic"))
+    with pytest.raises(ConfigError, match=r"privacy\.acountant.*did you mean 'accountant'"):
+        validate_config(tiny_config(privacy__acountant="prv"))
+
+
+def test_turns_come_from_the_strategy():
+    for strategy in ("fedavg", "cyclic", "local"):
+        exp = prepare_experiment(validate_config(dp_config(federation__strategy=strategy, federation__rounds=4)))
+        assert {p.turns for p in exp.privacy.sites.values()} == {4}
+        assert set(exp.privacy.sites) == {"site-1", "site-2", "site-3"}
+    exp = prepare_experiment(validate_config(dp_config(federation__strategy="pooled")))
+    assert list(exp.privacy.sites) == ["pooled"] and exp.privacy.sites["pooled"].n_patients == 3 * 102
+
+
+# ------------------------------------------------------------------------------------- a real run
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp") / "run"
+    result = privmed.run(dp_config(privacy__accountant="prv"), out=out, report=True)
+    return out, result
+
+
+def test_ledger_of_a_run_matches_dp_accounting_and_the_budget(dp_run):
+    out, result = dp_run
+    data = json.loads((out / "privacy_ledger.json").read_text())
+    assert data["unit"] == "patient" and data["accountant"] == "prv" and data["budget_epsilon"] == 4.0
+    plan = result.summary["privacy"]["plan"]
+    for site, entry in data["sites"].items():
+        releases = [Release(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in entry["releases"]]
+        assert [r["round"] for r in entry["releases"]] == [1, 2, 3]
+        assert all(r == Release(plan[site]["noise_multiplier"], plan[site]["sample_rate"], plan[site]["steps"])
+                   for r in releases)
+        reference = independent_epsilon(releases, 1e-5, "pld")
+        assert entry["epsilon"] == pytest.approx(reference, rel=0.02), site
+        assert entry["epsilon"] <= 4.0
+        assert result.summary["privacy"]["sites"][site] == entry["epsilon"]
+    assert result.summary["privacy"]["epsilon"] == max(e["epsilon"] for e in data["sites"].values())
+
+
+def test_summary_metrics_and_report_carry_the_privacy(dp_run):
+    out, result = dp_run
+    s = result.summary
+    assert s["privacy"]["mode"] == "dp-sgd" and s["privacy"]["delta"] == 1e-5
+    assert "validation and test patients" in s["privacy"]["statement"]
+    assert s["best_round"] == 3 and "last round" in s["selection"]  # no validation data in the choice
+    assert s["train_seconds"] > 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    eps = [row["epsilon"]["site-1"] for row in rows]
+    assert eps == sorted(eps) and eps[-1] == s["privacy"]["sites"]["site-1"]
+    html = (out / "report.html").read_text()
+    assert "Privacy" in html and (out / "plots" / "privacy_spent.png").is_file()
+
+
+def test_privacy_spent_prints_the_ledger(dp_run):
+    out, result = dp_run
+    r = _run(["privacy", "spent", str(out)])
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("site-2 "))
+    assert f"{result.summary['privacy']['sites']['site-2']:.3f}" in line.split()
+    r = _run(["privacy", "spent", str(out / "plots")])
+    assert r.returncode == 2 and "no privacy_ledger.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_private_run_says_so_and_writes_no_ledger(tmp_path):
+    result = privmed.run(tiny_config(federation__rounds=1), out=tmp_path / "run", report=False)
+    assert result.summary["privacy"]["mode"] == "none" and result.summary["privacy"]["epsilon"] is None
+    assert not (tmp_path / "run" / "privacy_ledger.json").exists()
+
+
+def test_a_round_past_the_budget_is_refused_and_nothing_is_recorded(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(dp_config(federation__rounds=2)))
+    out = tmp_path / "run"
+    assert _run(["run", str(cfg), "--out", str(out), "--quiet"]).returncode == 0
+    before = (out / "privacy_ledger.json").read_bytes()
+    r = _run(["run", str(cfg), "--out", str(out), "--quiet", "--resume", "--set", "federation.rounds=3"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "round 3 refused" in r.stderr and "site 'site-1'" in r.stderr and "past its budget 4" in r.stderr
+    assert "2 completed" in r.stderr
+    assert (out / "privacy_ledger.json").read_bytes() == before
+
+
+def test_kill_and_resume_keeps_the_ledger_exact(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(dp_config(federation__rounds=3)))
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert _run(["run", str(cfg), "--out", str(ref), "--quiet"]).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "privmed", "run", str(cfg), "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "round-0001.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # into round 2
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it was killed"
+    r = _run(["run", str(cfg), "--out", str(out), "--quiet", "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "privacy_ledger.json").read_text()) == json.loads((ref / "privacy_ledger.json").read_text())
+    a = torch.load(out / "model.pt", weights_only=True)["state_dicts"][GLOBAL]
+    b = torch.load(ref / "model.pt", weights_only=True)["state_dicts"][GLOBAL]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_dp_run():
+    cfg = dp_config(federation__rounds=1)
+    a, b = privmed.run(cfg), privmed.run(cfg)
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+# --------------------------------------------------------------------------------------- central
+
+
+def _w(*values: float) -> list[np.ndarray]:
+    return [np.array(values, dtype=np.float32)]
+
+
+def test_dp_fedavg_clips_each_update_and_divides_by_the_site_count():
+    s = DPFedAvg(clip=1.0, noise_multiplier=0.0, n_sites=4)
+    state = {GLOBAL: _w(0.0, 0.0)}
+    ups = [SiteUpdate("a", _w(3.0, 4.0), 10), SiteUpdate("b", _w(0.3, 0.4), 1000)]
+    new = s.aggregate(state, ups, 1)[GLOBAL][0]
+    # a's update (norm 5) is scaled to norm 1; b's (norm 0.5) is kept; unweighted, over 4 sites.
+    np.testing.assert_allclose(new, (np.array([0.6, 0.8]) + np.array([0.3, 0.4])) / 4, rtol=1e-6)
+
+
+def test_dp_fedavg_noise_has_std_sigma_c_over_sites_and_depends_on_the_round_only():
+    s = DPFedAvg(clip=0.5, noise_multiplier=2.0, n_sites=2, seed=3)
+    state = {GLOBAL: [np.zeros(20_000, dtype=np.float32)]}
+    ups = [SiteUpdate("a", state[GLOBAL], 1), SiteUpdate("b", state[GLOBAL], 1)]
+    noise = s.aggregate(state, ups, 1)[GLOBAL][0].astype(np.float64)
+    expected = 2.0 * 0.5 / 2
+    # the sample std of 20,000 normals is within 3% of the truth with probability > 1 - 1e-10
+    assert abs(noise.std() / expected - 1) < 0.03 and abs(noise.mean()) < 5 * expected / math.sqrt(20_000)
+    assert np.array_equal(s.aggregate(state, ups, 1)[GLOBAL][0], noise.astype(np.float32))
+    assert not np.array_equal(s.aggregate(state, ups, 2)[GLOBAL][0], noise.astype(np.float32))
+
+
+def test_central_run_accounts_every_site_at_the_site_level(tmp_path):
+    cfg = tiny_config(privacy__mode="central", privacy__epsilon=20.0, privacy__delta=0.01,
+                      privacy__max_grad_norm=0.5, federation__rounds=2)
+    result = privmed.run(cfg, out=tmp_path / "run", report=False)
+    ledger = PrivacyLedger.load(tmp_path / "run" / "privacy_ledger.json")
+    assert ledger.unit == "site" and "DP-FedAvg" in ledger.mechanism
+    sigma = result.summary["privacy"]["plan"]["site-1"]["noise_multiplier"]
+    for site in ledger.sites:
+        assert [r for _, r in ledger.releases(site)] == [Release(sigma, 1.0, 1)] * 2
+        assert ledger.epsilon(site) <= 20.0
+    assert "not hold against the server" in result.summary["privacy"]["statement"]
+    with pytest.raises(ConfigError, match=r"privacy\.delta: 0\.5 .*1 / \(sites\)"):
+        privmed.run(tiny_config(privacy__mode="central", privacy__epsilon=1.0, privacy__delta=0.5))
+
+
+# ------------------------------------------------------------------------- patient-level sampling
+
+
+def test_patient_batches_draw_one_item_per_sampled_patient():
+    patients = np.array(["p1", "p1", "p1", "p2", "p3", "p3"] * 50)  # 150 items of p1, ...
+    patients = np.array([f"{p}-{i // 6}" for i, p in enumerate(patients)])  # 150 patients, 1-3 items
+    n_pat = len(np.unique(patients))
+    gen = torch.Generator().manual_seed(0)
+    sizes, picked = [], np.zeros(len(patients))
+    for idx in patient_batches(patients, 0.2, 400, gen):
+        owners = patients[idx.numpy()]
+        assert len(set(owners)) == len(owners)  # at most one item of any patient per step
+        sizes.append(len(idx))
+        picked[idx.numpy()] += 1
+    # batch size ~ Binomial(patients, q): mean within 4 standard errors
+    assert abs(np.mean(sizes) - 0.2 * n_pat) < 4 * math.sqrt(0.2 * 0.8 * n_pat / 400)
+    # each of a 3-item patient's items is drawn about a third as often as a 1-item patient's item
+    three = picked[np.isin(patients, [p for p in np.unique(patients) if p.startswith("p1")])].mean()
+    one = picked[np.isin(patients, [p for p in np.unique(patients) if p.startswith("p2")])].mean()
+    assert three / one == pytest.approx(1 / 3, rel=0.15)
+
+
+def test_patient_batches_with_one_item_per_patient_are_poisson_batches():
+    a = list(patient_batches(np.arange(50).astype(str), 0.3, 5, torch.Generator().manual_seed(1)))
+    b = list(poisson_batches(50, 0.3, 5, torch.Generator().manual_seed(1)))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# -------------------------------------------------------------------------------- privacy plan
+
+
+def test_privacy_plan_noise_meets_the_target():
+    text = plan_site(epsilon=3.0, noise_multiplier=None, delta=1e-5, patients=1000, batch_size=100,
+                     epochs=5, steps=None, accountant="rdp")
+    sigma = float(text.split("noise multiplier ")[1].split()[0])
+    eps = epsilon_spent([Release(sigma, 0.1, 50)], 1e-5, "rdp")
+    assert eps <= 3.0 * (1 + 1e-3)  # printed to 4 significant digits
+    last = text.strip().splitlines()[-1].split()
+    assert last[:2] == ["5", "50"] and float(last[2]) == pytest.approx(eps, abs=2e-3)
+
+
+def test_privacy_plan_command_and_its_errors(tmp_path):
+    r = _run(["privacy", "plan", "--noise-multiplier", "1.0", "--patients", "500", "--batch-size", "50",
+              "--steps", "30", "--accountant", "rdp"])
+    assert r.returncode == 0, r.stderr
+    assert f"spends epsilon {epsilon_spent([Release(1.0, 0.1, 30)], 1e-5, 'rdp'):.3f}" in r.stdout
+    for args, message in [
+        (["--epsilon", "1", "--batch-size", "5", "--epochs", "1"], "--patients is required"),
+        (["--epsilon", "1", "--patients", "50", "--batch-size", "5"], "give --epochs or --steps"),
+        (["--epsilon", "1", "--patients", "50", "--batch-size", "5", "--epochs", "1", "--delta", "0.1"],
+         "privacy.delta: 0.1 is too large"),
+        (["--epsilon", "1", "--patients", "50", "--batch-size", "5", "--epochs", "1", "--accountant", "prr"],
+         "did you mean 'prv'"),
+    ]:
+        r = _run(["privacy", "plan", *args])
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(dp_config()))
+    r = _run(["privacy", "plan", str(cfg)])
+    assert r.returncode == 0, r.stderr
+    assert "site-3" in r.stdout and "budget epsilon 4" in r.stdout
