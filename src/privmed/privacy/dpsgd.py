@@ -37,6 +37,9 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 # ew 799, functorch 969, ghost 1061, hooks 1211. ew (torch's ExpandedWeights) is the fastest or tied.
 DEFAULT_GRAD_SAMPLE_MODE = "ew"
 OPTIMIZERS = ("sgd", "adam")
+# Float32 per-sample norms can come out low by up to ~1e-4 relative (measured on resnet18), so such
+# models are clipped 1e-3 below C: their sensitivity is then at most C, as accounted.
+CLIP_MARGIN = 1e-3
 
 # torch warns that the first layer's full backward hook fires with no input gradient (images never
 # require grad); that is how Opacus' hooks always run, so this one message is noise.
@@ -174,8 +177,11 @@ class DPSGD:
     Opacus' `secure_mode` could be exposed as an option later.
 
     Opacus computes the per-sample norms in the parameters' dtype, and in float32 they come out
-    slightly low for large layers, so a clipped gradient's norm can exceed C by a relative ~1e-6 (cnn)
-    to ~1e-4 (resnet18); float64 models clip exactly.
+    slightly low for large layers, so a gradient clipped to C can exceed C by a relative ~1e-6 (cnn)
+    to ~1e-4 (resnet18). So that the sensitivity is at most C as the accountant assumes, models with
+    any parameter below float64 are clipped to C x (1 - CLIP_MARGIN) while the noise stays
+    noise_multiplier x C (a little more noise per unit of signal than accounted: conservative);
+    float64 models clip exactly at C.
 
     While open, `model` carries Opacus' hooks (it stays the same object, with the same state_dict
     keys); `close()` (or leaving a `with` block) removes them and Opacus' attributes.
@@ -207,12 +213,15 @@ class DPSGD:
         if getattr(self.criterion, "reduction", "mean") != "mean":
             raise ValueError("criterion must use reduction='mean' (Opacus' per-sample scaling assumes it)")
         model.train()
-        self._gsm: nn.Module | None = _prepare(model, grad_sample_mode, max_grad_norm)
+        # Clip a hair below C where float32 norms can come out low (see above); noise stays sigma*C.
+        exact = all(p.dtype == torch.float64 for p in model.parameters())
+        clip = max_grad_norm * (1.0 if exact else 1.0 - CLIP_MARGIN)
+        self._gsm: nn.Module | None = _prepare(model, grad_sample_mode, clip)
         optimizer_class = DPOptimizerFastGradientClipping if self.ghost else DPOptimizer
         self.optimizer = optimizer_class(
             optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
+            noise_multiplier=noise_multiplier * max_grad_norm / clip,
+            max_grad_norm=clip,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
             generator=generator,
