@@ -20,7 +20,7 @@ import yaml
 
 import privmed
 from conftest import tiny_config
-from privmed.config import PrivacyConfig, validate_config
+from privmed.config import DP_SGD_DEFAULTS, PrivacyConfig, validate_config
 from privmed.errors import ConfigError
 from privmed.federation.experiment import prepare_experiment
 from privmed.federation.strategies import GLOBAL, DPFedAvg, SiteUpdate
@@ -103,6 +103,19 @@ def test_config_needs_a_budget_and_central_needs_fedavg():
         validate_config(tiny_config(privacy__acountant="prv"))
 
 
+def test_dp_sgd_defaults_fill_only_what_the_config_leaves_out():
+    cfg = validate_config({"privacy": {"mode": "dp-sgd", "epsilon": 3}, "training": {"lr": 0.2}})
+    for section, defaults in DP_SGD_DEFAULTS.items():
+        for key, value in defaults.items():
+            expected = 0.2 if (section, key) == ("training", "lr") else value
+            assert getattr(getattr(cfg, section), key) == expected, (section, key)
+    # a config that chose epochs keeps them; without dp-sgd nothing changes
+    assert validate_config({"privacy": {"mode": "dp-sgd", "epsilon": 3},
+                            "federation": {"local_epochs": 2}}).federation.local_steps is None
+    plain = validate_config({"privacy": {"mode": "central", "epsilon": 3}})
+    assert plain.model.name == "cnn" and plain.training == validate_config({}).training
+
+
 def test_turns_come_from_the_strategy():
     for strategy in ("fedavg", "cyclic", "local"):
         exp = prepare_experiment(validate_config(dp_config(federation__strategy=strategy, federation__rounds=4)))
@@ -173,7 +186,10 @@ def test_a_round_past_the_budget_is_refused_and_nothing_is_recorded(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(dp_config(federation__rounds=2)))
     out = tmp_path / "run"
-    assert _run(["run", str(cfg), "--out", str(out), "--quiet"]).returncode == 0
+    r = _run(["run", str(cfg), "--out", str(out), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    eps = json.loads((out / "summary.json").read_text())["privacy"]["epsilon"]
+    assert f"privacy: ({eps:.3g}, 1e-05)-differential privacy per patient at every site" in r.stdout
     before = (out / "privacy_ledger.json").read_bytes()
     r = _run(["run", str(cfg), "--out", str(out), "--quiet", "--resume", "--set", "federation.rounds=3"])
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -132,6 +132,15 @@ def _run(cfg_source, out: Path, resume: bool, quiet: bool) -> int:
         f"{'n/a' if auc is None or auc != auc else f'{auc:.3f}'}, accuracy {test.get('accuracy', float('nan')):.3f} "
         f"(model of round {s['best_round'] or 'per site'}, chosen on validation data)"
     )
+    privacy = s.get("privacy") or {}
+    if privacy.get("mode") in ("dp-sgd", "central"):
+        print(
+            f"privacy: ({privacy['epsilon']:.3g}, {privacy['delta']:g})-differential privacy per "
+            f"{privacy['unit']} at every site (largest epsilon spent; budget {privacy['budget_epsilon']:g}); "
+            f"ledger: {(out / 'privacy_ledger.json').resolve()}"
+        )
+    else:
+        print("privacy: none (privacy.mode none): the model may reveal its training patients")
     print(f"report: {(out / 'report.html').resolve()}")
     return 0
 
