@@ -190,13 +190,15 @@ def test_a_round_past_the_budget_is_refused_and_nothing_is_recorded(tmp_path):
     assert r.returncode == 0, r.stderr
     eps = json.loads((out / "summary.json").read_text())["privacy"]["epsilon"]
     assert f"privacy: ({eps:.3g}, 1e-05)-differential privacy per patient at every site" in r.stdout
-    before = (out / "privacy_ledger.json").read_bytes()
-    r = _run(["run", str(cfg), "--out", str(out), "--quiet", "--resume", "--set", "federation.rounds=3"])
+    before = {f: (out / f).read_bytes() for f in ("privacy_ledger.json", "config.yaml", "summary.json")}
+    r = _run(["run", str(cfg), "--out", str(out), "--quiet", "--resume", "--set", "federation.rounds=4"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert "round 3 refused" in r.stderr and "site 'site-1'" in r.stderr and "past its budget 4" in r.stderr
-    assert "2 completed" in r.stderr
-    assert (out / "privacy_ledger.json").read_bytes() == before
+    assert "round 3 refused before it starts" in r.stderr and "past its budget 4" in r.stderr
+    for site in ("site-1", "site-2", "site-3"):
+        assert f"site '{site}'" in r.stderr
+    assert "allowed: federation.rounds <= 2 (round 2 completed)" in r.stderr
+    assert {f: (out / f).read_bytes() for f in before} == before  # nothing written
 
 
 def test_kill_and_resume_keeps_the_ledger_exact(tmp_path):

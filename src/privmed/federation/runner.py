@@ -107,6 +107,7 @@ def run_in_process(
                 f"but this experiment plans {exp.privacy.noise_multipliers()} (prepare it with noise=...)"
             )
         ledger = PrivacyLedger.from_dict(state["privacy"]["ledger"])
+        _refuse_rounds_past_budget(exp, ledger, state["round"] + 1, cfg.federation.rounds)
     if run_dir is not None:
         run_dir.start(cfg)
         if state["history"]:  # resumed: metrics.jsonl may lag its checkpoint by one write
@@ -170,6 +171,42 @@ def run_in_process(
     finally:
         bar.close()
     return _finish(exp, state, evaluator, run_dir)
+
+
+def _refuse_rounds_past_budget(exp: Experiment, ledger: PrivacyLedger, first: int, last: int) -> None:
+    """BudgetExceeded, before anything is written, if rounds first..last would take a site past its
+    budget (a resumed run whose federation.rounds was raised past what the budget was planned for),
+    naming the first round that would and the rounds the budget allows."""
+
+    def planned(upto: int) -> dict[str, list[Release]]:
+        out: dict[str, list[Release]] = {}
+        for rnd in range(first, upto + 1):
+            for site, releases in _planned_releases(exp, rnd).items():
+                out.setdefault(site, []).extend(releases)
+        return out
+
+    def fits(upto: int) -> bool:
+        try:
+            ledger.check_round(planned(upto), first)
+            return True
+        except BudgetExceeded:
+            return False
+
+    if first > last or fits(last):
+        return
+    lo, hi = first - 1, last  # rounds up to lo fit (those done), up to hi do not; epsilon only grows
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    try:
+        ledger.check_round(planned(hi), first)
+    except BudgetExceeded as e:
+        detail = str(e).split(": ", 1)[1]
+    raise BudgetExceeded(
+        f"federation.rounds: {last} is past the privacy budget: round {hi} refused before it starts "
+        f"({ledger.accountant} accountant, delta {ledger.delta:g}): counting rounds {first}-{hi}, {detail}; "
+        f"allowed: federation.rounds <= {lo} (round {first - 1} completed)"
+    )
 
 
 def _record(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import numbers
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -91,9 +91,11 @@ class PrivacyLedger:
             spent = self._epsilon(tuple(r for _, r in history))
             after[site] = self._epsilon(tuple(r for _, r in history) + tuple(plan))
             if after[site] > self.budget_epsilon:
+                counts = Counter(plan)
                 what = ", ".join(
-                    f"noise multiplier {r.noise_multiplier:g}, sample rate {r.sample_rate:g}, {r.steps} steps"
-                    for r in plan
+                    f"{f'{n} x ' if n > 1 else ''}noise multiplier {r.noise_multiplier:g}, sample rate "
+                    f"{r.sample_rate:g}, {r.steps} step{'s' if r.steps != 1 else ''}"
+                    for r, n in counts.items()
                 )
                 refusals.append(
                     f"site '{site}' has spent epsilon {spent:.4g} and this round ({what}) would bring it to "
