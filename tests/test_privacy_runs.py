@@ -337,3 +337,15 @@ def test_privacy_plan_command_and_its_errors(tmp_path):
     r = _run(["privacy", "plan", str(cfg)])
     assert r.returncode == 0, r.stderr
     assert "site-3" in r.stdout and "budget epsilon 4" in r.stdout
+
+
+def test_packaged_dp_demo_config_is_valid_and_planned():
+    from importlib.resources import files
+
+    from privmed.config import read_yaml
+
+    cfg = validate_config(read_yaml(Path(str(files("privmed") / "configs" / "demo-dp.yaml"))))
+    assert cfg.privacy.mode == "dp-sgd" and cfg.model.name == DP_SGD_DEFAULTS["model"]["name"]
+    plan = prepare_experiment(cfg).privacy
+    assert set(plan.sites) == {"hospital-a", "hospital-b", "hospital-c"}
+    assert all(p.planned_epsilon <= 8.0 and p.turns == cfg.federation.rounds for p in plan.sites.values())

@@ -21,6 +21,7 @@ per-round metrics, checkpoints, a summary and an HTML report.
 EPILOG = """\
 examples:
   privmed demo                                  3 simulated hospitals, synthetic data, ~1 minute
+  privmed demo --dp                             the same with differential privacy at every hospital
   privmed run configs/pneumonia-fedavg.yaml     an experiment described by a YAML config
   privmed run cfg.yaml --set federation.rounds=5 --set sites.alpha=0.1
   privmed run cfg.yaml --out runs/x --resume    continue a run that was stopped
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, help="run directory (default: runs/demo, or runs/demo-N if taken)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--dp", action="store_true",
+        help="train with DP-SGD at every hospital: (8, 1e-5)-differential privacy per patient (~1 minute)",
+    )
 
     run = sub.add_parser(
         "run", help="run the experiment a YAML config describes",
@@ -111,10 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _demo_out(base: Path = Path("runs")) -> Path:
-    out, i = base / "demo", 2
+def _demo_out(name: str, base: Path = Path("runs")) -> Path:
+    out, i = base / name, 2
     while out.exists():
-        out, i = base / f"demo-{i}", i + 1
+        out, i = base / f"{name}-{i}", i + 1
     return out
 
 
@@ -130,7 +135,7 @@ def _run(cfg_source, out: Path, resume: bool, quiet: bool) -> int:
     print(
         f"{s['strategy']}: {s['rounds_completed']} rounds, test AUC "
         f"{'n/a' if auc is None or auc != auc else f'{auc:.3f}'}, accuracy {test.get('accuracy', float('nan')):.3f} "
-        f"(model of round {s['best_round'] or 'per site'}, chosen on validation data)"
+        f"(model of round {s['best_round'] or 'per site'}: {s['selection']})"
     )
     privacy = s.get("privacy") or {}
     if privacy.get("mode") in ("dp-sgd", "central"):
@@ -155,9 +160,10 @@ def _main(argv: list[str] | None) -> int:
 
         from privmed.config import read_yaml, validate_config
 
-        demo_file = files("privmed") / "configs" / "demo.yaml"
-        cfg = validate_config(read_yaml(Path(str(demo_file))), source="demo config")
-        return _run(cfg, args.out or _demo_out(), resume=False, quiet=args.quiet)
+        name = "demo-dp" if args.dp else "demo"
+        demo_file = files("privmed") / "configs" / f"{name}.yaml"
+        cfg = validate_config(read_yaml(Path(str(demo_file))), source=f"{name} config")
+        return _run(cfg, args.out or _demo_out(name), resume=False, quiet=args.quiet)
     if args.command == "run":
         from privmed.config import load_config
 
