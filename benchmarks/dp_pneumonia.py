@@ -88,7 +88,7 @@ def table(rows: list[dict], note: str) -> str:
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     targets = sorted({r["epsilon_target"] for r in rows if r["epsilon_target"] is not None}, reverse=True)
     base = {(r["strategy"], r["seed"]): r for r in rows if r["epsilon_target"] is None}
-    cfg = rows[0]["config"]
+    cfg = next((r for r in rows if r["epsilon_target"] is not None), rows[0])["config"]
     fed, tr, model = cfg["federation"], cfg["training"], cfg["model"]
     lines = [
         "# Privacy against utility: PneumoniaMNIST, 3 sites, Dirichlet 0.5",
@@ -126,7 +126,12 @@ def table(rows: list[dict], note: str) -> str:
             ok = all(r["test_auc"] >= bar for r in sel) and all(r["epsilon_spent"] <= eps for r in sel)
             lines.append(f"- epsilon {eps:g}: test AUC >= {bar} and within budget: "
                          f"{'yes' if ok else 'NO'} ({aucs})")
-    lines += ["", f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread per run."]
+    lines += [
+        "",
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread per run. "
+        "'train time / no DP' is train_seconds against the no-DP run of the same seed; runs share the "
+        "machine, so it is only indicative (benchmarks/dp_grad_sample_modes.py measures the DP cost).",
+    ]
     return "\n".join(lines) + "\n"
 
 
