@@ -160,6 +160,8 @@ def test_summary_metrics_and_report_carry_the_privacy(dp_run):
     assert s["best_round"] == 3 and "last round" in s["selection"]  # no validation data in the choice
     assert s["train_seconds"] > 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # nothing computed from training patients outside DP leaves a site: no training loss
+    assert all(v is None or math.isnan(v) for row in rows for v in row["train_loss"].values())
     eps = [row["epsilon"]["site-1"] for row in rows]
     assert eps == sorted(eps) and eps[-1] == s["privacy"]["sites"]["site-1"]
     html = (out / "report.html").read_text()

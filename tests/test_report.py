@@ -251,6 +251,7 @@ def test_privacy_section_dp_sgd(tmp_path):
     assert "<tr><th>Budget</th><td>epsilon ≤ 4 per site</td></tr>" in text
     assert "<tr><th>Clipping norm</th><td>1</td></tr>" in text
     assert "one patient, with all of their images" in text
+    assert "the sites do not report their training loss" in text
     assert _table(html, "privacy-sites") == [
         ["Site", "Patients", "Epsilon spent", "Budget", "Noise multiplier", "Sample rate",
          "Steps per turn", "Turns"],
@@ -280,6 +281,7 @@ def test_privacy_section_central(tmp_path):
         [s, n, "2.47", "4", "0.93", "1", "1", "5"] for s, n in zip(SITES, ("102", "240", "57"))
     ]
     assert "the lines coincide" in html
+    assert "do not report their training loss" not in html  # central: sites train without DP
 
 
 def test_privacy_figure_plots_the_ledger_epsilons(tmp_path, monkeypatch):

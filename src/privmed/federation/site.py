@@ -6,6 +6,7 @@ Weights travel as lists of numpy arrays in the order of the model's state_dict.
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -110,10 +111,6 @@ class Site:
     def n_train(self) -> int:
         return len(self.data.train)
 
-    @property
-    def n_patients(self) -> int:
-        return n_patients(self.data.train)
-
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.training
         if t.optimizer == "adam":
@@ -160,7 +157,7 @@ class Site:
         self, task: TrainTask, gen: torch.Generator, max_shift: int, start: float
     ) -> SiteUpdate:
         dp, t = self.dp, self.training
-        info = dp_train(
+        dp_train(
             self.model, self._x, self._y,
             steps=dp.release.steps,
             sample_rate=dp.release.sample_rate,
@@ -172,17 +169,21 @@ class Site:
             augment=(lambda xb, g: random_shift(xb, max_shift, g)) if max_shift else None,
             patients=self.data.train.patient,
         )
+        # The training loss and the sizes of the batches drawn are computed from the training
+        # patients outside the DP mechanism: they stay at the site (the guarantee covers only what
+        # leaves it). The work done is reported as its expectation, a public figure.
+        r = dp.release
         return SiteUpdate(
             site=self.name,
             weights=get_weights(self.model),
             n_samples=self.n_train,
             model_key=task.model_key,
             metrics={
-                "train_loss": info["train_loss"],
-                "sample_gradient_steps": info["sample_gradient_steps"],
-                "optimizer_steps": info["optimizer_steps"],
+                "train_loss": math.nan,
+                "sample_gradient_steps": round(r.sample_rate * n_patients(self.data.train) * r.steps),
+                "optimizer_steps": r.steps,
                 "train_seconds": time.perf_counter() - start,
-                "release": dp.release,
+                "release": r,
             },
         )
 

@@ -40,7 +40,8 @@ NO_PRIVACY = (
 _NOT_COVERED = (
     "Not covered: the scores computed each round on validation and test patients (they are never "
     "trained on; their scores are reported as computed, without noise). With model_selection 'last' "
-    "(the default under privacy) the final model does not depend on them."
+    "(the default under privacy) the final model does not depend on them. Each site's number of "
+    "patients is treated as public."
 )
 STATEMENTS = {
     "dp-sgd": (

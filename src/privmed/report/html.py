@@ -185,6 +185,9 @@ def _learning_curves(run: RunFiles) -> FigureOut:
         "information only (it plays no part in the choice). The dotted red line marks the selected "
         "round. Bottom: mean training loss of each site's local training in that round."
     )
+    if _dict(run.summary.get("privacy")).get("mode") == "dp-sgd":
+        caption += (" Under DP-SGD the sites do not report their training loss (it is computed from "
+                    "training patients outside the privacy mechanism), so that panel is empty.")
     if not run.metrics:
         return FigureOut("learning_curves", title, caption, note="No completed rounds: nothing to plot.")
     sites = _site_names(run)
