@@ -22,7 +22,7 @@ from privmed.data.base import ImageSet
 from privmed.data.sites import SiteData
 from privmed.federation.strategies import SiteUpdate, TrainTask, Weights
 from privmed.privacy.accountants import Release
-from privmed.privacy.dpsgd import dp_train
+from privmed.privacy.dpsgd import dp_train, make_optimizer
 
 
 def get_weights(model: nn.Module) -> Weights:
@@ -111,14 +111,6 @@ class Site:
     def n_train(self) -> int:
         return len(self.data.train)
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        t = self.training
-        if t.optimizer == "adam":
-            return torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        return torch.optim.SGD(
-            self.model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-        )
-
     def train(self, task: TrainTask, rnd: int) -> SiteUpdate:
         """Train from `task.weights` for `local_epochs` epochs, or `local_steps` batches when set;
         the optimizer starts fresh each round."""
@@ -129,7 +121,8 @@ class Site:
         max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment else 0
         if self.dp is not None:
             return self._train_dp(task, gen, max_shift, start)
-        opt = self._optimizer()
+        t = self.training
+        opt = make_optimizer(self.model, t.optimizer, t.lr, t.momentum, t.weight_decay)
         total_loss, samples, steps = 0.0, 0, 0
         for idx in self._batches(gen):
             xb = random_shift(self._x[idx], max_shift, gen)
