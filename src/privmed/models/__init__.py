@@ -1,7 +1,14 @@
-"""Model registry: networks by name, all DP-ready (GroupNorm, no in-place activations).
+"""Model registry: networks by name, all DP-ready (GroupNorm or no normalisation, no in-place
+activations).
 
-    build_model("cnn", in_channels=1, num_classes=2, image_size=28)  -> nn.Module
-Every model maps (N, C, H, W) float images to (N, num_classes) logits.
+    build_model("cnn", in_channels=1, num_classes=2, image_size=28)    -> nn.Module  (images)
+    build_model("linear", in_channels=13, num_classes=1, image_size=0) -> nn.Module  (features)
+    is_tabular_model("mlp")                                            -> True
+    norm_state_mask(model)             one bool per state_dict entry: a normalisation layer's?
+
+Image models ("cnn", "dpcnn", "resnet18") map (N, C, H, W) float images to (N, num_classes) logits;
+tabular models (TABULAR_MODELS: "linear", "mlp") map (N, D) float features, D = in_channels, to
+(N, num_classes) outputs (logits, or one risk score for survival); their image_size is 0.
 """
 
 from __future__ import annotations
@@ -14,16 +21,36 @@ from privmed.errors import ConfigError, unknown_name
 from privmed.models.cnn import SmallCNN
 from privmed.models.dpcnn import TemperedSigmoidCNN
 from privmed.models.resnet import resnet18
+from privmed.models.tabular import linear, mlp
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
     "dpcnn": TemperedSigmoidCNN,
     "resnet18": resnet18,
+    "linear": linear,
+    "mlp": mlp,
 }
+
+# Models that take (N, D) feature tables rather than images.
+TABULAR_MODELS = frozenset({"linear", "mlp"})
+
+# Normalisation layers, whose state FedBN keeps at each site.
+_NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones
+    nn.modules.instancenorm._InstanceNorm,  # InstanceNorm1d/2d/3d and the lazy ones
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+)
 
 
 def model_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def is_tabular_model(name: str) -> bool:
+    """Whether the registry's `name` takes (N, D) features (else (N, C, H, W) images)."""
+    return name in TABULAR_MODELS
 
 
 def check_model_name(name: str) -> None:
@@ -34,9 +61,21 @@ def check_model_name(name: str) -> None:
 def build_model(
     name: str, *, in_channels: int, num_classes: int, image_size: int, width: int | None = None
 ) -> nn.Module:
-    """A freshly initialised model (initialise under torch.manual_seed for reproducibility)."""
+    """A freshly initialised model (initialise under torch.manual_seed for reproducibility).
+    For tabular models in_channels is the number of features and image_size 0."""
     check_model_name(name)
     kwargs = {} if width is None else {"width": width}
     return _REGISTRY[name](
         in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs
     )
+
+
+def norm_state_mask(model: nn.Module) -> list[bool]:
+    """One bool per entry of `model.state_dict()`, in its order: True for a normalisation layer's
+    (BatchNorm*, InstanceNorm*, GroupNorm, LayerNorm, RMSNorm: weight, bias, running statistics,
+    num_batches_tracked), False for everything else. FedBN keeps the True ones at each site."""
+    norm_keys: set[str] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, _NORM_LAYERS):
+            norm_keys.update(module.state_dict(prefix=f"{name}." if name else ""))
+    return [key in norm_keys for key in model.state_dict()]
