@@ -2,7 +2,9 @@
 
     load_source(cfg.data, cfg.sites, cfg.seed) -> SourceData
 Sources: "medmnist" (official .npz files), "image-folder" (PNG/JPEG class folders), "dicom" (files
-listed in a CSV) and "phantom" (synthetic). Bad input raises privmed.errors.DataError.
+listed in a CSV), "phantom" (synthetic), and the tabular "heart-disease" (UCI, as FLamby's
+Fed-Heart-Disease) and "tcga-brca" (survival, as FLamby's Fed-TCGA-BRCA), whose float32 (N, D)
+features take the place of images. Bad input raises privmed.errors.DataError.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def load_source(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
         from privmed.data.phantom import load_phantom
 
         return load_phantom(data, sites, seed)
+    if data.source == "heart-disease":
+        from privmed.data.heart_disease import load_heart_disease
+
+        return load_heart_disease(data)
+    if data.source == "tcga-brca":
+        from privmed.data.tcga_brca import load_tcga_brca
+
+        return load_tcga_brca(data)
     raise DataError(
-        f"data.source: unknown source '{data.source}' (known: medmnist, image-folder, dicom, phantom)"
+        f"data.source: unknown source '{data.source}' (known: medmnist, image-folder, dicom, "
+        "phantom, heart-disease, tcga-brca)"
     )
