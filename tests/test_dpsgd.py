@@ -378,3 +378,27 @@ def test_model_is_plain_after_training_and_can_be_reused(mode):
     _train(model, x, y, 2, mode)
     _train(fresh, x, y, 2, mode)
     assert torch.equal(_flat(model), _flat(fresh))
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_after_noise_changes_the_noisy_gradient_before_the_step(mode):
+    """FedProx's and SCAFFOLD's gradient terms are added after the noise (post-processing): the step
+    taken is lr x (noisy clipped mean gradient + the added term), with the noise as without it."""
+    x, y = _data(6)
+    kw = dict(noise_multiplier=0.8, max_grad_norm=0.5, expected_batch_size=5.0)
+    plain, adjusted = _cnn(), _cnn()
+    before = _flat(plain)
+    extra = 0.25
+    with DPSGD(plain, torch.optim.SGD(plain.parameters(), lr=1.0),
+               generator=torch.Generator().manual_seed(3), grad_sample_mode=mode, **kw) as dp:
+        dp.step(x, y)
+
+    def add_extra() -> None:
+        for p in adjusted.parameters():
+            p.grad.add_(extra)
+
+    with DPSGD(adjusted, torch.optim.SGD(adjusted.parameters(), lr=1.0), after_noise=add_extra,
+               generator=torch.Generator().manual_seed(3), grad_sample_mode=mode, **kw) as dp:
+        dp.step(x, y)
+    step_plain, step_adjusted = before - _flat(plain), before - _flat(adjusted)
+    torch.testing.assert_close(step_adjusted, step_plain + extra, rtol=1e-5, atol=1e-6)

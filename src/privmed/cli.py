@@ -131,12 +131,15 @@ def _run(cfg_source, out: Path, resume: bool, quiet: bool) -> int:
     test = s["test"]
     if s["data"]["synthetic"]:
         print("note: SYNTHETIC data (generated phantom images, not patient data)")
-    auc = test.get("auc")
     print(
-        f"{s['strategy']}: {s['rounds_completed']} rounds, test AUC "
-        f"{'n/a' if auc is None or auc != auc else f'{auc:.3f}'}, accuracy {test.get('accuracy', float('nan')):.3f} "
-        f"(model of round {s['best_round'] or 'per site'}: {s['selection']})"
+        f"{s['strategy']}: {s['rounds_completed']} rounds, test {_scores(test)}"
+        f" (model of round {s['best_round'] or 'per site'}: {s['selection']})"
     )
+    by_site = s.get("test_mean_over_sites") or {}
+    if by_site:
+        print(f"mean over sites of each site's test: {_scores(by_site)}")
+    if s.get("test_finetuned_mean_over_sites"):
+        print(f"after local fine-tuning, mean over sites: {_scores(s['test_finetuned_mean_over_sites'])}")
     privacy = s.get("privacy") or {}
     if privacy.get("mode") in ("dp-sgd", "central"):
         print(
@@ -148,6 +151,16 @@ def _run(cfg_source, out: Path, resume: bool, quiet: bool) -> int:
         print("privacy: none (privacy.mode none): the model may reveal its training patients")
     print(f"report: {(out / 'report.html').resolve()}")
     return 0
+
+
+def _scores(m: dict) -> str:
+    """'AUC 0.912, accuracy 0.850' or 'C-index 0.781' from a metrics dict."""
+    def fmt(x) -> str:
+        return "n/a" if x is None or x != x else f"{x:.3f}"
+
+    if "c_index" in m:
+        return f"C-index {fmt(m['c_index'])}"
+    return f"AUC {fmt(m.get('auc'))}, accuracy {fmt(m.get('accuracy'))}"
 
 
 def _main(argv: list[str] | None) -> int:

@@ -17,6 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from privmed.errors import ConfigError
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
+# Which task each tabular source's data is for; image sources serve "classification".
+TABULAR_SOURCES = ("heart-disease", "tcga-brca")
+SOURCE_TASK = {"heart-disease": "tabular-classification", "tcga-brca": "survival"}
+SOURCE_SITES = {"heart-disease": 4, "tcga-brca": 6}  # their natural sites (hospitals, regions)
+STRATEGIES = (
+    "fedavg", "fedprox", "scaffold", "fedadam", "fedyogi", "fedadagrad", "fedbn", "cyclic", "local",
+    "pooled",
+)
+ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
 
 
 class _Section(BaseModel):
@@ -24,7 +33,9 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["medmnist", "image-folder", "dicom", "phantom"] = "phantom"
+    source: Literal["medmnist", "image-folder", "dicom", "phantom", "heart-disease", "tcga-brca"] = (
+        "phantom"
+    )
     name: str | None = Field(None, description="medmnist: which file, e.g. pneumoniamnist")
     root: Path | None = Field(None, description="folder holding the data")
     size: int | None = Field(
@@ -33,7 +44,11 @@ class DataConfig(_Section):
     csv: Path | None = Field(
         None, description="image-folder (optional) / dicom (required): file, label, site, patient"
     )
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="per-site validation share")
+    val_fraction: float = Field(
+        0.15, ge=0, lt=0.5,
+        description="per-site validation share (0: no validation data; the last round's model is "
+        "the result)",
+    )
     test_fraction: float = Field(
         0.2, gt=0, lt=0.5, description="held-out test share, for sources without a test split"
     )
@@ -42,6 +57,12 @@ class DataConfig(_Section):
     )
     download: bool = Field(True, description="medmnist: download a missing file")
     samples_per_site: int = Field(600, ge=20, le=100_000, description="phantom: images per site")
+    standardize: Literal["auto", "none", "per-site"] = Field(
+        "auto",
+        description="tabular sources: 'per-site' scales each feature by its mean and standard "
+        "deviation over the site's own training rows (applied to the site's training and test "
+        "rows); auto: as FLamby does (heart-disease per-site, tcga-brca none)",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":
@@ -52,7 +73,7 @@ class DataConfig(_Section):
                 raise ValueError(
                     f"data.size: {self.size} is not a MedMNIST size; allowed: 28, 64, 128, 224"
                 )
-        if self.source in ("medmnist", "image-folder", "dicom") and self.root is None:
+        if self.source in TABULAR_SOURCES + ("medmnist", "image-folder", "dicom") and self.root is None:
             raise ValueError(f"data.root is required for source '{self.source}'")
         if self.source == "dicom" and self.csv is None:
             raise ValueError("data.csv is required for source 'dicom' (columns file, label[, site, patient])")
@@ -89,7 +110,13 @@ class ModelConfig(_Section):
 
 
 class FederationConfig(_Section):
-    strategy: Literal["fedavg", "cyclic", "local", "pooled"] = "fedavg"
+    strategy: Literal[STRATEGIES] = Field(
+        "fedavg",
+        description="fedavg, fedprox (proximal term mu), scaffold (control variates), fedadam / "
+        "fedyogi / fedadagrad (adaptive server optimizers), fedbn (normalisation layers stay at "
+        "each site), cyclic (the model travels site to site), local (no federation), pooled (all "
+        "data in one place)",
+    )
     rounds: int = Field(20, ge=1, le=100_000)
     local_epochs: int = Field(1, ge=1, le=1000)
     local_steps: int | None = Field(
@@ -101,12 +128,37 @@ class FederationConfig(_Section):
     cyclic_order: Literal["fixed", "shuffled"] = Field(
         "fixed", description="cyclic: visit sites in the configured order, or shuffle every round"
     )
+    mu: float = Field(0.01, ge=0, le=1e4, description="fedprox: weight of the proximal term")
+    server_lr: float | None = Field(
+        None, gt=0, le=100,
+        description="the server's learning rate on the averaged update (fedavg, fedprox, scaffold, "
+        "fedadam, fedyogi, fedadagrad); default 1 for the averaging strategies (plain FedAvg), "
+        "0.01 for the adaptive ones",
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi/fedadagrad: momentum")
+    beta2: float = Field(
+        0.999, ge=0, lt=1, description="fedadam/fedyogi: decay of the second moment"
+    )
+    tau: float = Field(
+        1e-8, gt=0, le=10, description="fedadam/fedyogi/fedadagrad: adaptivity (added to sqrt(v))"
+    )
+    finetune_steps: int = Field(
+        0, ge=0, le=1_000_000,
+        description="after the last round, each site trains the final model this many local steps "
+        "on its own data and is scored on its own test data (personalisation); 0: none",
+    )
     model_selection: Literal["auto", "best-validation", "last"] = Field(
         "auto",
         description="which round's model is the result: the one with the best validation AUC, or "
         "the last one (its choice then uses no validation data); auto: best-validation without "
-        "privacy, last with privacy.mode dp-sgd or central",
+        "privacy, last with privacy.mode dp-sgd or central or without validation data",
     )
+
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return 0.01 if self.strategy in ADAPTIVE_STRATEGIES else 1.0
 
 
 class TrainingConfig(_Section):
@@ -178,7 +230,11 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     name: str | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "tabular-classification", "survival"] = Field(
+        "classification",
+        description="classification (images), tabular-classification, survival (Cox model, "
+        "concordance index); default: the data source's task",
+    )
     data: DataConfig = DataConfig()
     sites: SitesConfig = SitesConfig()
     model: ModelConfig = ModelConfig()
@@ -189,9 +245,35 @@ class RunConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
+    def _source_defaults(cls, data: Any) -> Any:
+        """A tabular source sets the task and, unless given, a tabular model ('linear') and its
+        natural sites."""
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            return data
+        task = SOURCE_TASK.get(data["data"].get("source"))
+        if task is None:
+            return data
+        data = copy.deepcopy(data)
+        data.setdefault("task", task)
+        model = data.setdefault("model", {})
+        if isinstance(model, dict):
+            model.setdefault("name", "linear")
+        sites = data.setdefault("sites", {})
+        if isinstance(sites, dict):  # the hospitals the data was collected at
+            sites.setdefault("partition", "natural")
+            if sites["partition"] == "natural":
+                sites.setdefault("count", SOURCE_SITES[data["data"]["source"]])
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _dp_sgd_defaults(cls, data: Any) -> Any:
-        """Under privacy.mode dp-sgd, keys the config leaves out take DP_SGD_DEFAULTS."""
+        """Under privacy.mode dp-sgd, keys the config leaves out take DP_SGD_DEFAULTS (image
+        classification only: they were measured there)."""
         if not isinstance(data, dict):
+            return data
+        source = data.get("data", {}).get("source") if isinstance(data.get("data"), dict) else None
+        if source in TABULAR_SOURCES:
             return data
         privacy = data.get("privacy")
         if not (isinstance(privacy, dict) and privacy.get("mode") == "dp-sgd"):
@@ -208,12 +290,48 @@ class RunConfig(_Section):
         return data
 
     @model_validator(mode="after")
+    def _check_task(self) -> "RunConfig":
+        source, task = self.data.source, self.task
+        wanted = SOURCE_TASK.get(source, "classification")
+        if task != wanted:
+            raise ValueError(
+                f"task: '{task}' does not fit data.source '{source}', which holds data for "
+                f"'{wanted}'; set task: {wanted} (or leave task out)"
+            )
+        fed = self.federation
+        if fed.strategy == "scaffold" and (self.training.optimizer != "sgd" or self.training.momentum):
+            raise ValueError(
+                f"federation.strategy 'scaffold' needs plain local SGD (its control variates are "
+                f"(start - end) / (steps x lr)): set training.optimizer: sgd and training.momentum: 0 "
+                f"(got {self.training.optimizer}, momentum {self.training.momentum:g})"
+            )
+        if fed.finetune_steps and fed.strategy in ("local", "pooled"):
+            raise ValueError(
+                f"federation.finetune_steps: fine-tuning personalises a federated model; strategy "
+                f"'{fed.strategy}' has none (set finetune_steps: 0)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_privacy(self) -> "RunConfig":
         mode, strategy = self.privacy.mode, self.federation.strategy
         if mode == "central" and strategy != "fedavg":
             raise ValueError(
                 f"privacy.mode 'central' (DP-FedAvg: the server clips and noises the sites' updates) "
                 f"needs federation.strategy 'fedavg', got '{strategy}'; use privacy.mode 'dp-sgd'"
+            )
+        if mode == "dp-sgd" and self.task == "survival":
+            raise ValueError(
+                "privacy.mode 'dp-sgd' cannot protect task 'survival': the Cox partial likelihood "
+                "compares each patient with every patient still at risk, so clipping each "
+                "patient's gradient does not bound one patient's influence on a step; use "
+                "privacy.mode 'central' (each site's update is clipped as a whole)"
+            )
+        if self.private and self.federation.finetune_steps:
+            raise ValueError(
+                f"federation.finetune_steps: {self.federation.finetune_steps} with privacy.mode "
+                f"'{mode}': fine-tuning is training the privacy plan does not count; set "
+                "finetune_steps: 0"
             )
         return self
 

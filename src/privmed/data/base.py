@@ -1,8 +1,10 @@
 """The in-memory form every data source produces.
 
-Images are float32 arrays (N, C, H, W) scaled to [0, 1]; labels are int64 (N,). A source may also say,
-per item, which site (hospital) it came from and which patient it belongs to: the privacy unit is
-the patient, so splits never separate one patient's images.
+Images are float32 arrays (N, C, H, W) scaled to [0, 1]; tabular sources give float32 features
+(N, D) in the same field. Labels are int64 (N,): the class, or for survival data the event indicator
+(1: the event was observed at `time`, 0: censored at `time`). A source may also say, per item, which
+site (hospital) it came from and which patient it belongs to: the privacy unit is the patient, so
+splits never separate one patient's items.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ImageSet:
-    images: np.ndarray  # (N, C, H, W) float32 in [0, 1]
-    labels: np.ndarray  # (N,) int64 in [0, n_classes)
+    images: np.ndarray  # (N, C, H, W) float32 in [0, 1], or (N, D) float32 tabular features
+    labels: np.ndarray  # (N,) int64 in [0, n_classes); survival: the event indicator 0/1
     site: np.ndarray | None = None  # (N,) str: the site each item comes from, if known
     patient: np.ndarray | None = None  # (N,) str: patient ids, if known
+    time: np.ndarray | None = None  # (N,) float64 survival: time to the event or to censoring
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        if self.images.ndim != 4 or len(self.images) != n:
-            raise ValueError(f"images {self.images.shape} do not match {n} labels as (N, C, H, W)")
-        for name in ("site", "patient"):
+        if self.images.ndim not in (2, 4) or len(self.images) != n:
+            raise ValueError(
+                f"images {self.images.shape} do not match {n} labels as (N, C, H, W) or (N, D)"
+            )
+        for name in ("site", "patient", "time"):
             col = getattr(self, name)
             if col is not None and len(col) != n:
                 raise ValueError(f"{name} has {len(col)} entries for {n} items")
@@ -38,6 +43,7 @@ class ImageSet:
             labels=self.labels[idx],
             site=None if self.site is None else self.site[idx],
             patient=None if self.patient is None else self.patient[idx],
+            time=None if self.time is None else self.time[idx],
         )
 
     def patient_ids(self) -> np.ndarray:
@@ -57,6 +63,7 @@ class ImageSet:
             labels=np.concatenate([p.labels for p in parts]),
             site=cat("site"),
             patient=cat("patient"),
+            time=cat("time"),
         )
 
 
@@ -72,6 +79,17 @@ class SourceData:
     description: str = ""  # one line: what the data is
     citation: str = ""  # license / source to cite in the report
     files: list[str] = field(default_factory=list)  # files read, for the record
+    feature_names: list[str] = field(default_factory=list)  # tabular: one name per column of D
+
+    @property
+    def tabular(self) -> bool:
+        """True for (N, D) feature tables, False for (N, C, H, W) images."""
+        return self.train.images.ndim == 2
+
+    @property
+    def n_features(self) -> int:
+        """Tabular: D, the number of feature columns."""
+        return int(self.train.images.shape[1])
 
     @property
     def n_classes(self) -> int:
@@ -83,4 +101,5 @@ class SourceData:
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[2])
+        """Image side in pixels (0 for tabular data)."""
+        return 0 if self.tabular else int(self.train.images.shape[2])

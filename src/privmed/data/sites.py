@@ -37,7 +37,7 @@ def split_into_sites(
     else:
         parts = _random(source, sites, val_fraction, rng)
     for sd in parts:
-        if len(sd.val) == 0:
+        if len(sd.val) == 0 and val_fraction > 0:
             raise DataError(
                 f"sites: site '{sd.name}' has no validation data ({len(sd.train)} training items); "
                 f"raise data.val_fraction or sites.alpha"
@@ -143,7 +143,9 @@ def _split_val(
 def _holdout(
     data: ImageSet, fraction: float, rng: np.random.Generator, site: str
 ) -> tuple[ImageSet, ImageSet]:
-    """A site's validation split, stratified by label, patients kept whole."""
+    """A site's validation split, stratified by label, patients kept whole (none for fraction 0)."""
+    if fraction == 0:
+        return data, data.subset(np.zeros(0, dtype=np.int64))
     keep_idx, held_idx = holdout_by_patient(
         data.labels, data.patient_ids(), fraction, rng, field=f"data.val_fraction (site '{site}')"
     )

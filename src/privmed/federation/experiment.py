@@ -13,9 +13,11 @@ from privmed.data import SourceData, load_source
 from privmed.data.sites import SiteData, pooled_site, split_into_sites
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights, n_patients
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
-from privmed.models import build_model, check_model_name
+from privmed.errors import ConfigError
+from privmed.models import TABULAR_MODELS, build_model, check_model_name, norm_state_mask
 from privmed.privacy.dpsgd import validate_model
 from privmed.privacy.plan import PrivacyPlan, SiteFacts, make_plan
+from privmed.tasks.base import Task, get_task
 
 
 @dataclass
@@ -28,10 +30,16 @@ class Experiment:
     model_factory: Callable[[], nn.Module]
     initial_weights: Weights
     privacy: PrivacyPlan | None = None  # None: privacy.mode 'none'
+    task: Task = get_task("classification")
 
     @property
     def trainer_names(self) -> list[str]:
         return list(self.trainers)
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether any site holds validation data (data.val_fraction 0 leaves none)."""
+        return any(len(sd.val) for sd in self.site_data)
 
 
 def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None) -> Experiment:
@@ -39,13 +47,17 @@ def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None)
     plan. `noise`: the noise multipliers a resumed run started with (else calibrated from the
     config). Raises PrivmedError on bad input; writes nothing."""
     check_model_name(cfg.model.name)
-    strategy = build_strategy(
-        cfg.federation.strategy, cyclic_order=cfg.federation.cyclic_order, seed=cfg.seed
-    )
+    task = get_task(cfg.task)
     source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
+    _check_model_fits_data(cfg.model.name, source.tabular, cfg.data.source)
     site_data = split_into_sites(
         source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed
     )
+    if cfg.federation.model_selection == "best-validation" and not any(len(sd.val) for sd in site_data):
+        raise ConfigError(
+            "federation.model_selection: 'best-validation' needs validation data, and "
+            f"data.val_fraction is {cfg.data.val_fraction:g}; use 'last' or 'auto'"
+        )
 
     def model_factory() -> nn.Module:
         """A model with the run's initial weights, drawn from the run's seed without touching
@@ -55,12 +67,17 @@ def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None)
             return build_model(
                 cfg.model.name,
                 in_channels=source.in_channels,
-                num_classes=source.n_classes,
+                num_classes=task.n_outputs(source),
                 image_size=source.image_size,
                 width=cfg.model.width,
             )
 
     initial = get_weights(model_factory())
+    norm = norm_state_mask(model_factory())
+    strategy = build_strategy(
+        cfg.federation, seed=cfg.seed, local_lr=cfg.training.lr,
+        shared=[not m for m in norm] if any(norm) else None,
+    )
 
     train_on = [pooled_site(site_data, POOLED_SITE)] if strategy.pools_data else site_data
     steps = cfg.federation.local_steps
@@ -84,11 +101,25 @@ def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None)
 
     trainers = {
         sd.name: Site(
-            sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, steps, dp=dp(sd.name)
+            sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, steps,
+            dp=dp(sd.name), task=task,
         )
         for sd in train_on
     }
-    return Experiment(cfg, source, site_data, trainers, strategy, model_factory, initial, plan)
+    return Experiment(cfg, source, site_data, trainers, strategy, model_factory, initial, plan, task)
+
+
+def _check_model_fits_data(model: str, tabular: bool, source: str) -> None:
+    if tabular and model not in TABULAR_MODELS:
+        raise ConfigError(
+            f"model.name: '{model}' takes images, and data.source '{source}' holds a feature table; "
+            f"use one of: {', '.join(sorted(TABULAR_MODELS))}"
+        )
+    if not tabular and model in TABULAR_MODELS:
+        raise ConfigError(
+            f"model.name: '{model}' takes a feature table, and data.source '{source}' holds images; "
+            "use an image model (cnn, dpcnn, resnet18)"
+        )
 
 
 def _privacy_plan(

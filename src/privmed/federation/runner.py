@@ -20,15 +20,20 @@ from tqdm import tqdm
 
 from privmed import __version__, io
 from privmed.errors import RunDirError
-from privmed.federation.evaluation import SELECTION, SELECTION_LAST, SELECTION_LOCAL, Evaluator, mean_metrics
+from privmed.federation.evaluation import (
+    SELECTION,
+    SELECTION_LAST,
+    SELECTION_LOCAL,
+    Evaluator,
+    mean_metrics,
+)
 from privmed.federation.experiment import Experiment
 from privmed.federation.rundir import RunDir
 from privmed.federation.site import set_weights
-from privmed.federation.strategies import GLOBAL, State
+from privmed.federation.strategies import GLOBAL, State, TrainTask
 from privmed.privacy.accountants import Release
 from privmed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from privmed.privacy.plan import NO_PRIVACY, guarantee_statement
-from privmed.tasks.classification import classification_metrics
 
 
 @dataclass
@@ -114,7 +119,7 @@ def run_in_process(
             io.write_jsonl(run_dir.path / "metrics.jsonl", state["history"])
         if ledger is not None:  # and the ledger file may lag it too
             ledger.save(run_dir.path / LEDGER_FILE)
-    keep_last = _selects_last(cfg)
+    keep_last = _selects_last(exp)
     evaluator = Evaluator(exp)
     rounds = cfg.federation.rounds
     bar = tqdm(
@@ -164,9 +169,7 @@ def run_in_process(
                 )
                 if ledger is not None:
                     ledger.save(run_dir.path / LEDGER_FILE)
-            bar.set_postfix_str(
-                f"val AUC {_fmt(row['val']['auc'])}, test AUC {_fmt(row['test']['auc'])}"
-            )
+            bar.set_postfix_str(_progress(exp, row))
             bar.update(1)
     finally:
         bar.close()
@@ -246,10 +249,48 @@ def _privacy_summary(exp: Experiment, state: dict) -> dict:
     }
 
 
-def _selects_last(cfg) -> bool:
+def _selection(exp: Experiment, local: bool) -> str:
+    """How the run's result was chosen, in words."""
+    if _selects_last(exp):
+        return SELECTION_LAST
+    metric = {"auc": "AUC", "c_index": "concordance index"}.get(exp.task.headline, exp.task.headline)
+    return (SELECTION_LOCAL if local else SELECTION).format(metric=metric)
+
+
+def _finetune(exp: Experiment, state: dict, evaluator: Evaluator, site_rows: dict) -> dict | None:
+    """federation.finetune_steps: each site trains the selected global model that many steps on its
+    own training data (seeded apart from the rounds), and its own test data scores the result
+    (`sites[name]["test_finetuned"]`). Returns the unweighted mean over sites, or None when no
+    fine-tuning was asked for."""
+    steps = exp.config.federation.finetune_steps
+    if not steps or GLOBAL not in state["best"]:
+        return None
+    weights = state["best"][GLOBAL]["weights"]
+    for sd in exp.site_data:
+        update = exp.trainers[sd.name].train(
+            TrainTask(sd.name, weights), state["round"], steps=steps, purpose="finetune"
+        )
+        site_rows[sd.name]["test_finetuned"] = (
+            {} if sd.test is None else evaluator.score(update.weights, sd.test)
+        )
+    return mean_metrics([site_rows[sd.name]["test_finetuned"] for sd in exp.site_data])
+
+
+def _selects_last(exp: Experiment) -> bool:
     """Whether the run's result is its last round's model (see federation.model_selection)."""
+    cfg = exp.config
     choice = cfg.federation.model_selection
-    return choice == "last" or (choice == "auto" and cfg.private)
+    return choice == "last" or (choice == "auto" and (cfg.private or not exp.has_validation))
+
+
+def _progress(exp: Experiment, row: dict) -> str:
+    """The progress bar's note: the headline metric on validation and test data."""
+    metric = exp.task.headline
+    label = {"auc": "AUC", "c_index": "C-index"}.get(metric, metric)
+    parts = [] if not row["val"] else [f"val {label} {_fmt(row['val'][metric])}"]
+    if row["test"]:
+        parts.append(f"test {label} {_fmt(row['test'][metric])}")
+    return ", ".join(parts)
 
 
 def _best_rounds(best: dict) -> dict:
@@ -263,9 +304,11 @@ def _fmt(x: float) -> str:
 
 
 def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir | None) -> RunResult:
-    cfg, test = exp.config, exp.source.test
+    cfg, test, task = exp.config, exp.source.test, exp.task
     history = {row["round"]: row for row in state["history"]}
     predictions: dict[str, np.ndarray] = {"labels": test.labels}
+    if test.time is not None:
+        predictions["time"] = test.time
     models: dict[str, nn.Module] = {}
     site_rows: dict[str, dict] = {}
     for sd in exp.site_data:
@@ -276,8 +319,8 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
         }
     best_rounds = {}
     for key, best in state["best"].items():
-        probs = evaluator.probs(best["weights"], test.images)
-        predictions[f"probs:{key}"] = probs.astype(np.float32)
+        pred = evaluator.predict(best["weights"], test.images)
+        predictions[f"{task.prediction}:{key}"] = pred.astype(np.float32)
         model = exp.model_factory()
         set_weights(model, best["weights"])
         models[key] = model.eval()
@@ -296,8 +339,9 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
         test_scores = mean_metrics([site_rows[k]["test_pooled"] for k in state["best"]])
         val_scores = mean_metrics([site_rows[k]["val"] for k in state["best"]])
     else:
-        test_scores = classification_metrics(predictions["probs:global"].astype(np.float64), test.labels)
+        test_scores = task.metrics(predictions[f"{task.prediction}:global"].astype(np.float64), test)
         val_scores = history[best_rounds[GLOBAL]]["val"]
+    finetuned = _finetune(exp, state, evaluator, site_rows) if not local else None
 
     src = exp.source
     summary = {
@@ -307,8 +351,10 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
         "rounds_completed": state["round"],
         "rounds_planned": cfg.federation.rounds,
         "best_round": None if local else best_rounds.get(GLOBAL),
-        "selection": SELECTION_LAST if _selects_last(cfg) else (SELECTION_LOCAL if local else SELECTION),
+        "selection": _selection(exp, local),
         "test": test_scores,
+        "test_mean_over_sites": mean_metrics([r.get("test", {}) for r in site_rows.values()]),
+        **({} if finetuned is None else {"test_finetuned_mean_over_sites": finetuned}),
         "val": val_scores,
         "sites": site_rows,
         "wall_seconds": state["wall_seconds"],
@@ -322,6 +368,8 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
             "citation": src.citation,
             "class_names": list(src.class_names),
             "image_shape": list(src.train.images.shape[1:]),
+            "tabular": src.tabular,
+            "feature_names": list(src.feature_names),
             "n_test": len(test),
         },
         "model": {
@@ -337,7 +385,7 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
             "model_args": {
                 "name": cfg.model.name,
                 "in_channels": src.in_channels,
-                "num_classes": src.n_classes,
+                "num_classes": task.n_outputs(src),
                 "image_size": src.image_size,
                 "width": cfg.model.width,
             },

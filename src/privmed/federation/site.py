@@ -23,6 +23,7 @@ from privmed.data.sites import SiteData
 from privmed.federation.strategies import SiteUpdate, TrainTask, Weights
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import dp_train, make_optimizer
+from privmed.tasks.base import Task, get_task
 
 
 def get_weights(model: nn.Module) -> Weights:
@@ -82,8 +83,9 @@ class Site:
     """One hospital's training and evaluation.
 
     `model_factory()` returns a model of the run's architecture (its initial weights do not matter:
-    the weights to train from always come with the task). With `dp`, every training turn is DP-SGD
-    and its update reports the release it made (`metrics["release"]`) for the privacy ledger.
+    the weights to train from always come with the task). `task` (privmed.tasks) gives the targets,
+    the loss and the meaning of the model's output. With `dp`, every training turn is DP-SGD and its
+    update reports the release it made (`metrics["release"]`) for the privacy ledger.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Site:
         seed: int,
         local_steps: int | None = None,
         dp: DPTraining | None = None,
+        task: Task | None = None,
     ):
         self.data = data
         self.dp = dp
@@ -103,36 +106,46 @@ class Site:
         self.local_epochs = local_epochs
         self.local_steps = local_steps
         self.seed = seed
+        self.task = task if task is not None else get_task("classification")
         self.model = model_factory()
+        self.criterion = self.task.criterion()
         self._x = torch.from_numpy(data.train.images)
-        self._y = torch.from_numpy(data.train.labels.astype(np.int64))
+        self._y = self.task.targets(data.train)
+        # state_dict position of each trainable parameter (corrections come per state entry)
+        position = {k: i for i, k in enumerate(self.model.state_dict())}
+        self._params = [(position[n], p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     @property
     def n_train(self) -> int:
         return len(self.data.train)
 
-    def train(self, task: TrainTask, rnd: int) -> SiteUpdate:
-        """Train from `task.weights` for `local_epochs` epochs, or `local_steps` batches when set;
-        the optimizer starts fresh each round."""
+    def train(self, task: TrainTask, rnd: int, steps: int | None = None, purpose: str = "train") -> SiteUpdate:
+        """Train from `task.weights` for `local_epochs` epochs, or `local_steps` batches when set (or
+        `steps` batches when given: fine-tuning); the optimizer starts fresh each round. FedProx's
+        proximal term and SCAFFOLD's correction (in `task`) are added to the gradients."""
         start = time.perf_counter()
         set_weights(self.model, task.weights)
         self.model.train()
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "train", rnd, self.name))
-        max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment else 0
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, purpose, rnd, self.name))
+        images = self._x.ndim == 4
+        max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment and images else 0
+        adjust = self._gradient_adjustment(task)
         if self.dp is not None:
-            return self._train_dp(task, gen, max_shift, start)
+            return self._train_dp(task, gen, max_shift, start, adjust)
         t = self.training
         opt = make_optimizer(self.model, t.optimizer, t.lr, t.momentum, t.weight_decay)
-        total_loss, samples, steps = 0.0, 0, 0
-        for idx in self._batches(gen):
+        total_loss, samples, n_steps = 0.0, 0, 0
+        for idx in self._batches(gen, steps):
             xb = random_shift(self._x[idx], max_shift, gen)
-            loss = F.cross_entropy(self.model(xb), self._y[idx])
+            loss = self.criterion(self.model(xb), self._y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if adjust is not None:
+                adjust()
             opt.step()
             total_loss += loss.item() * len(idx)
             samples += len(idx)
-            steps += 1
+            n_steps += 1
         return SiteUpdate(
             site=self.name,
             weights=get_weights(self.model),
@@ -141,13 +154,39 @@ class Site:
             metrics={
                 "train_loss": total_loss / samples,
                 "sample_gradient_steps": samples,
-                "optimizer_steps": steps,
+                "optimizer_steps": n_steps,
                 "train_seconds": time.perf_counter() - start,
             },
         )
 
+    def _gradient_adjustment(self, task: TrainTask) -> Callable[[], None] | None:
+        """What to add to each parameter's gradient before a step: FedProx's mu (w - w_global)
+        (Li et al. 2020) and SCAFFOLD's c - c_i (Karimireddy et al. 2020). Both depend only on the
+        weights the site was sent and its own previous updates, never on this step's data."""
+        if not task.prox_mu and task.correction is None:
+            return None
+        anchor = [torch.from_numpy(np.asarray(task.weights[i])) for i, _ in self._params]
+        corr = (
+            None if task.correction is None
+            else [torch.as_tensor(np.asarray(task.correction[i])) for i, _ in self._params]
+        )
+        mu = float(task.prox_mu)
+
+        @torch.no_grad()
+        def adjust() -> None:
+            for k, (_, p) in enumerate(self._params):
+                if p.grad is None:
+                    continue
+                if mu:
+                    p.grad.add_(p.detach() - anchor[k].to(p.dtype), alpha=mu)
+                if corr is not None:
+                    p.grad.add_(corr[k].to(p.dtype))
+
+        return adjust
+
     def _train_dp(
-        self, task: TrainTask, gen: torch.Generator, max_shift: int, start: float
+        self, task: TrainTask, gen: torch.Generator, max_shift: int, start: float,
+        adjust: Callable[[], None] | None,
     ) -> SiteUpdate:
         dp, t = self.dp, self.training
         dp_train(
@@ -161,6 +200,8 @@ class Site:
             grad_sample_mode=dp.grad_sample_mode,
             augment=(lambda xb, g: random_shift(xb, max_shift, g)) if max_shift else None,
             patients=self.data.train.patient,
+            criterion=self.criterion,
+            after_noise=adjust,
         )
         # The training loss and the sizes of the batches drawn are computed from the training
         # patients outside the DP mechanism: they stay at the site (the guarantee covers only what
@@ -180,32 +221,40 @@ class Site:
             },
         )
 
-    def _batches(self, gen: torch.Generator) -> Iterator[torch.Tensor]:
-        """Index batches: `local_epochs` passes over the shuffled data; or, when `local_steps` is
-        set, exactly that many full batches cut from a stream of consecutive shuffled passes."""
+    def _batches(self, gen: torch.Generator, steps: int | None = None) -> Iterator[torch.Tensor]:
+        """Index batches: `local_epochs` passes over the shuffled data; or, when `local_steps` (or
+        `steps`) is set, exactly that many full batches cut from a stream of consecutive shuffled
+        passes."""
         n, bs = self.n_train, self.training.batch_size
-        if self.local_steps is None:
+        steps = self.local_steps if steps is None else steps
+        if steps is None:
             for _ in range(self.local_epochs):
                 perm = torch.randperm(n, generator=gen)
                 yield from (perm[i : i + bs] for i in range(0, n, bs))
             return
         stream = torch.empty(0, dtype=torch.long)
-        for _ in range(self.local_steps):
+        for _ in range(steps):
             while len(stream) < bs:
                 stream = torch.cat([stream, torch.randperm(n, generator=gen)])
             yield stream[:bs]
             stream = stream[bs:]
 
     def predict(self, weights: Weights, images: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, K) of the model with `weights` on `images` (N, C, H, W)."""
-        return predict(self.model, weights, images, self.training.eval_batch_size)
+        """The task's predictions of the model with `weights` on `images` (see `predict`)."""
+        return predict(self.model, weights, images, self.training.eval_batch_size, self.task)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, weights: Weights, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities (N, K), float64, of `model` loaded with `weights` on `images`."""
+def predict(
+    model: nn.Module, weights: Weights, images: np.ndarray, batch_size: int, task: Task | None = None
+) -> np.ndarray:
+    """float64 predictions of `model` loaded with `weights` on `images` (N, ...): class
+    probabilities (N, K) for classification (the default), risk scores (N,) for survival."""
+    task = task if task is not None else get_task("classification")
     set_weights(model, weights)
     model.eval()
     x = torch.from_numpy(images)
-    out = [F.softmax(model(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+    out = [task.predict(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    if not out:
+        return np.zeros((0,), dtype=np.float64)
     return torch.cat(out).numpy().astype(np.float64)

@@ -170,6 +170,9 @@ class DPSGD:
     (q*n for Poisson sampling: never by the drawn batch size, which would itself leak); then
     `optimizer.step()`. With noise_multiplier 0, no clipping and a full batch this is plain SGD on the
     mean loss. A batch with no items still takes a step of pure noise: the accountant counts it.
+    `after_noise()`, if given, runs after the noisy gradient is in each `p.grad` and before the
+    optimizer's step: a data-independent change to the gradient there (FedProx's proximal term,
+    SCAFFOLD's correction) is post-processing and costs no privacy.
 
     The noise is drawn from `generator` only, so a run is reproducible from its seed. That is Opacus'
     default (`secure_mode=False`): torch's Mersenne Twister, not a CSPRNG, and without the defence
@@ -198,6 +201,7 @@ class DPSGD:
         generator: torch.Generator,
         grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
         criterion: nn.Module | None = None,
+        after_noise: Callable[[], None] | None = None,
     ):
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
@@ -232,6 +236,8 @@ class DPSGD:
             if self.ghost
             else None
         )
+        if after_noise is not None:  # Opacus calls it between the noise and the optimizer's step
+            self.optimizer.attach_step_hook(lambda _optimizer: after_noise())
 
     @property
     def ghost(self) -> bool:
@@ -347,14 +353,17 @@ def dp_train(
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     patients: np.ndarray | None = None,
+    criterion: nn.Module | None = None,
+    after_noise: Callable[[], None] | None = None,
 ) -> dict[str, float | int]:
-    """Train `model` in place for `steps` DP-SGD steps on x (N, C, H, W), y (N,) int64 labels, with
+    """Train `model` in place for `steps` DP-SGD steps on x (N, ...) items, y (N, ...) targets, with
     Poisson batches of rate `sample_rate` and a fresh optimizer.
 
     The privacy unit is the patient: `patients` (N,) gives each item's patient (None: one item per
     patient). Patients are sampled, each bringing one of its items (`patient_batches`); the expected
     batch size is sample_rate x patients.
 
+    `criterion` (default cross-entropy, reduction mean) and `after_noise` are DPSGD's.
     `augment(x_batch, generator)` transforms each drawn batch (per item, so privacy is unaffected).
     Batches, augmentation and noise all draw from `generator`, in that order per step: same seed,
     bitwise the same weights. Afterwards `model` is a plain nn.Module again (no Opacus hooks), holding
@@ -390,6 +399,8 @@ def dp_train(
         expected_batch_size=expected_batch_size,
         generator=generator,
         grad_sample_mode=grad_sample_mode,
+        criterion=criterion,
+        after_noise=after_noise,
     ) as dp:
         for idx in batches:
             xb = x[idx]
