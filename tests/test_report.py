@@ -152,7 +152,7 @@ def _table(html: str, table_id: str) -> list[list[str]]:
     body = re.search(rf'<table id="{table_id}">(.*?)</table>', html, re.DOTALL)
     assert body, f"no table {table_id}"
     return [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.DOTALL)
-            for row in re.findall(r"<tr>(.*?)</tr>", body.group(1), re.DOTALL)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body.group(1), re.DOTALL)]
 
 
 def test_fedavg_report(tmp_path):
@@ -386,3 +386,291 @@ def test_roc_rejects_undefined_inputs():
     probs3 = np.full((4, 3), 1 / 3)
     with pytest.raises(ValueError, match="one model"):
         plots.roc({"a": probs3, "b": probs3}, np.array([0, 1, 2, 0]))
+
+
+# ------------------------------------------------------------------ survival and tabular run directories
+
+REGIONS = ("region-0", "region-1", "region-2")
+FEATURES = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak",
+            "slope", "ca", "thal"]
+
+
+def _cox(c: float, n: int, events: int) -> dict:
+    return {"c_index": c, "loss": 3.1 - c, "n": n, "events": events}
+
+
+def make_survival_run(
+    root: Path,
+    *,
+    strategy: str = "fedavg",
+    rounds: int = 4,
+    validation: bool = True,
+    finetune: bool = False,
+    name: str = "tcga-fedavg",
+) -> Path:
+    """A survival run directory as the runner writes it (task: survival on tcga-brca): 3 regions,
+    each with its own test patients; predictions hold labels (event indicator), time and risk."""
+    run = root / name
+    run.mkdir()
+    personalised = strategy in ("local", "fedbn")
+    config = {
+        "name": name, "seed": 0, "task": "survival",
+        "data": {"source": "tcga-brca", "root": "data", "val_fraction": 0.2 if validation else 0},
+        "sites": {"names": list(REGIONS)},
+        "model": {"name": "cox"},
+        "federation": {"strategy": strategy, "rounds": rounds, "local_steps": 20,
+                       **({"finetune_steps": 10} if finetune else {})},
+        "training": {"batch_size": 16, "lr": 0.05, "optimizer": "sgd"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    n_test = (40, 25, 15)
+
+    def site_rows(r: int) -> dict:
+        out = {}
+        for i, s in enumerate(REGIONS):
+            c = 0.6 + 0.02 * r + 0.03 * i
+            out[s] = {"val": _cox(c - 0.01, 20, 4) if validation else {},
+                      "test": _cox(c, n_test[i], 5 + i)}
+            if personalised:
+                out[s]["test_pooled"] = _cox(c - 0.02, sum(n_test), 18)
+        return out
+
+    rows = []
+    for r in range(1, rounds + 1):
+        sites = site_rows(r)
+        mean = _cox(float(np.mean([v["test"]["c_index"] for v in sites.values()])), sum(n_test), 18)
+        rows.append({
+            "round": r, "seconds": 0.4, "train_seconds": 0.3,
+            "train_loss": {s: 3.0 - 0.1 * r for s in REGIONS},
+            "val": _cox(0.6 + 0.02 * r, 60, 12) if validation else {},
+            "test": _cox(0.62 + 0.02 * r, sum(n_test), 18), "test_mean_over_sites": mean,
+            "sites": sites, "best_round": r,
+        })
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    last = rows[-1]
+    summary = {
+        "name": name, "task": "survival", "strategy": strategy,
+        "rounds_completed": rounds, "rounds_planned": rounds,
+        "best_round": None if personalised else rounds,
+        "selection": ("highest validation concordance index over all sites' validation data "
+                      "(pooled), earliest round on ties" if validation else
+                      "the last round's model (no validation data plays a part in the choice)"),
+        "test": last["test"], "test_mean_over_sites": last["test_mean_over_sites"],
+        "val": last["val"],
+        "sites": {s: {"n_train": 120, "n_val": 20 if validation else 0, "n_test": n,
+                      **last["sites"][s]} for s, n in zip(REGIONS, n_test)},
+        "wall_seconds": 3.2, "train_seconds": 2.0, "sample_gradient_steps": 9000, "seed": 0,
+        "data": {"source": "tcga-brca", "synthetic": False, "tabular": True,
+                 "description": "TCGA-BRCA clinical data, 6 regions, survival.",
+                 "citation": "FLamby (du Terrail et al. 2022).", "class_names": ["censored", "event"],
+                 "image_shape": [39], "feature_names": [f"f{i}" for i in range(39)], "n_test": 80},
+        "model": {"name": "cox", "parameters": 40}, "privmed_version": "0.1.0",
+        "privacy": {"mode": "none", "epsilon": None},
+    }
+    if personalised:  # the mean over the site models of their pooled-test scores: counts added up
+        summary["test"] = _cox(last["test"]["c_index"], 3 * sum(n_test), 3 * 18)
+    if finetune:
+        for i, s in enumerate(REGIONS):
+            summary["sites"][s]["test_finetuned"] = _cox(0.75 + 0.01 * i, n_test[i], 5 + i)
+        summary["test_finetuned_mean_over_sites"] = _cox(0.76, sum(n_test), 18)
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    rng = np.random.default_rng(3)
+    n = sum(n_test)
+    risk = rng.normal(size=n)
+    event_time = rng.exponential(np.exp(-1.5 * risk)) * 1000
+    censor = rng.uniform(0, 2500, n)
+    arrays = {"labels": (event_time <= censor).astype(np.int64),
+              "time": np.minimum(event_time, censor)}
+    for m in (list(REGIONS) if personalised else ["global"]):
+        arrays[f"risk:{m}"] = (risk + 0.3 * rng.normal(size=n)).astype(np.float32)
+    np.savez(run / "predictions.npz", **arrays)
+    return run
+
+
+def test_survival_report(tmp_path):
+    run = make_survival_run(tmp_path)
+    html = write_report(run).read_text()
+    text = _text(html)
+    summary = json.loads((run / "summary.json").read_text())
+    pooled, mean = summary["test"]["c_index"], summary["test_mean_over_sites"]["c_index"]
+    # headline: the pooled C-index and, beside it, the mean over sites
+    assert re.search(rf'id="headline-pooled">.*C-index.*>{pooled:.3f}<', text, re.DOTALL)
+    assert re.search(rf'id="headline-mean-over-sites">.*mean over sites.*>{mean:.3f}<', text, re.DOTALL)
+    head = _table(html, "headline-table")
+    assert head[0] == ["Metric", "Pooled test", "Own test, mean over sites", "Validation"]
+    assert head[1] == ["C-index (concordance)", f"{pooled:.3f}", f"{mean:.3f}", "0.680"]
+    assert ["Events", "18", "18", "12"] in head and ["Patients", "80", "80", "60"] in head
+    # per site: C-index, events, n; and a row of the mean over sites (the runner's figure)
+    sites = _table(html, "sites")
+    assert sites[0] == ["Site", "Train patients", "Validation patients", "Own test patients",
+                        "Validation C-index", "Own-test C-index", "Own-test events"]
+    assert sites[1] == ["region-0", "120", "20", "40", "0.670", "0.680", "5"]
+    assert sites[-1] == ["Mean over sites", "360", "60", "80", "0.700", f"{mean:.3f}", "18"]
+    # Kaplan-Meier by risk group replaces ROC and calibration; C-index replaces AUC over rounds
+    for name in ("learning_curves", "kaplan_meier"):
+        assert (run / "plots" / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (run / "plots" / "roc.png").exists() and not (run / "plots" / "calibration.png").exists()
+    assert 'id="fig-kaplan_meier"' in html and 'id="fig-roc"' not in html
+    assert 'id="fig-calibration"' not in html and "ROC" not in text and "AUC" not in text
+    assert re.search(r"Log-rank test .*: p (=|<) 0\.\d+", text)
+    assert "Learning curves: C-index over rounds" in text and "validation C-index" in text
+    assert len(_pngs_in(html)) == 2
+    assert not re.search(r"\bimages?\b", text, re.IGNORECASE)
+    assert "Classes:" not in text and "Features (39)" in text
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+
+
+def test_kaplan_meier_splits_at_the_median_risk(tmp_path, monkeypatch):
+    from lifelines.statistics import logrank_test
+
+    calls = []
+    monkeypatch.setattr(plots, "kaplan_meier", lambda panels, **kw: calls.append(panels) or PNG_MAGIC)
+    run = make_survival_run(tmp_path)
+    html = write_report(run).read_text()
+    [panels] = calls
+    [(title, (low, high))] = panels.items()
+    z = np.load(run / "predictions.npz")
+    risk, time, event = z["risk:global"], z["time"], z["labels"].astype(bool)
+    is_high = risk > np.median(risk)
+    assert low["label"] == f"lower risk (n = 40, {event[~is_high].sum()} events)"
+    assert high["label"] == f"higher risk (n = 40, {event[is_high].sum()} events)"
+    assert np.array_equal(np.sort(high["censored_times"]), np.sort(time[is_high & ~event]))
+    assert low["survival"][0] == 1.0 and np.all(np.diff(low["survival"]) <= 0)
+    assert low["survival"][-1] > high["survival"][-1]  # the model ranks: low risk lives longer
+    p = logrank_test(time[~is_high], time[is_high], event[~is_high], event[is_high]).p_value
+    shown = f"p = {p:.2g}" if p >= 1e-4 else "p < 0.0001"
+    assert p < 0.05 and title.endswith(shown)
+    assert f"the two groups&#39; survival: {shown}" in html  # the caption
+
+
+def test_survival_without_validation_with_finetuning(tmp_path):
+    run = make_survival_run(tmp_path, validation=False, finetune=True)
+    html = write_report(run).read_text()
+    text = _text(html)
+    head = _table(html, "headline-table")
+    assert head[0] == ["Metric", "Pooled test", "Own test, mean over sites",
+                       "Own test after fine-tuning, mean over sites"]
+    assert head[1][-1] == "0.760" and 'id="headline-finetuned"' in html
+    assert "no validation data" in text and "the last round&#39;s model" in text
+    sites = _table(html, "sites")
+    assert "Validation C-index" not in sites[0] and sites[0][-1] == "Own-test C-index after fine-tuning"
+    assert sites[1][-1] == "0.750" and sites[-1][-1] == "0.760"
+    assert "10 steps more" in text
+    assert (run / "plots" / "kaplan_meier.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_personalised_survival_has_a_panel_per_site(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(plots, "kaplan_meier", lambda panels, **kw: calls.append(panels) or PNG_MAGIC)
+    run = make_survival_run(tmp_path, strategy="fedbn")
+    html = write_report(run).read_text()
+    [panels] = calls
+    assert [t.split(":")[0] for t in panels] == list(REGIONS)
+    assert "Pooled-test C-index" in html and "One panel per site" in html
+    head = _table(html, "headline-table")
+    assert head[0][1] == "Pooled test (mean over the sites&#39; own models)"
+    # every site model scores the same 80 pooled patients: not 3 x 80
+    assert ["Patients", "80", "80"] in [row[:3] for row in head]
+    assert ["Events", "18", "18"] in [row[:3] for row in head]
+
+
+def test_kaplan_meier_without_the_survival_module_agrees(tmp_path, monkeypatch):
+    from privmed.report import html as report_html
+
+    def panels() -> dict:
+        calls = []
+        monkeypatch.setattr(plots, "kaplan_meier", lambda p, **kw: calls.append(p) or PNG_MAGIC)
+        write_report(run)
+        return calls[0]
+
+    run = make_survival_run(tmp_path)
+    first = panels()
+    monkeypatch.setattr(report_html, "_survival_helpers", lambda: None)  # lifelines directly
+    second = panels()
+    assert list(first) == list(second)
+    for a, b in zip(*first.values(), *second.values()):
+        assert a["label"] == b["label"]
+        np.testing.assert_allclose(a["survival"], b["survival"])
+        np.testing.assert_allclose(a["censored_survival"], b["censored_survival"])
+
+
+def test_kaplan_meier_with_one_risk_for_all(tmp_path):
+    run = make_survival_run(tmp_path)
+    z = dict(np.load(run / "predictions.npz"))
+    z["risk:global"] = np.zeros_like(z["risk:global"])  # a model that learned nothing
+    np.savez(run / "predictions.npz", **z)
+    text = _text(write_report(run).read_text())
+    assert "form a single group" in text and "p n/a" in text
+    assert (run / "plots" / "kaplan_meier.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_survival_without_predictions_notes_the_missing_figure(tmp_path):
+    run = make_survival_run(tmp_path)
+    (run / "predictions.npz").unlink()
+    html = write_report(run).read_text()
+    assert 'id="fig-kaplan_meier"' in html and "no predictions.npz" in html
+    assert len(_pngs_in(html)) == 1
+
+
+def make_tabular_run(root: Path, **kw) -> Path:
+    """A tabular-classification run directory (heart-disease: 4 hospitals, 13 features, no
+    validation data), from make_run's classification run with the summary a tabular run writes."""
+    run = make_run(root, name="heart-fedavg", **kw)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["task"] = "tabular-classification"
+    config["data"] = {"source": "heart-disease", "root": "data", "val_fraction": 0}
+    config["model"] = {"name": "logreg"}
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["task"] = "tabular-classification"
+    summary["data"] = {"source": "heart-disease", "synthetic": False, "tabular": True,
+                       "feature_names": FEATURES, "image_shape": [13], "class_names": ["absent", "present"],
+                       "description": "UCI heart disease, 4 hospitals.", "citation": "Janosi et al. (1988)."}
+    summary["test_mean_over_sites"] = _scores(0.81, 100)
+    summary["model"] = {"name": "logreg", "parameters": 14}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_tabular_classification_report(tmp_path, monkeypatch):
+    calibration = plots.calibration
+    items = []
+    monkeypatch.setattr(plots, "calibration",
+                        lambda *a, **kw: items.append(kw.get("items")) or calibration(*a, **kw))
+    run = make_tabular_run(tmp_path, privacy="dp-sgd")
+    html = write_report(run).read_text()
+    text = _text(html)
+    summary = json.loads((run / "summary.json").read_text())
+    assert f">{summary['test']['auc']:.3f}<" in html
+    assert re.search(r'id="headline-mean-over-sites">.*AUC, mean over sites.*>0\.810<', text, re.DOTALL)
+    head = _table(html, "headline-table")
+    assert head[0][:3] == ["Metric", "Pooled test", "Own test, mean over sites"]
+    assert ["Patients", "524", "100", "524"] in head
+    sites = _table(html, "sites")
+    assert sites[0][:4] == ["Site", "Train patients", "Validation patients", "Own test patients"]
+    assert sites[-1][0] == "Mean over sites" and sites[-1][sites[0].index("Own-test AUC")] == "0.810"
+    for name in ("learning_curves", "roc", "calibration"):
+        assert (run / "plots" / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    assert items == ["patients"]
+    assert "Features (13): age, sex, cp" in text and "Classes: absent, present" in text
+    assert "one patient, with all of their records" in text
+    assert not re.search(r"\bimages?\b", text, re.IGNORECASE), re.findall(r".{60}\bimages?\b.{20}", text)
+    assert "C-index" not in text and "Kaplan" not in text
+
+
+def test_tabular_synthetic_banner_says_records(tmp_path):
+    run = make_tabular_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["data"]["synthetic"] = True
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = _text(write_report(run).read_text())
+    assert "SYNTHETIC DATA — generated records, not patient data" in text
+    assert "image" not in text.lower()
+
+
+def test_kaplan_meier_plot_returns_png():
+    curve = {"label": "a", "times": np.array([0.0, 1, 2, 5]), "survival": np.array([1.0, 0.9, 0.7, 0.7]),
+             "censored_times": np.array([5.0]), "censored_survival": np.array([0.7])}
+    assert plots.kaplan_meier({"one": [curve, curve]}).startswith(PNG_MAGIC)
+    assert plots.kaplan_meier({f"p{i}": [curve] for i in range(4)}, time_label="days").startswith(PNG_MAGIC)

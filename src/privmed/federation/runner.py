@@ -336,7 +336,9 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
     if not state["best"]:
         test_scores, val_scores = {}, {}
     elif local:
-        test_scores = mean_metrics([site_rows[k]["test_pooled"] for k in state["best"]])
+        pooled = [site_rows[k]["test_pooled"] for k in state["best"]]
+        # every site's model scored the same pooled test patients: their counts are not summed
+        test_scores = {**mean_metrics(pooled), **{k: pooled[0][k] for k in ("n", "events") if k in pooled[0]}}
         val_scores = mean_metrics([site_rows[k]["val"] for k in state["best"]])
     else:
         test_scores = task.metrics(predictions[f"{task.prediction}:global"].astype(np.float64), test)

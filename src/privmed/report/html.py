@@ -3,6 +3,10 @@
 Reading, figure making and rendering are separate steps: `read_run` loads the files the runner
 wrote, `make_figures` draws them (pure), `render` fills the template (pure), and `write_report` is
 the only function that writes (plots/<name>.png and report.html, atomically).
+
+The report follows the run's task: "classification" (images), "tabular-classification" (a feature
+table: the same scores, nothing about images) and "survival" (concordance index, Kaplan-Meier curves
+of the predicted risk groups instead of ROC and calibration).
 """
 
 from __future__ import annotations
@@ -25,22 +29,31 @@ from privmed.report import plots
 
 REQUIRED_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 NA = "n/a"
-METRIC_ROWS = (  # (key, label) of the metrics shown in the headline table, in order
+CLASSIFICATION_ROWS = (  # (key, label) of the metrics shown in the headline table, in order
     ("auc", "AUC"),
     ("accuracy", "Accuracy"),
     ("balanced_accuracy", "Balanced accuracy"),
     ("ece", "ECE (calibration error)"),
     ("loss", "Loss (cross-entropy)"),
-    ("n", "Images"),
+    ("n", None),  # None: the count of what the task scores ("Images", "Patients")
 )
+METRIC_ROWS = CLASSIFICATION_ROWS  # the name older callers know
+SURVIVAL_ROWS = (
+    ("c_index", "C-index (concordance)"),
+    ("loss", "Loss (Cox partial likelihood)"),
+    ("events", "Events"),
+    ("n", None),
+)
+COUNTS = ("n", "events")  # metrics that are counts: integers, summed (not averaged) over sites
+PERSONALISED = ("local", "fedbn")  # strategies that keep one model per site
 ACCOUNTANTS = {  # summary['privacy']['accountant'] -> what the report calls it
     "prv": "PRV (privacy random variables, Gopi et al. 2021, via Opacus)",
     "rdp": "RDP (Rényi DP, via Opacus)",
     "pld": "PLD (privacy loss distributions, via Google's dp-accounting)",
 }
 PRIVATE_MODES = ("dp-sgd", "central")
-UNITS = {  # summary['privacy']['unit'] -> (guarantee wording, unit of privacy)
-    "patient": ("per patient", "one patient, with all of their images"),
+UNITS = {  # summary['privacy']['unit'] -> (guarantee wording, unit of privacy; {items}: the noun)
+    "patient": ("per patient", "one patient, with all of their {items}"),
     "site": ("per site", "one whole site, all of its patients together"),
 }
 
@@ -48,7 +61,9 @@ UNITS = {  # summary['privacy']['unit'] -> (guarantee wording, unit of privacy)
 @dataclass(frozen=True)
 class RunFiles:
     """What the report reads from a run directory. `probs` maps a model name ("global" or a site) to
-    (N, K) test-set probabilities aligned with `labels` (N,); both empty/None without predictions."""
+    (N, K) test-set probabilities aligned with `labels` (N,); a survival run has `risk` instead (model
+    name -> (N,) predicted risk, higher = earlier event), `labels` is then the event indicator and
+    `time` (N,) the time to the event or to censoring. All empty/None without predictions."""
 
     path: Path
     config: dict
@@ -56,6 +71,40 @@ class RunFiles:
     metrics: list[dict]
     labels: np.ndarray | None = None
     probs: dict[str, np.ndarray] = field(default_factory=dict)
+    time: np.ndarray | None = None
+    risk: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What the report needs to know about the run's task to word and draw it."""
+
+    task: str  # "classification", "tabular-classification" or "survival"
+    tabular: bool  # a feature table, not images
+    personalised: bool  # one model per site (local, fedbn), no shared model
+
+    @property
+    def survival(self) -> bool:
+        return self.task == "survival"
+
+    @property
+    def metric(self) -> str:
+        """The headline metric's key in the score dicts."""
+        return "c_index" if self.survival else "auc"
+
+    @property
+    def metric_label(self) -> str:
+        return "C-index" if self.survival else "AUC"
+
+    @property
+    def items(self) -> str:
+        """What one test item is, plural: what the report counts."""
+        return "patients" if self.tabular else "images"
+
+    @property
+    def metric_rows(self) -> tuple[tuple[str, str], ...]:
+        rows = SURVIVAL_ROWS if self.survival else CLASSIFICATION_ROWS
+        return tuple((key, label or self.items.capitalize()) for key, label in rows)
 
 
 @dataclass(frozen=True)
@@ -84,6 +133,20 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
+def task_view(run: RunFiles) -> TaskView:
+    s = run.summary
+    data = _dict(s.get("data"))
+    task = str(s.get("task") or _get(run.config, "task") or "classification")
+    tabular = data.get("tabular")
+    if not isinstance(tabular, bool):
+        shape = data.get("image_shape")
+        tabular = task != "classification" or (isinstance(shape, list) and len(shape) == 1)
+    strategy = s.get("strategy") or _get(run.config, "federation", "strategy")
+    personalised = strategy in PERSONALISED or any(
+        isinstance(_dict(v).get("test_pooled"), dict) for v in _dict(s.get("sites")).values())
+    return TaskView(task, tabular, personalised)
+
+
 # ---------------------------------------------------------------------------------------- reading
 
 
@@ -96,8 +159,8 @@ def read_run(run_dir: Path) -> RunFiles:
     summary = _read_json(run_dir / "summary.json")
     config = _read_yaml(run_dir / "config.yaml")
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    labels, probs = _read_predictions(run_dir / "predictions.npz")
-    return RunFiles(run_dir, config, summary, metrics, labels, probs)
+    labels, probs, time, risk = _read_predictions(run_dir / "predictions.npz")
+    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk)
 
 
 def _read_json(path: Path) -> dict:
@@ -136,71 +199,114 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [by_round[r] for r in sorted(by_round)]
 
 
-def _read_predictions(path: Path) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+def _read_predictions(
+    path: Path,
+) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray]]:
+    """(labels, probs per model, survival time, risk per model) from predictions.npz."""
     if not path.is_file():
-        return None, {}
+        return None, {}, None, {}
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {key: z[key] for key in z.files}
     except (OSError, ValueError) as e:
         raise RunDirError(f"{path}: cannot read ({e})") from None
     labels = arrays.get("labels")
+    if labels is not None and labels.dtype == np.bool_:
+        labels = labels.astype(np.int64)
     if labels is None or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise RunDirError(f"{path}: missing an integer 1-D array 'labels'")
-    probs = {}
+    n = len(labels)
+    probs, risk = {}, {}
     for key, arr in arrays.items():
-        if not key.startswith("probs:"):
-            continue
-        if arr.ndim != 2 or arr.shape[0] != len(labels) or arr.shape[1] < 2:
-            raise RunDirError(
-                f"{path}: {key} has shape {arr.shape}, expected ({len(labels)}, K) with K >= 2"
-            )
-        probs[key.removeprefix("probs:")] = arr.astype(np.float64)
+        if key.startswith("probs:"):
+            if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] < 2:
+                raise RunDirError(f"{path}: {key} has shape {arr.shape}, expected ({n}, K) with K >= 2")
+            probs[key.removeprefix("probs:")] = arr.astype(np.float64)
+        elif key.startswith("risk:"):
+            if arr.ndim == 2 and arr.shape[1] == 1:
+                arr = arr[:, 0]
+            if arr.shape != (n,):
+                raise RunDirError(f"{path}: {key} has shape {arr.shape}, expected ({n},)")
+            risk[key.removeprefix("risk:")] = arr.astype(np.float64)
     k = max((p.shape[1] for p in probs.values()), default=0)
-    if probs and len(labels) and (labels.min() < 0 or labels.max() >= k):
+    if probs and n and (labels.min() < 0 or labels.max() >= k):
         raise RunDirError(f"{path}: labels outside 0..{k - 1}")
-    return labels, probs
+    time = arrays.get("time")
+    if time is not None:
+        if time.shape != (n,) or not np.issubdtype(time.dtype, np.number):
+            raise RunDirError(f"{path}: 'time' has shape {time.shape}, expected ({n},) numbers")
+        time = time.astype(np.float64)
+    if risk and n and (labels.min() < 0 or labels.max() > 1):
+        raise RunDirError(f"{path}: a survival run's labels are event indicators, 0 or 1")
+    return labels, probs, time, risk
 
 
 # ---------------------------------------------------------------------------------------- figures
 
 
 def make_figures(run: RunFiles) -> list[FigureOut]:
+    view = task_view(run)
     privacy = _privacy_figure(run)
-    return [_learning_curves(run), *([privacy] if privacy else []), *_prediction_figures(run)]
+    predictions = _survival_figures(run) if view.survival else _prediction_figures(run, view)
+    return [_learning_curves(run, view), *([privacy] if privacy else []), *predictions]
 
 
-def _learning_curves(run: RunFiles) -> FigureOut:
-    title = "Learning curves"
-    if run.summary.get("strategy") == "local":
-        scored = "each site's own model on that site's validation data"
-        val_label, test_label = "mean of site models, validation", "mean of site models, test"
-        choice = "the mean over the site models' validation AUC (used to choose the round)"
-    else:
-        scored = "the shared model on each site's validation data"
+def _learning_curves(run: RunFiles, view: TaskView | None = None) -> FigureOut:
+    view = view or task_view(run)
+    metric, label = view.metric, view.metric_label
+    rows = run.metrics
+    title = f"Learning curves: {label} over rounds" if view.survival else "Learning curves"
+    has_val = any(_dict(row.get("val")) for row in rows) or not rows
+    own = "own test" if not view.personalised else "own test (each site's own model)"
+    if not has_val:  # data.val_fraction 0: no validation scores; show the sites' test scores instead
+        part, ylabel = "test", f"test {label}"
         val_label, test_label = "pooled validation", "pooled test"
-        choice = "all sites' validation data pooled (used to choose the round)"
-    caption = (
-        f"Top: validation AUC per round of {scored}; of {choice}; and of the test data, for "
-        "information only (it plays no part in the choice). The dotted red line marks the selected "
-        "round. Bottom: mean training loss of each site's local training in that round."
-    )
+        caption = (
+            f"Top: test {label} per round of the model on each site's own test data, on all sites' "
+            "test data pooled and, where the sites have test data of their own, their unweighted "
+            "mean. The run had no validation data, so the result is the last round's model and "
+            "these scores played no part in choosing it. The dotted red line marks the selected round."
+        )
+    else:
+        part, ylabel = "val", f"validation {label}"
+        if view.personalised:
+            scored = "each site's own model on that site's validation data"
+            val_label, test_label = "mean of site models, validation", "mean of site models, test"
+            choice = f"the mean over the site models' validation {label} (used to choose the round)"
+        else:
+            scored = "the shared model on each site's validation data"
+            val_label, test_label = "pooled validation", "pooled test"
+            choice = "all sites' validation data pooled (used to choose the round)"
+        caption = (
+            f"Top: validation {label} per round of {scored}; of {choice}; and of the test data, for "
+            "information only (it plays no part in the choice). The dotted red line marks the "
+            "selected round."
+        )
+    caption += " Bottom: mean training loss of each site's local training in that round."
     if _dict(run.summary.get("privacy")).get("mode") == "dp-sgd":
         caption += (" Under DP-SGD the sites do not report their training loss (it is computed from "
                     "training patients outside the privacy mechanism), so that panel is empty.")
-    if not run.metrics:
+    if not rows:
         return FigureOut("learning_curves", title, caption, note="No completed rounds: nothing to plot.")
     sites = _site_names(run)
-    rows = run.metrics
+    mean_test = [_get(row, "test_mean_over_sites", metric) for row in rows]
+    has_mean = any(_num(x) is not None for x in mean_test)
+    if has_mean and has_val:
+        caption += (f" The dash-dotted line is the unweighted mean over sites of each site's {own} "
+                    f"{label}, also for information only.")
     png = plots.learning_curves(
         rounds=[row["round"] for row in rows],
-        val_auc_by_site={s: [_get(row, "sites", s, "val", "auc") for row in rows] for s in sites},
+        val_auc_by_site={s: [_get(row, "sites", s, part, metric) for row in rows] for s in sites},
         train_loss_by_site={s: [_get(row, "train_loss", s) for row in rows] for s in sites},
-        pooled_val_auc=[_get(row, "val", "auc") for row in rows],
-        pooled_test_auc=[_get(row, "test", "auc") for row in rows],
+        pooled_val_auc=[_get(row, "val", metric) for row in rows],
+        pooled_test_auc=[_get(row, "test", metric) for row in rows],
         best_round=_best_round(run),
         val_label=val_label,
         test_label=test_label,
+        metric_label=ylabel,
+        mean_test_auc=mean_test if has_mean else None,
+        mean_test_label=f"{own}, mean over sites",
+        title=title,
     )
     return FigureOut("learning_curves", title, caption, png=png)
 
@@ -256,17 +362,18 @@ def _epsilon_series(run: RunFiles, rows: list[dict]) -> tuple[list[int], dict[st
     return rounds, series
 
 
-def _prediction_figures(run: RunFiles) -> list[FigureOut]:
+def _prediction_figures(run: RunFiles, view: TaskView | None = None) -> list[FigureOut]:
+    items = (view or task_view(run)).items
     roc_title, roc_caption = "ROC curve", (
         "Sensitivity against 1 − specificity of the selected model(s) on the pooled test set as the "
         "decision threshold varies. The dashed diagonal is a model that guesses; the closer a curve "
         "runs to the top-left corner, the better the model separates the classes."
     )
     cal_title, cal_caption = "Calibration", (
-        "Top: for test images grouped by the model's confidence in its prediction, the share it got "
+        f"Top: for test {items} grouped by the model's confidence in its prediction, the share it got "
         "right. A calibrated model lies on the diagonal: of the predictions made with 80% "
         "confidence, 80% are right. Below the diagonal the model is over-confident. Bottom: how "
-        "many test images fall in each confidence bin."
+        f"many test {items} fall in each confidence bin."
     )
     if run.labels is None or not run.probs:
         why = "Not drawn: the run directory has no predictions.npz (or it holds no probabilities)."
@@ -298,8 +405,134 @@ def _prediction_figures(run: RunFiles) -> list[FigureOut]:
         if len(probs) > 1:
             roc_caption += " One curve per site's own model, all on the same pooled test set."
         roc_out = FigureOut("roc", roc_title, roc_caption + skipped, png=png)
-    cal_png = plots.calibration(probs, run.labels)
+    cal_png = plots.calibration(probs, run.labels, items=items)
     return [roc_out, FigureOut("calibration", cal_title, cal_caption + skipped, png=cal_png)]
+
+
+def _survival_figures(run: RunFiles) -> list[FigureOut]:
+    """Kaplan-Meier curves of the pooled test patients split at the median predicted risk of the
+    selected model (one panel per site's model for a personalised strategy), with a log-rank test."""
+    title = "Kaplan-Meier curves by predicted risk group"
+    caption = (
+        "The pooled test patients split at the median risk the selected model predicts: the half "
+        "with the lower predicted risk and the half with the higher. Each line is that group's "
+        "Kaplan-Meier estimate of the share of patients still free of the event over time; a tick "
+        "marks a patient censored then (event-free when last seen). The further apart the two "
+        "curves, the better the model ranks patients by risk. The legend gives each group's "
+        "patients (n) and events."
+    )
+
+    def missing(why: str) -> list[FigureOut]:
+        return [FigureOut("kaplan_meier", title, caption, note=why)]
+
+    if run.labels is None or run.time is None or not run.risk:
+        return missing("Not drawn: the run directory has no predictions.npz (or it holds no survival "
+                       "times and predicted risks).")
+    if len(run.labels) == 0:
+        return missing("Not drawn: the test set is empty.")
+    models = ["global"] if "global" in run.risk else list(run.risk)
+    time, event = run.time, run.labels.astype(bool)
+    if not np.isfinite(time).all():
+        return missing("Not drawn: some test survival times are not finite.")
+    finite = [m for m in models if np.isfinite(run.risk[m]).all()]
+    dropped = [m for m in models if m not in finite]
+    if not finite:
+        return missing("Not drawn: no model has finite predicted risks (training diverged?).")
+    if len(time) < 2:
+        return missing("Not drawn: the test set holds a single patient, too few for two risk groups.")
+    panels, tests, single = {}, [], []
+    for model in finite:
+        groups = _risk_groups(run.risk[model])
+        curves = []
+        for g, name in ((0, "lower risk"), (1, "higher risk")):
+            mask = groups == g
+            if not mask.any():
+                continue
+            t, e = time[mask], event[mask]
+            steps_t, steps_s = _kaplan_meier(t, e)
+            censored = np.sort(t[~e])
+            curves.append({
+                "label": f"{name} (n = {int(mask.sum())}, {int(e.sum())} events)",
+                "times": steps_t, "survival": steps_s,
+                "censored_times": censored, "censored_survival": _step_at(steps_t, steps_s, censored),
+            })
+        if len(curves) < 2:
+            single.append(model)
+        p = _logrank_p(time, event, groups)
+        tests.append((model, p))
+        panel = f"{model}: log-rank {fmt_p(p)}" if len(finite) > 1 else f"Test set, log-rank {fmt_p(p)}"
+        panels[panel] = curves
+    if len(tests) == 1:
+        caption += (" Log-rank test of the difference between the two groups' survival: "
+                    f"{fmt_p(tests[0][1])} (small values: the groups' survival differs by more than "
+                    "chance would make it).")
+    else:
+        caption += (" One panel per site's own model, all on the same pooled test patients; the "
+                    "log-rank test of the difference between each panel's two groups: "
+                    + "; ".join(f"{m}: {fmt_p(p)}" for m, p in tests) + ".")
+    if single:
+        caption += (f" {', '.join(single)}: every patient got the same predicted risk, so they form "
+                    "a single group and the log-rank test is undefined.")
+    if dropped:
+        caption += f" Left out, their predicted risks are not finite: {', '.join(dropped)}."
+    png = plots.kaplan_meier(panels, time_label=_time_label(run))
+    return [FigureOut("kaplan_meier", title, caption, png=png)]
+
+
+def _survival_helpers():
+    """(kaplan_meier, risk_groups) from privmed.tasks.survival when it has them, else None."""
+    try:
+        from privmed.tasks import survival
+    except ImportError:
+        return None
+    km, groups = getattr(survival, "kaplan_meier", None), getattr(survival, "risk_groups", None)
+    return (km, groups) if callable(km) and callable(groups) else None
+
+
+def _kaplan_meier(time: np.ndarray, event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Kaplan-Meier estimate as a right-continuous step function: (times, survival after each)."""
+    helpers = _survival_helpers()
+    if helpers is not None:
+        times, surv = helpers[0](time, event)
+    else:
+        from lifelines import KaplanMeierFitter
+
+        sf = KaplanMeierFitter().fit(time, event_observed=event).survival_function_
+        times, surv = sf.index.to_numpy(), sf.iloc[:, 0].to_numpy()
+    times, surv = np.asarray(times, dtype=np.float64), np.asarray(surv, dtype=np.float64)
+    if not len(times) or times[0] > 0:  # start every curve at time 0 with everyone event-free
+        times, surv = np.concatenate([[0.0], times]), np.concatenate([[1.0], surv])
+    return times, surv
+
+
+def _risk_groups(risk: np.ndarray) -> np.ndarray:
+    """Group of each patient: 1 (higher risk) above the median predicted risk, else 0."""
+    helpers = _survival_helpers()
+    if helpers is not None:
+        return np.asarray(helpers[1](risk, n_groups=2), dtype=np.int64)
+    return (risk > np.median(risk)).astype(np.int64)
+
+
+def _step_at(times: np.ndarray, surv: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The step function (times, surv) evaluated at `at` (1 before its first step)."""
+    i = np.searchsorted(times, at, side="right") - 1
+    return np.where(i >= 0, surv[np.clip(i, 0, None)], 1.0)
+
+
+def _logrank_p(time: np.ndarray, event: np.ndarray, groups: np.ndarray) -> float | None:
+    """The log-rank test's p-value for groups 0 and 1; None when it is undefined (no events)."""
+    from lifelines.statistics import logrank_test
+
+    a, b = groups == 0, groups == 1
+    if not a.any() or not b.any() or not event.any():
+        return None
+    result = logrank_test(time[a], time[b], event_observed_A=event[a], event_observed_B=event[b])
+    return _num(result.p_value)
+
+
+def _time_label(run: RunFiles) -> str:
+    unit = _get(run.summary, "data", "time_unit")
+    return f"time ({unit})" if isinstance(unit, str) and unit else "time"
 
 
 # ---------------------------------------------------------------------------------------- rendering
@@ -312,23 +545,31 @@ def render(run: RunFiles, figures: list[FigureOut]) -> str:
 
 def context(run: RunFiles, figures: list[FigureOut]) -> dict:
     s = run.summary
+    view = task_view(run)
     data = _dict(s.get("data"))
-    local = s.get("strategy") == "local"
+    features = data.get("feature_names")
+    headline = _headline(run, view)
     return {
         "name": str(s.get("name") or run.path.name),
         "synthetic": data.get("synthetic") is True,
+        "synthetic_what": "records" if view.tabular else "phantom images",
+        "task": view.task,
+        "survival": view.survival,
+        "items": view.items,
+        "metric_label": view.metric_label,
         "overview": _overview(run),
         "no_rounds": not run.metrics and not s.get("rounds_completed"),
-        "headline": _headline(s),
-        "test_label": "Test (mean over the sites' own models)" if local else "Test",
-        "val_label": "Validation (mean over the sites' own models)" if local else "Validation",
+        "key_figures": _key_figures(run, view),
+        "headline": headline,
+        "selected_last": "last round" in str(s.get("selection") or ""),
         "run_rows": _run_rows(run),
-        "sites": _sites_table(run),
+        "sites": _sites_table(run, view),
         "figures": [_figure_context(f) for f in figures],
-        "privacy": _privacy(s.get("privacy")),
+        "privacy": _privacy(s.get("privacy"), view),
         "data_description": data.get("description"),
         "data_citation": data.get("citation"),
-        "class_names": data.get("class_names"),
+        "class_names": data.get("class_names") if not view.survival else None,
+        "feature_names": [str(f) for f in features] if view.tabular and isinstance(features, list) else [],
         "config_yaml": yaml.safe_dump(run.config, sort_keys=False, default_flow_style=False,
                                       allow_unicode=True),
         "version": s.get("privmed_version") or NA,
@@ -356,10 +597,77 @@ def _overview(run: RunFiles) -> list[tuple[str, str]]:
     ]
 
 
-def _headline(s: dict) -> list[dict]:
-    test, val = _dict(s.get("test")), _dict(s.get("val"))
-    return [{"label": label, "test": fmt_metric(key, test.get(key)), "val": fmt_metric(key, val.get(key))}
-            for key, label in METRIC_ROWS]
+def _finetune_steps(run: RunFiles) -> str:
+    steps = _num(_get(run.config, "federation", "finetune_steps"))
+    return f"{_int(steps)} steps" if steps else "a few steps"
+
+
+def _key_figures(run: RunFiles, view: TaskView) -> list[dict]:
+    """The headline metric on the pooled test data, its mean over the sites' own test data and, when
+    the run fine-tuned at each site, that mean after fine-tuning."""
+    s, m, label, items = run.summary, view.metric, view.metric_label, view.items
+    models = "the sites' own models" if view.personalised else "the selected model"
+    out = [{"id": "pooled", "value": fmt_metric(m, _get(s, "test", m)),
+            "label": f"Test {label}, pooled",
+            "detail": f"{models} on all sites' test {items} together"
+                      + (" (mean over the site models)" if view.personalised else "")}]
+    if "test_mean_over_sites" in s:
+        mean = _dict(s.get("test_mean_over_sites"))
+        out.append({"id": "mean-over-sites", "value": fmt_metric(m, mean.get(m)),
+                    "label": f"Test {label}, mean over sites",
+                    "detail": (f"{models} on each site's own test {items}, averaged with every site "
+                               "counting equally" if mean else "no site has test data of its own")})
+    if "test_finetuned_mean_over_sites" in s:
+        ft = _dict(s.get("test_finetuned_mean_over_sites"))
+        out.append({"id": "finetuned", "value": fmt_metric(m, ft.get(m)),
+                    "label": f"Test {label}, mean over sites after fine-tuning",
+                    "detail": (f"each site trained the selected model {_finetune_steps(run)} more on "
+                               f"its own training {items} before its own test {items} scored it")})
+    return out
+
+
+def _headline(run: RunFiles, view: TaskView) -> dict:
+    s = run.summary
+    own = " (each site's own model)" if view.personalised else ""
+    columns = [("test", "Pooled test (mean over the sites' own models)" if view.personalised
+                else "Pooled test")]
+    if "test_mean_over_sites" in s:
+        columns.append(("test_mean_over_sites", f"Own test, mean over sites{own}"))
+    if "test_finetuned_mean_over_sites" in s:
+        columns.append(("test_finetuned_mean_over_sites", "Own test after fine-tuning, mean over sites"))
+    no_val = _no_validation(run)
+    if not no_val:
+        columns.append(("val", "Validation (mean over the sites' own models)" if view.personalised
+                        else "Validation"))
+    pooled_counts = _pooled_counts(run) if view.personalised else {}
+    rows = [{"label": label, "cells": [
+        fmt_metric(key, pooled_counts[key] if part == "test" and key in pooled_counts
+                   else _get(s, part, key)) for part, _ in columns]}
+        for key, label in view.metric_rows]
+    return {"columns": [label for _, label in columns], "rows": rows, "no_validation": no_val}
+
+
+def _pooled_counts(run: RunFiles) -> dict:
+    """For a personalised run: the pooled test set's patient and event counts. Every site's model
+    scores the same pooled test set, so its counts are one site's `test_pooled` counts (the summary's
+    mean over the site models adds them up); {} when the sites disagree or do not say."""
+    out = {}
+    pooled = [_dict(_dict(v).get("test_pooled")) for v in _dict(run.summary.get("sites")).values()]
+    for key in COUNTS:
+        values = {_num(p.get(key)) for p in pooled if p}
+        if len(values) == 1 and None not in values:
+            out[key] = values.pop()
+    return out
+
+
+def _no_validation(run: RunFiles) -> bool:
+    """Whether the run completed rounds without any validation data (data.val_fraction 0)."""
+    s = run.summary
+    if not run.metrics and not s.get("rounds_completed"):
+        return False
+    sites = [_dict(v) for v in _dict(s.get("sites")).values()]
+    site_vals = [v.get("val") for v in sites if "val" in v]
+    return s.get("val") == {} and all(v == {} for v in site_vals)
 
 
 def _run_rows(run: RunFiles) -> list[tuple[str, str]]:
@@ -375,25 +683,62 @@ def _run_rows(run: RunFiles) -> list[tuple[str, str]]:
     ]
 
 
-def _sites_table(run: RunFiles) -> dict:
-    """Columns present for at least one site, and one row of formatted cells per site."""
-    sites = _dict(run.summary.get("sites"))
-    columns = [("n_train", "Train images"), ("n_val", "Validation images"), ("n_test", "Own test images"),
-               ("val.auc", "Validation AUC"), ("val.accuracy", "Validation accuracy")]
-    optional = [("test.auc", "Own-test AUC"), ("test.accuracy", "Own-test accuracy"),
-                ("test_pooled.auc", "Pooled-test AUC"), ("test_pooled.accuracy", "Pooled-test accuracy")]
-    columns += [(key, label) for key, label in optional
-                if any(isinstance(_dict(v).get(key.split(".")[0]), dict) for v in sites.values())]
+def _sites_table(run: RunFiles, view: TaskView | None = None) -> dict:
+    """Columns present for at least one site, one row of formatted cells per site, and a last row of
+    the unweighted mean over sites (counts: totals)."""
+    view = view or task_view(run)
+    s = run.summary
+    sites = _dict(s.get("sites"))
+    columns = [("n_train", f"Train {view.items}"), ("n_val", f"Validation {view.items}"),
+               ("n_test", f"Own test {view.items}")]
+    if view.survival:
+        val = [("val.c_index", "Validation C-index")]
+        per_part = {"test": [("test.c_index", "Own-test C-index"), ("test.events", "Own-test events")],
+                    "test_pooled": [("test_pooled.c_index", "Pooled-test C-index")],
+                    "test_finetuned": [("test_finetuned.c_index", "Own-test C-index after fine-tuning")]}
+    else:
+        val = [("val.auc", "Validation AUC"), ("val.accuracy", "Validation accuracy")]
+        per_part = {"test": [("test.auc", "Own-test AUC"), ("test.accuracy", "Own-test accuracy")],
+                    "test_pooled": [("test_pooled.auc", "Pooled-test AUC"),
+                                    ("test_pooled.accuracy", "Pooled-test accuracy")],
+                    "test_finetuned": [("test_finetuned.auc", "Own-test AUC after fine-tuning"),
+                                       ("test_finetuned.accuracy", "Own-test accuracy after fine-tuning")]}
+    if not _no_validation(run):
+        columns += val
+    for part, cols in per_part.items():
+        if any(isinstance(_dict(v).get(part), dict) for v in sites.values()):
+            columns += cols
+    names = _site_names(run)
     rows = []
-    for name in _site_names(run):
+    for name in names:
         site = _dict(sites.get(name))
-        cells = []
-        for key, _ in columns:
-            value = _get(site, *key.split("."))
-            metric = key.split(".")[-1]
-            cells.append(_int(value) if metric.startswith("n_") else fmt_metric(metric, value))
-        rows.append({"name": name, "cells": cells})
-    return {"columns": [label for _, label in columns], "rows": rows}
+        rows.append({"name": name, "cells": [_cell(key, _get(site, *key.split("."))) for key, _ in columns]})
+    recorded = {"test": _dict(s.get("test_mean_over_sites")) if "test_mean_over_sites" in s else None,
+                "test_finetuned": (_dict(s.get("test_finetuned_mean_over_sites"))
+                                   if "test_finetuned_mean_over_sites" in s else None)}
+    mean = []
+    for key, _ in columns:
+        part, metric = key.split(".") if "." in key else (None, key)
+        if recorded.get(part) is not None:  # the runner's own figure: FLamby's headline
+            mean.append(_cell(key, recorded[part].get(metric)))
+            continue
+        values = [x for x in (_num(_get(_dict(sites.get(n)), *key.split("."))) for n in names)
+                  if x is not None]
+        if not values:
+            mean.append(NA)
+        elif metric.startswith("n_") or metric in COUNTS:
+            mean.append(_int(sum(values)))
+        else:
+            mean.append(fmt_metric(metric, float(np.mean(values))))
+    mean_row = {"name": "Mean over sites", "cells": mean} if len(rows) > 1 else None
+    return {"columns": [label for _, label in columns], "rows": rows, "mean": mean_row,
+            "finetuned": "test_finetuned" in [k.split(".")[0] for k, _ in columns],
+            "finetune_steps": _finetune_steps(run), "personalised": view.personalised}
+
+
+def _cell(key: str, value: Any) -> str:
+    metric = key.split(".")[-1]
+    return _int(value) if metric.startswith("n_") else fmt_metric(metric, value)
 
 
 def _privacy_status(privacy: Any) -> str:
@@ -426,7 +771,7 @@ def _privacy_overview(privacy: Any) -> str:
     return f"DP {unit + ', ' if unit else ''}ε ≤ {fmt_epsilon(_privacy_epsilon(privacy))}"
 
 
-def _privacy(privacy: Any) -> dict:
+def _privacy(privacy: Any, view: TaskView | None = None) -> dict:
     """The Privacy section: the guarantee in a sentence, its terms, each site's spend and plan, and
     what the guarantee covers (the runner's statement, verbatim)."""
     status = _privacy_status(privacy)
@@ -445,6 +790,8 @@ def _privacy(privacy: Any) -> dict:
             "before privmed reported privacy), so this report cannot state a differential-privacy "
             "guarantee for the model.")}
     unit_words, unit_text = UNITS.get(privacy.get("unit"), (None, None))
+    if unit_text:
+        unit_text = unit_text.format(items="records" if view and view.tabular else "images")
     delta = fmt_number(privacy.get("delta"))
     budget = _num(privacy.get("budget_epsilon"))
     guarantee = (
@@ -496,16 +843,26 @@ def _template() -> jinja2.Template:
 
 
 def fmt_metric(name: str, value: Any) -> str:
-    """AUC, ECE and loss to 3 decimals, accuracies as a percentage, counts as integers; "n/a" for a
-    missing or non-finite value."""
+    """AUC, C-index, ECE and loss to 3 decimals, accuracies as a percentage, counts as integers;
+    "n/a" for a missing or non-finite value."""
     x = _num(value)
     if x is None:
         return NA
     if name in ("accuracy", "balanced_accuracy"):
         return f"{100 * x:.1f}%"
-    if name == "n":
+    if name in COUNTS:
         return _int(x)
     return f"{x:.3f}"
+
+
+def fmt_p(value: Any) -> str:
+    """A p-value as "p = 0.031" (2 significant digits), "p < 0.0001", or "p n/a" when undefined."""
+    x = _num(value)
+    if x is None:
+        return f"p {NA}"
+    if x < 1e-4:
+        return "p < 0.0001"
+    return f"p = {x:.2g}"
 
 
 def fmt_seconds(value: Any) -> str:

@@ -35,11 +35,18 @@ def learning_curves(
     best_round: int | None = None,
     val_label: str = "pooled validation",
     test_label: str = "pooled test",
+    metric_label: str = "validation AUC",
+    mean_test_auc: Sequence[float] | None = None,
+    mean_test_label: str = "own test, mean over sites",
+    title: str = "Learning curves",
 ) -> bytes:
     """Two panels over `rounds` (R,): validation AUC per site plus pooled validation and pooled test
     AUC (legend entries `val_label`, `test_label`), with the selected round marked; below, the
     training loss per site. Every series is (R,) floats aligned with `rounds`, NaN (or None) where a
-    round has no value."""
+    round has no value. The top panel's metric is any score in [0, 1] where higher is better (its
+    axis: `metric_label`, e.g. "validation C-index"); `mean_test_auc`, when given, adds the mean over
+    sites of their own test scores (`mean_test_label`). A pooled line with no value at all is left
+    out of the legend."""
     many = len(val_auc_by_site) > 6  # legend goes outside the axes: widen the figure for it
     fig = _figure((6.4 + 2.2 * many + 1.4 * (len(val_auc_by_site) > 14), 6.2))
     ax_auc, ax_loss = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
@@ -50,10 +57,14 @@ def learning_curves(
         # Above the pooled lines: a site whose score equals the pooled one must stay visible.
         ax_auc.plot(x, _floats(values), marker="o", ms=3, lw=1.2, color=colours[site], label=site,
                     zorder=3)
-    ax_auc.plot(x, _floats(pooled_val_auc), color="black", lw=2.4, marker="o", ms=4,
-                label=val_label, zorder=2)
-    ax_auc.plot(x, _floats(pooled_test_auc), color="dimgray", lw=1.8, ls="--", marker="s", ms=3,
-                label=test_label, zorder=2)
+    for values, style in (
+        (pooled_val_auc, dict(color="black", lw=2.4, marker="o", ms=4, label=val_label)),
+        (pooled_test_auc, dict(color="dimgray", lw=1.8, ls="--", marker="s", ms=3, label=test_label)),
+        (mean_test_auc, dict(color="tab:purple", lw=1.6, ls="-.", marker="^", ms=3,
+                             label=mean_test_label)),
+    ):
+        if values is not None and np.isfinite(_floats(values)).any():
+            ax_auc.plot(x, _floats(values), zorder=2, **style)
     for ax in (ax_auc, ax_loss):
         if best_round is not None:
             ax.axvline(best_round, color="tab:red", lw=1, ls=":", zorder=0)
@@ -61,13 +72,13 @@ def learning_curves(
         ax.tick_params(labelsize=TICK_SIZE)
     if best_round is not None:
         ax_auc.plot([], [], color="tab:red", lw=1, ls=":", label=f"selected round ({best_round})")
-    ax_auc.set_ylabel("validation AUC", fontsize=LABEL_SIZE)
-    ax_auc.set_title("Learning curves", fontsize=TITLE_SIZE)
-    lo = _finite_min([val_auc_by_site.values(), [pooled_val_auc, pooled_test_auc]])
+    ax_auc.set_ylabel(metric_label, fontsize=LABEL_SIZE)
+    ax_auc.set_title(title, fontsize=TITLE_SIZE)
+    lo = _finite_min([val_auc_by_site.values(), [pooled_val_auc, pooled_test_auc, mean_test_auc or []]])
     if lo is not None:
         ax_auc.set_ylim(max(0.0, min(lo, 0.9) - 0.03), 1.01)
-    if not many:
-        ax_auc.legend(fontsize=LEGEND_SIZE, loc="lower right")
+    if not many:  # wherever it hides the fewest points (C-index curves sit low, AUC curves high)
+        ax_auc.legend(fontsize=LEGEND_SIZE, loc="best")
     else:  # too many to fit inside without hiding the curves; constrained layout makes room
         ax_auc.legend(fontsize=LEGEND_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                       ncol=1 + (len(val_auc_by_site) > 14))
@@ -131,11 +142,12 @@ def roc(
 
 
 def calibration(
-    probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray, n_bins: int = 15
+    probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray, n_bins: int = 15,
+    items: str = "images",
 ) -> bytes:
     """Reliability diagram of top-label confidence in `n_bins` equal-width bins (as the ECE metric),
-    above a histogram of how many test images fall in each bin. `labels` (N,) ints; each probs
-    (N, K). ECE in the title for one model, in the legend for several."""
+    above a histogram of how many test `items` (images, patients) fall in each bin. `labels` (N,)
+    ints; each probs (N, K). ECE in the title for one model, in the legend for several."""
     labels = np.asarray(labels)
     k = _n_classes(probs_by_model)
     fig = _figure((6.0, 5.2))
@@ -163,12 +175,59 @@ def calibration(
     ax_rel.set_ylabel("observed accuracy", fontsize=LABEL_SIZE)
     ax_rel.set_title(title, fontsize=TITLE_SIZE)
     ax_rel.legend(fontsize=LEGEND_SIZE, loc="upper left")
-    ax_cnt.set_ylabel("images", fontsize=LABEL_SIZE)
+    ax_cnt.set_ylabel(items, fontsize=LABEL_SIZE)
     ax_cnt.set_xlabel("predicted confidence (probability of the predicted class)", fontsize=LABEL_SIZE)
     ax_cnt.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
     for ax in (ax_rel, ax_cnt):
         ax.tick_params(labelsize=TICK_SIZE)
         ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def kaplan_meier(
+    panels: Mapping[str, Sequence[Mapping]],
+    time_label: str = "time",
+) -> bytes:
+    """Kaplan-Meier survival curves, one axes per entry of `panels` (its key is the axes' title).
+    Each panel is a sequence of curves, lowest risk first; a curve is a mapping with "label" (legend
+    entry), "times" and "survival" (the right-continuous step function, (T,) each), and
+    "censored_times" with "censored_survival" ((C,) each), where a tick marks a censored patient.
+    Lowest risk is drawn blue, highest red."""
+    if not panels:
+        raise ValueError("no Kaplan-Meier panels given")
+    n = len(panels)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    size = (6.4, 4.6) if n == 1 else (4.3 * cols, 3.5 * rows + 0.4)
+    fig = _figure(size)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for ax, (title, curves) in zip(axes, panels.items()):
+        colours = _risk_colours(len(curves))
+        for colour, curve in zip(colours, curves):
+            t = np.asarray(curve["times"], dtype=float)
+            sv = np.asarray(curve["survival"], dtype=float)
+            ax.step(t, sv, where="post", color=colour, lw=1.8, label=curve["label"])
+            ct = np.asarray(curve.get("censored_times", []), dtype=float)
+            if len(ct):
+                ax.plot(ct, np.asarray(curve["censored_survival"], dtype=float), ls="none",
+                        marker="|", ms=7, mew=1.2, color=colour)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title, fontsize=TITLE_SIZE if n == 1 else LABEL_SIZE)
+        ax.tick_params(labelsize=TICK_SIZE)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=LEGEND_SIZE, loc="lower left")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax in axes[:n]:
+        if ax.get_subplotspec().is_last_row() or n == 1:
+            ax.set_xlabel(time_label, fontsize=LABEL_SIZE)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("share event-free (Kaplan-Meier)", fontsize=LABEL_SIZE)
+    axes[0].plot([], [], ls="none", marker="|", ms=7, color="gray", label="censored")
+    axes[0].legend(fontsize=LEGEND_SIZE, loc="lower left")
+    if n > 1:
+        fig.suptitle("Kaplan-Meier curves by predicted risk group, pooled test set",
+                     fontsize=TITLE_SIZE)
     return _png(fig)
 
 
@@ -227,6 +286,15 @@ def _colours(names: Sequence[str]) -> dict[str, tuple]:
 
     cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _risk_colours(n: int) -> list:
+    """Blue (lowest risk) to red (highest) for `n` groups."""
+    if n <= 2:
+        return ["tab:blue", "tab:red"][:n]
+    from matplotlib import colormaps
+
+    return [colormaps["coolwarm"](i / (n - 1)) for i in range(n)]
 
 
 def _floats(values: Sequence[float | None]) -> np.ndarray:
