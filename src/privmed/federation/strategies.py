@@ -422,14 +422,14 @@ class FedAdagrad(FedOpt):
         return v + d2
 
 
-class FedBN:
+class FedBN(Local):
     """FedBN (Li et al. 2021), personalisation: every site keeps its own model, all starting from the
-    same initial weights (state {site: weights}). The entries marked `shared` (one flag per state
-    entry) are replaced at every site by their n_samples-weighted mean over the round's updates; the
-    others (the normalisation layers, which the caller marks) keep each site's own trained values."""
+    same initial weights (state {site: weights}, planned as `Local`). The entries marked `shared`
+    (one flag per state entry) are replaced at every site by their n_samples-weighted mean over the
+    round's updates; the others (the normalisation layers, which the caller marks) keep each site's
+    own trained values."""
 
     name = "fedbn"
-    pools_data = False
 
     def __init__(self, shared: list[bool]):
         self.shared = [bool(b) for b in shared]
@@ -444,13 +444,7 @@ class FedBN:
 
     def init_state(self, weights: Weights, sites: list[str]) -> State:
         self._check(weights)
-        return {s: weights for s in sites}
-
-    def stages(self, rnd: int, sites: list[str]) -> list[list[str]]:
-        return [list(sites)]
-
-    def configure(self, state: State, stage: list[str]) -> list[TrainTask]:
-        return [TrainTask(s, state[s], model_key=s) for s in stage]
+        return super().init_state(weights, sites)
 
     def aggregate(self, state: State, updates: list[SiteUpdate], rnd: int) -> State:
         if not updates:
