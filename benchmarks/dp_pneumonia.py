@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from _tables import mean_sd
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "pneumonia-dp.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,13 +78,6 @@ def _one(job: tuple) -> dict:
     return row
 
 
-def _mean_sd(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
-
 
 def table(rows: list[dict], note: str) -> str:
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
@@ -115,7 +110,7 @@ def table(rows: list[dict], note: str) -> str:
             ratio = f"{statistics.mean(ratios):.2f}" if ratios else "-"
             lines.append(
                 f"| {strategy} | {'no DP' if eps is None else f'{eps:g}'} | {spent} | "
-                f"{_mean_sd([r['test_auc'] for r in sel])} | {_mean_sd([r['test_accuracy'] for r in sel])} | "
+                f"{mean_sd([r['test_auc'] for r in sel])} | {mean_sd([r['test_accuracy'] for r in sel])} | "
                 f"{ratio} | {', '.join(str(r['seed']) for r in sel)} |"
             )
     lines += ["", "Done-when bars (fedavg, every seed):"]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from _tables import mean_sd
+
 import privmed
 from privmed import io
 from privmed.config import load_config
@@ -41,11 +43,6 @@ PUBLISHED = [  # MedMNIST v2 (Yang et al. 2023), PneumoniaMNIST test AUC / ACC, 
     ("Google AutoML Vision", 0.991, 0.946),
 ]
 
-
-def _mean_sd(xs: list[float]) -> str:
-    if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
 def main() -> None:
@@ -117,8 +114,8 @@ def _table(results: dict[str, list[dict]], cfg, note: str) -> str:
     for s in STRATEGIES:
         rs = results[s]
         lines.append(
-            f"| {s} | {_mean_sd([r['test']['auc'] for r in rs])} | "
-            f"{_mean_sd([r['test']['accuracy'] for r in rs])} | {rs[0]['sample_gradient_steps']:,} | "
+            f"| {s} | {mean_sd([r['test']['auc'] for r in rs])} | "
+            f"{mean_sd([r['test']['accuracy'] for r in rs])} | {rs[0]['sample_gradient_steps']:,} | "
             f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} |"
         )
     for name, auc, acc in PUBLISHED:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from _tables import mean_sd
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data"
@@ -173,14 +175,6 @@ def _one(job: tuple) -> dict:
     return row
 
 
-def _mean_sd(xs: list[float]) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
-
 
 def table(rows: list[dict], note: str) -> str:
     lines = [
@@ -209,8 +203,8 @@ def table(rows: list[dict], note: str) -> str:
             seeds = sorted({r["seed"] for r in fl + tu})
             lines.append(
                 f"| {strategy} | {'-' if pub is None else f'{pub:.3f}'} "
-                f"| {_mean_sd([r['mean_over_sites'] for r in fl])} | {_mean_sd([r['pooled_test'] for r in fl])} "
-                f"| {_mean_sd([r['mean_over_sites'] for r in tu])} | {_mean_sd([r['pooled_test'] for r in tu])} "
+                f"| {mean_sd([r['mean_over_sites'] for r in fl])} | {mean_sd([r['pooled_test'] for r in fl])} "
+                f"| {mean_sd([r['mean_over_sites'] for r in tu])} | {mean_sd([r['pooled_test'] for r in tu])} "
                 f"| {', '.join(map(str, seeds))} |"
             )
         bar = BARS[dataset]
@@ -236,7 +230,7 @@ def table(rows: list[dict], note: str) -> str:
                 e = sorted((r for r in dp if r["epsilon_target"] == eps), key=lambda r: r["seed"])
                 lines.append(
                     f"| {eps:g} | {max(r['epsilon_spent'] for r in e):.3f} | {PUBLISHED_DP.get(eps, '-')} "
-                    f"| {_mean_sd([r['mean_over_sites'] for r in e])} | {_mean_sd([r['pooled_test'] for r in e])} "
+                    f"| {mean_sd([r['mean_over_sites'] for r in e])} | {mean_sd([r['pooled_test'] for r in e])} "
                     f"| {', '.join(str(r['seed']) for r in e)} |"
                 )
     lines += ["", f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread per run."]

@@ -1,4 +1,6 @@
-"""The index CSV of the file-based sources: one row per image, `file` relative to data.root."""
+"""Reading CSV files: `read_rows` (header and non-blank rows, with one-line errors) for every CSV a
+source reads, and `read_index`, the index CSV of the file-based sources (one row per image, `file`
+relative to data.root)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,24 @@ import csv
 from pathlib import Path, PurePosixPath
 
 from privmed.errors import DataError
+
+
+def read_rows(path: Path, expected: str, fix: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(stripped header, [(line number, fields)] of the non-blank rows) of a UTF-8 CSV file.
+    DataError for an unreadable or empty file; `expected` says what its header should be, `fix`
+    what to do about a file that is not UTF-8."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            body = [(reader.line_num, row) for row in reader if any(v.strip() for v in row)]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file; {fix}") from None
+    except (csv.Error, OSError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    if not header:
+        raise DataError(f"{path}: empty CSV; expected {expected}")
+    return [h.strip() for h in header], body
 
 
 def read_index(path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> list[dict[str, str]]:
@@ -19,18 +39,10 @@ def read_index(path: Path, required: tuple[str, ...], optional: tuple[str, ...])
         raise DataError(
             f"data.csv: {path} not found (expected a CSV with columns {', '.join(required)})"
         )
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            body = [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file; save the CSV as UTF-8") from None
-    except (csv.Error, OSError) as e:
-        raise DataError(f"{path}: not a readable CSV file ({e})") from None
-    if not header:
-        raise DataError(f"{path}: empty CSV; expected a header with columns {', '.join(required)}")
-    header = [h.strip().lower() for h in header]
+    header, body = read_rows(
+        path, expected=f"a header with columns {', '.join(required)}", fix="save the CSV as UTF-8"
+    )
+    header = [h.lower() for h in header]
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(
@@ -42,8 +54,6 @@ def read_index(path: Path, required: tuple[str, ...], optional: tuple[str, ...])
     rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}
     for line, raw in body:
-        if not any(v.strip() for v in raw):
-            continue  # blank line
         row = {}
         for col, i in wanted.items():
             value = raw[i].strip() if i < len(raw) else ""

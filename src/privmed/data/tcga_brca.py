@@ -13,7 +13,6 @@ Result: train 248 / 156 / 164 / 129 / 129 / 40, test 63 / 40 / 42 / 33 / 33 / 11
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from privmed.config import DataConfig
+from privmed.data._csv import read_rows
 from privmed.data.base import ImageSet, SourceData
 from privmed.data.heart_disease import standardize_per_site
 from privmed.errors import DataError
@@ -88,19 +88,9 @@ def load_tcga_brca(data: DataConfig) -> SourceData:
 
 
 def _rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line number, fields) of the non-blank rows of a CSV file."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            body = [(reader.line_num, row) for row in reader if any(v.strip() for v in row)]
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file; expected FLamby's {path.name}") from None
-    except (csv.Error, OSError) as e:
-        raise DataError(f"{path}: not a readable CSV file ({e})") from None
-    if not header:
-        raise DataError(f"{path}: empty file; expected FLamby's {path.name} with a header row")
-    return [h.strip() for h in header], body
+    """Header and (line number, fields) of the non-blank rows of one of FLamby's CSV files."""
+    return read_rows(path, expected=f"FLamby's {path.name} with a header row",
+                     fix=f"expected FLamby's {path.name}")
 
 
 def _columns(path: Path, header: list[str], wanted: tuple[str, ...]) -> list[int]:
