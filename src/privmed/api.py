@@ -11,11 +11,13 @@ Without `out`, nothing is written anywhere; with `out`, the run directory is wri
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from privmed.config import RunConfig, load_config, validate_config
-from privmed.federation.experiment import prepare_experiment
+from privmed.federation.experiment import Experiment, prepare_experiment
 from privmed.federation.rundir import RunDir
 from privmed.federation.runner import RunResult, run_in_process
+from privmed.federation.transport import Sites
 
 
 def run(
@@ -25,12 +27,15 @@ def run(
     resume: bool = False,
     progress: bool = False,
     report: bool = True,
+    sites: Callable[[Experiment], Sites] | None = None,
 ) -> RunResult:
     """Run one experiment in this process.
 
     config: a RunConfig, a dict of config keys, or the path of a YAML file.
     out: run directory to write (None: write nothing). resume: continue the run in `out`.
     report: write report.html into `out` at the end.
+    sites: where the sites train, given the experiment (default: in this process; the Flower
+    runner's ServerApp passes its SuperNodes).
     """
     if isinstance(config, (str, Path)):
         cfg = load_config(config)
@@ -47,7 +52,10 @@ def run(
             # was raised: rounds past the budget are then refused by the ledger.
             noise = run_dir.privacy_noise()
     exp = prepare_experiment(cfg, noise=noise)  # all validation happens before the first file is written
-    result = run_in_process(exp, run_dir=run_dir, resume=resume, progress=progress)
+    result = run_in_process(
+        exp, run_dir=run_dir, resume=resume, progress=progress,
+        sites=None if sites is None else sites(exp),
+    )
     if run_dir is not None and report:
         from privmed.report import write_report
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,16 @@ STRATEGIES = (
     "pooled",
 )
 ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
+# Strategies whose server needs only the weighted mean of the sites' updates, which is what secure
+# aggregation reveals; the others, and why not.
+SECURE_STRATEGIES = ("fedavg", "fedprox") + ADAPTIVE_STRATEGIES
+SECURE_REFUSED = {
+    "scaffold": "its server keeps a control variate per site, computed from that site's update",
+    "fedbn": "every site keeps its own model, there is no sum to hide behind",
+    "local": "nothing is aggregated",
+    "cyclic": "the model travels from one site to the next, so each site's model is seen whole",
+    "pooled": "all data is in one place",
+}
 
 
 class _Section(BaseModel):
@@ -152,6 +163,49 @@ class FederationConfig(_Section):
         description="which round's model is the result: the one with the best validation AUC, or "
         "the last one (its choice then uses no validation data); auto: best-validation without "
         "privacy, last with privacy.mode dp-sgd or central or without validation data",
+    )
+
+    secure_aggregation: bool = Field(
+        False,
+        description="SecAgg+ (Bell et al. 2020, Flower's implementation): the server learns only "
+        "the weighted sum of the sites' updates, never one site's (fedavg, fedprox, fedadam, "
+        "fedyogi, fedadagrad, and privacy.mode central; needs 3 sites or more)",
+    )
+    min_sites: int | None = Field(
+        None, ge=1, le=1000,
+        description="a round completes with the updates of at least this many sites (the others "
+        "died or timed out), else it is retried; default: every site",
+    )
+    secagg_shares: int | None = Field(
+        None, ge=3, le=1000,
+        description="secure aggregation: each site's masking secrets are split into this many "
+        "Shamir shares, held by its neighbours (default: every site)",
+    )
+    secagg_threshold: int | None = Field(
+        None, ge=2, le=1000,
+        description="secure aggregation: shares needed to rebuild a secret, i.e. to remove a "
+        "dropped site's masks (below secagg_shares; default: a majority of the shares). Fewer "
+        "colluding with the server learn nothing of a site's update",
+    )
+    secagg_clipping_range: float = Field(
+        8.0, gt=0, le=1e6,
+        description="secure aggregation: each entry of a site's weighted update (model change x "
+        "its weight share) is clipped to [-r, r] before quantisation",
+    )
+    secagg_quantization_bits: int = Field(
+        22, ge=8, le=28,
+        description="secure aggregation: [-r, r] is quantised to 2^bits levels; the sum of the "
+        "sites' quantised values must fit in 32 bits (sites x 2^bits <= 2^32)",
+    )
+    round_timeout: float | None = Field(
+        None, gt=0, le=86_400,
+        description="Flower runner: seconds to wait for the sites' replies in one step of a round "
+        "before counting the missing sites as dropped (default: wait for all)",
+    )
+    round_retries: int = Field(
+        2, ge=0, le=100,
+        description="a round that ends with fewer than min_sites updates is started again this many "
+        "times before the run stops",
     )
 
     @property
@@ -311,6 +365,57 @@ class RunConfig(_Section):
                 f"'{fed.strategy}' has none (set finetune_steps: 0)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_secure_aggregation(self) -> "RunConfig":
+        fed, n = self.federation, self.sites.count
+        if fed.min_sites is not None and fed.min_sites > n:
+            raise ValueError(f"federation.min_sites: {fed.min_sites} is more than sites.count {n}")
+        if not fed.secure_aggregation:
+            for key in ("secagg_shares", "secagg_threshold"):
+                if getattr(fed, key) is not None:
+                    raise ValueError(f"federation.{key} needs federation.secure_aggregation: true")
+            return self
+        if fed.strategy not in SECURE_STRATEGIES:
+            raise ValueError(
+                f"federation.secure_aggregation: strategy '{fed.strategy}' cannot use it: "
+                + SECURE_REFUSED.get(fed.strategy, "")
+                + f"; secure aggregation serves {', '.join(SECURE_STRATEGIES)}"
+            )
+        if n < 3:
+            raise ValueError(
+                f"federation.secure_aggregation needs 3 sites or more (sites.count is {n}): with 2, "
+                "each site could subtract its own update from the sum and learn the other's"
+            )
+        shares, threshold = self.secagg_shares_threshold
+        if shares > n:
+            raise ValueError(f"federation.secagg_shares: {shares} is more than sites.count {n}")
+        if not 2 <= threshold < shares:
+            raise ValueError(
+                f"federation.secagg_threshold: {threshold} must be at least 2 and below "
+                f"secagg_shares ({shares})"
+            )
+        if n * 2**fed.secagg_quantization_bits > 2**32:
+            raise ValueError(
+                f"federation.secagg_quantization_bits: {fed.secagg_quantization_bits} with {n} sites "
+                f"overflows the 32-bit sum; use at most {32 - math.ceil(math.log2(n))}"
+            )
+        min_sites = fed.min_sites or n
+        if min_sites < threshold:
+            raise ValueError(
+                f"federation.min_sites: {min_sites} is below secagg_threshold {threshold}: a round "
+                "with that few sites cannot remove the masks"
+            )
+        return self
+
+    @property
+    def secagg_shares_threshold(self) -> tuple[int, int]:
+        """SecAgg+'s share count and reconstruction threshold, defaults filled in: every site holds
+        a share, and a majority of the shares rebuilds a secret."""
+        fed = self.federation
+        shares = fed.secagg_shares or self.sites.count
+        threshold = fed.secagg_threshold or max(2, shares // 2 + 1)
+        return shares, threshold
 
     @model_validator(mode="after")
     def _check_privacy(self) -> "RunConfig":

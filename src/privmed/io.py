@@ -18,12 +18,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def _atomic(path: Path, write: Callable[[IO[bytes]], None], private: bool = False) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would have
+        if not private:  # mkstemp makes 0600 (kept for secrets); else give what open() would have
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -40,8 +41,9 @@ def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         os.close(dir_fd)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
+def write_bytes(path: Path, data: bytes, private: bool = False) -> None:
+    """`private`: readable by the owner only, from the first byte (keys)."""
+    _atomic(path, lambda f: f.write(data), private)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -140,3 +140,14 @@ def _privacy_plan(
         local_epochs=cfg.federation.local_epochs,
         local_steps=local_steps,
     )
+
+
+def prepare_site(cfg: RunConfig, name: str) -> Site:
+    """The one site `name` of the run `cfg` describes, as `prepare_experiment` builds it (the same
+    partition, model and privacy plan), for a hospital's process in a deployment."""
+    exp = prepare_experiment(cfg)
+    if exp.strategy.pools_data:
+        raise ConfigError("federation.strategy: 'pooled' puts all data in one place; it has no sites to join")
+    if name not in exp.trainers:
+        raise ConfigError(f"--site: '{name}' is not a site of this config; its sites: {', '.join(exp.trainers)}")
+    return exp.trainers[name]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from privmed.federation.experiment import Experiment
 from privmed.federation.rundir import RunDir
 from privmed.federation.site import set_weights
 from privmed.federation.strategies import GLOBAL, State, TrainTask
+from privmed.federation.transport import InProcessSites, Sites, StageFailed
 from privmed.privacy.accountants import Release
 from privmed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from privmed.privacy.plan import NO_PRIVACY, guarantee_statement
@@ -73,35 +75,93 @@ def _planned_releases(exp: Experiment, rnd: int) -> dict[str, list[Release]]:
     return planned
 
 
+class RoundFailed(RuntimeError):
+    """A round could not complete after its retries; the run stops (resume it later)."""
+
+
 def _train_round(
-    exp: Experiment, models: State, rnd: int, bar: tqdm | None
+    exp: Experiment, sites: Sites, models: State, rnd: int, bar: tqdm | None
 ) -> tuple[State, dict, dict[str, list[Release]]]:
     """Train one round; returns the new state, its metrics, and the DP releases each site made
-    (what the sites report, under dp-sgd; the server's noisy sums, under central)."""
-    strategy, losses, steps, train_s = exp.strategy, {}, 0, 0.0
+    (what the sites report, under dp-sgd; the server's noisy sums, under central).
+    StageFailed when a stage ends with fewer than min_sites sites."""
+    strategy, cfg, losses, steps, train_s = exp.strategy, exp.config, {}, 0, 0.0
+    secure = strategy if cfg.federation.secure_aggregation else None
     releases: dict[str, list[Release]] = {}
+    dropped: list[str] = []
     for stage in strategy.stages(rnd, exp.trainer_names):
-        updates = []
-        for task in strategy.configure(models, stage):
-            if bar is not None:
-                bar.set_postfix_str(f"round {rnd}: training at {task.site}")
-            upd = exp.trainers[task.site].train(task, rnd)
-            losses[task.site] = upd.metrics["train_loss"]
+        if bar is not None:
+            bar.set_postfix_str(f"round {rnd}: training at {', '.join(stage)}")
+        outcome = sites.train_stage(strategy.configure(models, stage), rnd, secure)
+        need = min(cfg.federation.min_sites or len(stage), len(stage))
+        if len(outcome.updates) < need:
+            raise StageFailed(
+                f"round {rnd}: {len(outcome.updates)} of {len(stage)} sites answered "
+                f"({', '.join(outcome.dropped) or 'none'} dropped), federation.min_sites is {need}"
+            )
+        dropped += outcome.dropped
+        for upd in outcome.updates:
+            losses[upd.site] = upd.metrics["train_loss"]
             steps += upd.metrics["sample_gradient_steps"]
             train_s += upd.metrics["train_seconds"]
             if "release" in upd.metrics:
-                releases.setdefault(task.site, []).append(upd.metrics["release"])
+                releases.setdefault(upd.site, []).append(upd.metrics["release"])
             elif exp.privacy is not None and exp.privacy.mode == "central":
-                releases.setdefault(task.site, []).append(exp.privacy.release(task.site))
-            updates.append(upd)
-        models = strategy.aggregate(models, updates, rnd)
+                releases.setdefault(upd.site, []).append(exp.privacy.release(upd.site))
+            if upd.metrics.get("secagg_clipped"):
+                warnings.warn(
+                    f"round {rnd}: site '{upd.site}' had {upd.metrics['secagg_clipped']} update "
+                    f"entries outside federation.secagg_clipping_range "
+                    f"({cfg.federation.secagg_clipping_range:g}); they were clipped before "
+                    "quantisation: raise the range", stacklevel=2,
+                )
+        if outcome.secure is not None:
+            models = strategy.aggregate_secure(models, outcome.secure, rnd)
+        else:
+            models = strategy.aggregate(models, outcome.updates, rnd)
     info = {"train_loss": losses, "sample_gradient_steps": steps, "train_seconds": train_s}
+    if dropped:
+        info["dropped"] = dropped
     return models, info, releases
 
 
+def _train_round_retrying(
+    exp: Experiment, sites: Sites, models: State, rnd: int, bar: tqdm | None
+) -> tuple[State, dict, dict[str, list[Release]]]:
+    """`_train_round`, started again up to federation.round_retries times when a stage fails.
+    A retry sends the same instructions, and a site draws all its randomness from (seed, round,
+    site), so a site that trains the round again releases the same update again."""
+    retries = exp.config.federation.round_retries
+    for attempt in range(retries + 1):
+        try:
+            models, info, releases = _train_round(exp, sites, models, rnd, bar)
+            if attempt:
+                info["attempts"] = attempt + 1
+            return models, info, releases
+        except StageFailed as e:
+            if attempt == retries:
+                raise RoundFailed(
+                    f"{e}; gave up after {retries + 1} attempts. Every completed round is in the "
+                    "run directory: start the missing sites and continue with --resume"
+                ) from None
+            warnings.warn(f"{e}; starting round {rnd} again (attempt {attempt + 2})", stacklevel=2)
+    raise AssertionError("unreachable")
+
+
 def run_in_process(
-    exp: Experiment, run_dir: RunDir | None = None, resume: bool = False, progress: bool = False
+    exp: Experiment, run_dir: RunDir | None = None, resume: bool = False, progress: bool = False,
+    sites: Sites | None = None,
 ) -> RunResult:
+    """Run the experiment's rounds. `sites`: where the sites train (default: in this process;
+    the Flower runner passes its own)."""
+    sites = sites if sites is not None else InProcessSites(exp)
+    try:
+        return _run(exp, sites, run_dir, resume, progress)
+    finally:
+        sites.close()
+
+
+def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, progress: bool) -> RunResult:
     cfg = exp.config
     state = (run_dir.load_latest() if (run_dir and resume) else None) or _fresh_state(exp)
     ledger = None
@@ -136,8 +196,8 @@ def run_in_process(
                 except BudgetExceeded as e:
                     done = f"round {state['round']}" if state["round"] else "no round"
                     raise BudgetExceeded(f"{e}. The run stops here; {done} completed.") from None
-            models, train_info, releases = _train_round(
-                exp, state["models"], rnd, bar if progress else None
+            models, train_info, releases = _train_round_retrying(
+                exp, sites, state["models"], rnd, bar if progress else None
             )
             if ledger is not None:
                 _record(ledger, rnd, releases, _planned_releases(exp, rnd))
@@ -157,6 +217,7 @@ def run_in_process(
                 "train_seconds": train_info["train_seconds"],
                 "sample_gradient_steps": state["sample_gradient_steps"],
                 "train_loss": train_info["train_loss"],
+                **{k: train_info[k] for k in ("dropped", "attempts") if k in train_info},
                 **({} if epsilon is None else {"epsilon": epsilon}),
                 **scores_row,
                 **_best_rounds(state["best"]),
@@ -173,7 +234,7 @@ def run_in_process(
             bar.update(1)
     finally:
         bar.close()
-    return _finish(exp, state, evaluator, run_dir)
+    return _finish(exp, state, evaluator, run_dir, sites)
 
 
 def _refuse_rounds_past_budget(exp: Experiment, ledger: PrivacyLedger, first: int, last: int) -> None:
@@ -215,11 +276,17 @@ def _refuse_rounds_past_budget(exp: Experiment, ledger: PrivacyLedger, first: in
 def _record(
     ledger: PrivacyLedger, rnd: int, made: dict[str, list[Release]], planned: dict[str, list[Release]]
 ) -> None:
-    """Add what each site released in round `rnd` to the ledger. A release that differs from the
-    plan the round was checked against is a bug, never silently accounted."""
-    if made != planned:
-        raise AssertionError(f"round {rnd}: sites released {made}, but the round was planned as {planned}")
+    """Add the releases planned for round `rnd` to the ledger. A site that was sent its instructions
+    but dropped out is charged all the same (it may have trained and sent its update): the ledger
+    never counts less than was released. A release that differs from the plan the round was checked
+    against is a bug, never silently accounted."""
     for site, releases in made.items():
+        if releases != planned.get(site):
+            raise AssertionError(
+                f"round {rnd}: site '{site}' released {releases}, but the round was planned as "
+                f"{planned.get(site)}"
+            )
+    for site, releases in planned.items():
         if len(releases) != 1:
             raise NotImplementedError(f"round {rnd}: site '{site}' trained {len(releases)} times")
         r = releases[0]
@@ -249,6 +316,22 @@ def _privacy_summary(exp: Experiment, state: dict) -> dict:
     }
 
 
+def _secure_summary(exp: Experiment) -> dict | None:
+    fed = exp.config.federation
+    if not fed.secure_aggregation:
+        return None
+    shares, threshold = exp.config.secagg_shares_threshold
+    return {
+        "protocol": "SecAgg+ (Flower)",
+        "shares": shares,
+        "threshold": threshold,
+        "clipping_range": fed.secagg_clipping_range,
+        "quantization_bits": fed.secagg_quantization_bits,
+        "statement": "the coordinator received only the weighted sum of the sites' updates each "
+        "round (masked, quantised); sample counts and training metrics travel in the clear",
+    }
+
+
 def _selection(exp: Experiment, local: bool) -> str:
     """How the run's result was chosen, in words."""
     if _selects_last(exp):
@@ -257,7 +340,9 @@ def _selection(exp: Experiment, local: bool) -> str:
     return (SELECTION_LOCAL if local else SELECTION).format(metric=metric)
 
 
-def _finetune(exp: Experiment, state: dict, evaluator: Evaluator, site_rows: dict) -> dict | None:
+def _finetune(
+    exp: Experiment, state: dict, evaluator: Evaluator, site_rows: dict, sites: Sites
+) -> dict | None:
     """federation.finetune_steps: each site trains the selected global model that many steps on its
     own training data (seeded apart from the rounds), and its own test data scores the result
     (`sites[name]["test_finetuned"]`). Returns the unweighted mean over sites, or None when no
@@ -267,9 +352,7 @@ def _finetune(exp: Experiment, state: dict, evaluator: Evaluator, site_rows: dic
         return None
     weights = state["best"][GLOBAL]["weights"]
     for sd in exp.site_data:
-        update = exp.trainers[sd.name].train(
-            TrainTask(sd.name, weights), state["round"], steps=steps, purpose="finetune"
-        )
+        update = sites.finetune(TrainTask(sd.name, weights), state["round"], steps)
         site_rows[sd.name]["test_finetuned"] = (
             {} if sd.test is None else evaluator.score(update.weights, sd.test)
         )
@@ -303,7 +386,9 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
-def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir | None) -> RunResult:
+def _finish(
+    exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir | None, sites: Sites
+) -> RunResult:
     cfg, test, task = exp.config, exp.source.test, exp.task
     history = {row["round"]: row for row in state["history"]}
     predictions: dict[str, np.ndarray] = {"labels": test.labels}
@@ -343,7 +428,7 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
     else:
         test_scores = task.metrics(predictions[f"{task.prediction}:global"].astype(np.float64), test)
         val_scores = history[best_rounds[GLOBAL]]["val"]
-    finetuned = _finetune(exp, state, evaluator, site_rows) if not local else None
+    finetuned = _finetune(exp, state, evaluator, site_rows, sites) if not local else None
 
     src = exp.source
     summary = {
@@ -363,6 +448,7 @@ def _finish(exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir 
         "train_seconds": state["train_seconds"],
         "sample_gradient_steps": state["sample_gradient_steps"],
         "privacy": _privacy_summary(exp, state),
+        "secure_aggregation": _secure_summary(exp),
         "data": {
             "source": cfg.data.source,
             "synthetic": src.synthetic,

@@ -56,6 +56,32 @@ class SiteUpdate:
     metrics: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SecureSum:
+    """What secure aggregation reveals of one stage: the weighted mean of the sites' contributions
+    (see `contribution`), float64, and who contributed. `reports` are the sites' updates without
+    their weights (`weights` is empty): their sample counts and metrics, which travel in the clear."""
+
+    mean: Weights
+    reports: list[SiteUpdate]
+
+    @property
+    def sites(self) -> list[str]:
+        return [r.site for r in self.reports]
+
+
+def contribution(sent: Weights, trained: Weights, clip: float | None = None) -> Weights:
+    """A site's contribution to a secure sum: its model change `trained - sent` (float64), scaled
+    to L2 norm at most `clip` over all entries when `clip` is given (DP-FedAvg's clipping, done at
+    the site before its update is masked)."""
+    delta = [np.asarray(y, dtype=np.float64) - np.asarray(x, dtype=np.float64) for x, y in zip(sent, trained, strict=True)]
+    if clip is None:
+        return delta
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta)))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    return [scale * d for d in delta]
+
+
 def weighted_mean(weights: list[Weights], counts: list[float]) -> Weights:
     """Layer-wise mean of several models' weights, weighted by `counts` (computed in float64)."""
     if not weights or len(weights) != len(counts):
@@ -110,6 +136,17 @@ class Strategy(Protocol):
     def aggregate(self, state: State, updates: list[SiteUpdate], rnd: int) -> State: ...
 
 
+class SecureStrategy(Strategy, Protocol):
+    """A strategy that can work from a secure sum alone. Each site contributes
+    `contribution(sent, trained, secure_clip)` with weight n_samples (`secure_weighting`
+    'samples') or 1 ('uniform'); `aggregate_secure` gets their weighted mean."""
+
+    secure_weighting: str
+    secure_clip: float | None
+
+    def aggregate_secure(self, state: State, total: SecureSum, rnd: int) -> State: ...
+
+
 class FedAvg:
     """McMahan et al. 2017: every site trains from the global model; the new global model is the
     mean of their models weighted by their number of training samples. With a server learning rate
@@ -119,6 +156,8 @@ class FedAvg:
     name = "fedavg"
     pools_data = False
     server_lr = 1.0  # subclasses that do not call __init__ (DPFedAvg) stay plain
+    secure_weighting = "samples"
+    secure_clip = None
 
     def __init__(self, server_lr: float = 1.0):
         self.server_lr = _check_server_lr(server_lr)
@@ -137,11 +176,19 @@ class FedAvg:
             mean = weighted_mean([u.weights for u in updates], [u.n_samples for u in updates])
             return {**state, GLOBAL: mean}
         mean = _mean64(updates)
+        return self._step(state, [m - x.astype(np.float64) for x, m in zip(state[GLOBAL], mean, strict=True)])
+
+    def aggregate_secure(self, state: State, total: SecureSum, rnd: int) -> State:
+        return self._step(state, total.mean)
+
+    def _step(self, state: State, delta: Weights) -> State:
+        """x + server_lr * delta for floating entries, x + delta (the mean) for integer ones."""
         new = []
-        for x, m in zip(state[GLOBAL], mean, strict=True):
-            if _is_float(x):
-                x64 = x.astype(np.float64)
-                m = x64 + self.server_lr * (m - x64)
+        for x, d in zip(state[GLOBAL], delta, strict=True):
+            x64 = x.astype(np.float64)
+            m = x64 + (self.server_lr if _is_float(x) else 1.0) * d
+            if not _is_float(x):
+                m = np.rint(m)
             new.append(np.asarray(m).astype(x.dtype, copy=False))
         return {**state, GLOBAL: new}
 
@@ -231,16 +278,29 @@ class DPFedAvg(FedAvg):
         self.clip, self.noise_multiplier, self.seed = float(clip), float(noise_multiplier), seed
         self.n_sites = int(n_sites)
 
+    secure_weighting = "uniform"
+
+    @property
+    def secure_clip(self) -> float:
+        return self.clip
+
     def aggregate(self, state: State, updates: list[SiteUpdate], rnd: int) -> State:
         if not updates:
             raise ValueError("DP-FedAvg needs at least one update")
-        old = [layer.astype(np.float64) for layer in state[GLOBAL]]
-        total = [np.zeros_like(layer) for layer in old]
+        total = [np.zeros(np.shape(layer), dtype=np.float64) for layer in state[GLOBAL]]
         for u in updates:
-            delta = [np.asarray(w, dtype=np.float64) - o for w, o in zip(u.weights, old, strict=True)]
-            norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta)))
-            scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
-            total = [t + scale * d for t, d in zip(total, delta)]
+            clipped = contribution(state[GLOBAL], u.weights, self.clip)
+            total = [t + c for t, c in zip(total, clipped)]
+        return self._noisy_step(state, total, rnd)
+
+    def aggregate_secure(self, state: State, total: SecureSum, rnd: int) -> State:
+        """The sites clipped their updates and weighed them equally: the sum is the mean times the
+        number of contributors."""
+        n = len(total.reports)
+        return self._noisy_step(state, [n * m for m in total.mean], rnd)
+
+    def _noisy_step(self, state: State, total: Weights, rnd: int) -> State:
+        old = [layer.astype(np.float64) for layer in state[GLOBAL]]
         rng = np.random.default_rng([self.seed, rnd, 0xD9F])
         std = self.noise_multiplier * self.clip
         new = [
@@ -353,6 +413,8 @@ class FedOpt:
 
     name = "fedopt"
     pools_data = False
+    secure_weighting = "samples"
+    secure_clip = None
 
     def __init__(
         self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.999, tau: float = 1e-8
@@ -378,16 +440,21 @@ class FedOpt:
 
     def aggregate(self, state: State, updates: list[SiteUpdate], rnd: int) -> State:
         mean = _mean64(updates)
+        return self._step(state, [y - x.astype(np.float64) for x, y in zip(state[GLOBAL], mean, strict=True)])
+
+    def aggregate_secure(self, state: State, total: SecureSum, rnd: int) -> State:
+        return self._step(state, total.mean)
+
+    def _step(self, state: State, delta: Weights) -> State:
         new_x, new_m, new_v = [], [], []
-        for xo, mo, vo, y in zip(state[GLOBAL], state["_m"], state["_v"], mean, strict=True):
+        for xo, mo, vo, d in zip(state[GLOBAL], state["_m"], state["_v"], delta, strict=True):
+            x = xo.astype(np.float64)
             if _is_float(xo):
-                x = xo.astype(np.float64)
-                d = y - x
                 m = self.beta1 * mo + (1 - self.beta1) * d
                 v = self._second_moment(vo, d * d)
                 y = x + self.server_lr * m / (np.sqrt(v) + self.tau)
             else:
-                m, v = mo, vo
+                m, v, y = mo, vo, np.rint(x + d)
             new_x.append(np.asarray(y).astype(xo.dtype, copy=False))
             new_m.append(m)
             new_v.append(v)

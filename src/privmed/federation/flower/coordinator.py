@@ -1,0 +1,148 @@
+"""The coordinator's side: a Flower ServerApp that runs the same round loop as the in-process
+runner (privmed.federation.runner), with `FlowerSites` carrying each stage's instructions to the
+SuperNodes and their updates back.
+
+`privmed run CONFIG --runner flower` submits a run of `app` to the SuperLink with the run config
+keys 'privmed-config' (path of the resolved config), 'run-dir' and 'resume'; the ServerApp, started
+by the SuperLink on the coordinator's machine, writes the run directory there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import Context, Message
+from flwr.serverapp import ServerApp
+from flwr.serverapp.grid import Grid
+
+from privmed.errors import PrivmedError
+from privmed.federation.experiment import Experiment
+from privmed.federation.flower import messages as M
+from privmed.federation.strategies import SecureStrategy, SiteUpdate, TrainTask
+from privmed.federation.transport import StageFailed, StageOutcome, secure_round
+
+log = logging.getLogger("privmed.flower")
+
+CONNECT_TIMEOUT = 600.0  # seconds to wait for the sites to connect at the start of a run
+POLL = 0.5
+
+
+class FlowerSites:
+    """The experiment's sites, each a SuperNode reached through `grid`. A node says which site it
+    serves when asked ('query.describe'); a site whose node failed is looked up again before its
+    next stage (a restarted SuperNode comes back with a new node id)."""
+
+    def __init__(self, exp: Experiment, grid: Grid, connect_timeout: float = CONNECT_TIMEOUT):
+        if exp.strategy.pools_data:
+            raise PrivmedError("federation.strategy: 'pooled' puts all data in one place; it cannot run on Flower")
+        self.exp, self.grid = exp, grid
+        self.timeout = exp.config.federation.round_timeout
+        self.node_of: dict[str, int] = {}
+        self._asked: set[int] = set()
+        need = exp.config.federation.min_sites or len(exp.trainers)
+        self._discover(wait_for=len(exp.trainers), at_least=need, timeout=connect_timeout)
+
+    # ------------------------------------------------------------------ nodes
+    def _discover(self, wait_for: int, at_least: int, timeout: float) -> None:
+        """Ask every node not yet known which site it serves, until `wait_for` sites are known or
+        `timeout` seconds pass; StageFailed if fewer than `at_least` are known then."""
+        end = time.monotonic() + timeout
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in self._asked and n not in self.node_of.values()]
+            if new:
+                msgs = [Message(M.RecordDict(), dst_node_id=n, message_type=M.DESCRIBE, group_id="describe") for n in new]
+                for reply in self.grid.send_and_receive(msgs, timeout=min(60.0, max(1.0, end - time.monotonic()))):
+                    node = reply.metadata.src_node_id
+                    self._asked.add(node)
+                    if reply.has_error():
+                        log.warning("node %s did not say which site it serves: %s", node, reply.error.reason)
+                        continue
+                    site = str(reply.content.config_records["site"]["site"])
+                    if site not in self.exp.trainers:
+                        log.warning("node %s serves site '%s', which is not in this run; ignored", node, site)
+                        continue
+                    self.node_of[site] = node
+                    log.info("site '%s' is node %s", site, node)
+            if len(self.node_of) >= wait_for or time.monotonic() >= end:
+                break
+            time.sleep(POLL)
+        if len(self.node_of) < at_least:
+            missing = sorted(set(self.exp.trainers) - set(self.node_of))
+            raise StageFailed(
+                f"{len(self.node_of)} of {len(self.exp.trainers)} sites connected within {timeout:g} s "
+                f"(missing: {', '.join(missing)}); {at_least} needed"
+            )
+
+    def _forget(self, sites: list[str]) -> None:
+        for s in sites:
+            node = self.node_of.pop(s, None)
+            if node is not None:
+                self._asked.discard(node)
+
+    # ------------------------------------------------------------------ training
+    def train_stage(self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None) -> StageOutcome:
+        if any(t.site not in self.node_of for t in tasks):
+            self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=self.timeout or 10.0)
+        reachable = [t for t in tasks if t.site in self.node_of]
+        dropped = [t.site for t in tasks if t.site not in self.node_of]
+        if secure is not None:
+            total = secure_round(self.exp, self.grid, self.node_of, reachable, rnd, secure, self.timeout)
+            lost = [t.site for t in reachable if t.site not in total.sites]
+            self._forget(lost)
+            order = {t.site: i for i, t in enumerate(tasks)}
+            reports = sorted(total.reports, key=lambda r: order[r.site])
+            return StageOutcome(reports, secure=total, dropped=dropped + lost)
+        updates = self._send(reachable, rnd)
+        lost = [t.site for t in reachable if t.site not in updates]
+        self._forget(lost)
+        # in the tasks' order, so that aggregation sums in the order the in-process runner does
+        return StageOutcome([updates[t.site] for t in reachable if t.site in updates], dropped=dropped + lost)
+
+    def finetune(self, task: TrainTask, rnd: int, steps: int) -> SiteUpdate:
+        if task.site not in self.node_of:
+            self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=self.timeout or 10.0)
+        got = self._send([task], rnd, steps=steps, purpose="finetune")
+        if task.site not in got:
+            raise StageFailed(f"site '{task.site}' did not answer its fine-tuning instruction")
+        return got[task.site]
+
+    def _send(self, tasks: list[TrainTask], rnd: int, steps: int | None = None, purpose: str = "train") -> dict[str, SiteUpdate]:
+        msgs = [
+            Message(
+                M.encode_instruction(M.Instruction(t, rnd, steps=steps, purpose=purpose)),
+                dst_node_id=self.node_of[t.site], message_type=M.TRAIN_PLAIN, group_id=str(rnd),
+            )
+            for t in tasks
+        ]
+        site_of = {self.node_of[t.site]: t.site for t in tasks}
+        out: dict[str, SiteUpdate] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            site = site_of.get(reply.metadata.src_node_id)
+            if reply.has_error():
+                log.warning("round %s: site '%s' failed: %s", rnd, site, reply.error.reason)
+                continue
+            update = M.decode_update(reply.content)
+            if update.site != site:
+                log.warning("round %s: node of site '%s' answered for '%s'; ignored", rnd, site, update.site)
+                continue
+            out[site] = update
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from privmed.api import run
+    from privmed.config import read_yaml, validate_config
+
+    rc = context.run_config
+    path = str(rc["privmed-config"])
+    cfg = validate_config(read_yaml(path), source=path)
+    resume = str(rc.get("resume", "false")).lower() == "true"
+    run(cfg, str(rc["run-dir"]), resume=resume, sites=lambda exp: FlowerSites(exp, grid))

@@ -1,0 +1,105 @@
+"""What travels between the coordinator and a site, in Flower's records.
+
+A training instruction is a legacy `FitIns` (the format SecAgg+ expects): the weights to train from
+(then SCAFFOLD's correction, when there is one) and a config of scalars. The reply is a `FitRes`:
+the trained weights, or under secure aggregation the site's contribution (see
+`privmed.federation.strategies.contribution`), with the site's sample count and metrics. Arrays keep
+their dtypes, so weights arrive bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import RecordDict
+from flwr.compat.common import recorddict_compat as compat
+
+from privmed.federation.strategies import SiteUpdate, TrainTask
+from privmed.privacy.accountants import Release
+
+TRAIN_PLAIN = "train.plain"  # training whose result the coordinator sees (no secure aggregation)
+DESCRIBE = "query.describe"  # which site a node serves
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A TrainTask and how to run and return it."""
+
+    task: TrainTask
+    rnd: int
+    steps: int | None = None  # fine-tuning: this many batches instead of the configured ones
+    purpose: str = "train"
+    secure: bool = False  # reply with the contribution to a secure sum, not the weights
+    weighting: str = "samples"  # secure: weigh the contribution by n_samples, or 1 ('uniform')
+    clip: float | None = None  # secure: clip the contribution to this L2 norm
+    max_weight: float = 1.0  # secure: SecAgg+'s max_weight (the site checks its quantisation range)
+    clipping_range: float = 8.0  # secure: SecAgg+'s clipping range
+
+
+def encode_instruction(ins: Instruction) -> RecordDict:
+    t = ins.task
+    arrays = list(t.weights) + (list(t.correction) if t.correction is not None else [])
+    config = {
+        "site": t.site, "model_key": t.model_key, "prox_mu": float(t.prox_mu),
+        "n_weights": len(t.weights), "has_correction": t.correction is not None,
+        "round": ins.rnd, "steps": ins.steps or 0, "purpose": ins.purpose, "secure": ins.secure,
+        "weighting": ins.weighting, "clip": ins.clip or 0.0, "max_weight": float(ins.max_weight),
+        "clipping_range": float(ins.clipping_range),
+    }
+    return compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), config), keep_input=True)
+
+
+def decode_instruction(content: RecordDict) -> Instruction:
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    c = fitins.config
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    n = int(c["n_weights"])
+    task = TrainTask(
+        site=str(c["site"]), weights=arrays[:n], model_key=str(c["model_key"]),
+        prox_mu=float(c["prox_mu"]), correction=arrays[n:] if c["has_correction"] else None,
+    )
+    return Instruction(
+        task, int(c["round"]), steps=int(c["steps"]) or None, purpose=str(c["purpose"]),
+        secure=bool(c["secure"]), weighting=str(c["weighting"]), clip=float(c["clip"]) or None,
+        max_weight=float(c["max_weight"]), clipping_range=float(c["clipping_range"]),
+    )
+
+
+def encode_update(update: SiteUpdate, arrays: list[np.ndarray], num_examples: int) -> RecordDict:
+    """`arrays`: the weights, or the secure contribution; `num_examples`: SecAgg+'s weight."""
+    metrics = {k: v for k, v in update.metrics.items() if k != "release"}
+    metrics = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}
+    r = update.metrics.get("release")
+    if r is not None:
+        metrics.update(
+            release_noise_multiplier=float(r.noise_multiplier),
+            release_sample_rate=float(r.sample_rate),
+            release_steps=int(r.steps),
+        )
+    metrics.update(site=update.site, model_key=update.model_key, n_samples=int(update.n_samples))
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), int(num_examples), metrics)
+    return compat.fitres_to_recorddict(res, keep_input=True)
+
+
+def decode_update(content: RecordDict, with_weights: bool = True) -> SiteUpdate:
+    """The site's update; `with_weights` False (secure aggregation): the report only, weights []."""
+    res = compat.recorddict_to_fitres(content, keep_input=True)
+    return update_from_fitres(res, with_weights)
+
+
+def update_from_fitres(res: FitRes, with_weights: bool) -> SiteUpdate:
+    m = dict(res.metrics)
+    site, key, n = str(m.pop("site")), str(m.pop("model_key")), int(m.pop("n_samples"))
+    if "release_steps" in m:
+        m["release"] = Release(
+            noise_multiplier=float(m.pop("release_noise_multiplier")),
+            sample_rate=float(m.pop("release_sample_rate")),
+            steps=int(m.pop("release_steps")),
+        )
+    if "train_loss" in m and m["train_loss"] is None:
+        m["train_loss"] = math.nan
+    weights = parameters_to_ndarrays(res.parameters) if with_weights else []
+    return SiteUpdate(site=site, weights=weights, n_samples=n, model_key=key, metrics=m)

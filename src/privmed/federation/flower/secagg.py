@@ -1,0 +1,246 @@
+"""Secure aggregation with Flower's SecAgg+ (Bell et al. 2020): `secure_stage` runs one stage of a
+round through `SecAggPlusWorkflow` (the coordinator) and `secaggplus_mod` (the sites), over any Flower
+Grid: the SuperLink's in a deployment, or `LocalGrid`, which delivers messages to ClientApps in this
+process, so the in-process runner runs the same protocol.
+
+What the coordinator receives from a site is its quantised contribution plus pairwise and private
+masks (uniform modulo 2^32); only the sum over the sites that took part can be unmasked. Each site
+i sends q(c_i * w_i / W) where c_i is its contribution (see strategies.contribution), w_i its weight
+(n_samples, or 1), W = SecAgg+'s max_weight, and q stochastic rounding to 2^bits levels on
+[-r, r]; the coordinator gets sum_i w_i c_i / sum_i w_i. W is the smallest power of two >= every
+w_i, so the weights w_i / W are exact and the only error is the rounding (see `quantization_bound`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import uuid
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import FitIns, parameters_to_ndarrays
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp.grid import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from privmed.config import FederationConfig
+from privmed.federation.flower import messages as M
+from privmed.federation.strategies import SecureSum, SiteUpdate, TrainTask
+from privmed.federation.transport import StageFailed
+
+COORDINATOR_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
+
+
+def max_weight(weights: Iterable[float]) -> float:
+    """The smallest power of two >= every weight (SecAgg+'s max_weight; makes w / W exact)."""
+    return float(2 ** max(0, math.ceil(math.log2(max(max(weights), 1)))))
+
+
+def quantization_bound(weights: list[float], clipping_range: float, bits: int) -> float:
+    """The largest error SecAgg+'s quantisation can put on any entry of the weighted mean of these
+    sites' contributions (when none was clipped): each site's stochastic rounding is off by less
+    than one level, 2r / 2^bits, so the sum of the n sites' weighted values is off by less than
+    n levels, and the mean by that over sum_i w_i / W."""
+    w = max_weight(weights)
+    return len(weights) * (2 * clipping_range / 2**bits) / (sum(weights) / w)
+
+
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's workflow, with one fix (flwr 1.41): a site that drops out before it shared its
+    keys masked nothing and gave nobody shares, but the workflow still counted it among the dropped
+    sites in the unmask stage, asked its neighbours for shares they never received, and failed.
+    After the share-keys stage, such sites are forgotten: no longer sampled, no longer anyone's
+    neighbour (so no pairwise mask with them is removed either)."""
+
+    def share_keys_stage(self, grid, context, state) -> bool:  # noqa: ANN001
+        ok = super().share_keys_stage(grid, context, state)
+        active = set(state.active_node_ids)
+        state.sampled_node_ids = set(active)
+        for nid in list(state.nid_to_neighbours):
+            if nid in active:
+                state.nid_to_neighbours[nid] &= active
+            else:
+                del state.nid_to_neighbours[nid]
+        return ok
+
+
+class SecAggError(StageFailed):
+    """A secure stage ended without an aggregate (too few sites answered for the threshold)."""
+
+
+class _Stage(LegacyStrategy):
+    """Feeds one stage's instructions to SecAggPlusWorkflow and takes back what it unmasks (the
+    workflow speaks to the legacy Strategy interface: configure_fit / aggregate_fit)."""
+
+    def __init__(self, grid: Grid, run_id: int, node_of: dict[str, int], fitins: dict[str, RecordDict]):
+        self.grid, self.run_id, self.node_of, self.fitins = grid, run_id, node_of, fitins
+        self.mean: list[np.ndarray] | None = None
+        self.reports: list[SiteUpdate] = []
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        from flwr.compat.common import recorddict_compat as compat
+
+        return [
+            (GridClientProxy(self.node_of[site], self.grid, self.run_id),
+             compat.recorddict_to_fitins(content, keep_input=True))
+            for site, content in self.fitins.items()
+        ]
+
+    def aggregate_fit(self, server_round, results, failures):
+        # SecAgg+ hands every result the same unmasked mean; the rest of each FitRes is the clear
+        # report (sample count, metrics)
+        self.mean = parameters_to_ndarrays(results[0][1].parameters) if results else None
+        self.reports = [M.update_from_fitres(res, with_weights=False) for _, res in results]
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def secure_stage(
+    grid: Grid,
+    node_of: dict[str, int],
+    tasks: list[TrainTask],
+    rnd: int,
+    fed: FederationConfig,
+    shares: int,
+    threshold: int,
+    n_samples: dict[str, int],
+    weighting: str,
+    clip: float | None,
+    timeout: float | None = None,
+) -> SecureSum:
+    """Train `tasks` (one per site) and return only the weighted mean of the sites' contributions.
+    Sites that fail or time out drop out; SecAgg+ removes their masks when `threshold` shares
+    survive. SecAggError when no aggregate could be formed."""
+    weights = [n_samples[t.site] if weighting == "samples" else 1 for t in tasks]
+    w_max = max_weight(weights)
+    fitins = {
+        t.site: M.encode_instruction(M.Instruction(
+            t, rnd, secure=True, weighting=weighting, clip=clip, max_weight=w_max,
+            clipping_range=fed.secagg_clipping_range,
+        ))
+        for t in tasks
+    }
+    if len(tasks) < 3:
+        raise SecAggError(
+            f"round {rnd}: secure aggregation needs 3 sites or more, {len(tasks)} can be reached"
+        )
+    n_shares = min(shares, len(tasks))
+    workflow = _SecAggPlus(
+        num_shares=n_shares,
+        reconstruction_threshold=min(threshold, n_shares - 1),
+        max_weight=w_max,
+        clipping_range=fed.secagg_clipping_range,
+        quantization_range=2**fed.secagg_quantization_bits,
+        timeout=timeout,
+    )
+    run_id = _run_id(grid)
+    stage = _Stage(grid, run_id, node_of, fitins)
+    state = RecordDict()
+    state.config_records["config"] = ConfigRecord({"current_round": rnd})
+    state.array_records["parameters"] = ArrayRecord([np.zeros(1)])
+    context = LegacyContext(
+        Context(run_id=run_id, node_id=COORDINATOR_NODE_ID, node_config={}, state=state, run_config={}),
+        strategy=stage,
+    )
+    workflow(grid, context)
+    if stage.mean is None:
+        raise SecAggError(f"round {rnd}: secure aggregation found too few sites to unmask the sum")
+    return SecureSum(mean=[np.asarray(a, dtype=np.float64) for a in stage.mean], reports=stage.reports)
+
+
+def _run_id(grid: Grid) -> int:
+    try:
+        return grid.run.run_id
+    except Exception:  # noqa: BLE001 - a LocalGrid has no Flower run
+        return 0
+
+
+class LocalGrid(Grid):
+    """A Flower Grid whose nodes are ClientApps in this process: a message is copied (as a network
+    would), handed to its node's app with that node's Context (its state persists across messages,
+    as on a SuperNode), and the reply returned. `drop`: node ids that stop answering, to study
+    dropouts; `seen`: when a list, every reply the coordinator received (for tests)."""
+
+    def __init__(self, apps: dict[int, ClientApp], node_configs: dict[int, dict] | None = None):
+        self.apps = apps
+        self.contexts = {
+            nid: Context(run_id=0, node_id=nid, node_config=(node_configs or {}).get(nid, {}),
+                         state=RecordDict(), run_config={})
+            for nid in apps
+        }
+        self.drop: set[int] = set()
+        self.seen: list[Message] | None = None
+        self._pending: dict[str, Message] = {}
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - no Flower run in one process
+        pass
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise AttributeError("a LocalGrid has no Flower run")
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # noqa: ANN001
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return [nid for nid in self.apps if nid not in self.drop]
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            msg.metadata.__dict__["_src_node_id"] = COORDINATOR_NODE_ID
+            self._pending[msg.metadata.message_id] = copy.deepcopy(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = []
+        for mid in list(message_ids):
+            msg = self._pending.pop(mid)
+            nid = msg.metadata.dst_node_id
+            if nid in self.drop:
+                continue
+            reply = copy.deepcopy(self.apps[nid](msg, self.contexts[nid]))
+            if self.seen is not None:
+                self.seen.append(reply)
+            replies.append(reply)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+@contextmanager
+def in_process_identity() -> Iterator[None]:
+    """Flower stamps messages with the identity of the process's task; in one process there is none,
+    so stand in as the coordinator, and keep Flower's per-message log lines out of the way."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 0, 0, COORDINATOR_NODE_ID
+    log = logging.getLogger("flwr")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+        log.setLevel(level)

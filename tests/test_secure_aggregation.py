@@ -1,0 +1,211 @@
+"""Secure aggregation (Flower's SecAgg+) in one process, and the Flower message path.
+
+Invariants checked: the unmasked aggregate equals plain aggregation within the quantisation bound;
+nothing the coordinator receives is a site's plaintext update (the masked vectors are uniform
+modulo 2^32, while a quantised plaintext lies below 2^bits); a site that dies mid-round is
+dropped and the round completes with the others, or is retried; and the Flower message path
+(`FlowerSites` over an in-memory Grid, sites built as a hospital builds its own) gives the
+in-process runner's result bit for bit.
+"""
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+import privmed
+from privmed.config import validate_config
+from privmed.errors import ConfigError
+from privmed.federation.experiment import prepare_experiment, prepare_site
+from privmed.federation.flower.coordinator import FlowerSites
+from privmed.federation.flower.secagg import LocalGrid, in_process_identity, quantization_bound
+from privmed.federation.flower.site_app import SiteEndpoint, make_client_app
+from privmed.federation.runner import RoundFailed, run_in_process
+from privmed.federation.strategies import GLOBAL, contribution
+from privmed.federation.transport import InProcessSites
+
+BITS = 22
+
+
+def _cfg(**over):
+    base = dict(
+        sites__count=4, sites__partition="quantity", sites__alpha=2.0, data__samples_per_site=80,
+        federation__secure_aggregation=True,
+    )
+    base.update(over)
+    return validate_config(tiny_config(**base))
+
+
+def _plain_mean(exp, tasks, weighting, clip):
+    """The weighted mean of the sites' contributions, computed in the clear (the reference)."""
+    contribs, weights = [], []
+    for t in tasks:
+        upd = exp.trainers[t.site].train(t, 1)
+        contribs.append(contribution(t.weights, upd.weights, clip))
+        weights.append(upd.n_samples if weighting == "samples" else 1)
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    return [sum(wi * c[j] for wi, c in zip(w, contribs)) for j in range(len(contribs[0]))], weights
+
+
+@pytest.mark.parametrize("privacy", [None, "central"])
+def test_secure_mean_equals_plain_mean_within_the_quantisation_bound(privacy):
+    over = {} if privacy is None else dict(privacy__mode="central", privacy__noise_multiplier=1.0,
+                                          privacy__max_grad_norm=0.05)
+    exp = prepare_experiment(_cfg(**over))
+    s = exp.strategy
+    tasks = s.configure(s.init_state(exp.initial_weights, exp.trainer_names), exp.trainer_names)
+    ref, weights = _plain_mean(exp, tasks, s.secure_weighting, s.secure_clip)
+    assert len(set(weights)) > 1 or privacy  # unequal weights: the weighting is exercised
+    out = InProcessSites(exp).train_stage(tasks, 1, s)
+    assert out.secure is not None and sorted(out.sites) == sorted(exp.trainer_names)
+    assert all(r.weights == [] for r in out.updates)  # reports only: no site's weights
+    bound = quantization_bound(weights, exp.config.federation.secagg_clipping_range, BITS)
+    err = max(float(np.max(np.abs(a - b))) for a, b in zip(out.secure.mean, ref))
+    assert err <= bound, (err, bound)
+    assert bound < 1e-4
+    moved = max(float(np.max(np.abs(a))) for a in ref)
+    assert moved > 100 * bound  # the updates are far larger than the error: the check has teeth
+    if privacy == "central":  # the sites clipped: the sum's norm is at most n x clip
+        total = np.sqrt(sum(float(np.sum((len(tasks) * m) ** 2)) for m in out.secure.mean))
+        assert total <= len(tasks) * 0.05 + len(tasks) * bound * np.sqrt(sum(m.size for m in ref))
+
+
+def test_the_coordinator_never_receives_a_plaintext_update():
+    exp = prepare_experiment(_cfg())
+    sites = InProcessSites(exp)
+    grid, _ = sites._local_grid()
+    grid.seen = []
+    s = exp.strategy
+    tasks = s.configure(s.init_state(exp.initial_weights, exp.trainer_names), exp.trainer_names)
+    plain = {t.site: exp.trainers[t.site].train(t, 1).weights for t in tasks}
+    sites.train_stage(tasks, 1, s)
+    masked = []
+    for reply in grid.seen:
+        content = reply.content
+        for record in content.array_records.values():  # the mod empties the weights' record
+            assert len(record) == 0
+        cfg = content.config_records.get(RECORD_KEY_CONFIGS, {})
+        for b in cfg.get(Key.MASKED_PARAMETERS, []):
+            masked.append(bytes_to_ndarray(b).astype(np.float64).ravel())
+    assert len(masked) == len(tasks) * (len(plain[tasks[0].site]) + 1)  # + the weight factor
+    values = np.concatenate(masked)
+    # A quantised plaintext entry is below 2^bits (times the sites' weight); masked entries are
+    # uniform on [0, 2^32): almost all lie above 2^24.
+    assert np.mean(values > 2**24) > 0.99
+    assert abs(values.mean() / 2**31 - 1) < 0.02
+    flat = {k: np.concatenate([np.ravel(a) for a in w]) for k, w in plain.items()}
+    for v in masked:
+        for w in flat.values():
+            if v.size == w.size:
+                assert not np.allclose(v, w, atol=1e-3)
+
+
+class _DyingGrid(LocalGrid):
+    """A LocalGrid whose node `victim` stops answering at its `at`-th message (1-based)."""
+
+    def __init__(self, apps, victim, at):
+        super().__init__(apps)
+        self.victim, self.at, self.count = victim, at, 0
+
+    def pull_messages(self, message_ids):
+        ids = list(message_ids)
+        for mid in ids:
+            if self._pending[mid].metadata.dst_node_id == self.victim:
+                self.count += 1
+                if self.count >= self.at:
+                    self.drop.add(self.victim)
+        return super().pull_messages(ids)
+
+
+def _flower_sites(cfg, grid_cls=LocalGrid, **grid_kw):
+    apps = {}
+    for i, name in enumerate(cfg.sites.site_names()):
+        endpoint = SiteEndpoint(prepare_site(cfg, name), cfg.seed)  # as a hospital builds its own
+        apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
+    grid = grid_cls(apps, **grid_kw)
+    return grid, lambda exp: FlowerSites(exp, grid, connect_timeout=5)
+
+
+# its messages: 1 'which site', then SecAgg+'s setup, share keys, collect masked vectors, unmask;
+# it dies at share keys, collect masked vectors or unmask
+@pytest.mark.parametrize("at", [3, 4, 5])
+def test_a_site_dying_mid_round_is_dropped_and_the_round_completes(at):
+    cfg = _cfg(sites__count=5, federation__min_sites=3, federation__rounds=1)
+    grid, sites = _flower_sites(cfg, _DyingGrid, victim=2003, at=at)
+    with in_process_identity():
+        result = privmed.run(cfg, sites=sites)
+    assert result.summary["rounds_completed"] == 1
+    exp = prepare_experiment(cfg)
+    s = exp.strategy
+    state = s.init_state(exp.initial_weights, exp.trainer_names)
+    tasks = s.configure(state, exp.trainer_names)
+    if at == 5:  # its masked update was in the sum before it died: SecAgg+ keeps it
+        kept = tasks
+    else:
+        kept = [t for t in tasks if t.site != "site-3"]
+    ref, weights = _plain_mean(exp, kept, "samples", None)
+    expected = s.aggregate_secure(state, type("S", (), {"mean": ref, "reports": kept})(), 1)[GLOBAL]
+    got = list(result.model.state_dict().values())
+    bound = quantization_bound(weights, cfg.federation.secagg_clipping_range, BITS)
+    err = max(float(np.max(np.abs(g.numpy() - e))) for g, e in zip(got, expected))
+    assert err <= bound + 1e-6  # + float32 rounding of the model
+
+
+def test_a_round_with_too_few_sites_is_retried_then_the_run_stops(tmp_path):
+    cfg = _cfg(sites__count=4, federation__min_sites=4, federation__rounds=2, federation__round_retries=1)
+    grid, sites = _flower_sites(cfg, _DyingGrid, victim=2002, at=6)  # dies at round 2's setup
+    with in_process_identity(), pytest.warns(UserWarning, match="starting round 2 again"):
+        with pytest.raises(RoundFailed, match="gave up after 2 attempts"):
+            privmed.run(cfg, tmp_path / "run", sites=sites)
+    # round 1 is in the run directory, to resume from
+    assert (tmp_path / "run" / "checkpoints" / "round-0001.pt").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "round-0002.pt").exists()
+
+
+@pytest.mark.parametrize("over", [
+    dict(federation__strategy="fedprox", federation__secure_aggregation=False),
+    dict(federation__strategy="scaffold", training__optimizer="sgd", training__momentum=0,
+         federation__secure_aggregation=False),
+    dict(federation__secure_aggregation=False, privacy__mode="dp-sgd", privacy__noise_multiplier=1.0,
+         privacy__delta=1e-3, federation__local_steps=2, training__batch_size=16),
+    dict(federation__secure_aggregation=True),
+])
+def test_the_flower_message_path_gives_the_in_process_result(over, tmp_path):
+    """Sites built as hospitals build them, reached through Flower messages, give the in-process
+    runner's model bit for bit (secure aggregation: the same protocol, the same seeds)."""
+    cfg = _cfg(**over)
+    a = privmed.run(cfg, tmp_path / "a", report=False)
+    _, sites = _flower_sites(cfg)
+    with in_process_identity():
+        b = privmed.run(cfg, tmp_path / "b", report=False, sites=sites)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert np.array_equal(x.numpy(), y.numpy())
+    assert a.summary["test"] == b.summary["test"]
+    assert a.summary["privacy"] == b.summary["privacy"]
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_secure_runs_reproduce_with_the_same_seed():
+    cfg = _cfg(federation__rounds=2)
+    a, b = privmed.run(cfg), privmed.run(cfg)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert np.array_equal(x.numpy(), y.numpy())
+    assert a.summary["secure_aggregation"]["protocol"].startswith("SecAgg+")
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(federation__strategy="scaffold", training__optimizer="sgd", training__momentum=0),
+     "control variate per site"),
+    (dict(federation__strategy="cyclic"), "travels"),
+    (dict(sites__count=2), "3 sites or more"),
+    (dict(federation__secagg_threshold=4), "below secagg_shares"),
+    (dict(federation__secagg_shares=5), "more than sites.count"),
+    (dict(federation__min_sites=2), "below secagg_threshold 3"),
+    (dict(federation__secagg_quantization_bits=28, sites__count=40, data__samples_per_site=20),
+     "overflows"),
+    (dict(federation__secure_aggregation=False, federation__secagg_shares=3), "needs federation.secure_aggregation"),
+])
+def test_bad_secure_aggregation_settings_are_refused(over, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(**over)
