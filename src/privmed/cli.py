@@ -29,6 +29,13 @@ examples:
   privmed privacy plan --epsilon 8 --patients 1500 --batch-size 256 --epochs 30
   privmed privacy plan configs/pneumonia-dp.yaml  the noise each site of a config will get
   privmed privacy spent runs/x                  the run's privacy ledger as a table
+
+across machines (Flower; see the README):
+  privmed certs certs/ --name coordinator.example.org     TLS for the coordinator
+  privmed keys keys/ --name site-1                          a hospital's key pair
+  privmed serve --certs certs/ --keys keys/                 the coordinator
+  privmed join cfg.yaml --site site-1 --server HOST:9092 --certs certs/ --key keys/site-1
+  privmed run cfg.yaml --runner flower --server 127.0.0.1:9092 --certs certs/
 """
 
 
@@ -71,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         "federation.rounds may be raised to extend it)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--runner", choices=("in-process", "flower"), default="in-process",
+        help="in-process (default): every site in this process; flower: on the hospitals that "
+        "joined the coordinator at --server (run this on the coordinator's machine)",
+    )
+    _flower_args(run, server=True)
 
     priv = sub.add_parser(
         "privacy", help="plan a privacy budget, or show what a run has spent",
@@ -108,12 +121,59 @@ def _parser() -> argparse.ArgumentParser:
     )
     spent.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
+    certs = sub.add_parser(
+        "certs", help="make a certificate authority and the coordinator's TLS certificate",
+        description="Write DIR/ca.crt, ca.key, server.crt and server.key. The coordinator keeps "
+        "them all; every hospital gets a copy of ca.crt only.",
+    )
+    certs.add_argument("dir", type=Path, metavar="DIR")
+    certs.add_argument(
+        "--name", dest="names", action="append", metavar="HOST",
+        help="a host name or IP address the hospitals reach the coordinator at (repeatable; "
+        "default: localhost, 127.0.0.1, ::1)",
+    )
+    keys = sub.add_parser(
+        "keys", help="make a hospital's node-authentication key pair",
+        description="Write DIR/NAME (private: stays at the hospital) and DIR/NAME.pub (goes to the "
+        "coordinator, who passes its folder to `privmed serve --keys`).",
+    )
+    keys.add_argument("dir", type=Path, metavar="DIR")
+    keys.add_argument("--name", required=True, help="the site's name, as in the config")
+    serve = sub.add_parser(
+        "serve", help="start the coordinator (a Flower SuperLink) with TLS and node authentication",
+        description="Start a Flower SuperLink that hospitals join with `privmed join` and runs are "
+        "submitted to with `privmed run --runner flower`. Runs until interrupted (Ctrl-C).",
+    )
+    serve.add_argument("--certs", type=Path, help="the directory `privmed certs` wrote")
+    serve.add_argument("--keys", type=Path, help="the hospitals' public keys (*.pub files, or one file)")
+    serve.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on (default 0.0.0.0:9092)")
+    serve.add_argument("--home", type=Path, help="Flower's state directory (default ~/.privmed/flower)")
+    serve.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: local tests only")
+    join = sub.add_parser(
+        "join", help="start one hospital (a Flower SuperNode) that trains on its own data",
+        description="Connect site NAME of CONFIG to the coordinator at --server and train there when "
+        "a run asks. Only this site's part of the data is kept. Runs until interrupted (Ctrl-C).",
+    )
+    join.add_argument("config", type=Path, metavar="CONFIG")
+    join.add_argument("--site", required=True, help="this hospital's site name")
+    join.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    join.add_argument("--key", type=Path, help="this hospital's private key (from `privmed keys`)")
+    _flower_args(join, server=True)
+
     rep = sub.add_parser(
         "report", help="(re)write a run directory's report.html",
         description="Write RUN_DIR/report.html (and plots/) again from the run's files.",
     )
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     return p
+
+
+def _flower_args(p: argparse.ArgumentParser, server: bool) -> None:
+    if server:
+        p.add_argument("--server", metavar="HOST:PORT", help="the coordinator's address")
+    p.add_argument("--certs", type=Path, help="directory holding ca.crt (from the coordinator)")
+    p.add_argument("--home", type=Path, help="Flower's state directory (default ~/.privmed/flower)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: local tests only")
 
 
 def _demo_out(name: str, base: Path = Path("runs")) -> Path:
@@ -127,7 +187,10 @@ def _run(cfg_source, out: Path, resume: bool, quiet: bool) -> int:
     from privmed.api import run
 
     result = run(cfg_source, out, resume=resume, progress=not quiet)
-    s = result.summary
+    return _print_summary(result.summary, out)
+
+
+def _print_summary(s: dict, out: Path) -> int:
     test = s["test"]
     if s["data"]["synthetic"]:
         print("note: SYNTHETIC data (generated phantom images, not patient data)")
@@ -181,7 +244,16 @@ def _main(argv: list[str] | None) -> int:
         from privmed.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        return _run(cfg, args.out or Path("runs") / cfg.name, resume=args.resume, quiet=args.quiet)
+        out = args.out or Path("runs") / cfg.name
+        if args.runner == "flower":
+            from privmed import flower_cli
+
+            return _print_summary(flower_cli.run(cfg, out, args), out)
+        return _run(cfg, out, resume=args.resume, quiet=args.quiet)
+    if args.command in ("certs", "keys", "serve", "join"):
+        from privmed import flower_cli
+
+        return getattr(flower_cli, args.command)(args)
     if args.command == "privacy":
         from privmed import privacy_cli
 

@@ -66,6 +66,7 @@ def make_certificates(out: Path, names: list[str] | None = None, days: int = 365
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .add_extension(
             x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
                           key_encipherment=False, data_encipherment=False, key_agreement=False,
@@ -85,6 +86,8 @@ def make_certificates(out: Path, names: list[str] | None = None, days: int = 365
         .add_extension(x509.SubjectAlternativeName(_san(names)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     io.write_bytes(out / CA_CERT, ca.public_bytes(serialization.Encoding.PEM))
@@ -121,7 +124,9 @@ def make_node_keys(out: Path, name: str) -> tuple[Path, Path]:
 def check_certs(certs: Path, server: bool) -> dict[str, Path]:
     """The certificate files of `certs` that a coordinator (`server`) or a hospital needs;
     CredentialsError naming the first missing one."""
-    certs = Path(certs)
+    if certs is None:
+        raise CredentialsError("--certs is required (the directory `privmed certs` wrote)")
+    certs = Path(certs).expanduser().resolve()
     need = (CA_CERT, SERVER_CERT, SERVER_KEY) if server else (CA_CERT,)
     for f in need:
         if not (certs / f).is_file():

@@ -1,0 +1,304 @@
+"""The processes of a Flower deployment, started the way the README tells a coordinator and a
+hospital to start them:
+
+    privmed serve --certs DIR [--keys KEYDIR]     a SuperLink (TLS, node authentication)
+    privmed join CONFIG --site NAME --server HOST:PORT --certs DIR --key FILE   a SuperNode
+    privmed run CONFIG --runner flower --server HOST:PORT --certs DIR           a run on them
+
+Flower's state lives in a directory privmed controls (FLWR_HOME, default ~/.privmed/flower, or
+--home); telemetry, update checks and Flower's runtime installation of app dependencies are off;
+the Flower app that `privmed run` submits is written under FLWR_HOME, never into the project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from privmed import io
+from privmed.errors import PrivmedError
+from privmed.federation.flower.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, check_certs
+
+DEFAULT_HOME = Path("~/.privmed/flower")
+DEFAULT_ADDRESS = "127.0.0.1:9092"
+INSECURE_WARNING = (
+    "privmed: WARNING: --insecure: no TLS and no node authentication. Anyone on the network can "
+    "read the models and join as a hospital. For tests on one machine only."
+)
+
+APP_PYPROJECT = """\
+# Written by privmed: the Flower app `privmed run --runner flower` submits. Its code is the
+# installed privmed package; this file only names the components.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "privmed-flower-app"
+version = "1.0.0"
+description = "privmed's ServerApp and ClientApp"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "privmed"
+
+[tool.flwr.app.components]
+serverapp = "privmed.federation.flower.coordinator:app"
+clientapp = "privmed.federation.flower.site_app:app"
+
+[tool.flwr.app.config]
+privmed-config = ""
+run-dir = ""
+resume = "false"
+"""
+
+
+class DeployError(PrivmedError):
+    pass
+
+
+def home_dir(home: Path | None) -> Path:
+    return Path(home or os.environ.get("PRIVMED_FLOWER_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of every Flower process privmed starts."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)  # flower-superexec, flwr-clientapp: from this env
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def parse_address(address: str, what: str = "--address") -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DeployError(f"{what}: '{address}' is not HOST:PORT (e.g. 127.0.0.1:9092)")
+    return host.strip("[]"), int(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise DeployError(f"the process ({' '.join(proc.args[:1])}) ended with code {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise DeployError(f"nothing listens on {host}:{port} after {timeout:g} s")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End `proc` and its process group (Flower's SuperExec and app processes): SIGTERM, then
+    SIGKILL after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # children left in the group (e.g. a ClientApp still running)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ------------------------------------------------------------------------ coordinator
+
+
+def superlink_command(certs: Path | None, address: str, insecure: bool) -> list[str]:
+    host, port = parse_address(address)
+    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if insecure:
+        return cmd + ["--insecure"]
+    files = check_certs(certs, server=True)
+    return cmd + [
+        "--ssl-ca-certfile", str(files[CA_CERT]), "--ssl-certfile", str(files[SERVER_CERT]),
+        "--ssl-keyfile", str(files[SERVER_KEY]), "--enable-supernode-auth",
+    ]
+
+
+def control_client(address: str, certs: Path | None, insecure: bool):  # noqa: ANN201
+    from flwr.supercore.control import ControlHttpClient
+
+    root = None if insecure else check_certs(certs, server=False)[CA_CERT].read_bytes()
+    return ControlHttpClient.from_server_address(
+        server_address=address, insecure=insecure, root_certificates=root, interceptors=[]
+    )
+
+
+def register_keys(client, keys: list[Path]) -> dict[str, int]:  # noqa: ANN001
+    """Register each hospital's public key (node authentication); its name is the file's stem."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    out = {}
+    for pub in keys:
+        try:
+            key = serialization.load_ssh_public_key(pub.read_bytes())
+        except (ValueError, OSError) as e:
+            raise DeployError(f"--keys: {pub} is not an OpenSSH public key ({e}); make it with `privmed keys`") from None
+        res = client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=pub.stem))
+        out[pub.stem] = res.node_id
+    return out
+
+
+def public_keys(keys: Path | None) -> list[Path]:
+    if keys is None:
+        return []
+    keys = Path(keys)
+    found = sorted(keys.glob("*.pub")) if keys.is_dir() else [keys]
+    if not found or not all(p.is_file() for p in found):
+        raise DeployError(f"--keys: no public key (*.pub) at {keys}")
+    return found
+
+
+@dataclass
+class Coordinator:
+    proc: subprocess.Popen
+    address: str
+    registered: dict[str, int]
+
+
+def start_coordinator(
+    certs: Path | None, address: str, home: Path, keys: list[Path], insecure: bool,
+    log: Path | None = None, timeout: float = 60.0,
+) -> Coordinator:
+    """Start a SuperLink in its own process group and register the hospitals' keys."""
+    cmd = superlink_command(certs, address, insecure)
+    home.mkdir(parents=True, exist_ok=True)
+    out = open(log, "ab") if log else None  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(cmd, env=flower_env(home), cwd=home, start_new_session=True,
+                            stdout=out, stderr=subprocess.STDOUT if out else None)
+    try:
+        host, port = parse_address(address)
+        wait_for_port(host, port, timeout, proc)
+        registered = register_keys(control_client(address, certs, insecure), keys) if keys else {}
+    except BaseException:
+        stop_process(proc)
+        raise
+    return Coordinator(proc, address, registered)
+
+
+# ------------------------------------------------------------------------ hospital
+
+
+def supernode_command(
+    server: str, certs: Path | None, key: Path | None, node_config: dict[str, str],
+    runtime_port: int, insecure: bool,
+) -> list[str]:
+    parse_address(server, "--server")
+    pairs = " ".join(f'{k}="{v}"' for k, v in node_config.items())
+    cmd = [_bin("flower-supernode"), "--superlink", server, "--node-config", pairs,
+           "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if insecure:
+        return cmd + ["--insecure"]
+    if key is None or not Path(key).is_file():
+        raise DeployError(f"--key: {key} is not a file; make the hospital's key pair with `privmed keys DIR --name SITE`")
+    return cmd + ["--root-certificates", str(check_certs(certs, server=False)[CA_CERT]),
+                  "--auth-supernode-private-key", str(Path(key).resolve())]
+
+
+def start_hospital(
+    config_file: Path, site: str, server: str, certs: Path | None, key: Path | None, home: Path,
+    insecure: bool, log: Path | None = None,
+) -> subprocess.Popen:
+    """Start a SuperNode for `site` of the run config `config_file` (already resolved and validated)."""
+    for ch in '" ':
+        if ch in str(config_file) or ch in site:
+            raise DeployError(f"--site / config path: '{site}' / '{config_file}' may hold no spaces or quotes")
+    cmd = supernode_command(
+        server, certs, key, {"privmed-config": str(Path(config_file).resolve()), "privmed-site": site},
+        free_port(), insecure,
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    out = open(log, "ab") if log else None  # noqa: SIM115
+    return subprocess.Popen(cmd, env=flower_env(home), cwd=home, start_new_session=True,
+                            stdout=out, stderr=subprocess.STDOUT if out else None)
+
+
+# ------------------------------------------------------------------------ runs
+
+
+def write_app(home: Path) -> Path:
+    app = home / "app"
+    io.write_text(app / "pyproject.toml", APP_PYPROJECT)
+    return app
+
+
+def submit_run(
+    server: str, certs: Path | None, insecure: bool, home: Path, config_file: Path, run_dir: Path,
+    resume: bool,
+) -> int:
+    """Start a run of privmed's Flower app on the SuperLink at `server`; returns its run id."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    fab_bytes = build_fab_from_disk(write_app(home))
+    fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+    overrides = {
+        "privmed-config": str(Path(config_file).resolve()),
+        "run-dir": str(Path(run_dir).resolve()),
+        "resume": "true" if resume else "false",
+    }
+    client = control_client(server, certs, insecure)
+    res = client.StartRun(StartRunRequest(
+        fab=fab_to_proto(fab), override_config=user_config_to_proto(overrides), federation=""
+    ))
+    return int(res.run_id)
+
+
+def wait_run(
+    server: str, certs: Path | None, insecure: bool, run_id: int, timeout: float | None = None,
+    tick: Callable[[], None] | None = None,
+) -> tuple[str, str]:
+    """Poll the run until it finishes: (sub_status, details); sub_status is 'completed' when it
+    ended well."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    client = control_client(server, certs, insecure)
+    end = None if timeout is None else time.monotonic() + timeout
+    while end is None or time.monotonic() < end:
+        run = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        if run.status.status == "finished":
+            return run.status.sub_status, run.status.details
+        if tick is not None:
+            tick()
+        time.sleep(1.0)
+    raise DeployError(f"run {run_id} did not finish within {timeout:g} s")

@@ -1,0 +1,131 @@
+"""`privmed certs | keys | serve | join` and `privmed run --runner flower` (see the README)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from privmed import io
+from privmed.config import RunConfig, load_config
+from privmed.errors import PrivmedError
+
+
+def _warn_insecure(args) -> None:  # noqa: ANN001
+    if getattr(args, "insecure", False):
+        from privmed.federation.flower.deploy import INSECURE_WARNING
+
+        print(INSECURE_WARNING, file=sys.stderr)
+
+
+def _need(args, *names: str) -> None:  # noqa: ANN001
+    for n in names:
+        if getattr(args, n) is None and not (n in ("certs", "key") and args.insecure):
+            raise PrivmedError(f"privmed {args.command}: --{n} is required")
+
+
+def certs(args) -> int:  # noqa: ANN001
+    from privmed.federation.flower.credentials import make_certificates
+
+    files = make_certificates(args.dir, args.names)
+    print("\n".join(str(f) for f in files))
+    print(f"give {files[0]} to every hospital; keep the keys here")
+    return 0
+
+
+def keys(args) -> int:  # noqa: ANN001
+    from privmed.federation.flower.credentials import make_node_keys
+
+    private, public = make_node_keys(args.dir, args.name)
+    print(f"{private}  (stays at the hospital: privmed join ... --key {private})")
+    print(f"{public}  (goes to the coordinator: privmed serve --keys DIR)")
+    return 0
+
+
+def serve(args) -> int:  # noqa: ANN001
+    from privmed.federation.flower import deploy
+
+    _need(args, "certs")
+    _warn_insecure(args)
+    home = deploy.home_dir(args.home)
+    coord = deploy.start_coordinator(args.certs, args.address, home, deploy.public_keys(args.keys), args.insecure)
+    names = "none (node authentication is off)" if args.insecure else (", ".join(coord.registered) or "none")
+    print(f"coordinator listening on {args.address} (Flower SuperLink, pid {coord.proc.pid}); "
+          f"hospitals registered: {names}", flush=True)
+    try:
+        return coord.proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        deploy.stop_process(coord.proc)
+
+
+def _resolved_config(cfg: RunConfig, home: Path, kind: str) -> Path:
+    """Write the resolved config (overrides applied) where Flower's processes read it."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = home / "configs" / f"{kind}-{cfg.name or 'run'}-{digest}.yaml"
+    io.write_text(path, text)
+    return path
+
+
+def join(args) -> int:  # noqa: ANN001
+    from privmed.federation.experiment import prepare_site
+    from privmed.federation.flower import deploy
+
+    _need(args, "server", "certs", "key")
+    _warn_insecure(args)
+    cfg = load_config(args.config, args.overrides)
+    site = prepare_site(cfg, args.site)  # bad config or site: a clear error before anything starts
+    print(f"site '{args.site}': {site.n_train} training items", flush=True)
+    home = deploy.home_dir(args.home)
+    path = _resolved_config(cfg, home, f"site-{args.site}")
+    proc = deploy.start_hospital(path, args.site, args.server, args.certs, args.key, home, args.insecure)
+    print(f"hospital '{args.site}' joining {args.server} (Flower SuperNode, pid {proc.pid})", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        deploy.stop_process(proc)
+
+
+def run(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
+    """Submit the run to the coordinator at --server, follow it, and return its summary."""
+    from privmed.federation.experiment import prepare_experiment
+    from privmed.federation.flower import deploy
+    from privmed.federation.rundir import RunDir
+
+    _need(args, "server", "certs")
+    _warn_insecure(args)
+    resume = args.resume and (out / "config.yaml").exists()
+    run_dir = RunDir.check_resume(out, cfg) if resume else RunDir.check_new(out)
+    prepare_experiment(cfg, noise=run_dir.privacy_noise() if resume else None)  # validate first
+    home = deploy.home_dir(args.home)
+    path = _resolved_config(cfg, home, "run")
+    run_id = deploy.submit_run(args.server, args.certs, args.insecure, home, path, out, resume)
+    bar = tqdm(total=cfg.federation.rounds, desc=f"{cfg.name or 'run'} [flower run {run_id}]",
+               unit="round", disable=args.quiet, dynamic_ncols=True)
+
+    def tick() -> None:
+        metrics = out / "metrics.jsonl"
+        done = metrics.read_text().count("\n") if metrics.is_file() else 0
+        bar.update(max(0, done - bar.n))
+
+    try:
+        status, details = deploy.wait_run(args.server, args.certs, args.insecure, run_id, tick=tick)
+    finally:
+        bar.close()
+    if status != "completed":
+        raise PrivmedError(
+            f"flower run {run_id} {status}: {details or 'no details'}; the coordinator's log says "
+            f"why, and completed rounds are in {out} (continue with --resume)"
+        )
+    summary = out / "summary.json"
+    if not summary.is_file():
+        raise PrivmedError(f"flower run {run_id} completed but wrote no {summary}")
+    return json.loads(summary.read_text())
