@@ -20,7 +20,8 @@ from privmed.errors import ConfigError
 from privmed.federation.experiment import prepare_experiment, prepare_site
 from privmed.federation.flower.coordinator import FlowerSites
 from privmed.federation.flower.secagg import LocalGrid, in_process_identity, quantization_bound
-from privmed.federation.flower.site_app import SiteEndpoint, make_client_app
+from privmed.federation.flower.site_app import make_client_app
+from privmed.federation.flower.site_service import SiteEndpoint
 from privmed.federation.runner import RoundFailed, run_in_process
 from privmed.federation.strategies import GLOBAL, contribution
 from privmed.federation.transport import InProcessSites

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -13,6 +16,18 @@ from tqdm import tqdm
 from privmed import io
 from privmed.config import RunConfig, load_config
 from privmed.errors import PrivmedError
+
+
+REJOIN_SECONDS = 3.0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends `serve` and `join` as Ctrl-C does: the Flower processes they started go too."""
+
+    def handler(signum, frame):  # noqa: ANN001, ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _warn_insecure(args) -> None:  # noqa: ANN001
@@ -52,6 +67,7 @@ def serve(args) -> int:  # noqa: ANN001
     _need(args, "certs")
     _warn_insecure(args)
     home = deploy.home_dir(args.home)
+    _stop_on_sigterm()
     coord = deploy.start_coordinator(args.certs, args.address, home, deploy.public_keys(args.keys), args.insecure)
     names = "none (node authentication is off)" if args.insecure else (", ".join(coord.registered) or "none")
     print(f"coordinator listening on {args.address} (Flower SuperLink, pid {coord.proc.pid}); "
@@ -74,24 +90,36 @@ def _resolved_config(cfg: RunConfig, home: Path, kind: str) -> Path:
 
 
 def join(args) -> int:  # noqa: ANN001
+    """The hospital's process holds its site (data, model) for as long as it runs; the SuperNode's
+    short-lived ClientApp processes relay each message to it."""
     from privmed.federation.experiment import prepare_site
     from privmed.federation.flower import deploy
+    from privmed.federation.flower.site_service import SiteEndpoint, serve_site
 
     _need(args, "server", "certs", "key")
     _warn_insecure(args)
     cfg = load_config(args.config, args.overrides)
     site = prepare_site(cfg, args.site)  # bad config or site: a clear error before anything starts
-    print(f"site '{args.site}': {site.n_train} training items", flush=True)
     home = deploy.home_dir(args.home)
-    path = _resolved_config(cfg, home, f"site-{args.site}")
-    proc = deploy.start_hospital(path, args.site, args.server, args.certs, args.key, home, args.insecure)
-    print(f"hospital '{args.site}' joining {args.server} (Flower SuperNode, pid {proc.pid})", flush=True)
+    sock = home / "sockets" / f"{args.site}-{os.getpid()}.sock"
+    _stop_on_sigterm()
+    serve_site(SiteEndpoint(site, cfg.seed), sock)
+    proc = None
     try:
-        return proc.wait()
+        while True:  # Flower's SuperNode ends when it loses the coordinator: start it again
+            proc = deploy.start_hospital(args.site, sock, args.server, args.certs, args.key, home, args.insecure)
+            print(f"hospital '{args.site}' ({site.n_train} training items) joining {args.server} "
+                  f"(Flower SuperNode, pid {proc.pid})", flush=True)
+            code = proc.wait()
+            print(f"the SuperNode ended (exit code {code}); joining again in {REJOIN_SECONDS:g} s "
+                  "(Ctrl-C to stop)", flush=True)
+            time.sleep(REJOIN_SECONDS)
     except KeyboardInterrupt:
         return 0
     finally:
-        deploy.stop_process(proc)
+        if proc is not None:
+            deploy.stop_process(proc)
+        sock.unlink(missing_ok=True)
 
 
 def run(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001

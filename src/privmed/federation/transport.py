@@ -69,7 +69,8 @@ class InProcessSites:
         """A Flower LocalGrid with one node per site (node ids 1001, 1002, ... in site order)."""
         if self._grid is None:
             from privmed.federation.flower.secagg import LocalGrid
-            from privmed.federation.flower.site_app import SiteEndpoint, make_client_app
+            from privmed.federation.flower.site_app import make_client_app
+            from privmed.federation.flower.site_service import SiteEndpoint
 
             node_of, apps = {}, {}
             for i, (name, site) in enumerate(self.exp.trainers.items()):

@@ -28,6 +28,45 @@ CONNECT_TIMEOUT = 600.0  # seconds to wait for the sites to connect at the start
 POLL = 0.5
 
 
+class PollingGrid(Grid):
+    """The SuperLink's Grid, with `send_and_receive` polling for replies every `interval` seconds
+    (Flower's waits 3 s between pulls, which is most of a round's time on small models)."""
+
+    def __init__(self, grid: Grid, interval: float = 0.1):
+        self.inner, self.interval = grid, interval
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self):  # noqa: ANN201
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        waiting = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        out: list[Message] = []
+        while waiting and (end is None or time.monotonic() < end):
+            got = list(self.pull_messages(waiting))
+            out += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                time.sleep(self.interval)
+        return out
+
+
 class FlowerSites:
     """The experiment's sites, each a SuperNode reached through `grid`. A node says which site it
     serves when asked ('query.describe'); a site whose node failed is looked up again before its
@@ -82,8 +121,8 @@ class FlowerSites:
 
     # ------------------------------------------------------------------ training
     def train_stage(self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None) -> StageOutcome:
-        if any(t.site not in self.node_of for t in tasks):
-            self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=self.timeout or 10.0)
+        if any(t.site not in self.node_of for t in tasks):  # a site that dropped may be back
+            self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=0)
         reachable = [t for t in tasks if t.site in self.node_of]
         dropped = [t.site for t in tasks if t.site not in self.node_of]
         if secure is not None:
@@ -101,7 +140,7 @@ class FlowerSites:
 
     def finetune(self, task: TrainTask, rnd: int, steps: int) -> SiteUpdate:
         if task.site not in self.node_of:
-            self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=self.timeout or 10.0)
+            self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=0)
         got = self._send([task], rnd, steps=steps, purpose="finetune")
         if task.site not in got:
             raise StageFailed(f"site '{task.site}' did not answer its fine-tuning instruction")
@@ -145,4 +184,4 @@ def main(grid: Grid, context: Context) -> None:
     path = str(rc["privmed-config"])
     cfg = validate_config(read_yaml(path), source=path)
     resume = str(rc.get("resume", "false")).lower() == "true"
-    run(cfg, str(rc["run-dir"]), resume=resume, sites=lambda exp: FlowerSites(exp, grid))
+    run(cfg, str(rc["run-dir"]), resume=resume, sites=lambda exp: FlowerSites(exp, PollingGrid(grid)))

@@ -115,9 +115,28 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
     raise DeployError(f"nothing listens on {host}:{port} after {timeout:g} s")
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """End `proc` and its process group (Flower's SuperExec and app processes): SIGTERM, then
-    SIGKILL after `grace` seconds."""
+    """End `proc`, its process group and every process below it (Flower's SuperExec, which the
+    SuperLink starts in a session of its own, and the app processes): SIGTERM, then SIGKILL after
+    `grace` seconds."""
+    below = descendants(proc.pid)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         if proc.poll() is not None:
             break
@@ -129,10 +148,12 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait(wait)
         except subprocess.TimeoutExpired:
             continue
-    try:  # children left in the group (e.g. a ClientApp still running)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    for pid in [proc.pid] + below:  # whatever is left, in the group or below it
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 # ------------------------------------------------------------------------ coordinator
@@ -207,7 +228,13 @@ def start_coordinator(
     try:
         host, port = parse_address(address)
         wait_for_port(host, port, timeout, proc)
-        registered = register_keys(control_client(address, certs, insecure), keys) if keys else {}
+        registered = {}
+        if keys:
+            client = control_client(address, certs, insecure)
+            try:
+                registered = register_keys(client, keys)
+            finally:
+                client.close()
     except BaseException:
         stop_process(proc)
         raise
@@ -234,15 +261,15 @@ def supernode_command(
 
 
 def start_hospital(
-    config_file: Path, site: str, server: str, certs: Path | None, key: Path | None, home: Path,
+    site: str, socket_path: Path, server: str, certs: Path | None, key: Path | None, home: Path,
     insecure: bool, log: Path | None = None,
 ) -> subprocess.Popen:
-    """Start a SuperNode for `site` of the run config `config_file` (already resolved and validated)."""
+    """Start the SuperNode of `site`, whose ClientApps relay to the site's process at `socket_path`."""
     for ch in '" ':
-        if ch in str(config_file) or ch in site:
-            raise DeployError(f"--site / config path: '{site}' / '{config_file}' may hold no spaces or quotes")
+        if ch in str(socket_path) or ch in site:
+            raise DeployError(f"--site / --home: '{site}' / '{socket_path}' may hold no spaces or quotes")
     cmd = supernode_command(
-        server, certs, key, {"privmed-config": str(Path(config_file).resolve()), "privmed-site": site},
+        server, certs, key, {"privmed-socket": str(Path(socket_path).resolve()), "privmed-site": site},
         free_port(), insecure,
     )
     home.mkdir(parents=True, exist_ok=True)
@@ -278,9 +305,12 @@ def submit_run(
         "resume": "true" if resume else "false",
     }
     client = control_client(server, certs, insecure)
-    res = client.StartRun(StartRunRequest(
-        fab=fab_to_proto(fab), override_config=user_config_to_proto(overrides), federation=""
-    ))
+    try:
+        res = client.StartRun(StartRunRequest(
+            fab=fab_to_proto(fab), override_config=user_config_to_proto(overrides), federation=""
+        ))
+    finally:
+        client.close()
     return int(res.run_id)
 
 
@@ -294,11 +324,14 @@ def wait_run(
 
     client = control_client(server, certs, insecure)
     end = None if timeout is None else time.monotonic() + timeout
-    while end is None or time.monotonic() < end:
-        run = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
-        if run.status.status == "finished":
-            return run.status.sub_status, run.status.details
-        if tick is not None:
-            tick()
-        time.sleep(1.0)
+    try:
+        while end is None or time.monotonic() < end:
+            run = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+            if run.status.status == "finished":
+                return run.status.sub_status, run.status.details
+            if tick is not None:
+                tick()
+            time.sleep(1.0)
+    finally:
+        client.close()
     raise DeployError(f"run {run_id} did not finish within {timeout:g} s")

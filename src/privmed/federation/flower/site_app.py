@@ -1,8 +1,10 @@
-"""The site's side: a Flower ClientApp around one `privmed.federation.site.Site`.
+"""The site's side in Flower: a ClientApp whose handlers hand each training instruction to the
+site's `SiteEndpoint` (privmed.federation.flower.site_service).
 
-The same `SiteEndpoint` answers the coordinator in a deployment (a SuperNode runs `app`, which
-builds the site from the node's config: `privmed join CONFIG --site NAME`) and, under secure
-aggregation, in the in-process runner (privmed.federation.flower.secagg.LocalGrid).
+In a deployment a SuperNode starts a new ClientApp process for every message (Flower 1.41 has no
+setting that keeps one alive), so this module stays light (no torch): its `app` relays each message
+over a Unix socket to the `privmed join` process, which holds the site's data and model for the
+whole run. In the in-process runner (secure aggregation) the handlers call the endpoint directly.
 
 Message types: `train` (SecAgg+; `secaggplus_mod` masks the reply), `train.plain` (the reply is
 the trained weights), `query.describe` (which site this node serves).
@@ -10,59 +12,40 @@ the trained weights), `query.describe` (which site this node serves).
 
 from __future__ import annotations
 
-import threading
-from typing import Callable
+import socket
+import struct
+from typing import Callable, Protocol
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-
-from privmed.federation.flower import messages as M
-from privmed.federation.site import Site, derive_seed
-from privmed.federation.strategies import contribution
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 
-class SiteEndpoint:
-    """Answers training instructions for one site."""
+class Endpoint(Protocol):
+    def describe(self) -> dict: ...
 
-    def __init__(self, site: Site, seed: int):
-        self.site, self.seed = site, seed
-
-    def describe(self) -> dict:
-        return {"site": self.site.name, "n_train": self.site.n_train}
-
-    def train(self, msg: Message) -> Message:
-        ins = M.decode_instruction(msg.content)
-        if ins.task.site != self.site.name:
-            raise ValueError(f"node serves site '{self.site.name}', got an instruction for '{ins.task.site}'")
-        update = self.site.train(ins.task, ins.rnd, steps=ins.steps, purpose=ins.purpose)
-        if not ins.secure:
-            return Message(M.encode_update(update, update.weights, update.n_samples), reply_to=msg)
-        arrays = contribution(ins.task.weights, update.weights, ins.clip)
-        weight = update.n_samples if ins.weighting == "samples" else 1
-        # SecAgg+ scales the contribution by its weight share and clips each entry to the range
-        # before quantising; say how many entries that clipped (a count, no values).
-        share = weight / ins.max_weight
-        clipped = int(sum(np.count_nonzero(np.abs(a * share) > ins.clipping_range) for a in arrays))
-        update.metrics["secagg_clipped"] = clipped
-        # SecAgg+ rounds stochastically with numpy's global generator: seed it from (seed, round,
-        # site) so that the run reproduces (the masks, drawn from os.urandom, cancel exactly).
-        np.random.seed(derive_seed(self.seed, "secagg", ins.rnd, self.site.name) % 2**32)
-        return Message(M.encode_update(update, arrays, weight), reply_to=msg)
+    def train(self, content: RecordDict) -> tuple[RecordDict, int | None]:
+        """The reply's content, and the seed for SecAgg+'s stochastic rounding (None: plain)."""
+        ...
 
 
-def make_client_app(endpoint_for: Callable[[Context], SiteEndpoint]) -> ClientApp:
+def make_client_app(endpoint_for: Callable[[Context], Endpoint]) -> ClientApp:
     """A ClientApp whose handlers ask `endpoint_for(context)` for the site to use."""
     app = ClientApp()
 
-    @app.train(mods=[secaggplus_mod])
-    def train_secure(msg: Message, context: Context) -> Message:
-        return endpoint_for(context).train(msg)
+    def train(msg: Message, context: Context) -> Message:
+        content, seed = endpoint_for(context).train(msg.content)
+        if seed is not None:
+            # SecAgg+ rounds stochastically with numpy's global generator, in this process: seed
+            # it from (seed, round, site) so that the run reproduces (the masks cancel exactly)
+            np.random.seed(seed)
+        return Message(content, reply_to=msg)
 
-    @app.train("plain")
-    def train_plain(msg: Message, context: Context) -> Message:
-        return endpoint_for(context).train(msg)
+    app.train(mods=[secaggplus_mod])(train)
+    app.train("plain")(train)
 
     @app.query("describe")
     def describe(msg: Message, context: Context) -> Message:
@@ -72,29 +55,72 @@ def make_client_app(endpoint_for: Callable[[Context], SiteEndpoint]) -> ClientAp
     return app
 
 
-# ---------------------------------------------------------------------------- deployment
+# ---------------------------------------------------------------------------- relay
 
-_cache: dict[tuple, SiteEndpoint] = {}
-_lock = threading.Lock()
-
-
-def _endpoint_from_node(context: Context) -> SiteEndpoint:
-    """The site this SuperNode serves, built once per process from its node config: `privmed join`
-    sets 'privmed-config' (the path of the resolved run config it wrote) and 'privmed-site'."""
-    path = str(context.node_config["privmed-config"])
-    name = str(context.node_config["privmed-site"])
-    with _lock:
-        if (path, name) not in _cache:
-            _cache[(path, name)] = build_endpoint(path, name)
-        return _cache[(path, name)]
+OP_DESCRIBE, OP_TRAIN = b"d", b"t"
+OK, ERR = b"o", b"e"
 
 
-def build_endpoint(config_path: str, name: str) -> SiteEndpoint:
-    from privmed.config import read_yaml, validate_config
-    from privmed.federation.experiment import prepare_site
-
-    cfg = validate_config(read_yaml(config_path), source=config_path)
-    return SiteEndpoint(prepare_site(cfg, name), cfg.seed)
+def send_frame(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(struct.pack("!Q", len(data)) + data)
 
 
-app = make_client_app(_endpoint_from_node)
+def recv_frame(sock: socket.socket) -> bytes:
+    head = _recv_exact(sock, 8)
+    return _recv_exact(sock, struct.unpack("!Q", head)[0])
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError("the site's process closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def encode_content(content: RecordDict) -> bytes:
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def decode_content(data: bytes) -> RecordDict:
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
+class RelayEndpoint:
+    """Forwards to the `privmed join` process listening on a Unix socket."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _call(self, op: bytes, payload: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(self.path)
+            except OSError as e:
+                raise ConnectionError(f"the site's process is not listening on {self.path}: {e}") from None
+            send_frame(s, op + payload)
+            reply = recv_frame(s)
+        if reply[:1] == ERR:
+            raise RuntimeError(reply[1:].decode("utf-8", "replace"))
+        return reply[1:]
+
+    def describe(self) -> dict:
+        import json
+
+        return json.loads(self._call(OP_DESCRIBE, b""))
+
+    def train(self, content: RecordDict) -> tuple[RecordDict, int | None]:
+        reply = self._call(OP_TRAIN, encode_content(content))
+        seed = struct.unpack("!q", reply[:8])[0]
+        return decode_content(reply[8:]), (None if seed < 0 else seed)
+
+
+def _relay_for(context: Context) -> RelayEndpoint:
+    return RelayEndpoint(str(context.node_config["privmed-socket"]))
+
+
+app = make_client_app(_relay_for)

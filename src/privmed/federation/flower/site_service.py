@@ -1,0 +1,99 @@
+"""A site's training behind Flower: `SiteEndpoint` answers the coordinator's instructions with the
+site's `privmed.federation.site.Site`; `serve_site` makes it reachable, for the whole run, from the
+short-lived ClientApp processes of the site's SuperNode (over a Unix socket only the site's user
+can open).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+
+from flwr.app import RecordDict
+
+from privmed.federation.flower import messages as M
+from privmed.federation.flower.site_app import (
+    ERR, OK, OP_DESCRIBE, OP_TRAIN, decode_content, encode_content, recv_frame, send_frame,
+)
+from privmed.federation.site import Site, derive_seed
+from privmed.federation.strategies import contribution
+
+
+class SiteEndpoint:
+    """Answers training instructions for one site."""
+
+    def __init__(self, site: Site, seed: int):
+        self.site, self.seed = site, seed
+        self._lock = threading.Lock()  # one training at a time
+
+    def describe(self) -> dict:
+        return {"site": self.site.name, "n_train": self.site.n_train}
+
+    def train(self, content: RecordDict) -> tuple[RecordDict, int | None]:
+        ins = M.decode_instruction(content)
+        if ins.task.site != self.site.name:
+            raise ValueError(f"this node serves site '{self.site.name}', got an instruction for '{ins.task.site}'")
+        with self._lock:
+            update = self.site.train(ins.task, ins.rnd, steps=ins.steps, purpose=ins.purpose)
+        if not ins.secure:
+            return M.encode_update(update, update.weights, update.n_samples), None
+        arrays = contribution(ins.task.weights, update.weights, ins.clip)
+        weight = update.n_samples if ins.weighting == "samples" else 1
+        # SecAgg+ scales the contribution by its weight share and clips each entry to the range
+        # before quantising; say how many entries that clipped (a count, no values)
+        share = weight / ins.max_weight
+        update.metrics["secagg_clipped"] = int(
+            sum(int((abs(a * share) > ins.clipping_range).sum()) for a in arrays)
+        )
+        seed = derive_seed(self.seed, "secagg", ins.rnd, self.site.name) % 2**32
+        return M.encode_update(update, arrays, weight), seed
+
+
+def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
+    """Answer relayed messages on the Unix socket `path` (created owner-only) in a daemon thread."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    path.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old)
+    server.listen(16)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                request = recv_frame(conn)
+                op, payload = request[:1], request[1:]
+                if op == OP_DESCRIBE:
+                    reply = OK + json.dumps(endpoint.describe()).encode()
+                elif op == OP_TRAIN:
+                    content, seed = endpoint.train(decode_content(payload))
+                    reply = OK + struct.pack("!q", -1 if seed is None else seed) + encode_content(content)
+                else:
+                    reply = ERR + f"unknown operation {op!r}".encode()
+            except Exception as e:  # noqa: BLE001 - the error goes back to the ClientApp
+                reply = ERR + f"{type(e).__name__}: {e}".encode()
+            try:
+                send_frame(conn, reply)
+            except OSError:
+                pass
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=loop, name=f"privmed-site-{endpoint.site.name}", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,197 @@
+"""The Flower runner across real processes on loopback, as the README tells a coordinator and its
+hospitals to run it: TLS and node authentication on, `privmed serve`, `privmed join` per hospital,
+`privmed run --runner flower`. Every process a test starts is stopped by its id (and its process
+group) at the end.
+
+Slow by nature (Flower starts a process for every message): a few minutes in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import tiny_config
+
+import privmed
+from privmed.config import validate_config
+from privmed.federation.flower.deploy import free_port, stop_process
+
+pytestmark = pytest.mark.slow
+
+
+def _privmed(*args: str, log: Path | None = None, **kw) -> subprocess.Popen:
+    out = open(log, "ab") if log else subprocess.PIPE  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "privmed", *args], stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, **kw)
+
+
+def _wait_for(path: Path, text: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args} ended ({proc.returncode}):\n{path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"'{text}' not in {path} after {timeout} s:\n{path.read_text(errors='replace')[-3000:]}")
+
+
+class Federation:
+    """A coordinator and hospitals on loopback, each in its own process group."""
+
+    def __init__(self, root: Path, sites: list[str]):
+        self.root, self.sites = root, sites
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.address = f"127.0.0.1:{free_port()}"
+        subprocess.run([sys.executable, "-m", "privmed", "certs", str(root / "certs")], check=True,
+                       capture_output=True)
+        for s in sites:
+            subprocess.run([sys.executable, "-m", "privmed", "keys", str(root / "keys"), "--name", s],
+                           check=True, capture_output=True)
+
+    def log(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def serve(self) -> None:
+        self.procs["coordinator"] = p = _privmed(
+            "serve", "--certs", str(self.root / "certs"), "--keys", str(self.root / "keys"),
+            "--address", self.address, "--home", str(self.root / "home"), log=self.log("coordinator"),
+        )
+        _wait_for(self.log("coordinator"), "coordinator listening", 60, p)
+
+    def join(self, config: Path, site: str) -> None:
+        self.procs[site] = _privmed(
+            "join", str(config), "--site", site, "--server", self.address,
+            "--certs", str(self.root / "certs"), "--key", str(self.root / "keys" / site),
+            "--home", str(self.root / f"home-{site}"), log=self.log(site),
+        )
+
+    def run(self, config: Path, out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "privmed", "run", str(config), "--runner", "flower", "--server",
+             self.address, "--certs", str(self.root / "certs"), "--home", str(self.root / "home"),
+             "--out", str(out), "--quiet", *extra],
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    def stop(self, name: str) -> None:
+        stop_process(self.procs.pop(name), grace=5)
+
+    def kill(self, name: str) -> None:
+        """A hospital that dies: SIGKILL to its whole process group (privmed join, its SuperNode)."""
+        p = self.procs.pop(name)
+        from privmed.federation.flower.deploy import descendants
+
+        for pid in [p.pid] + descendants(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+@pytest.fixture
+def federation(tmp_path):
+    feds = []
+
+    def make(sites):
+        fed = Federation(tmp_path, sites)
+        feds.append(fed)
+        return fed
+
+    yield make
+    for fed in feds:
+        fed.close()
+
+
+def _config(tmp_path: Path, name: str, **over) -> Path:
+    cfg = tiny_config(**{"data__samples_per_site": 60, "federation__secure_aggregation": True, **over})
+    cfg["name"] = name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_coordinator_and_three_hospitals_with_secagg_then_a_restart_resumes(federation, tmp_path):
+    sites = ["site-1", "site-2", "site-3"]
+    config = _config(tmp_path, "flower")
+    fed = federation(sites)
+    fed.serve()
+    for s in sites:
+        fed.join(config, s)
+    out = tmp_path / "run"
+    res = fed.run(config, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # the run directory, as the in-process runner writes it
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "predictions.npz", "model.pt",
+              "report.html", "checkpoints/round-0002.pt"):
+        assert (out / f).is_file(), f
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["secure_aggregation"]["protocol"].startswith("SecAgg+")
+    assert summary["rounds_completed"] == 2
+
+    # parity: the same config and seed in one process gives the same result. SecAgg+ rounds with
+    # seeded stochastic rounding and its masks cancel exactly, so the tolerance is float noise.
+    local = privmed.run(validate_config(yaml.safe_load(config.read_text())), report=False)
+    for key, value in local.summary["test"].items():
+        assert summary["test"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert "report" in res.stdout and "AUC" in res.stdout
+
+    # the coordinator restarts; the hospitals reconnect; the run resumes from its run directory
+    fed.stop("coordinator")
+    fed.serve()
+    longer = _config(tmp_path, "flower", federation__rounds=3)
+    res = fed.run(longer, out, "--resume")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    local3 = privmed.run(validate_config(yaml.safe_load(longer.read_text())), report=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["auc"] == pytest.approx(local3.summary["test"]["auc"], rel=1e-6)
+
+
+def test_a_hospital_killed_mid_round_out_of_five(federation, tmp_path):
+    sites = [f"site-{i}" for i in range(1, 6)]
+    config = _config(
+        tmp_path, "kill", sites__count=5, data__samples_per_site=40, federation__rounds=2,
+        federation__min_sites=4, federation__round_timeout=30.0,
+    )
+    fed = federation(sites)
+    fed.serve()
+    for s in sites:
+        fed.join(config, s)
+    out = tmp_path / "run"
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "privmed", "run", str(config), "--runner", "flower", "--server",
+         fed.address, "--certs", str(tmp_path / "certs"), "--home", str(tmp_path / "home"),
+         "--out", str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        _wait_for(out / "metrics.jsonl", '"round": 1', 600, runner)
+        fed.kill("site-4")  # round 2 has just started
+        stdout, _ = runner.communicate(timeout=600)
+    finally:
+        stop_process(runner, grace=5)
+    assert runner.returncode == 0, stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert "dropped" not in rows[0]
+    assert rows[1]["dropped"] == ["site-4"]
+    assert sorted(rows[1]["train_loss"]) == ["site-1", "site-2", "site-3", "site-5"]
+    assert np.isfinite(json.loads((out / "summary.json").read_text())["test"]["auc"])
