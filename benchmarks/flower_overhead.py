@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import privmed  # noqa: E402
 from privmed.config import validate_config  # noqa: E402
 from privmed.federation.flower.deploy import free_port, stop_process  # noqa: E402

@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 SITES=${1:-3}
 ROUNDS=${2:-2}
 PRIVMED=${PRIVMED:-$PWD/.venv/bin/privmed}
+PYTHON=$(dirname "$PRIVMED")/python
 [ "$(id -u)" = 0 ] || { echo "netns_federation.sh: needs root (ip netns)" >&2; exit 2; }
 command -v ip >/dev/null || { echo "netns_federation.sh: needs iproute2 (apt-get install iproute2)" >&2; exit 2; }
 [ -x "$PRIVMED" ] || { echo "netns_federation.sh: $PRIVMED not found; run bash setup.sh first" >&2; exit 2; }
@@ -27,7 +28,10 @@ NSS=()
 
 cleanup() {
   for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
-  sleep 2
+  for _ in $(seq 1 30); do  # up to 15 s for privmed to stop the Flower processes it started
+    alive=0; for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break; sleep 0.5
+  done
   for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   for ns in "${NSS[@]}"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true; ip netns del "$ns" 2>/dev/null || true; done
   ip link del "$BR" 2>/dev/null || true
@@ -73,7 +77,7 @@ grep -q "coordinator listening" "$WORK/coordinator.log" || { cat "$WORK/coordina
 
 for i in $(seq 1 "$SITES"); do
   # a hospital reaches the coordinator only through its veth and the bridge
-  ip netns exec "pm-site$i" ping -c1 -W2 "$COORD_IP" >/dev/null
+  ip netns exec "pm-site$i" "$PYTHON" -c "import socket; socket.create_connection(('$COORD_IP', $PORT), timeout=5).close()"
   setsid ip netns exec "pm-site$i" "$PRIVMED" join "$WORK/config.yaml" --site "site-$i" \
     --server "$COORD_IP:$PORT" --certs "$WORK/certs" --key "$WORK/keys/site-$i" \
     --home "$WORK/home-site-$i" >"$WORK/site-$i.log" 2>&1 &

@@ -140,3 +140,56 @@ def test_run_and_report(tmp_path):
     (out / "report.html").unlink()
     r = privmed("report", out)
     assert r.returncode == 0 and (out / "report.html").exists()
+
+
+# ---------------------------------------------------------------- across machines (Flower)
+
+
+def test_certs_and_keys_are_valid_for_tls_and_node_authentication(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    r = privmed("certs", tmp_path / "certs", "--name", "coord.example.org", "--name", "10.0.0.5")
+    assert r.returncode == 0, r.stderr
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)  # signed by the CA
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    for secret in ("ca.key", "server.key"):
+        assert (tmp_path / "certs" / secret).stat().st_mode & 0o077 == 0  # owner only
+    again = privmed("certs", tmp_path / "certs")
+    assert again.returncode == 2 and "already exist" in again.stderr
+
+    r = privmed("keys", tmp_path / "keys", "--name", "site-1")
+    assert r.returncode == 0, r.stderr
+    key = serialization.load_ssh_private_key((tmp_path / "keys" / "site-1").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    pub = serialization.load_ssh_public_key((tmp_path / "keys" / "site-1.pub").read_bytes())
+    assert pub.public_numbers() == key.public_key().public_numbers()
+    assert (tmp_path / "keys" / "site-1").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve"], "--certs is required"),
+    (["serve", "--certs", "{tmp}/nowhere"], "ca.crt is missing"),
+    (["serve", "--certs", "{tmp}", "--address", "localhost"], "is not HOST:PORT"),
+    (["join", "{cfg}", "--site", "site-9", "--server", "127.0.0.1:1", "--certs", "{tmp}", "--key", "{tmp}/k"],
+     "'site-9' is not a site of this config"),
+    (["join", "{cfg}", "--site", "site-1", "--server", "127.0.0.1:1", "--key", "{tmp}/k"], "--certs is required"),
+    (["run", "{cfg}", "--runner", "flower", "--certs", "{tmp}"], "--server is required"),
+    (["run", "{cfg}", "--server", "127.0.0.1:1"], "--server, --certs and --insecure need --runner flower"),
+])
+def test_flower_commands_refuse_bad_input(tmp_path, args, message):
+    from privmed.federation.flower.credentials import make_certificates
+
+    make_certificates(tmp_path)
+    cfg = _write(tmp_path, tiny_config())
+    args = [a.format(tmp=tmp_path, cfg=cfg) for a in args]
+    r = privmed(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -22,7 +22,7 @@ from privmed.federation.flower.coordinator import FlowerSites
 from privmed.federation.flower.secagg import LocalGrid, in_process_identity, quantization_bound
 from privmed.federation.flower.site_app import make_client_app
 from privmed.federation.flower.site_service import SiteEndpoint
-from privmed.federation.runner import RoundFailed, run_in_process
+from privmed.federation.runner import RoundFailed
 from privmed.federation.strategies import GLOBAL, contribution
 from privmed.federation.transport import InProcessSites
 

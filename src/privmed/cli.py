@@ -245,6 +245,8 @@ def _main(argv: list[str] | None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         out = args.out or Path("runs") / cfg.name
+        if args.runner != "flower" and (args.server or args.certs or args.insecure):
+            raise PrivmedError("privmed run: --server, --certs and --insecure need --runner flower")
         if args.runner == "flower":
             from privmed import flower_cli
 

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import FitIns, parameters_to_ndarrays
+from flwr.common import parameters_to_ndarrays
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
