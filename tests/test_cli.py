@@ -156,8 +156,9 @@ def test_certs_and_keys_are_valid_for_tls_and_node_authentication(tmp_path):
     cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.crt").read_bytes())
     cert.verify_directly_issued_by(ca)  # signed by the CA
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["coord.example.org"]
-    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    # the hospitals' names, and loopback for the coordinator's own commands
+    assert san.get_values_for_type(x509.DNSName) == ["coord.example.org", "localhost"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1", "::1"]
     for secret in ("ca.key", "server.key"):
         assert (tmp_path / "certs" / secret).stat().st_mode & 0o077 == 0  # owner only
     again = privmed("certs", tmp_path / "certs")
@@ -181,6 +182,8 @@ def test_certs_and_keys_are_valid_for_tls_and_node_authentication(tmp_path):
     (["join", "{cfg}", "--site", "site-1", "--server", "127.0.0.1:1", "--key", "{tmp}/k"], "--certs is required"),
     (["run", "{cfg}", "--runner", "flower", "--certs", "{tmp}"], "--server is required"),
     (["run", "{cfg}", "--server", "127.0.0.1:1"], "--server, --certs and --insecure need --runner flower"),
+    (["run", "{cfg}", "--runner", "flower", "--server", "127.0.0.1:1", "--certs", "{tmp}", "--home", "{tmp}/home"],
+     "cannot reach the coordinator at 127.0.0.1:1"),
 ])
 def test_flower_commands_refuse_bad_input(tmp_path, args, message):
     from privmed.federation.flower.credentials import make_certificates
@@ -193,3 +196,11 @@ def test_flower_commands_refuse_bad_input(tmp_path, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_coordinator_commands_reach_a_wildcard_superlink_over_loopback():
+    from privmed.federation.flower.deploy import local_address
+
+    assert local_address("0.0.0.0:9092") == "127.0.0.1:9092"
+    assert local_address("[::]:9092") == "[::1]:9092"
+    assert local_address("10.0.0.5:9092") == "10.0.0.5:9092"

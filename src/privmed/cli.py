@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument(
         "--name", dest="names", action="append", metavar="HOST",
         help="a host name or IP address the hospitals reach the coordinator at (repeatable; "
-        "default: localhost, 127.0.0.1, ::1)",
+        "localhost, 127.0.0.1 and ::1 are always covered)",
     )
     keys = sub.add_parser(
         "keys", help="make a hospital's node-authentication key pair",

@@ -48,10 +48,12 @@ def _san(names: list[str]) -> list[x509.GeneralName]:
 
 
 def make_certificates(out: Path, names: list[str] | None = None, days: int = 365) -> list[Path]:
-    """Write a CA and a server certificate for `names` (host names and IP addresses; default
-    localhost, 127.0.0.1, ::1) into `out`. Refuses to overwrite existing files."""
+    """Write a CA and a server certificate for `names` (the host names and IP addresses the
+    hospitals reach the coordinator at) into `out`. The certificate always covers localhost,
+    127.0.0.1 and ::1 too: `privmed serve` and `privmed run` reach the SuperLink over loopback on
+    the coordinator's machine. Refuses to overwrite existing files."""
     out = Path(out)
-    names = list(dict.fromkeys(names or DEFAULT_NAMES))
+    names = list(dict.fromkeys([*(names or []), *DEFAULT_NAMES]))
     files = [out / f for f in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
     taken = [str(f) for f in files if f.exists()]
     if taken:

@@ -19,9 +19,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from privmed import io
 from privmed.errors import PrivmedError
@@ -172,13 +173,39 @@ def superlink_command(certs: Path | None, address: str, insecure: bool) -> list[
     ]
 
 
-def control_client(address: str, certs: Path | None, insecure: bool):  # noqa: ANN201
+@contextmanager
+def control(address: str, certs: Path | None, insecure: bool) -> Iterator:
+    """A client of the Control API of the SuperLink at `address`; a failed connection, TLS
+    check or request ends as one DeployError line."""
+    import httpx
     from flwr.supercore.control import ControlHttpClient
 
     root = None if insecure else check_certs(certs, server=False)[CA_CERT].read_bytes()
-    return ControlHttpClient.from_server_address(
+    client = ControlHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root, interceptors=[]
     )
+    try:
+        yield client
+    except httpx.HTTPStatusError as e:
+        text = " ".join(e.response.text.split())[:200]
+        raise DeployError(f"the coordinator at {address} refused the request: {e.response.status_code} {text}") from None
+    except httpx.HTTPError as e:
+        hint = (" (does the certificate from `privmed certs --name` cover this host?)"
+                if "CERTIFICATE" in str(e) else " (is `privmed serve` running there?)")
+        raise DeployError(f"cannot reach the coordinator at {address}: {e}{hint}") from None
+    finally:
+        client.close()
+
+
+def local_address(address: str) -> str:
+    """Where a process on the coordinator's machine reaches a SuperLink listening on `address`:
+    loopback when it listens on every interface."""
+    host, port = parse_address(address)
+    if host in ("0.0.0.0", ""):
+        return f"127.0.0.1:{port}"
+    if host == "::":
+        return f"[::1]:{port}"
+    return address
 
 
 def register_keys(client, keys: list[Path]) -> dict[str, int]:  # noqa: ANN001
@@ -226,15 +253,12 @@ def start_coordinator(
     proc = subprocess.Popen(cmd, env=flower_env(home), cwd=home, start_new_session=True,
                             stdout=out, stderr=subprocess.STDOUT if out else None)
     try:
-        host, port = parse_address(address)
-        wait_for_port(host, port, timeout, proc)
+        local = local_address(address)
+        wait_for_port(*parse_address(local), timeout, proc)
         registered = {}
         if keys:
-            client = control_client(address, certs, insecure)
-            try:
+            with control(local, certs, insecure) as client:
                 registered = register_keys(client, keys)
-            finally:
-                client.close()
     except BaseException:
         stop_process(proc)
         raise
@@ -304,13 +328,10 @@ def submit_run(
         "run-dir": str(Path(run_dir).resolve()),
         "resume": "true" if resume else "false",
     }
-    client = control_client(server, certs, insecure)
-    try:
+    with control(server, certs, insecure) as client:
         res = client.StartRun(StartRunRequest(
             fab=fab_to_proto(fab), override_config=user_config_to_proto(overrides), federation=""
         ))
-    finally:
-        client.close()
     return int(res.run_id)
 
 
@@ -322,9 +343,8 @@ def wait_run(
     ended well."""
     from flwr.proto.control_pb2 import ListRunsRequest
 
-    client = control_client(server, certs, insecure)
     end = None if timeout is None else time.monotonic() + timeout
-    try:
+    with control(server, certs, insecure) as client:
         while end is None or time.monotonic() < end:
             run = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
             if run.status.status == "finished":
@@ -332,6 +352,4 @@ def wait_run(
             if tick is not None:
                 tick()
             time.sleep(1.0)
-    finally:
-        client.close()
     raise DeployError(f"run {run_id} did not finish within {timeout:g} s")
