@@ -153,6 +153,40 @@ def test_a_site_dying_mid_round_is_dropped_and_the_round_completes(at):
     assert err <= bound + 1e-6  # + float32 rounding of the model
 
 
+class _LosingGrid(_DyingGrid):
+    """Node `victim`'s reply to its `at`-th message is lost; it answers again afterwards."""
+
+    def pull_messages(self, message_ids):
+        try:
+            return super().pull_messages(message_ids)
+        finally:
+            if self.victim in self.drop:
+                self.drop.discard(self.victim)
+                self.at = float("inf")
+
+
+def test_a_sum_over_fewer_than_min_sites_is_never_unmasked(monkeypatch):
+    # A site's masked update is lost (at collect masked vectors); 3 of 4 would satisfy SecAgg+'s
+    # threshold, but min_sites is 4: were that sum unmasked and the round retried with all 4, the
+    # coordinator would hold both sums and so, by their difference, the lost site's update.
+    from privmed.federation.flower.secagg import _SecAggPlus
+
+    unmasked = []
+    real = _SecAggPlus.unmask_stage
+
+    def counting(self, grid, context, state):
+        unmasked.append(sorted(state.active_node_ids))
+        return real(self, grid, context, state)
+
+    monkeypatch.setattr(_SecAggPlus, "unmask_stage", counting)
+    cfg = _cfg(sites__count=4, federation__min_sites=4, federation__rounds=1)
+    grid, sites = _flower_sites(cfg, _LosingGrid, victim=2003, at=4)
+    with in_process_identity(), pytest.warns(UserWarning, match="starting round 1 again"):
+        result = privmed.run(cfg, sites=sites)
+    assert result.summary["rounds_completed"] == 1
+    assert unmasked == [[2001, 2002, 2003, 2004]]  # one sum, over every site (the retry)
+
+
 def test_a_round_with_too_few_sites_is_retried_then_the_run_stops(tmp_path):
     cfg = _cfg(sites__count=4, federation__min_sites=4, federation__rounds=2, federation__round_retries=1)
     grid, sites = _flower_sites(cfg, _DyingGrid, victim=2002, at=6)  # dies at round 2's setup

@@ -32,7 +32,7 @@ from privmed.federation.experiment import Experiment
 from privmed.federation.rundir import RunDir
 from privmed.federation.site import set_weights
 from privmed.federation.strategies import GLOBAL, State, TrainTask
-from privmed.federation.transport import InProcessSites, Sites, StageFailed
+from privmed.federation.transport import InProcessSites, Sites, StageFailed, required_sites
 from privmed.privacy.accountants import Release
 from privmed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from privmed.privacy.plan import NO_PRIVACY, guarantee_statement
@@ -93,7 +93,7 @@ def _train_round(
         if bar is not None:
             bar.set_postfix_str(f"round {rnd}: training at {', '.join(stage)}")
         outcome = sites.train_stage(strategy.configure(models, stage), rnd, secure)
-        need = min(cfg.federation.min_sites or len(stage), len(stage))
+        need = required_sites(exp, len(stage))
         if len(outcome.updates) < need:
             raise StageFailed(
                 f"round {rnd}: {len(outcome.updates)} of {len(stage)} sites answered "

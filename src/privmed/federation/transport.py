@@ -34,6 +34,12 @@ class StageFailed(RuntimeError):
     """A stage ended with too few sites (below min_sites, or too few for secure aggregation)."""
 
 
+def required_sites(exp: Experiment, planned: int) -> int:
+    """How many of a stage's `planned` sites must answer for it to count (federation.min_sites;
+    default: all of them)."""
+    return min(exp.config.federation.min_sites or planned, planned)
+
+
 class Sites(Protocol):
     def train_stage(self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None) -> StageOutcome: ...
 
@@ -82,8 +88,9 @@ class InProcessSites:
 
 
 def secure_round(exp: Experiment, grid, node_of: dict[str, int], tasks: list[TrainTask], rnd: int,  # noqa: ANN001
-                 secure: SecureStrategy, timeout: float | None = None) -> SecureSum:
-    """One stage under SecAgg+ with the run's settings (shared by both runners)."""
+                 secure: SecureStrategy, timeout: float | None = None, planned: int | None = None) -> SecureSum:
+    """One stage under SecAgg+ with the run's settings (shared by both runners). `tasks`: the
+    reachable sites' instructions, of `planned` in the stage (default: all reachable)."""
     from privmed.federation.flower.secagg import secure_stage
 
     cfg = exp.config
@@ -92,4 +99,5 @@ def secure_round(exp: Experiment, grid, node_of: dict[str, int], tasks: list[Tra
         grid, node_of, tasks, rnd, cfg.federation, shares, threshold,
         n_samples={name: site.n_train for name, site in exp.trainers.items()},
         weighting=secure.secure_weighting, clip=secure.secure_clip, timeout=timeout,
+        min_sites=required_sites(exp, planned or len(tasks)),
     )

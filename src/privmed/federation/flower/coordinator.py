@@ -20,7 +20,7 @@ from privmed.errors import PrivmedError
 from privmed.federation.experiment import Experiment
 from privmed.federation.flower import messages as M
 from privmed.federation.strategies import SecureStrategy, SiteUpdate, TrainTask
-from privmed.federation.transport import StageFailed, StageOutcome, secure_round
+from privmed.federation.transport import StageFailed, StageOutcome, required_sites, secure_round
 
 log = logging.getLogger("privmed.flower")
 
@@ -121,12 +121,21 @@ class FlowerSites:
 
     # ------------------------------------------------------------------ training
     def train_stage(self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None) -> StageOutcome:
+        alive = set(self.grid.get_node_ids())  # Flower forgets a node that stopped answering
+        self._forget([s for s, n in self.node_of.items() if n not in alive])
         if any(t.site not in self.node_of for t in tasks):  # a site that dropped may be back
             self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=0)
         reachable = [t for t in tasks if t.site in self.node_of]
         dropped = [t.site for t in tasks if t.site not in self.node_of]
         if secure is not None:
-            total = secure_round(self.exp, self.grid, self.node_of, reachable, rnd, secure, self.timeout)
+            need = required_sites(self.exp, len(tasks))
+            if len(reachable) < need:  # fail before any site masks or sends an update
+                raise StageFailed(
+                    f"round {rnd}: {len(reachable)} of {len(tasks)} sites are connected "
+                    f"({', '.join(dropped)} missing); federation.min_sites is {need}"
+                )
+            total = secure_round(self.exp, self.grid, self.node_of, reachable, rnd, secure, self.timeout,
+                                 planned=len(tasks))
             lost = [t.site for t in reachable if t.site not in total.sites]
             self._forget(lost)
             order = {t.site: i for i, t in enumerate(tasks)}

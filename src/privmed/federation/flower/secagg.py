@@ -54,11 +54,32 @@ def quantization_bound(weights: list[float], clipping_range: float, bits: int) -
 
 
 class _SecAggPlus(SecAggPlusWorkflow):
-    """Flower's workflow, with one fix (flwr 1.41): a site that drops out before it shared its
-    keys masked nothing and gave nobody shares, but the workflow still counted it among the dropped
-    sites in the unmask stage, asked its neighbours for shares they never received, and failed.
-    After the share-keys stage, such sites are forgotten: no longer sampled, no longer anyone's
-    neighbour (so no pairwise mask with them is removed either)."""
+    """Flower's workflow, with one fix and one rule.
+
+    The fix (flwr 1.41): a site that drops out before it shared its keys masked nothing and gave
+    nobody shares, but the workflow still counted it among the dropped sites in the unmask stage,
+    asked its neighbours for shares they never received, and failed. After the share-keys stage,
+    such sites are forgotten: no longer sampled, no longer anyone's neighbour (so no pairwise mask
+    with them is removed either).
+
+    The rule: the sum is unmasked only when at least `min_sites` sites sent masked updates. A sum
+    over fewer would be thrown away and the round retried, and the coordinator would hold two sums
+    of the same round over two sets of sites: their difference is the update of the sites in one
+    and not the other (one site's update, when a single site came back)."""
+
+    def __init__(self, *args, min_sites: int = 0, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.min_sites = min_sites
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:  # noqa: ANN001
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        if ok and len(state.active_node_ids) < self.min_sites:
+            logging.getLogger("privmed.secagg").warning(
+                "%d sites sent masked updates, federation.min_sites is %d: the sum is not unmasked",
+                len(state.active_node_ids), self.min_sites,
+            )
+            return False
+        return ok
 
     def share_keys_stage(self, grid, context, state) -> bool:  # noqa: ANN001
         ok = super().share_keys_stage(grid, context, state)
@@ -126,10 +147,12 @@ def secure_stage(
     weighting: str,
     clip: float | None,
     timeout: float | None = None,
+    min_sites: int = 0,
 ) -> SecureSum:
     """Train `tasks` (one per site) and return only the weighted mean of the sites' contributions.
     Sites that fail or time out drop out; SecAgg+ removes their masks when `threshold` shares
-    survive. SecAggError when no aggregate could be formed."""
+    survive. SecAggError when no aggregate could be formed, or when fewer than `min_sites` sites
+    sent masked updates (then nothing is unmasked)."""
     weights = [n_samples[t.site] if weighting == "samples" else 1 for t in tasks]
     w_max = max_weight(weights)
     fitins = {
@@ -151,6 +174,7 @@ def secure_stage(
         clipping_range=fed.secagg_clipping_range,
         quantization_range=2**fed.secagg_quantization_bits,
         timeout=timeout,
+        min_sites=min_sites,
     )
     run_id = _run_id(grid)
     stage = _Stage(grid, run_id, node_of, fitins)
@@ -163,7 +187,10 @@ def secure_stage(
     )
     workflow(grid, context)
     if stage.mean is None:
-        raise SecAggError(f"round {rnd}: secure aggregation found too few sites to unmask the sum")
+        raise SecAggError(
+            f"round {rnd}: too few sites answered to unmask the sum (SecAgg+ threshold "
+            f"{workflow.reconstruction_threshold}, federation.min_sites {min_sites or 'none'})"
+        )
     return SecureSum(mean=[np.asarray(a, dtype=np.float64) for a in stage.mean], reports=stage.reports)
 
 
