@@ -144,6 +144,8 @@ def test_coordinator_and_three_hospitals_with_secagg_then_a_restart_resumes(fede
     summary = json.loads((out / "summary.json").read_text())
     assert summary["secure_aggregation"]["protocol"].startswith("SecAgg+")
     assert summary["rounds_completed"] == 2
+    # `serve` wrote which node each site's key is; the ServerApp believed a node only for its site
+    assert sorted(json.loads((tmp_path / "home" / "nodes.json").read_text())) == sites
 
     # parity: the same config and seed in one process gives the same result. SecAgg+ rounds with
     # seeded stochastic rounding and its masks cancel exactly, so the tolerance is float noise.

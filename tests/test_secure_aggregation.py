@@ -24,7 +24,7 @@ from privmed.federation.flower.site_app import make_client_app
 from privmed.federation.flower.site_service import SiteEndpoint
 from privmed.federation.runner import RoundFailed
 from privmed.federation.strategies import GLOBAL, contribution
-from privmed.federation.transport import InProcessSites
+from privmed.federation.transport import InProcessSites, StageFailed
 
 BITS = 22
 
@@ -151,6 +151,20 @@ def test_a_site_dying_mid_round_is_dropped_and_the_round_completes(at):
     bound = quantization_bound(weights, cfg.federation.secagg_clipping_range, BITS)
     err = max(float(np.max(np.abs(g.numpy() - e))) for g, e in zip(got, expected))
     assert err <= bound + 1e-6  # + float32 rounding of the model
+
+
+def test_a_node_is_believed_only_for_the_site_its_key_was_registered_as():
+    cfg = _cfg(sites__count=3, federation__rounds=1)
+    grid, _ = _flower_sites(cfg)  # nodes 2001, 2002, 2003 serve site-1, site-2, site-3
+    exp = prepare_experiment(cfg)
+    with in_process_identity():
+        sites = FlowerSites(exp, grid, connect_timeout=1,
+                            registered={"site-1": 2001, "site-2": 2002, "site-3": 2003})
+        assert sites.node_of == {"site-1": 2001, "site-2": 2002, "site-3": 2003}
+        # site-2's and site-3's keys swapped: both nodes' word is refused
+        with pytest.raises(StageFailed, match=r"missing: site-2, site-3.*node 2002 says it serves 'site-2', "
+                           r"whose key is node 2003's"):
+            FlowerSites(exp, grid, connect_timeout=1, registered={"site-1": 2001, "site-2": 2003, "site-3": 2002})
 
 
 class _LosingGrid(_DyingGrid):

@@ -9,8 +9,11 @@ by the SuperLink on the coordinator's machine, writes the run directory there.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.serverapp import ServerApp
@@ -72,13 +75,18 @@ class FlowerSites:
     serves when asked ('query.describe'); a site whose node failed is looked up again before its
     next stage (a restarted SuperNode comes back with a new node id)."""
 
-    def __init__(self, exp: Experiment, grid: Grid, connect_timeout: float = CONNECT_TIMEOUT):
+    def __init__(self, exp: Experiment, grid: Grid, connect_timeout: float = CONNECT_TIMEOUT,
+                 registered: dict[str, int] | None = None):
+        """`registered`: the node id of each site's authentication key; a node that says it serves
+        a site is believed only when it is that site's node (None or empty: no check)."""
         if exp.strategy.pools_data:
             raise PrivmedError("federation.strategy: 'pooled' puts all data in one place; it cannot run on Flower")
         self.exp, self.grid = exp, grid
+        self.registered = registered or {}
         self.timeout = exp.config.federation.round_timeout
         self.node_of: dict[str, int] = {}
         self._asked: set[int] = set()
+        self._refused: list[str] = []
         need = exp.config.federation.min_sites or len(exp.trainers)
         self._discover(wait_for=len(exp.trainers), at_least=need, timeout=connect_timeout)
 
@@ -101,6 +109,13 @@ class FlowerSites:
                     if site not in self.exp.trainers:
                         log.warning("node %s serves site '%s', which is not in this run; ignored", node, site)
                         continue
+                    if self.registered and self.registered.get(site) != node:
+                        key = self.registered.get(site)
+                        why = (f"node {node} says it serves '{site}', whose key is "
+                               + (f"node {key}'s" if key is not None else f"not registered (no {site}.pub)"))
+                        self._refused.append(why)
+                        log.warning("%s; ignored", why)
+                        continue
                     self.node_of[site] = node
                     log.info("site '%s' is node %s", site, node)
             if len(self.node_of) >= wait_for or time.monotonic() >= end:
@@ -108,9 +123,10 @@ class FlowerSites:
             time.sleep(POLL)
         if len(self.node_of) < at_least:
             missing = sorted(set(self.exp.trainers) - set(self.node_of))
+            refused = f"; refused: {'; '.join(self._refused)}" if self._refused else ""
             raise StageFailed(
                 f"{len(self.node_of)} of {len(self.exp.trainers)} sites connected within {timeout:g} s "
-                f"(missing: {', '.join(missing)}); {at_least} needed"
+                f"(missing: {', '.join(missing)}); {at_least} needed{refused}"
             )
 
     def _forget(self, sites: list[str]) -> None:
@@ -193,4 +209,19 @@ def main(grid: Grid, context: Context) -> None:
     path = str(rc["privmed-config"])
     cfg = validate_config(read_yaml(path), source=path)
     resume = str(rc.get("resume", "false")).lower() == "true"
-    run(cfg, str(rc["run-dir"]), resume=resume, sites=lambda exp: FlowerSites(exp, PollingGrid(grid)))
+    registered = registered_nodes()
+    run(cfg, str(rc["run-dir"]), resume=resume,
+        sites=lambda exp: FlowerSites(exp, PollingGrid(grid), registered=registered))
+
+
+def registered_nodes() -> dict[str, int]:
+    """{site: node id} of the keys the SuperLink above this ServerApp registered (`privmed serve`
+    writes it in FLWR_HOME); empty when node authentication is off or no such file exists."""
+    from privmed.federation.flower.deploy import NODES_FILE
+
+    home = os.environ.get("FLWR_HOME")
+    path = Path(home) / NODES_FILE if home else None
+    if path is None or not path.is_file():
+        log.warning("no %s in FLWR_HOME: a node's word for which site it serves is not checked", NODES_FILE)
+        return {}
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}

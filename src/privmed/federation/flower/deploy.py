@@ -13,6 +13,7 @@ the Flower app that `privmed run` submits is written under FLWR_HOME, never into
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from privmed.errors import PrivmedError
 from privmed.federation.flower.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, check_certs
 
 DEFAULT_HOME = Path("~/.privmed/flower")
+NODES_FILE = "nodes.json"  # in FLWR_HOME: {site: node id} of the keys `privmed serve` registered
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 INSECURE_WARNING = (
     "privmed: WARNING: --insecure: no TLS and no node authentication. Anyone on the network can "
@@ -259,6 +261,9 @@ def start_coordinator(
         if keys:
             with control(local, certs, insecure) as client:
                 registered = register_keys(client, keys)
+        # the ServerApp, started below this SuperLink with the same FLWR_HOME, binds each site's
+        # name to its key's node (empty: node authentication is off, no binding)
+        io.write_text(home / NODES_FILE, json.dumps(registered, sort_keys=True))
     except BaseException:
         stop_process(proc)
         raise
