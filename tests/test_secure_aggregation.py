@@ -212,6 +212,31 @@ def test_a_round_with_too_few_sites_is_retried_then_the_run_stops(tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "round-0002.pt").exists()
 
 
+def test_a_failed_round_is_charged_to_the_ledger_and_counted_once_on_resume(tmp_path):
+    from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+    dp = dict(privacy__mode="dp-sgd", privacy__noise_multiplier=1.0, privacy__delta=1e-3,
+              federation__local_steps=2, training__batch_size=16)
+    cfg = _cfg(sites__count=4, federation__min_sites=4, federation__rounds=2, federation__round_retries=0,
+               federation__secure_aggregation=False, **dp)
+    sites = cfg.sites.site_names()
+    # plain path: 'which site', round 1, round 2: site-2 dies at round 2, after the others trained
+    _, dying = _flower_sites(cfg, _DyingGrid, victim=2002, at=3)
+    with in_process_identity(), pytest.raises(RoundFailed, match="ledger counts round 2 for every site"):
+        privmed.run(cfg, tmp_path / "run", sites=dying)
+    ledger = PrivacyLedger.load(tmp_path / "run" / LEDGER_FILE)
+    assert {s: [r for r, _ in ledger.releases(s)] for s in sites} == {s: [1, 2] for s in sites}
+
+    _, alive = _flower_sites(cfg)
+    with in_process_identity():
+        result = privmed.run(cfg, tmp_path / "run", resume=True, sites=alive)
+    resumed = PrivacyLedger.load(tmp_path / "run" / LEDGER_FILE)
+    assert {s: [r for r, _ in resumed.releases(s)] for s in sites} == {s: [1, 2] for s in sites}
+    fresh = privmed.run(cfg)  # uninterrupted
+    assert result.summary["privacy"]["sites"] == fresh.summary["privacy"]["sites"]
+    assert result.summary["test"] == fresh.summary["test"]
+
+
 @pytest.mark.parametrize("over", [
     dict(federation__strategy="fedprox", federation__secure_aggregation=False),
     dict(federation__strategy="scaffold", training__optimizer="sgd", training__momentum=0,

@@ -196,9 +196,18 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
                 except BudgetExceeded as e:
                     done = f"round {state['round']}" if state["round"] else "no round"
                     raise BudgetExceeded(f"{e}. The run stops here; {done} completed.") from None
-            models, train_info, releases = _train_round_retrying(
-                exp, sites, state["models"], rnd, bar if progress else None
-            )
+            try:
+                models, train_info, releases = _train_round_retrying(
+                    exp, sites, state["models"], rnd, bar if progress else None
+                )
+            except RoundFailed as e:
+                if ledger is None or run_dir is None:
+                    raise
+                _charge_failed_round(exp, ledger, rnd, run_dir)
+                raise RoundFailed(
+                    f"{e}. The privacy ledger counts round {rnd} for every site (some may have "
+                    "released their updates); --resume counts it once"
+                ) from None
             if ledger is not None:
                 _record(ledger, rnd, releases, _planned_releases(exp, rnd))
                 state["privacy"]["ledger"] = ledger.to_dict()
@@ -235,6 +244,17 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
     finally:
         bar.close()
     return _finish(exp, state, evaluator, run_dir, sites)
+
+
+def _charge_failed_round(exp: Experiment, ledger: PrivacyLedger, rnd: int, run_dir: RunDir) -> None:
+    """A round given up may still have released updates (sites that trained and sent theirs before
+    too few answered). The ledger file counts it for every planned site, so that an abandoned run
+    never claims less than was released. --resume starts from the last checkpoint's ledger and
+    counts the round once when it completes: it re-releases the identical updates (every site
+    draws its randomness from (seed, round, site))."""
+    charged = PrivacyLedger.from_dict(ledger.to_dict())
+    _record(charged, rnd, {}, _planned_releases(exp, rnd))
+    charged.save(run_dir.path / LEDGER_FILE)
 
 
 def _refuse_rounds_past_budget(exp: Experiment, ledger: PrivacyLedger, first: int, last: int) -> None:
