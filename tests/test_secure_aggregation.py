@@ -222,7 +222,7 @@ def test_a_failed_round_is_charged_to_the_ledger_and_counted_once_on_resume(tmp_
     sites = cfg.sites.site_names()
     # plain path: 'which site', round 1, round 2: site-2 dies at round 2, after the others trained
     _, dying = _flower_sites(cfg, _DyingGrid, victim=2002, at=3)
-    with in_process_identity(), pytest.raises(RoundFailed, match="ledger counts round 2 for every site"):
+    with in_process_identity(), pytest.raises(RoundFailed, match="privacy ledger counts round 2 for every site"):
         privmed.run(cfg, tmp_path / "run", sites=dying)
     ledger = PrivacyLedger.load(tmp_path / "run" / LEDGER_FILE)
     assert {s: [r for r, _ in ledger.releases(s)] for s in sites} == {s: [1, 2] for s in sites}

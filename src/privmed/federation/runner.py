@@ -196,6 +196,8 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
                 except BudgetExceeded as e:
                     done = f"round {state['round']}" if state["round"] else "no round"
                     raise BudgetExceeded(f"{e}. The run stops here; {done} completed.") from None
+                if run_dir is not None:
+                    _write_ahead(exp, ledger, rnd, run_dir)
             try:
                 models, train_info, releases = _train_round_retrying(
                     exp, sites, state["models"], rnd, bar if progress else None
@@ -203,9 +205,8 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
             except RoundFailed as e:
                 if ledger is None or run_dir is None:
                     raise
-                _charge_failed_round(exp, ledger, rnd, run_dir)
                 raise RoundFailed(
-                    f"{e}. The privacy ledger counts round {rnd} for every site (some may have "
+                    f"{e}. The run's privacy ledger counts round {rnd} for every site (some may have "
                     "released their updates); --resume counts it once"
                 ) from None
             if ledger is not None:
@@ -246,9 +247,9 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
     return _finish(exp, state, evaluator, run_dir, sites)
 
 
-def _charge_failed_round(exp: Experiment, ledger: PrivacyLedger, rnd: int, run_dir: RunDir) -> None:
-    """A round given up may still have released updates (sites that trained and sent theirs before
-    too few answered). The ledger file counts it for every planned site, so that an abandoned run
+def _write_ahead(exp: Experiment, ledger: PrivacyLedger, rnd: int, run_dir: RunDir) -> None:
+    """Count round `rnd` in the ledger file before any site is asked to train: a round that fails,
+    or a coordinator that dies, after some sites released their updates leaves a run whose ledger
     never claims less than was released. --resume starts from the last checkpoint's ledger and
     counts the round once when it completes: it re-releases the identical updates (every site
     draws its randomness from (seed, round, site))."""
