@@ -73,7 +73,7 @@ class PollingGrid(Grid):
 class FlowerSites:
     """The experiment's sites, each a SuperNode reached through `grid`. A node says which site it
     serves when asked ('query.describe'); a site whose node failed is looked up again before its
-    next stage (a restarted SuperNode comes back with a new node id)."""
+    next stage (without node authentication a restarted SuperNode comes back with a new node id)."""
 
     def __init__(self, exp: Experiment, grid: Grid, connect_timeout: float = CONNECT_TIMEOUT,
                  registered: dict[str, int] | None = None):
@@ -87,7 +87,7 @@ class FlowerSites:
         self.node_of: dict[str, int] = {}
         self._asked: set[int] = set()
         self._refused: list[str] = []
-        need = exp.config.federation.min_sites or len(exp.trainers)
+        need = required_sites(exp, len(exp.trainers))
         self._discover(wait_for=len(exp.trainers), at_least=need, timeout=connect_timeout)
 
     # ------------------------------------------------------------------ nodes
