@@ -177,7 +177,7 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
         run_dir.start(cfg)
         if state["history"]:  # resumed: metrics.jsonl may lag its checkpoint by one write
             io.write_jsonl(run_dir.path / "metrics.jsonl", state["history"])
-        if ledger is not None:  # and the ledger file may lag it too
+        if ledger is not None:  # and the ledger file may count a round it lacks (written ahead)
             ledger.save(run_dir.path / LEDGER_FILE)
     keep_last = _selects_last(exp)
     evaluator = Evaluator(exp)
@@ -189,15 +189,17 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
     try:
         for rnd in range(state["round"] + 1, rounds + 1):
             t0 = time.perf_counter()
-            epsilon = None
+            epsilon = planned = None
             if ledger is not None:  # refuse the round before it starts if a site would pass its budget
+                planned = _planned_releases(exp, rnd)
                 try:
-                    epsilon = ledger.check_round(_planned_releases(exp, rnd), rnd)
+                    epsilon = ledger.check_round(planned, rnd)
                 except BudgetExceeded as e:
                     done = f"round {state['round']}" if state["round"] else "no round"
                     raise BudgetExceeded(f"{e}. The run stops here; {done} completed.") from None
-                if run_dir is not None:
-                    _write_ahead(exp, ledger, rnd, run_dir)
+                _charge(ledger, rnd, planned)
+                if run_dir is not None:  # write-ahead: counted before any site is asked to train
+                    ledger.save(run_dir.path / LEDGER_FILE)
             try:
                 models, train_info, releases = _train_round_retrying(
                     exp, sites, state["models"], rnd, bar if progress else None
@@ -210,7 +212,7 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
                     "released their updates); --resume counts it once"
                 ) from None
             if ledger is not None:
-                _record(ledger, rnd, releases, _planned_releases(exp, rnd))
+                _check_releases(rnd, releases, planned)
                 state["privacy"]["ledger"] = ledger.to_dict()
             scores_row, scores = evaluator.evaluate(models)
             for key, score in scores.items():
@@ -238,24 +240,11 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
                 run_dir.save_checkpoint(
                     {**state, "config": cfg.to_dict()}, keep=cfg.output.keep_checkpoints
                 )
-                if ledger is not None:
-                    ledger.save(run_dir.path / LEDGER_FILE)
             bar.set_postfix_str(_progress(exp, row))
             bar.update(1)
     finally:
         bar.close()
     return _finish(exp, state, evaluator, run_dir, sites)
-
-
-def _write_ahead(exp: Experiment, ledger: PrivacyLedger, rnd: int, run_dir: RunDir) -> None:
-    """Count round `rnd` in the ledger file before any site is asked to train: a round that fails,
-    or a coordinator that dies, after some sites released their updates leaves a run whose ledger
-    never claims less than was released. --resume starts from the last checkpoint's ledger and
-    counts the round once when it completes: it re-releases the identical updates (every site
-    draws its randomness from (seed, round, site))."""
-    charged = PrivacyLedger.from_dict(ledger.to_dict())
-    _record(charged, rnd, {}, _planned_releases(exp, rnd))
-    charged.save(run_dir.path / LEDGER_FILE)
 
 
 def _refuse_rounds_past_budget(exp: Experiment, ledger: PrivacyLedger, first: int, last: int) -> None:
@@ -294,24 +283,29 @@ def _refuse_rounds_past_budget(exp: Experiment, ledger: PrivacyLedger, first: in
     )
 
 
-def _record(
-    ledger: PrivacyLedger, rnd: int, made: dict[str, list[Release]], planned: dict[str, list[Release]]
-) -> None:
-    """Add the releases planned for round `rnd` to the ledger. A site that was sent its instructions
-    but dropped out is charged all the same (it may have trained and sent its update): the ledger
-    never counts less than was released. A release that differs from the plan the round was checked
-    against is a bug, never silently accounted."""
+def _charge(ledger: PrivacyLedger, rnd: int, planned: dict[str, list[Release]]) -> None:
+    """Count round `rnd` for every planned site before any site is asked to train (the caller
+    saves the ledger file then). A site that drops out, a round given up, a coordinator that dies
+    after some sites released their updates: none leaves a ledger that claims less than was
+    released. A site that was sent its instructions is charged whether its update arrived or not.
+    --resume starts from the last checkpoint's ledger and counts the round once when it completes:
+    it re-releases the identical updates (every site draws its randomness from (seed, round, site))."""
+    for site, releases in planned.items():
+        if len(releases) != 1:
+            raise NotImplementedError(f"round {rnd}: site '{site}' trained {len(releases)} times")
+        r = releases[0]
+        ledger.record(site, rnd, r.noise_multiplier, r.sample_rate, r.steps)
+
+
+def _check_releases(rnd: int, made: dict[str, list[Release]], planned: dict[str, list[Release]]) -> None:
+    """A release that differs from the plan the round was charged for is a bug, never silently
+    accounted."""
     for site, releases in made.items():
         if releases != planned.get(site):
             raise AssertionError(
                 f"round {rnd}: site '{site}' released {releases}, but the round was planned as "
                 f"{planned.get(site)}"
             )
-    for site, releases in planned.items():
-        if len(releases) != 1:
-            raise NotImplementedError(f"round {rnd}: site '{site}' trained {len(releases)} times")
-        r = releases[0]
-        ledger.record(site, rnd, r.noise_multiplier, r.sample_rate, r.steps)
 
 
 def _privacy_summary(exp: Experiment, state: dict) -> dict:
