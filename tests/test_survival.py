@@ -95,6 +95,33 @@ def test_cox_loss_module_takes_model_output_and_target():
     assert crit(out[:, 0], target).item() == pytest.approx(crit(out, target).item())
 
 
+def test_cox_loss_sums_under_sum_and_has_no_per_patient_losses():
+    risk, time, event = _ties_and_censoring(n=10, seed=5)
+    out = torch.from_numpy(risk)[:, None]
+    target = torch.from_numpy(np.stack([time, event], axis=1))
+    total = CoxLoss(reduction="sum")(out, target).item()
+    assert total == pytest.approx(10 * _loop_cox(risk, time, event), rel=1e-12)
+    with pytest.raises(ValueError, match=r"^reduction: 'none' is not available .*couples.*'mean', 'sum'"):
+        CoxLoss(reduction="none")
+    crit = CoxLoss()
+    crit.reduction = "none"  # as Opacus' ghost clipping sets it: an error, not a silent mean
+    with pytest.raises(ValueError, match=r"^reduction: 'none'"):
+        crit(out, target)
+    with pytest.raises(ValueError, match=r"^reduction: 'avg' is not a loss reduction"):
+        CoxLoss(reduction="avg")
+
+
+def test_dp_sgd_with_the_survival_task_is_refused_naming_the_fields():
+    from privmed.config import validate_config
+    from privmed.errors import ConfigError
+
+    raw = {"data": {"source": "tcga-brca", "root": "unused"}, "privacy": {"mode": "dp-sgd", "epsilon": 3}}
+    with pytest.raises(ConfigError, match=r"privacy.mode 'dp-sgd' cannot protect task 'survival'.*'central'"):
+        validate_config(raw)
+    raw["privacy"]["mode"] = "central"
+    assert validate_config(raw).task == "survival"
+
+
 def test_linear_cox_fit_matches_lifelines_coxph():
     import pandas as pd
     from lifelines import CoxPHFitter

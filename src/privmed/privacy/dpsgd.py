@@ -10,7 +10,9 @@ clipped to L2 norm C, Gaussian noise of std sigma*C added to the sum, divided by
 
 Pure: nothing here knows about rounds, runners or files. Per-sample gradients come from Opacus'
 GradSampleModule (`grad_sample_mode` "hooks", "functorch", "ew") or its ghost-clipping module
-("ghost"); clipping, noise and scaling are Opacus' DPOptimizer stages.
+("ghost"); clipping, noise and scaling are Opacus' DPOptimizer stages. Every mode clips per patient:
+ghost mode needs the criterion's per-patient losses (reduction "none"), and a criterion that cannot
+give them (or, like the Cox loss, has none) is refused, not run.
 """
 
 from __future__ import annotations
@@ -161,6 +163,31 @@ def _prepare(model: nn.Module, mode: str, max_grad_norm: float) -> nn.Module:
         raise ConfigError(f"model.name: Opacus cannot compute per-sample gradients: {e}") from e
 
 
+def _check_criterion(criterion: Callable, mode: str) -> None:
+    """Raise (one line) if DP-SGD in `mode` cannot bound one patient's influence with `criterion`:
+    ConfigError for a loss that couples patients (`per_sample` False) or, in ghost mode, one with no
+    `reduction` to ask for per-patient losses; ValueError for a reduction other than "mean"."""
+    name = type(criterion).__name__
+    if getattr(criterion, "per_sample", True) is False:
+        raise ConfigError(
+            f"privacy.mode: 'dp-sgd' cannot train with criterion {name}: it couples the patients "
+            "in a batch, so clipping per-sample gradients does not bound one patient's influence "
+            "(task 'survival': use privacy.mode 'central')"
+        )
+    if mode == "ghost" and not hasattr(criterion, "reduction"):
+        raise ConfigError(
+            f"grad_sample_mode: 'ghost' needs per-patient losses, and criterion {name} has no "
+            "'reduction' to ask for them; use a torch loss or privmed's task losses, or "
+            "grad_sample_mode 'ew'"
+        )
+    reduction = getattr(criterion, "reduction", "mean")
+    if reduction != "mean":
+        raise ValueError(
+            f"criterion: reduction '{reduction}' of {name} is not allowed (allowed: 'mean', which "
+            "Opacus' per-sample scaling assumes)"
+        )
+
+
 class DPSGD:
     """DP-SGD steps on `model` with `optimizer` (a torch optimizer over `model`'s parameters).
 
@@ -170,6 +197,14 @@ class DPSGD:
     (q*n for Poisson sampling: never by the drawn batch size, which would itself leak); then
     `optimizer.step()`. With noise_multiplier 0, no clipping and a full batch this is plain SGD on the
     mean loss. A batch with no items still takes a step of pure noise: the accountant counts it.
+
+    The criterion must be a mean of per-patient terms (reduction "mean"); one whose `per_sample`
+    attribute is False (privmed's CoxLoss: each patient's data enters the others' terms) is refused
+    in every mode, as clipping per-sample gradients would not bound one patient's influence. Ghost
+    mode reads the per-patient losses (B,) by running a copy of the criterion with reduction
+    "none" (so the caller's criterion is never modified), and refuses a step whose criterion
+    ignores that, before anything is applied.
+
     `after_noise()`, if given, runs after the noisy gradient is in each `p.grad` and before the
     optimizer's step: a data-independent change to the gradient there (FedProx's proximal term,
     SCAFFOLD's correction) is post-processing and costs no privacy.
@@ -214,8 +249,7 @@ class DPSGD:
         self.model = model
         self.mode = grad_sample_mode
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-        if getattr(self.criterion, "reduction", "mean") != "mean":
-            raise ValueError("criterion must use reduction='mean' (Opacus' per-sample scaling assumes it)")
+        _check_criterion(self.criterion, grad_sample_mode)
         model.train()
         # Clip a hair below C where float32 norms can come out low (see above); noise stays sigma*C.
         exact = all(p.dtype == torch.float64 for p in model.parameters())
@@ -231,8 +265,10 @@ class DPSGD:
             generator=generator,
             secure_mode=False,
         )
+        # Opacus switches its criterion's reduction to "none" and back on every call (and not back
+        # if the call raises): it gets a copy, so the caller's criterion stays as it was.
         self._ghost_loss = (
-            DPLossFastGradientClipping(self._gsm, self.optimizer, self.criterion, "mean")
+            DPLossFastGradientClipping(self._gsm, self.optimizer, copy.copy(self.criterion), "mean")
             if self.ghost
             else None
         )
@@ -260,9 +296,25 @@ class DPSGD:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FIRST_LAYER_HOOK_WARNING, category=UserWarning)
             out = self._gsm(x)
-            loss = self._ghost_loss(out, y) if self.ghost else self.criterion(out, y)
+            if self.ghost:
+                loss = self._ghost_loss(out, y)
+                self._check_per_patient_losses(loss.loss_per_sample, len(x))
+            else:
+                loss = self.criterion(out, y)
             loss.backward()
         return loss.item() * len(x)
+
+    def _check_per_patient_losses(self, losses: torch.Tensor, b: int) -> None:
+        """Ghost clipping scales each patient's loss by its clipping factor: with anything but (B,)
+        per-patient losses (a criterion that ignores reduction "none" returns the batch mean) the
+        step is not clipped per patient, so it is refused before the backward pass."""
+        if tuple(losses.shape) != (b,):
+            raise ConfigError(
+                f"grad_sample_mode: 'ghost' needs one loss per patient, and criterion "
+                f"{type(self.criterion).__name__} with reduction 'none' returned shape "
+                f"{tuple(losses.shape)} where ({b},) is needed; make it honour reduction 'none' or "
+                f"use grad_sample_mode 'ew'"
+            )
 
     def _empty_backward(self) -> float:
         """What an empty batch leaves: zero per-sample gradients of shape (0, *p.shape), as Opacus'

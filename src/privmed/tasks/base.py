@@ -26,16 +26,32 @@ from privmed.errors import ConfigError, unknown_name
 from privmed.tasks.classification import classification_metrics
 
 
-class ClassificationLoss(nn.Module):
-    """Cross-entropy on (B, K) logits; with one logit (B, 1), binary cross-entropy of the positive
-    class. Mean over the batch, as Opacus' per-sample scaling assumes."""
+REDUCTIONS = ("mean", "sum", "none")
 
-    reduction = "mean"
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy (nats) on (B, K) logits and (B,) int64 labels; with one logit (B, 1), binary
+    cross-entropy of the positive class (labels 0/1). `reduction` as torch's losses: "mean" (a
+    scalar, the default, as the optimizers and Opacus' per-sample scaling assume), "sum" (a scalar)
+    or "none" (the (B,) per-patient losses). It is a plain attribute: Opacus' ghost clipping sets it
+    to "none" to read the per-patient losses."""
+
+    per_sample = True  # each patient's loss depends on that patient alone: DP-SGD can clip it
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"reduction: '{reduction}' is not a loss reduction (allowed: 'mean', 'sum', 'none')"
+            )
+        self.reduction = reduction
 
     def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if out.shape[1] == 1:
-            return F.binary_cross_entropy_with_logits(out[:, 0], y.to(out.dtype))
-        return F.cross_entropy(out, y)
+            return F.binary_cross_entropy_with_logits(
+                out[:, 0], y.to(out.dtype), reduction=self.reduction
+            )
+        return F.cross_entropy(out, y, reduction=self.reduction)
 
 
 def class_probabilities(out: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     cox_loss(risk, time, event)              negative Cox partial log-likelihood (Breslow ties) / B
     CoxLoss()(out, target)                   the same as an nn.Module; target (B, 2) = [time, event]
+                                             (reduction "mean" or "sum"; no "none": see CoxLoss)
     concordance_index(time, risk, event)     Harrell's C, higher risk = earlier event
     survival_metrics(risk, time, event)      {"c_index", "loss", "n", "events"}
     kaplan_meier(time, event)                (times, survival) step function
@@ -50,13 +51,34 @@ def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> tor
 
 
 class CoxLoss(nn.Module):
-    """cox_loss on a model's output (B, 1) or (B,) and target (B, 2) float = [time, event]."""
+    """cox_loss on a model's output (B, 1) or (B,) and target (B, 2) float = [time, event]: a scalar,
+    divided by B under `reduction` "mean" (the default), not divided under "sum". There is no
+    "none": the partial likelihood has no per-patient terms (each event's term holds every patient
+    at risk), so asking for them raises ValueError rather than returning a scalar in their place."""
 
-    reduction = "mean"
+    per_sample = False  # one patient's data enters other patients' terms: DP-SGD cannot clip it
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+        self._check_reduction()
 
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_reduction()  # Opacus' ghost clipping sets the attribute directly
         risk = out[:, 0] if out.dim() == 2 else out
-        return cox_loss(risk, target[:, 0], target[:, 1])
+        loss = cox_loss(risk, target[:, 0], target[:, 1])
+        return loss * risk.shape[0] if self.reduction == "sum" else loss
+
+    def _check_reduction(self) -> None:
+        if self.reduction == "none":
+            raise ValueError(
+                "reduction: 'none' is not available for the Cox loss: the partial likelihood "
+                "couples the patients at risk, so it has no per-patient losses (allowed: 'mean', 'sum')"
+            )
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"reduction: '{self.reduction}' is not a loss reduction (allowed: 'mean', 'sum')"
+            )
 
 
 def concordance_index(time, risk, event) -> float:
