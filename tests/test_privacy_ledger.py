@@ -8,6 +8,7 @@ import pytest
 import privmed.privacy.ledger as ledger_module
 from privmed.errors import ConfigError
 from privmed.privacy import LEDGER_FILE, BudgetExceeded, LedgerError, PrivacyLedger, Release, epsilon_spent
+from privmed.privacy.figures import format_epsilon
 
 DELTA = 1e-5
 STEP = dict(noise_multiplier=1.0, sample_rate=0.02, steps=100)
@@ -40,7 +41,10 @@ def test_round_past_the_budget_is_refused_before_anything_is_recorded():
     message = str(info.value)
     after = epsilon_spent([Release(**STEP)] * 3 + [big], DELTA, "rdp")
     assert "round 4 refused" in message and "site 'b'" in message and "site 'a'" not in message
-    assert f"{spent:.4g}" in message and f"{after:.4g}" in message and "budget 4" in message
+    # Both figures rounded up to 4 digits: the message never says less was or would be spent.
+    assert f"spent epsilon {format_epsilon(spent, 4)} " in message and "budget 4" in message
+    assert f"would bring it to {format_epsilon(after, 4)}," in message
+    assert float(format_epsilon(spent, 4)) >= spent and float(format_epsilon(after, 4)) >= after
     assert "\n" not in message
     assert ledger.to_dict() == before
 
@@ -99,6 +103,17 @@ def test_dict_round_trip_and_layout():
     assert data["sites"]["idle"] == {"epsilon": 0.0, "releases": []}
     again = PrivacyLedger.from_dict(json.loads(json.dumps(data)))
     assert again.to_dict() == data
+
+
+@pytest.mark.parametrize("unit", ["patient", "record", "site"])
+def test_every_unit_round_trips(tmp_path, unit):
+    ledger = PrivacyLedger(8.0, DELTA, "rdp", sites=("a",), unit=unit)
+    ledger.record("a", 1, **STEP)
+    ledger.save(tmp_path / LEDGER_FILE)
+    again = PrivacyLedger.load(tmp_path / LEDGER_FILE)
+    assert again.unit == unit and again.to_dict() == ledger.to_dict()
+    with pytest.raises(LedgerError, match=r"unit 'image' is not one of 'patient', 'record', 'site'"):
+        PrivacyLedger(8.0, DELTA, "rdp", unit="image")
 
 
 def test_resume_from_a_checkpoint_is_exact(tmp_path):

@@ -256,7 +256,7 @@ def test_privacy_section_dp_sgd(tmp_path):
         ["Site", "Patients", "Epsilon spent", "Budget", "Noise multiplier", "Sample rate",
          "Steps per turn", "Turns"],
         ["site-a", "102", "3.98", "4", "1.55", "0.314", "4", "5"],
-        ["site-b", "240", "3.91", "4", "1.032", "0.1333", "4", "5"],
+        ["site-b", "240", "3.92", "4", "1.032", "0.1333", "4", "5"],  # 3.914 rounded up, not down
         ["site-c", "57", "3.5", "4", "2.2", "0.5614", "4", "5"],
     ]
     assert "model_selection &#39;last&#39;" in html  # the statement, verbatim and escaped
@@ -269,6 +269,30 @@ def test_privacy_section_dp_sgd(tmp_path):
     assert len(pngs) == 4 and all(p.startswith(PNG_MAGIC) for p in pngs)
     assert (run / "plots" / "privacy_spent.png").read_bytes() in pngs
     assert "never passes the budget line" in text and "accountant: PRV" in text
+
+
+def test_privacy_section_per_record_when_the_data_names_no_patients(tmp_path):
+    run = make_run(tmp_path, privacy="dp-sgd")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["privacy"]["unit"] = "record"
+    summary["privacy"]["epsilon"] = 0.99649  # .3g would show 0.996, below the ledger's figure
+    (run / "summary.json").write_text(json.dumps(summary))
+    html = write_report(run).read_text()
+    text = _text(html)
+    assert "Differential privacy per image: epsilon ≤ 0.997 at delta = 1e-05 for every site." in text
+    assert "Privacy: <b>DP per image, ε ≤ 0.997</b>" in text
+    assert ("one image, not one patient: the data names no patient ids, so each image counts as its "
+            "own patient, and a patient with k images has only the group guarantee") in text
+    assert "one patient, with all of their" not in text and "per patient" not in text
+    assert _table(html, "privacy-sites")[0][:3] == ["Site", "Images", "Epsilon spent"]
+
+
+def test_report_epsilons_never_round_down():
+    from privmed.report.html import fmt_budget, fmt_epsilon
+
+    assert [fmt_epsilon(x) for x in (0.99649, 1.0, 3.914, 8, None, float("nan"))] == [
+        "0.997", "1", "3.92", "8", "n/a", "n/a"]
+    assert [fmt_budget(x) for x in (8, 3.5, 3.98412345)] == ["8", "3.5", "3.985"]
 
 
 def test_privacy_section_central(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 from privmed.errors import ConfigError, RunDirError
 from privmed.privacy.accountants import Release, check_accountant_name, epsilon_spent
 from privmed.privacy.calibration import check_delta, noise_for_epsilon
+from privmed.privacy.figures import format_budget, format_epsilon, unit_note
 from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from privmed.privacy.plan import sample_rate_and_steps
 
@@ -84,21 +85,24 @@ def plan_site(
     for e in shown:
         s = min(e * per_epoch, total)
         eps = spent if s == total else epsilon_spent([Release(sigma, q, s)], delta, accountant)
-        rows.append([str(e), str(s), f"{eps:.3f}"])
+        rows.append([str(e), str(s), format_epsilon(eps)])
+    # Every epsilon rounded up, and a calibrated noise multiplier too: a reader who copies the noise
+    # shown into a config must not get less noise than the budget needs.
     if epsilon is None:
-        verdict = f"fixed: spends epsilon {spent:.3f}"
+        verdict = f"fixed: spends epsilon {format_epsilon(spent)}"
     elif spent > epsilon:
-        verdict = f"fixed: spends epsilon {spent:.3f}, PAST the budget {epsilon:g}"
+        verdict = f"fixed: spends epsilon {format_epsilon(spent)}, PAST the budget {format_budget(epsilon)}"
     else:
         verdict = (
             f"{'calibrated to' if noise_multiplier is None else 'fixed, within'} "
-            f"epsilon {epsilon:g}: spends {spent:.3f}"
+            f"epsilon {format_budget(epsilon)}: spends {format_epsilon(spent)}"
         )
     return "\n".join([
-        f"DP-SGD plan (unit: patient; delta {delta:g}; {accountant} accountant)",
+        f"DP-SGD plan (unit: patient, or one record where the data names no patients; delta {delta:g}; "
+        f"{accountant} accountant)",
         f"  {patients} patients, expected batch {batch_size}: sample rate {q:.4g}, "
         f"{per_epoch} steps per epoch, {total} steps in all",
-        f"  noise multiplier {sigma:.4g} ({verdict})",
+        f"  noise multiplier {format_epsilon(sigma, 4)} ({verdict})",
         "",
         table(["epoch", "steps", "epsilon"], rows),
     ])
@@ -118,16 +122,18 @@ def plan_config(path: Path, overrides: list[str]) -> str:
     p = prepare_experiment(cfg).privacy
     rows = [
         [site, str(s.n_patients), f"{s.release.sample_rate:.4g}", str(s.release.steps), str(s.turns),
-         f"{s.release.noise_multiplier:.4g}", f"{s.planned_epsilon:.3f}"]
+         format_epsilon(s.release.noise_multiplier, 4), format_epsilon(s.planned_epsilon)]
         for site, s in p.sites.items()
     ]
     how = "calibrated to the budget" if p.calibrated else "fixed by privacy.noise_multiplier"
+    note = unit_note(p.unit)
     return "\n".join([
         f"{p.mechanism} plan for {path} (unit: {p.unit}; delta {p.delta:g}; {p.accountant} accountant; "
-        f"clip {p.max_grad_norm:g}; budget epsilon {p.budget:g}; noise {how})",
+        f"clip {p.max_grad_norm:g}; budget epsilon {format_budget(p.budget)}; noise {how})",
+        *([f"unit: {note}"] if note else []),
         "",
-        table(["site", "patients" if p.unit == "patient" else "units", "sample rate", "steps/turn",
-               "turns", "noise", "epsilon"], rows),
+        table(["site", {"patient": "patients", "record": "records"}.get(p.unit, "units"), "sample rate",
+               "steps/turn", "turns", "noise", "epsilon"], rows),
     ])
 
 
@@ -148,13 +154,16 @@ def spent(run_dir: Path) -> str:
         sigmas = sorted({r.noise_multiplier for _, r in releases})
         rates = sorted({r.sample_rate for _, r in releases})
         rows.append([
-            site, f"{ledger.epsilon(site):.3f}", f"{ledger.budget_epsilon:g}", str(len(releases)), rounds,
+            site, format_epsilon(ledger.epsilon(site)), format_budget(ledger.budget_epsilon),
+            str(len(releases)), rounds,
             ", ".join(f"{s:.4g}" for s in sigmas) or "-", ", ".join(f"{q:.4g}" for q in rates) or "-",
             str(sum(r.steps for _, r in releases)),
         ])
+    note = unit_note(ledger.unit)
     return "\n".join([
         f"privacy ledger of {run_dir} ({ledger.mechanism}; unit: {ledger.unit}; delta {ledger.delta:g}; "
         f"{ledger.accountant} accountant)",
+        *([f"unit: {note}"] if note else []),
         "",
         table(["site", "epsilon", "budget", "releases", "rounds", "noise", "sample rate", "steps"], rows),
     ])

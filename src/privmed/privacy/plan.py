@@ -5,8 +5,10 @@ sample rate, steps) and how often it trains, fixed before the first round.
     plan.release(site)   the Release one training turn of `site` makes
     plan.new_ledger()    an empty PrivacyLedger with the run's budget
 
-dp-sgd (Abadi et al. 2016): the unit is a patient of the site; a turn is `steps` DP-SGD steps with
-patients Poisson-sampled at rate q = batch_size / patients. Noise is calibrated per site, so that after
+dp-sgd (Abadi et al. 2016): the unit is a patient of the site when the data names each item's patient,
+else one record (an image, or a table row): a source without patient ids treats each item as its own
+patient, so the guarantee is then per record only. A turn is `steps` DP-SGD steps with units (patients
+or records) Poisson-sampled at rate q = batch_size / units. Noise is calibrated per site, so that after
 every planned turn the site has spent at most epsilon (sites of different sizes get different noise).
 
 central (DP-FedAvg, McMahan et al. 2018): the unit is a whole site; each round the server releases the
@@ -24,9 +26,12 @@ from privmed.config import PrivacyConfig
 from privmed.errors import ConfigError
 from privmed.privacy.accountants import Release, epsilon_spent
 from privmed.privacy.calibration import check_delta, noise_for_epsilon
+from privmed.privacy.figures import format_budget, format_epsilon
 from privmed.privacy.ledger import PrivacyLedger
 
-UNITS = {"dp-sgd": "patient", "central": "site"}
+# The units each mode may protect, the weaker claim first: dp-sgd one record, or a patient when the
+# data names each item's patient; central a whole site.
+UNITS = {"dp-sgd": ("record", "patient"), "central": ("site",)}
 MECHANISMS = {
     "dp-sgd": "DP-SGD (Poisson-sampled Gaussian)",
     "central": "DP-FedAvg (clipped site updates, Gaussian noise added by the server)",
@@ -43,14 +48,23 @@ _NOT_COVERED = (
     "(the default under privacy) the final model does not depend on them. Each site's number of "
     "patients is treated as public."
 )
-STATEMENTS = {
-    "dp-sgd": (
+_AGAINST = (
+    "against everything the site released during the run: every model update of every round, and so "
+    "the final model. It holds against the coordinator, the other sites and anyone who gets the model. "
+)
+STATEMENTS = {  # by unit of privacy
+    "patient": (
         "Each site's patients have ({epsilon}, {delta})-differential privacy (the unit is one patient, "
-        "with all of their images) against everything the site released during the run: every "
-        "model update of every round, and so the final model. It holds against the coordinator, "
-        "the other sites and anyone who gets the model. " + _NOT_COVERED
+        "with all of their images) " + _AGAINST + _NOT_COVERED
     ),
-    "central": (
+    # Group privacy: (eps, delta)-DP for one record gives (k eps, k e^((k-1) eps) delta) for k records.
+    "record": (
+        "Each site's training records have ({epsilon}, {delta})-differential privacy (the unit is one "
+        "image/record: the source gives no patient ids, so each is treated as its own patient; a "
+        "patient with k images or records has only the group guarantee (k x epsilon, "
+        "k x e^((k-1) x epsilon) x delta)) " + _AGAINST + _NOT_COVERED
+    ),
+    "site": (
         "Each site, as a whole (all of its patients together), has ({epsilon}, {delta})-differential "
         "privacy against anyone who sees the server's noisy averages: the other sites and anyone who "
         "gets the model. It does not hold against the server itself, which sees each site's clipped "
@@ -59,18 +73,30 @@ STATEMENTS = {
 }
 
 
-def guarantee_statement(mode: str, epsilon: str = "epsilon", delta: str = "delta") -> str:
-    """What the guarantee of `mode` covers, in words (with the figures when given)."""
+def guarantee_statement(
+    mode: str, epsilon: str = "epsilon", delta: str = "delta", unit: str | None = None
+) -> str:
+    """What the guarantee of `mode` covers for its unit of privacy ('patient', 'record' or 'site';
+    None: the mode's weaker claim, 'record' for dp-sgd), in words, with the figures as given: pass
+    epsilon through `format_epsilon`, so it reads no lower than the ledger's."""
     if mode == "none":
         return NO_PRIVACY
-    return STATEMENTS[mode].format(epsilon=epsilon, delta=delta)
+    if mode not in UNITS:
+        raise ValueError(f"guarantee_statement: mode {mode!r} is not one of none, {', '.join(UNITS)}")
+    unit = UNITS[mode][0] if unit is None else unit
+    if unit not in UNITS[mode]:
+        raise ValueError(
+            f"guarantee_statement: unit {unit!r} is not allowed under mode {mode!r} "
+            f"(allowed: {', '.join(UNITS[mode])})"
+        )
+    return STATEMENTS[unit].format(epsilon=epsilon, delta=delta)
 
 
 @dataclass(frozen=True)
 class SiteFacts:
     """What planning needs to know about a training site."""
 
-    n_patients: int  # distinct patients in its training data (the privacy unit for dp-sgd)
+    n_patients: int  # distinct patients in its training data (items, when the data names no patients)
     turns: int  # how many times it trains over the planned rounds
 
 
@@ -101,10 +127,7 @@ class PrivacyPlan:
     budget: float  # the ledger's budget: privacy.epsilon, or (noise fixed) the largest planned epsilon
     sites: dict[str, SitePlan]
     calibrated: bool  # True: noise was calibrated to privacy.epsilon
-
-    @property
-    def unit(self) -> str:
-        return UNITS[self.mode]
+    unit: str  # what one guarantee protects: 'patient', 'record' (no patient ids) or 'site' (central)
 
     @property
     def mechanism(self) -> str:
@@ -166,16 +189,22 @@ def make_plan(
     batch_size: int,
     local_epochs: int,
     local_steps: int | None,
+    patient_ids: bool = False,
 ) -> PrivacyPlan:
     """The plan for `privacy.mode` ('dp-sgd' or 'central'); ConfigError (naming the field and the
     figures) when delta is too large for the sites, the target epsilon is unreachable, or a fixed
-    noise multiplier would spend more than privacy.epsilon."""
+    noise multiplier would spend more than privacy.epsilon.
+
+    `patient_ids`: whether the training data names each item's patient (SiteFacts.n_patients then
+    counts patients). It sets dp-sgd's unit: 'patient' if so, else 'record', the weaker claim, which
+    is also the default so that nothing claims per-patient privacy it was not told it has."""
     mode = privacy.mode
     if mode not in UNITS:
         raise ValueError(f"no privacy plan for mode {mode!r}")
     if not sites:
         raise ValueError("no sites to plan for")
-    _check_delta(privacy.delta, mode, sites)
+    unit = ("patient" if patient_ids else "record") if mode == "dp-sgd" else "site"
+    _check_delta(privacy.delta, unit, sites)
     releases: dict[str, Release] = {}
     calibrated: dict[tuple[float, int], float] = {}  # sites of equal size share one calibration
     for name, facts in sites.items():
@@ -211,9 +240,10 @@ def make_plan(
             need = noise_for_epsilon(budget, privacy.delta, r.sample_rate, r.steps * p.turns, privacy.accountant)
             raise ConfigError(
                 f"privacy.noise_multiplier: {r.noise_multiplier:g} would spend epsilon "
-                f"{p.planned_epsilon:.4g} at site '{site}' ({p.turns} turns of {r.steps} steps at sample "
-                f"rate {r.sample_rate:.4g}), past privacy.epsilon {budget:g}; allowed: a noise multiplier "
-                f">= {need:.4g}, fewer rounds or steps, or a larger epsilon"
+                f"{format_epsilon(p.planned_epsilon, 4)} at site '{site}' ({p.turns} turns of {r.steps} "
+                f"steps at sample rate {r.sample_rate:.4g}), past privacy.epsilon {format_budget(budget)}; "
+                f"allowed: a noise multiplier >= {format_epsilon(need, 4)}, fewer rounds or steps, or a "
+                "larger epsilon"
             )
     else:
         budget = max(p.planned_epsilon for p in plans.values())
@@ -225,6 +255,7 @@ def make_plan(
         budget=budget,
         sites=plans,
         calibrated=privacy.noise_multiplier is None,
+        unit=unit,
     )
 
 
@@ -233,9 +264,9 @@ def _planned(release: Release, turns: int, privacy: PrivacyConfig) -> float:
     return epsilon_spent([total], privacy.delta, privacy.accountant)
 
 
-def _check_delta(delta: float, mode: str, sites: Mapping[str, SiteFacts]) -> None:
-    if mode == "dp-sgd":
+def _check_delta(delta: float, unit: str, sites: Mapping[str, SiteFacts]) -> None:
+    if unit != "site":
         name, facts = min(sites.items(), key=lambda kv: kv[1].n_patients)
-        check_delta(delta, facts.n_patients, f"patients at the smallest site, '{name}'")
+        check_delta(delta, facts.n_patients, f"{unit}s at the smallest site, '{name}'")
     else:
         check_delta(delta, len(sites), "sites")

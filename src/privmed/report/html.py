@@ -25,6 +25,7 @@ import yaml
 
 from privmed.errors import RunDirError
 from privmed.io import write_bytes, write_text
+from privmed.privacy.figures import format_budget, format_epsilon
 from privmed.report import plots
 
 REQUIRED_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
@@ -52,10 +53,15 @@ ACCOUNTANTS = {  # summary['privacy']['accountant'] -> what the report calls it
     "pld": "PLD (privacy loss distributions, via Google's dp-accounting)",
 }
 PRIVATE_MODES = ("dp-sgd", "central")
-UNITS = {  # summary['privacy']['unit'] -> (guarantee wording, unit of privacy; {items}: the noun)
+UNITS = {  # summary['privacy']['unit'] -> (guarantee wording, unit of privacy; {item}/{items}: the noun)
     "patient": ("per patient", "one patient, with all of their {items}"),
+    # Group privacy: (eps, delta) per record gives (k eps, k e^((k-1) eps) delta) for k records.
+    "record": ("per {item}", "one {item}, not one patient: the data names no patient ids, so each {item} "
+               "counts as its own patient, and a patient with k {items} has only the group guarantee "
+               "(k × epsilon, k × e^((k−1) × epsilon) × delta)"),
     "site": ("per site", "one whole site, all of its patients together"),
 }
+UNIT_COUNTS = {"patient": "Patients", "record": "{Items}", "site": "Patients"}  # the plan's n_patients
 
 
 @dataclass(frozen=True)
@@ -593,7 +599,7 @@ def _overview(run: RunFiles) -> list[tuple[str, str]]:
         ("Rounds completed", rounds),
         ("Model", model_text),
         ("Data", f"{source or NA}" + (f" / {name}" if name else "")),
-        ("Privacy", _privacy_overview(s.get("privacy"))),
+        ("Privacy", _privacy_overview(s.get("privacy"), task_view(run))),
     ]
 
 
@@ -761,14 +767,28 @@ def _privacy_epsilon(privacy: dict) -> float | None:
     return eps
 
 
-def _privacy_overview(privacy: Any) -> str:
+def _privacy_overview(privacy: Any, view: TaskView | None = None) -> str:
     status = _privacy_status(privacy)
     if status == "none":
         return "none"
     if status == "unknown":
         return "not recorded"
-    unit = UNITS.get(privacy.get("unit"), (None,))[0]
+    unit = _unit_words(privacy.get("unit"), view)[0]
     return f"DP {unit + ', ' if unit else ''}ε ≤ {fmt_epsilon(_privacy_epsilon(privacy))}"
+
+
+def _unit_words(unit: Any, view: TaskView | None = None) -> tuple[str | None, str | None, str]:
+    """(guarantee wording, unit of privacy in words, heading of the plan's unit count) for the
+    summary's unit; None, None for a unit this report does not know."""
+    item, items = ("record", "records") if view and view.tabular else ("image", "images")
+    words, text = UNITS.get(unit, (None, None)) if isinstance(unit, str) else (None, None)
+    count = UNIT_COUNTS.get(unit, "Patients") if isinstance(unit, str) else "Patients"
+    fill = {"item": item, "items": items, "Items": items.capitalize()}
+    return (
+        None if words is None else words.format(**fill),
+        None if text is None else text.format(**fill),
+        count.format(**fill),
+    )
 
 
 def _privacy(privacy: Any, view: TaskView | None = None) -> dict:
@@ -789,9 +809,7 @@ def _privacy(privacy: Any, view: TaskView | None = None) -> dict:
             "Privacy: not recorded. This run's summary.json has no privacy entry (it was written "
             "before privmed reported privacy), so this report cannot state a differential-privacy "
             "guarantee for the model.")}
-    unit_words, unit_text = UNITS.get(privacy.get("unit"), (None, None))
-    if unit_text:
-        unit_text = unit_text.format(items="records" if view and view.tabular else "images")
+    unit_words, unit_text, unit_count = _unit_words(privacy.get("unit"), view)
     delta = fmt_number(privacy.get("delta"))
     budget = _num(privacy.get("budget_epsilon"))
     guarantee = (
@@ -804,7 +822,7 @@ def _privacy(privacy: Any, view: TaskView | None = None) -> dict:
         ("Unit of privacy", unit_text or str(privacy.get("unit") or NA)),
         ("Delta", delta),
         ("Accountant", ACCOUNTANTS.get(accountant, str(accountant or NA))),
-        ("Budget", NA if budget is None else f"epsilon ≤ {fmt_number(budget)} per site"),
+        ("Budget", NA if budget is None else f"epsilon ≤ {fmt_budget(budget)} per site"),
         ("Clipping norm", fmt_number(privacy.get("max_grad_norm"))),
     ]
     spent, plan = _dict(privacy.get("sites")), _dict(privacy.get("plan"))
@@ -812,12 +830,12 @@ def _privacy(privacy: Any, view: TaskView | None = None) -> dict:
     for name in dict.fromkeys([*plan, *spent]):
         p = _dict(plan.get(name))
         sites.append({"name": str(name), "cells": [
-            _int(p.get("n_patients")), fmt_epsilon(spent.get(name)), fmt_number(budget),
+            _int(p.get("n_patients")), fmt_epsilon(spent.get(name)), fmt_budget(budget),
             fmt_number(p.get("noise_multiplier")), fmt_number(p.get("sample_rate")),
             _int(p.get("steps")), _int(p.get("turns")),
         ]})
     return {"status": status, "guarantee": guarantee, "rows": rows, "sites": sites,
-            "statement": statement}
+            "unit_count": unit_count, "statement": statement}
 
 
 def _figure_context(fig: FigureOut) -> dict:
@@ -888,9 +906,16 @@ def fmt_number(value: float) -> str:
 
 
 def fmt_epsilon(value: Any) -> str:
-    """Epsilon to 3 significant digits; "n/a" for a missing or non-finite value."""
+    """Epsilon rounded UP to 3 significant digits (never below the ledger's figure); "n/a" for a
+    missing or non-finite value."""
     x = _num(value)
-    return NA if x is None else f"{x:.3g}"
+    return NA if x is None or x < 0 else format_epsilon(x)
+
+
+def fmt_budget(value: Any) -> str:
+    """A budget epsilon as the run's config gave it ("8"); a computed one (fixed noise) rounded up."""
+    x = _num(value)
+    return NA if x is None or x <= 0 else format_budget(x)
 
 
 def _int(value: Any) -> str:

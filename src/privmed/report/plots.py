@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
+from privmed.privacy.figures import format_budget
 from privmed.tasks.classification import expected_calibration_error, reliability_bins, roc_auc
 
 DPI = 110
@@ -249,7 +250,8 @@ def privacy_spent(
         ax.plot(x, _floats(values), marker="o", ms=3, lw=1.4, color=colours[site], label=site, zorder=3)
     top = _finite_max([epsilon_by_site.values()])
     if budget is not None and math.isfinite(budget):
-        ax.axhline(budget, color="black", lw=1.2, ls="--", zorder=2, label=f"budget (ε = {budget:g})")
+        label = f"budget (ε = {format_budget(budget)})"  # as given; a computed one rounded up
+        ax.axhline(budget, color="black", lw=1.2, ls="--", zorder=2, label=label)
         top = budget if top is None else max(top, budget)
     ax.set_ylim(0.0, 1.1 * top if top else 1.0)
     ax.set_ylabel("ε spent" + ("" if delta is None else f" (δ = {delta:g})"), fontsize=LABEL_SIZE)
