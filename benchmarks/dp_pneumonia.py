@@ -30,6 +30,8 @@ import torch
 
 from _tables import mean_sd
 
+from privmed.privacy.figures import format_epsilon
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "pneumonia-dp.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -65,6 +67,9 @@ def _one(job: tuple) -> dict:
         "strategy": strategy, "epsilon_target": eps, "seed": seed,
         "test_auc": s["test"]["auc"], "test_accuracy": s["test"]["accuracy"],
         "epsilon_spent": s["privacy"]["epsilon"],
+        "unit": s["privacy"].get("unit"),
+        # since issue 12 every site draws its DP noise and batches from a secret key of its own
+        "dp_randomness": "secret site keys",
         "epsilon_by_site": s["privacy"].get("sites"),
         "noise_multipliers": {k: v["noise_multiplier"] for k, v in s["privacy"].get("plan", {}).items()},
         "train_seconds": s["train_seconds"], "wall_seconds": time.perf_counter() - start,
@@ -79,6 +84,13 @@ def _one(job: tuple) -> dict:
 
 
 
+def _unit(rows: list[dict]) -> str:
+    """The unit of privacy the runs claimed (runs saved before it was recorded: 'patient', as
+    privmed then said of every source)."""
+    units = {r.get("unit") or "patient (as claimed then)" for r in rows if r["epsilon_target"] is not None}
+    return ", ".join(sorted(units)) or "none"
+
+
 def table(rows: list[dict], note: str) -> str:
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     targets = sorted({r["epsilon_target"] for r in rows if r["epsilon_target"] is not None}, reverse=True)
@@ -88,7 +100,7 @@ def table(rows: list[dict], note: str) -> str:
     lines = [
         "# Privacy against utility: PneumoniaMNIST, 3 sites, Dirichlet 0.5",
         "",
-        f"DP-SGD at every site (unit: patient, delta {cfg['privacy'].get('delta', 1e-5):g}, "
+        f"DP-SGD at every site (unit: {_unit(rows)}, delta {cfg['privacy'].get('delta', 1e-5):g}, "
         f"{cfg['privacy'].get('accountant', 'prv')} accountant), `{model['name']}`, {fed['rounds']} rounds x "
         f"{fed['local_steps']} local step(s), expected batch {tr['batch_size']}, SGD lr {tr['lr']:g}, "
         f"clip {cfg['privacy'].get('max_grad_norm', 1.0):g}; the last round's model; test AUC on the official "
@@ -104,7 +116,7 @@ def table(rows: list[dict], note: str) -> str:
                          key=lambda r: r["seed"])
             if not sel:
                 continue
-            spent = "-" if eps is None else f"{max(r['epsilon_spent'] for r in sel):.3f}"
+            spent = "-" if eps is None else format_epsilon(max(r["epsilon_spent"] for r in sel), 4)
             ratios = [r["train_seconds"] / base[(strategy, r["seed"])]["train_seconds"]
                       for r in sel if (strategy, r["seed"]) in base and eps is not None]
             ratio = f"{statistics.mean(ratios):.2f}" if ratios else "-"
@@ -113,6 +125,11 @@ def table(rows: list[dict], note: str) -> str:
                 f"{mean_sd([r['test_auc'] for r in sel])} | {mean_sd([r['test_accuracy'] for r in sel])} | "
                 f"{ratio} | {', '.join(str(r['seed']) for r in sel)} |"
             )
+    dp_rows = [r for r in rows if r["epsilon_target"] is not None]
+    keyed = sum(r.get("dp_randomness") == "secret site keys" for r in dp_rows)
+    lines += ["", f"DP noise and batches drawn from each site's secret key in {keyed} of {len(dp_rows)} DP "
+              "runs (the others, saved earlier, drew them from the run's public seed: the same "
+              "distribution, but replayable by anyone holding the seed)."]
     lines += ["", "Done-when bars (fedavg, every seed):"]
     for eps, bar in TARGETS.items():
         sel = [r for r in rows if r["strategy"] == "fedavg" and r["epsilon_target"] == eps]

@@ -29,8 +29,38 @@ def tiny_config(**over) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one torch thread than on two competing for two cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (../shared/data beside the repository)")
     return SHARED_DATA
+
+
+def copy_keys(src: Path, dst: Path, hospitals: Path | None = None) -> Path:
+    """A run directory `dst` that replays run `src` from its first round with the same secret keys
+    and run id (and no ledgers or checkpoints): `privmed.run(cfg, dst, resume=True)` then trains as
+    an uninterrupted run with `src`'s keys would. `hospitals`: where hospitals kept their own state
+    (HOSPITALS/NAME/secret.key, as `privmed join --state` does), when they did not live in `src`."""
+    import shutil
+
+    dst.mkdir(parents=True)
+    for name in ("config.yaml", "run.json"):
+        shutil.copy(src / name, dst / name)
+    keys = [(k, k.relative_to(src / "private")) for k in (src / "private").rglob("secret.key")]
+    if hospitals is not None:
+        keys += [(k, Path("sites") / k.parent.name / k.name) for k in hospitals.glob("*/secret.key")]
+    for key, rel in keys:
+        (dst / "private" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(key, dst / "private" / rel)
+    return dst

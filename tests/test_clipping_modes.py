@@ -17,13 +17,7 @@ from privmed.tasks.survival import CoxLoss
 BATCH = 8  # patients besides the one with the huge gradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread runs them faster than two competing for two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 # name: (model, outputs, input shape, criterion); float32, as users train them.

@@ -29,13 +29,7 @@ from privmed.privacy.dpsgd import (
 MATERIALISING_MODES = ("hooks", "functorch", "ew")  # ghost never forms per-sample gradients
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread runs them faster than two competing for two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _cnn(size: int = 16, width: int = 8, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -8,15 +8,18 @@ dropped and the round completes with the others, or is retried; and the Flower m
 in-process runner's result bit for bit.
 """
 
+import json
+
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import copy_keys, tiny_config
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 import privmed
 from privmed.config import validate_config
 from privmed.errors import ConfigError
+from privmed.federation.client import LEDGER_FILE as SITE_LEDGER_FILE
 from privmed.federation.experiment import prepare_experiment, prepare_site
 from privmed.federation.flower.coordinator import FlowerSites
 from privmed.federation.flower.secagg import LocalGrid, in_process_identity, quantization_bound
@@ -25,6 +28,7 @@ from privmed.federation.flower.site_service import SiteEndpoint
 from privmed.federation.runner import RoundFailed
 from privmed.federation.strategies import GLOBAL, contribution
 from privmed.federation.transport import InProcessSites, StageFailed
+from privmed.privacy.site_ledger import SiteLedger
 
 BITS = 22
 
@@ -58,7 +62,7 @@ def test_secure_mean_equals_plain_mean_within_the_quantisation_bound(privacy):
     tasks = s.configure(s.init_state(exp.initial_weights, exp.trainer_names), exp.trainer_names)
     ref, weights = _plain_mean(exp, tasks, s.secure_weighting, s.secure_clip)
     assert len(set(weights)) > 1 or privacy  # unequal weights: the weighting is exercised
-    out = InProcessSites(exp).train_stage(tasks, 1, s)
+    out = InProcessSites(exp).train_stage(tasks, 1, s, "run")
     assert out.secure is not None and sorted(out.sites) == sorted(exp.trainer_names)
     assert all(r.weights == [] for r in out.updates)  # reports only: no site's weights
     bound = quantization_bound(weights, exp.config.federation.secagg_clipping_range, BITS)
@@ -80,7 +84,7 @@ def test_the_coordinator_never_receives_a_plaintext_update():
     s = exp.strategy
     tasks = s.configure(s.init_state(exp.initial_weights, exp.trainer_names), exp.trainer_names)
     plain = {t.site: exp.trainers[t.site].train(t, 1).weights for t in tasks}
-    sites.train_stage(tasks, 1, s)
+    sites.train_stage(tasks, 1, s, "run")
     masked = []
     for reply in grid.seen:
         content = reply.content
@@ -119,10 +123,21 @@ class _DyingGrid(LocalGrid):
         return super().pull_messages(ids)
 
 
-def _flower_sites(cfg, grid_cls=LocalGrid, **grid_kw):
+def site_ledger(state):
+    return SiteLedger.load(state / SITE_LEDGER_FILE)
+
+
+def run_id(run_dir):
+    return json.loads((run_dir / "run.json").read_text())["run_id"]
+
+
+def _flower_sites(cfg, grid_cls=LocalGrid, state=None, **grid_kw):
+    """Hospitals as `privmed join` builds them (their own state under `state`/NAME, or in memory)
+    behind a LocalGrid, and the coordinator's FlowerSites over it."""
     apps = {}
     for i, name in enumerate(cfg.sites.site_names()):
-        endpoint = SiteEndpoint(prepare_site(cfg, name), cfg.seed)  # as a hospital builds its own
+        client = prepare_site(cfg, name, None if state is None else state / name)
+        endpoint = SiteEndpoint(client)
         apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
     grid = grid_cls(apps, **grid_kw)
     return grid, lambda exp: FlowerSites(exp, grid, connect_timeout=5)
@@ -221,18 +236,25 @@ def test_a_failed_round_is_charged_to_the_ledger_and_counted_once_on_resume(tmp_
                federation__secure_aggregation=False, **dp)
     sites = cfg.sites.site_names()
     # plain path: 'which site', round 1, round 2: site-2 dies at round 2, after the others trained
-    _, dying = _flower_sites(cfg, _DyingGrid, victim=2002, at=3)
+    hospitals = tmp_path / "hospitals"  # each hospital's own key and ledger, kept across both runs
+    _, dying = _flower_sites(cfg, _DyingGrid, state=hospitals, victim=2002, at=3)
     with in_process_identity(), pytest.raises(RoundFailed, match="privacy ledger counts round 2 for every site"):
         privmed.run(cfg, tmp_path / "run", sites=dying)
     ledger = PrivacyLedger.load(tmp_path / "run" / LEDGER_FILE)
     assert {s: [r for r, _ in ledger.releases(s)] for s in sites} == {s: [1, 2] for s in sites}
+    # the hospitals that trained round 2 counted it; site-2 died before it released round 2
+    counted = {s: [r for r, _ in site_ledger(hospitals / s).releases_of(run_id(tmp_path / "run"))] for s in sites}
+    assert counted == {"site-1": [1, 2], "site-2": [1], "site-3": [1, 2], "site-4": [1, 2]}
 
-    _, alive = _flower_sites(cfg)
+    _, alive = _flower_sites(cfg, state=hospitals)
     with in_process_identity():
         result = privmed.run(cfg, tmp_path / "run", resume=True, sites=alive)
     resumed = PrivacyLedger.load(tmp_path / "run" / LEDGER_FILE)
     assert {s: [r for r, _ in resumed.releases(s)] for s in sites} == {s: [1, 2] for s in sites}
-    fresh = privmed.run(cfg)  # uninterrupted
+    for s in sites:  # each hospital's own ledger agrees with the coordinator's: round 2 counted once
+        assert site_ledger(hospitals / s).releases_of(run_id(tmp_path / "run")) == resumed.releases(s)
+    # uninterrupted, with the same keys
+    fresh = privmed.run(cfg, copy_keys(tmp_path / "run", tmp_path / "ref", hospitals), resume=True)
     assert result.summary["privacy"]["sites"] == fresh.summary["privacy"]["sites"]
     assert result.summary["test"] == fresh.summary["test"]
 
@@ -247,12 +269,14 @@ def test_a_failed_round_is_charged_to_the_ledger_and_counted_once_on_resume(tmp_
 ])
 def test_the_flower_message_path_gives_the_in_process_result(over, tmp_path):
     """Sites built as hospitals build them, reached through Flower messages, give the in-process
-    runner's model bit for bit (secure aggregation: the same protocol, the same seeds)."""
+    runner's model bit for bit (secure aggregation: the same protocol, the same seeds; DP: the
+    in-process run given the hospitals' keys)."""
     cfg = _cfg(**over)
-    a = privmed.run(cfg, tmp_path / "a", report=False)
-    _, sites = _flower_sites(cfg)
+    _, sites = _flower_sites(cfg, state=tmp_path / "hospitals")
     with in_process_identity():
         b = privmed.run(cfg, tmp_path / "b", report=False, sites=sites)
+    a = privmed.run(cfg, copy_keys(tmp_path / "b", tmp_path / "a", tmp_path / "hospitals"), resume=True,
+                    report=False)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert np.array_equal(x.numpy(), y.numpy())
     assert a.summary["test"] == b.summary["test"]

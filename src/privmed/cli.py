@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--epsilon", type=float, help="the budget (give this or --noise-multiplier)")
     plan.add_argument("--noise-multiplier", type=float, help="fixed noise: report the epsilon it spends")
     plan.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")
-    plan.add_argument("--patients", type=int, help="patients at the site (the privacy unit)")
+    plan.add_argument("--patients", type=int,
+                      help="patients at the site (the privacy unit; images, where the data names no patients)")
     plan.add_argument("--batch-size", type=int, help="expected batch size (patients per step)")
     length = plan.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="passes over the data")
@@ -158,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--site", required=True, help="this hospital's site name")
     join.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     join.add_argument("--key", type=Path, help="this hospital's private key (from `privmed keys`)")
+    join.add_argument(
+        "--state", type=Path,
+        help="this hospital's own state: its secret key for DP noise and its privacy ledger, kept "
+        "across runs and restarts (default: ~/.privmed/sites/SITE); never share it",
+    )
     _flower_args(join, server=True)
 
     rep = sub.add_parser(
@@ -205,11 +211,16 @@ def _print_summary(s: dict, out: Path) -> int:
         print(f"after local fine-tuning, mean over sites: {_scores(s['test_finetuned_mean_over_sites'])}")
     privacy = s.get("privacy") or {}
     if privacy.get("mode") in ("dp-sgd", "central"):
+        from privmed.privacy.figures import format_budget, format_epsilon, unit_note
+
+        # Epsilon rounded up: the line must never claim less than the ledger backs.
         print(
-            f"privacy: ({privacy['epsilon']:.3g}, {privacy['delta']:g})-differential privacy per "
-            f"{privacy['unit']} at every site (largest epsilon spent; budget {privacy['budget_epsilon']:g}); "
-            f"ledger: {(out / 'privacy_ledger.json').resolve()}"
+            f"privacy: ({format_epsilon(privacy['epsilon'])}, {privacy['delta']:g})-differential privacy "
+            f"per {privacy['unit']} at every site (largest epsilon spent; budget "
+            f"{format_budget(privacy['budget_epsilon'])}); ledger: {(out / 'privacy_ledger.json').resolve()}"
         )
+        if unit_note(privacy["unit"]):
+            print(f"  unit: {unit_note(privacy['unit'])}")
     else:
         print("privacy: none (privacy.mode none): the model may reveal its training patients")
     print(f"report: {(out / 'report.html').resolve()}")

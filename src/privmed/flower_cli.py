@@ -99,17 +99,19 @@ def join(args) -> int:  # noqa: ANN001
     _need(args, "server", "certs", "key")
     _warn_insecure(args)
     cfg = load_config(args.config, args.overrides)
-    site = prepare_site(cfg, args.site)  # bad config or site: a clear error before anything starts
     home = deploy.home_dir(args.home)
+    state = Path(args.state) if args.state else home.parent / "sites" / args.site
+    # bad config or site: a clear error before anything starts
+    client = prepare_site(cfg, args.site, state)
     sock = home / "sockets" / f"{args.site}-{os.getpid()}.sock"
     _stop_on_sigterm()
-    serve_site(SiteEndpoint(site, cfg.seed), sock)
+    serve_site(SiteEndpoint(client), sock)
     proc = None
     try:
         while True:  # Flower's SuperNode ends when it loses the coordinator: start it again
             proc = deploy.start_hospital(args.site, sock, args.server, args.certs, args.key, home, args.insecure)
-            print(f"hospital '{args.site}' ({site.n_train} training items) joining {args.server} "
-                  f"(Flower SuperNode, pid {proc.pid})", flush=True)
+            print(f"hospital '{args.site}' ({client.site.n_train} training items; its key and privacy "
+                  f"ledger in {state}) joining {args.server} (Flower SuperNode, pid {proc.pid})", flush=True)
             code = proc.wait()
             print(f"the SuperNode ended (exit code {code}); joining again in {REJOIN_SECONDS:g} s "
                   "(Ctrl-C to stop)", flush=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from privmed.config import RunConfig
 from privmed.data import SourceData, load_source
 from privmed.data.sites import SiteData, pooled_site, split_into_sites
+from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights, n_patients
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError
@@ -92,7 +95,9 @@ def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None)
             plan = plan.with_noise(noise)
         if cfg.privacy.mode == "central":
             sigma = next(iter(plan.noise_multipliers().values()))  # one server, one noise
-            strategy = DPFedAvg(cfg.privacy.max_grad_norm, sigma, len(site_data), seed=cfg.seed)
+            strategy = DPFedAvg(cfg.privacy.max_grad_norm, sigma, len(site_data))
+            if cfg.federation.secure_aggregation:
+                strategy.rounding_bound = _secagg_rounding_bound(cfg, initial)
 
     def dp(name: str) -> DPTraining | None:
         if plan is None or cfg.privacy.mode != "dp-sgd":
@@ -107,6 +112,30 @@ def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None)
         for sd in train_on
     }
     return Experiment(cfg, source, site_data, trainers, strategy, model_factory, initial, plan, task)
+
+
+def secagg_rounding_bound(entries: int, clipping_range: float, bits: int) -> float:
+    """The most SecAgg+'s stochastic rounding can add to the L2 norm of one site's contribution of
+    `entries` numbers: each is rounded to a grid of step 2r / 2^bits, off by less than one step."""
+    return math.sqrt(entries) * 2 * clipping_range / 2**bits
+
+
+def _secagg_rounding_bound(cfg: RunConfig, weights: Weights) -> float:
+    """Central DP with secure aggregation: the rounding bound, which each site's clip leaves room
+    for; ConfigError when it would take more than half of privacy.max_grad_norm."""
+    fed, clip = cfg.federation, cfg.privacy.max_grad_norm
+    entries = int(sum(w.size for w in weights))
+    bound = secagg_rounding_bound(entries, fed.secagg_clipping_range, fed.secagg_quantization_bits)
+    if bound > clip / 2:
+        need = math.ceil(math.log2(4 * fed.secagg_clipping_range * math.sqrt(entries) / clip))
+        raise ConfigError(
+            f"federation.secagg_quantization_bits: {fed.secagg_quantization_bits} rounds each site's "
+            f"update by up to {bound:.3g} in L2 norm ({entries} entries, secagg_clipping_range "
+            f"{fed.secagg_clipping_range:g}), more than half of privacy.max_grad_norm {clip:g}, which the "
+            f"central DP noise is calibrated to; allowed: {need} bits or more, or a smaller "
+            "secagg_clipping_range"
+        )
+    return bound
 
 
 def _check_model_fits_data(model: str, tabular: bool, source: str) -> None:
@@ -126,7 +155,8 @@ def _privacy_plan(
     cfg: RunConfig, strategy: Strategy, train_on: list[SiteData], local_steps: int | None
 ) -> PrivacyPlan:
     """Noise for every site, fixed for all planned rounds: a site's turns are counted from the
-    strategy's own stages, so any strategy (fedavg, cyclic, ...) is accounted as it will run."""
+    strategy's own stages, so any strategy (fedavg, cyclic, ...) is accounted as it will run. The
+    unit is 'patient' when the training data carries patient ids, 'record' when not (dp-sgd)."""
     names = [sd.name for sd in train_on]
     turns = dict.fromkeys(names, 0)
     for rnd in range(1, cfg.federation.rounds + 1):
@@ -134,20 +164,26 @@ def _privacy_plan(
             for name in stage:
                 turns[name] += 1
     facts = {sd.name: SiteFacts(n_patients(sd.train), turns[sd.name]) for sd in train_on}
+    # The guarantee is per patient only where every training item names its patient; otherwise
+    # each item counts as its own patient and the honest unit is one record.
     return make_plan(
         cfg.privacy, facts,
         batch_size=cfg.training.batch_size,
         local_epochs=cfg.federation.local_epochs,
         local_steps=local_steps,
+        patient_ids=all(sd.train.patient is not None for sd in train_on),
     )
 
 
-def prepare_site(cfg: RunConfig, name: str) -> Site:
+def prepare_site(cfg: RunConfig, name: str, state_dir: Path | None = None) -> SiteClient:
     """The one site `name` of the run `cfg` describes, as `prepare_experiment` builds it (the same
-    partition, model and privacy plan), for a hospital's process in a deployment."""
+    partition, model and privacy plan), for a hospital's process in a deployment: its client, with
+    its guard kept in `state_dir` (its secret key and ledger; None: in memory only). The budget the
+    guard enforces is this config's: the hospital's own."""
     exp = prepare_experiment(cfg)
     if exp.strategy.pools_data:
         raise ConfigError("federation.strategy: 'pooled' puts all data in one place; it has no sites to join")
     if name not in exp.trainers:
         raise ConfigError(f"--site: '{name}' is not a site of this config; its sites: {', '.join(exp.trainers)}")
-    return exp.trainers[name]
+    guard = SiteGuard.open(name, GuardPolicy.from_plan(exp.privacy, name), state_dir)
+    return SiteClient(exp.trainers[name], guard, cfg.seed)

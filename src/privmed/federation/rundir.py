@@ -3,8 +3,12 @@
 Layout (every file written atomically):
     config.yaml                 the resolved config
     metrics.jsonl               one line per completed round
+    run.json                    the run's id (sites never release one round of one run twice)
     checkpoints/round-NNNN.pt   everything needed to continue after round NNNN (newest kept)
     summary.json, predictions.npz, model.pt, report.html, plots/   at the end of the run
+    private/                    NEVER SHARE: what, in a simulation, stands for each hospital's own
+                                state (sites/NAME: its secret key, its ledger, its last release)
+                                and the server's secret key (coordinator/), owner-only
 A checkpoint holds the metrics history too, so `--resume` rewrites metrics.jsonl from it: a kill
 between the two writes can neither lose nor double a round.
 """
@@ -12,7 +16,10 @@ between the two writes can neither lose nor double a round.
 from __future__ import annotations
 
 import io as _io
+import json
+import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,14 @@ from privmed.config import RunConfig
 from privmed.errors import RunDirError
 
 _CKPT = re.compile(r"^round-(\d{4,})\.pt$")
+PRIVATE_DIR = "private"
+_NEVER_SHARE = (
+    "NEVER SHARE this folder. In this simulation it stands for what each hospital keeps to itself\n"
+    "(sites/NAME: its secret key, from which all of its DP noise and sampling derive; its own privacy\n"
+    "ledger; its last release) and the server's secret key (coordinator/). With these keys anyone\n"
+    "can replay the DP noise, and the privacy guarantee is void. Everything else in the run directory\n"
+    "may be shared; this folder is only needed to continue the run (--resume).\n"
+)
 
 
 def _to_torch(obj: Any) -> Any:
@@ -101,6 +116,25 @@ class RunDir:
         for stale in self.path.rglob(".*.tmp"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
         io.write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def run_id(self) -> str:
+        """The run's id (run.json), made at its first use: a resumed run keeps it."""
+        path = self.path / "run.json"
+        if path.is_file():
+            return str(json.loads(path.read_text(encoding="utf-8"))["run_id"])
+        run_id = secrets.token_hex(8)
+        io.write_json(path, {"run_id": run_id})
+        return run_id
+
+    def private(self) -> Path:
+        """The owner-only folder of the simulation's secrets (see the module's docstring)."""
+        d = self.path / PRIVATE_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        note = d / "NEVER-SHARE.txt"
+        if not note.exists():
+            io.write_text(note, _NEVER_SHARE)
+        return d
 
     # -------------------------------------------------------------- checkpoints
     def checkpoints(self) -> list[tuple[int, Path]]:

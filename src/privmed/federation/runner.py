@@ -3,13 +3,15 @@
     result = run_in_process(exp, run_dir=RunDir(...) or None, resume=False, progress=True)
 
 Each round: the strategy plans stages, sites train, the strategy aggregates, the models are scored,
-and (with a run directory) a checkpoint is written. All randomness is derived from (seed, round,
-site), so a run resumed from round r's checkpoint continues exactly as the uninterrupted run did.
+and (with a run directory) a checkpoint is written. Public randomness comes from (seed, round,
+site), and the sites' DP randomness from their secret keys (kept under RUN_DIR/private), so a run
+resumed from round r's checkpoint continues exactly as the uninterrupted run did.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,11 +33,12 @@ from privmed.federation.evaluation import (
 from privmed.federation.experiment import Experiment
 from privmed.federation.rundir import RunDir
 from privmed.federation.site import set_weights
-from privmed.federation.strategies import GLOBAL, State, TrainTask
+from privmed.federation.strategies import GLOBAL, DPFedAvg, State, TrainTask
 from privmed.federation.transport import InProcessSites, Sites, StageFailed, required_sites
 from privmed.privacy.accountants import Release
 from privmed.privacy.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from privmed.privacy.plan import NO_PRIVACY, guarantee_statement
+from privmed.privacy.secret import SecretKey
 
 
 @dataclass
@@ -80,7 +83,7 @@ class RoundFailed(RuntimeError):
 
 
 def _train_round(
-    exp: Experiment, sites: Sites, models: State, rnd: int, bar: tqdm | None
+    exp: Experiment, sites: Sites, models: State, rnd: int, run: str, bar: tqdm | None
 ) -> tuple[State, dict, dict[str, list[Release]]]:
     """Train one round; returns the new state, its metrics, and the DP releases each site made
     (what the sites report, under dp-sgd; the server's noisy sums, under central).
@@ -92,7 +95,11 @@ def _train_round(
     for stage in strategy.stages(rnd, exp.trainer_names):
         if bar is not None:
             bar.set_postfix_str(f"round {rnd}: training at {', '.join(stage)}")
-        outcome = sites.train_stage(strategy.configure(models, stage), rnd, secure)
+        started = time.perf_counter()
+        outcome = sites.train_stage(strategy.configure(models, stage), rnd, secure, run)
+        # as the coordinator saw it: under privacy the sites keep their own timings (they follow
+        # the batch sizes drawn), and the wait for a stage is all the coordinator learns
+        train_s += time.perf_counter() - started
         need = required_sites(exp, len(stage))
         if len(outcome.updates) < need:
             raise StageFailed(
@@ -101,9 +108,8 @@ def _train_round(
             )
         dropped += outcome.dropped
         for upd in outcome.updates:
-            losses[upd.site] = upd.metrics["train_loss"]
+            losses[upd.site] = upd.metrics.get("train_loss", math.nan)
             steps += upd.metrics["sample_gradient_steps"]
-            train_s += upd.metrics["train_seconds"]
             if "release" in upd.metrics:
                 releases.setdefault(upd.site, []).append(upd.metrics["release"])
             elif exp.privacy is not None and exp.privacy.mode == "central":
@@ -126,15 +132,15 @@ def _train_round(
 
 
 def _train_round_retrying(
-    exp: Experiment, sites: Sites, models: State, rnd: int, bar: tqdm | None
+    exp: Experiment, sites: Sites, models: State, rnd: int, run: str, bar: tqdm | None
 ) -> tuple[State, dict, dict[str, list[Release]]]:
     """`_train_round`, started again up to federation.round_retries times when a stage fails.
-    A retry sends the same instructions, and a site draws all its randomness from (seed, round,
-    site), so a site that trains the round again releases the same update again."""
+    A retry sends the same instructions, and a site answers an instruction it already answered
+    with the same reply (its cached release, or the same draws from its key), counted once."""
     retries = exp.config.federation.round_retries
     for attempt in range(retries + 1):
         try:
-            models, info, releases = _train_round(exp, sites, models, rnd, bar)
+            models, info, releases = _train_round(exp, sites, models, rnd, run, bar)
             if attempt:
                 info["attempts"] = attempt + 1
             return models, info, releases
@@ -154,7 +160,8 @@ def run_in_process(
 ) -> RunResult:
     """Run the experiment's rounds. `sites`: where the sites train (default: in this process;
     the Flower runner passes its own)."""
-    sites = sites if sites is not None else InProcessSites(exp)
+    if sites is None:
+        sites = InProcessSites(exp, private=None if run_dir is None else run_dir.private())
     try:
         return _run(exp, sites, run_dir, resume, progress)
     finally:
@@ -175,6 +182,13 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
         _refuse_rounds_past_budget(exp, ledger, state["round"] + 1, cfg.federation.rounds)
     if run_dir is not None:
         run_dir.start(cfg)
+    run = run_dir.run_id() if run_dir is not None else secrets.token_hex(8)
+    if isinstance(exp.strategy, DPFedAvg):  # the server's noise: from its own secret key
+        exp.strategy.noise_key = (
+            SecretKey.generate() if run_dir is None
+            else SecretKey.load_or_create(run_dir.private() / "coordinator" / "secret.key")
+        )
+    if run_dir is not None:
         if state["history"]:  # resumed: metrics.jsonl may lag its checkpoint by one write
             io.write_jsonl(run_dir.path / "metrics.jsonl", state["history"])
         if ledger is not None:  # and the ledger file may count a round it lacks (written ahead)
@@ -202,7 +216,7 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
                     ledger.save(run_dir.path / LEDGER_FILE)
             try:
                 models, train_info, releases = _train_round_retrying(
-                    exp, sites, state["models"], rnd, bar if progress else None
+                    exp, sites, state["models"], rnd, run, bar if progress else None
                 )
             except RoundFailed as e:
                 if ledger is None or run_dir is None:
@@ -212,7 +226,9 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
                     "released their updates); --resume counts it once"
                 ) from None
             if ledger is not None:
-                _check_releases(rnd, releases, planned)
+                _record_reported(ledger, rnd, releases, planned)
+                if run_dir is not None:
+                    ledger.save(run_dir.path / LEDGER_FILE)
                 state["privacy"]["ledger"] = ledger.to_dict()
             scores_row, scores = evaluator.evaluate(models)
             for key, score in scores.items():
@@ -244,7 +260,7 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
             bar.update(1)
     finally:
         bar.close()
-    return _finish(exp, state, evaluator, run_dir, sites)
+    return _finish(exp, state, evaluator, run_dir, sites, run)
 
 
 def _refuse_rounds_past_budget(exp: Experiment, ledger: PrivacyLedger, first: int, last: int) -> None:
@@ -289,7 +305,7 @@ def _charge(ledger: PrivacyLedger, rnd: int, planned: dict[str, list[Release]]) 
     after some sites released their updates: none leaves a ledger that claims less than was
     released. A site that was sent its instructions is charged whether its update arrived or not.
     --resume starts from the last checkpoint's ledger and counts the round once when it completes:
-    it re-releases the identical updates (every site draws its randomness from (seed, round, site))."""
+    it re-releases the identical updates (each site replays or re-draws them from its key)."""
     for site, releases in planned.items():
         if len(releases) != 1:
             raise NotImplementedError(f"round {rnd}: site '{site}' trained {len(releases)} times")
@@ -297,19 +313,30 @@ def _charge(ledger: PrivacyLedger, rnd: int, planned: dict[str, list[Release]]) 
         ledger.record(site, rnd, r.noise_multiplier, r.sample_rate, r.steps)
 
 
-def _check_releases(rnd: int, made: dict[str, list[Release]], planned: dict[str, list[Release]]) -> None:
-    """A release that differs from the plan the round was charged for is a bug, never silently
-    accounted."""
+def _record_reported(
+    ledger: PrivacyLedger, rnd: int, made: dict[str, list[Release]], planned: dict[str, list[Release]]
+) -> None:
+    """The ledger counts what the sites report they released (each site holds its own ledger and
+    may follow its own config): a release other than the one charged before the round replaces
+    it there, with a warning, and may spend more than the plan (the site's own budget still binds
+    it). A site charged that reported nothing (dropped) stays charged as planned."""
     for site, releases in made.items():
-        if releases != planned.get(site):
-            raise AssertionError(
-                f"round {rnd}: site '{site}' released {releases}, but the round was planned as "
-                f"{planned.get(site)}"
-            )
+        if releases == planned.get(site):
+            continue
+        if len(releases) != 1:
+            raise NotImplementedError(f"round {rnd}: site '{site}' trained {len(releases)} times")
+        warnings.warn(
+            f"round {rnd}: site '{site}' reports it released {releases[0]}, the plan had "
+            f"{planned.get(site)}; the privacy ledger counts what the site reports", stacklevel=2,
+        )
+        ledger.replace(site, rnd, releases[0])
 
 
 def _privacy_summary(exp: Experiment, state: dict) -> dict:
-    """What the run's guarantee is, from the ledger: every epsilon here is the ledger's."""
+    """What the run's guarantee is, from the ledger: every epsilon here is the ledger's, and `unit`
+    what one guarantee protects ('patient', 'record' when the data names no patients, or 'site')."""
+    from privmed.privacy.figures import format_epsilon
+
     plan = exp.privacy
     if plan is None:
         return {"mode": "none", "epsilon": None, "statement": NO_PRIVACY}
@@ -327,7 +354,8 @@ def _privacy_summary(exp: Experiment, state: dict) -> dict:
         "sites": spent,
         "max_grad_norm": plan.max_grad_norm,
         "plan": plan.to_dict()["sites"],
-        "statement": guarantee_statement(plan.mode, f"{epsilon:.3g}", f"{plan.delta:g}"),
+        # Rounded up: the statement must never claim a smaller epsilon than the ledger backs.
+        "statement": guarantee_statement(plan.mode, format_epsilon(epsilon), f"{plan.delta:g}", plan.unit),
     }
 
 
@@ -343,7 +371,8 @@ def _secure_summary(exp: Experiment) -> dict | None:
         "clipping_range": fed.secagg_clipping_range,
         "quantization_bits": fed.secagg_quantization_bits,
         "statement": "the coordinator received only the weighted sum of the sites' updates each "
-        "round (masked, quantised); sample counts and training metrics travel in the clear",
+        "round (masked, quantised); sample counts travel in the clear"
+        + ("" if exp.config.private else ", and so do training metrics (loss, time)"),
     }
 
 
@@ -356,7 +385,7 @@ def _selection(exp: Experiment, local: bool) -> str:
 
 
 def _finetune(
-    exp: Experiment, state: dict, evaluator: Evaluator, site_rows: dict, sites: Sites
+    exp: Experiment, state: dict, evaluator: Evaluator, site_rows: dict, sites: Sites, run: str
 ) -> dict | None:
     """federation.finetune_steps: each site trains the selected global model that many steps on its
     own training data (seeded apart from the rounds), and its own test data scores the result
@@ -367,7 +396,7 @@ def _finetune(
         return None
     weights = state["best"][GLOBAL]["weights"]
     for sd in exp.site_data:
-        update = sites.finetune(TrainTask(sd.name, weights), state["round"], steps)
+        update = sites.finetune(TrainTask(sd.name, weights), state["round"], steps, run)
         site_rows[sd.name]["test_finetuned"] = (
             {} if sd.test is None else evaluator.score(update.weights, sd.test)
         )
@@ -402,7 +431,7 @@ def _fmt(x: float) -> str:
 
 
 def _finish(
-    exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir | None, sites: Sites
+    exp: Experiment, state: dict, evaluator: Evaluator, run_dir: RunDir | None, sites: Sites, run: str
 ) -> RunResult:
     cfg, test, task = exp.config, exp.source.test, exp.task
     history = {row["round"]: row for row in state["history"]}
@@ -443,7 +472,7 @@ def _finish(
     else:
         test_scores = task.metrics(predictions[f"{task.prediction}:global"].astype(np.float64), test)
         val_scores = history[best_rounds[GLOBAL]]["val"]
-    finetuned = _finetune(exp, state, evaluator, site_rows, sites) if not local else None
+    finetuned = _finetune(exp, state, evaluator, site_rows, sites, run) if not local else None
 
     src = exp.source
     summary = {

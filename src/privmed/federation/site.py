@@ -119,14 +119,22 @@ class Site:
     def n_train(self) -> int:
         return len(self.data.train)
 
-    def train(self, task: TrainTask, rnd: int, steps: int | None = None, purpose: str = "train") -> SiteUpdate:
+    def train(
+        self, task: TrainTask, rnd: int, steps: int | None = None, purpose: str = "train",
+        generator: torch.Generator | None = None,
+    ) -> SiteUpdate:
         """Train from `task.weights` for `local_epochs` epochs, or `local_steps` batches when set (or
         `steps` batches when given: fine-tuning); the optimizer starts fresh each round. FedProx's
-        proximal term and SCAFFOLD's correction (in `task`) are added to the gradients."""
+        proximal term and SCAFFOLD's correction (in `task`) are added to the gradients.
+        Every draw (batches, augmentation, DP noise) comes from `generator`: under privacy the
+        site's secret one (see privmed.federation.client); by default one derived from the public
+        seed, (seed, purpose, round, site)."""
         start = time.perf_counter()
         set_weights(self.model, task.weights)
         self.model.train()
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, purpose, rnd, self.name))
+        gen = generator if generator is not None else torch.Generator().manual_seed(
+            derive_seed(self.seed, purpose, rnd, self.name)
+        )
         images = self._x.ndim == 4
         max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment and images else 0
         adjust = self._gradient_adjustment(task)
@@ -205,7 +213,8 @@ class Site:
         )
         # The training loss and the sizes of the batches drawn are computed from the training
         # patients outside the DP mechanism: they stay at the site (the guarantee covers only what
-        # leaves it). The work done is reported as its expectation, a public figure.
+        # leaves it; SiteGuard.released also keeps the timing here). The work done is reported as
+        # its expectation, a public figure.
         r = dp.release
         return SiteUpdate(
             site=self.name,

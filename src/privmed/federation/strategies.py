@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from privmed.errors import ConfigError, unknown_name
+from privmed.privacy.secret import SecretKey
 
 if TYPE_CHECKING:
     from privmed.config import FederationConfig
@@ -263,26 +264,32 @@ class DPFedAvg(FedAvg):
     configured number of sites (a public constant, not the count received). Adding or removing a site
     changes the sum by at most `clip`, so each round is a Gaussian mechanism on each site's whole
     data. The mean is unweighted: weighting by sample counts would let a large site move it by more
-    than `clip`. The noise is drawn from (seed, round) only.
-    The server sees each update before noising: it must be trusted, or combined with secure
-    aggregation."""
+    than `clip`. The noise is drawn from the server's secret key and the round only (`noise_key`;
+    a fresh key when none is given): never from the run's public seed, which would let anyone
+    replay it. The server sees each update before noising: it must be trusted, or combined with
+    secure aggregation."""
 
     name = "fedavg"
 
-    def __init__(self, clip: float, noise_multiplier: float, n_sites: int, seed: int = 0):
+    def __init__(self, clip: float, noise_multiplier: float, n_sites: int, noise_key: SecretKey | None = None):
         if not clip > 0 or not noise_multiplier >= 0 or not n_sites >= 1:
             raise ValueError(
                 f"need clip > 0, noise_multiplier >= 0 and n_sites >= 1, got {clip!r}, "
                 f"{noise_multiplier!r}, {n_sites!r}"
             )
-        self.clip, self.noise_multiplier, self.seed = float(clip), float(noise_multiplier), seed
+        self.clip, self.noise_multiplier = float(clip), float(noise_multiplier)
+        self.noise_key = noise_key if noise_key is not None else SecretKey.generate()
         self.n_sites = int(n_sites)
 
     secure_weighting = "uniform"
+    # Under secure aggregation each entry of a site's clipped update is rounded stochastically to
+    # SecAgg+'s grid, which can add up to sqrt(d) levels to its L2 norm: the site then clips below
+    # `clip` by that much, so that what enters the sum still moves it by at most `clip`.
+    rounding_bound: float = 0.0
 
     @property
     def secure_clip(self) -> float:
-        return self.clip
+        return self.clip - self.rounding_bound
 
     def aggregate(self, state: State, updates: list[SiteUpdate], rnd: int) -> State:
         if not updates:
@@ -301,7 +308,7 @@ class DPFedAvg(FedAvg):
 
     def _noisy_step(self, state: State, total: Weights, rnd: int) -> State:
         old = [layer.astype(np.float64) for layer in state[GLOBAL]]
-        rng = np.random.default_rng([self.seed, rnd, 0xD9F])
+        rng = self.noise_key.numpy_generator("central-noise", rnd)
         std = self.noise_multiplier * self.clip
         new = [
             (o + (t + rng.normal(0.0, std, size=t.shape)) / self.n_sites).astype(layer.dtype, copy=False)

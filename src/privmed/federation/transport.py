@@ -10,28 +10,18 @@ contributions; otherwise each site's update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
+from privmed.federation.instructions import Instruction
+from privmed.federation.stages import StageFailed, StageOutcome
 from privmed.federation.strategies import SecureStrategy, SecureSum, SiteUpdate, TrainTask
+
+__all__ = ["InProcessSites", "Sites", "StageFailed", "StageOutcome", "required_sites", "secure_round"]
 
 if TYPE_CHECKING:
     from privmed.federation.experiment import Experiment
-
-
-@dataclass
-class StageOutcome:
-    updates: list[SiteUpdate]  # plain aggregation: each site's update; secure: reports, no weights
-    secure: SecureSum | None = None  # secure aggregation: the weighted mean of the contributions
-    dropped: list[str] = field(default_factory=list)  # sites that failed or did not answer in time
-
-    @property
-    def sites(self) -> list[str]:
-        return [u.site for u in self.updates]
-
-
-class StageFailed(RuntimeError):
-    """A stage ended with too few sites (below min_sites, or too few for secure aggregation)."""
 
 
 def required_sites(exp: Experiment, planned: int) -> int:
@@ -41,32 +31,52 @@ def required_sites(exp: Experiment, planned: int) -> int:
 
 
 class Sites(Protocol):
-    def train_stage(self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None) -> StageOutcome: ...
+    def train_stage(
+        self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None, run: str
+    ) -> StageOutcome: ...
 
-    def finetune(self, task: TrainTask, rnd: int, steps: int) -> SiteUpdate: ...
+    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> SiteUpdate: ...
 
     def close(self) -> None: ...
 
 
-class InProcessSites:
-    """The experiment's sites, trained one after another in this process."""
+def site_clients(exp: Experiment, private: Path | None) -> dict[str, SiteClient]:
+    """A SiteClient per training site of `exp`, each with its own guard: kept under
+    `private`/sites/NAME (a simulation's stand-in for each hospital's own storage), or in memory."""
+    return {
+        name: SiteClient(
+            site,
+            SiteGuard.open(name, GuardPolicy.from_plan(exp.privacy, name),
+                           None if private is None else private / "sites" / name),
+            exp.config.seed,
+        )
+        for name, site in exp.trainers.items()
+    }
 
-    def __init__(self, exp: Experiment):
+
+class InProcessSites:
+    """The experiment's sites, trained one after another in this process. `private`: where their
+    keys and ledgers are kept (None: in memory, for this process only)."""
+
+    def __init__(self, exp: Experiment, private: Path | None = None):
         self.exp = exp
+        self.clients = site_clients(exp, private)
         self._grid = None
 
-    def train_stage(self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None) -> StageOutcome:
+    def train_stage(
+        self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None, run: str
+    ) -> StageOutcome:
         if secure is None:
-            return StageOutcome([self.exp.trainers[t.site].train(t, rnd) for t in tasks])
+            return StageOutcome([self.clients[t.site].train(Instruction(t, rnd, run=run)) for t in tasks])
         from privmed.federation.flower import secagg
 
         grid, node_of = self._local_grid()
         with secagg.in_process_identity():
-            total = secure_round(self.exp, grid, node_of, tasks, rnd, secure)
+            total = secure_round(self.exp, grid, node_of, tasks, rnd, secure, run)
         return StageOutcome(total.reports, secure=total)
 
-    def finetune(self, task: TrainTask, rnd: int, steps: int) -> SiteUpdate:
-        return self.exp.trainers[task.site].train(task, rnd, steps=steps, purpose="finetune")
+    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> SiteUpdate:
+        return self.clients[task.site].train(Instruction(task, rnd, run=run, steps=steps, purpose="finetune"))
 
     def close(self) -> None:
         self._grid = None
@@ -79,8 +89,8 @@ class InProcessSites:
             from privmed.federation.flower.site_service import SiteEndpoint
 
             node_of, apps = {}, {}
-            for i, (name, site) in enumerate(self.exp.trainers.items()):
-                endpoint = SiteEndpoint(site, self.exp.config.seed)
+            for i, (name, client) in enumerate(self.clients.items()):
+                endpoint = SiteEndpoint(client)
                 node_of[name] = 1001 + i
                 apps[1001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
             self._grid = (LocalGrid(apps), node_of)
@@ -88,7 +98,8 @@ class InProcessSites:
 
 
 def secure_round(exp: Experiment, grid, node_of: dict[str, int], tasks: list[TrainTask], rnd: int,  # noqa: ANN001
-                 secure: SecureStrategy, timeout: float | None = None, planned: int | None = None) -> SecureSum:
+                 secure: SecureStrategy, run: str, timeout: float | None = None,
+                 planned: int | None = None) -> SecureSum:
     """One stage under SecAgg+ with the run's settings (shared by both runners). `tasks`: the
     reachable sites' instructions, of `planned` in the stage (default: all reachable)."""
     from privmed.federation.flower.secagg import secure_stage
@@ -96,7 +107,7 @@ def secure_round(exp: Experiment, grid, node_of: dict[str, int], tasks: list[Tra
     cfg = exp.config
     shares, threshold = cfg.secagg_shares_threshold
     return secure_stage(
-        grid, node_of, tasks, rnd, cfg.federation, shares, threshold,
+        grid, node_of, tasks, rnd, run, cfg.federation, shares, threshold,
         n_samples={name: site.n_train for name, site in exp.trainers.items()},
         weighting=secure.secure_weighting, clip=secure.secure_clip, timeout=timeout,
         min_sites=required_sites(exp, planned or len(tasks)),

@@ -209,8 +209,8 @@ class DPSGD:
     optimizer's step: a data-independent change to the gradient there (FedProx's proximal term,
     SCAFFOLD's correction) is post-processing and costs no privacy.
 
-    The noise is drawn from `generator` only, so a run is reproducible from its seed. That is Opacus'
-    default (`secure_mode=False`): torch's Mersenne Twister, not a CSPRNG, and without the defence
+    The noise is drawn from `generator` only (a site's secret one: see privmed.federation.client),
+    so a run is reproducible from the site's key. That is Opacus' default (`secure_mode=False`): torch's Mersenne Twister, not a CSPRNG, and without the defence
     against floating-point attacks on the Gaussian sampler. Reproducibility was chosen over that;
     Opacus' `secure_mode` could be exposed as an option later.
 

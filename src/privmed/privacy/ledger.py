@@ -22,11 +22,14 @@ from privmed.privacy.accountants import (
     check_epsilon_range,
     epsilon_spent,
 )
+from privmed.privacy.figures import format_budget, format_epsilon
 
 LEDGER_FILE = "privacy_ledger.json"
-UNIT = "patient"  # DP-SGD's unit; central DP (DP-FedAvg) protects a whole site
+UNIT = "patient"  # DP-SGD's unit when the data names patients; the run's plan always says which
 MECHANISM = "DP-SGD (Poisson-sampled Gaussian)"
-UNITS = ("patient", "site")
+# patient: DP-SGD over data with patient ids; record: DP-SGD over data without them (each image or row
+# its own patient); site: central DP (DP-FedAvg) protects a whole site.
+UNITS = ("patient", "record", "site")
 _CACHE_SIZE = 256
 
 
@@ -53,6 +56,8 @@ class PrivacyLedger:
         check_epsilon_range(budget_epsilon)
         check_delta_range(delta)
         check_accountant_name(accountant)
+        if unit not in UNITS:
+            raise LedgerError(f"privacy ledger: unit {unit!r} is not one of {', '.join(map(repr, UNITS))}")
         self.budget_epsilon = float(budget_epsilon)
         self.delta = float(delta)
         self.accountant = accountant
@@ -97,9 +102,11 @@ class PrivacyLedger:
                     f"{r.sample_rate:g}, {r.steps} step{'s' if r.steps != 1 else ''}"
                     for r, n in counts.items()
                 )
+                # Rounded up, like every epsilon shown: "would bring it to 3.999" must not read 3.998.
                 refusals.append(
-                    f"site '{site}' has spent epsilon {spent:.4g} and this round ({what}) would bring it to "
-                    f"{after[site]:.4g}, past its budget {self.budget_epsilon:g}"
+                    f"site '{site}' has spent epsilon {format_epsilon(spent, 4)} and this round ({what}) "
+                    f"would bring it to {format_epsilon(after[site], 4)}, past its budget "
+                    f"{format_budget(self.budget_epsilon)}"
                 )
         if refusals:
             context = f"delta {self.delta:g}, {self.accountant} accountant"
@@ -121,6 +128,15 @@ class PrivacyLedger:
                 f"(recorded rounds end at {history[-1][0]}); a release is never counted twice"
             )
         history.append((round, release))
+
+    def replace(self, site: str, round: int, release: Release) -> None:
+        """Put `release` in place of what `site` has recorded for `round` (the ledger was charged
+        with the planned release before the round; the site reported another)."""
+        history = self._site(site)
+        at = [i for i, (r, _) in enumerate(history) if r == round]
+        if not at:
+            raise LedgerError(f"privacy ledger: site '{site}' has no release in round {round} to replace")
+        history[at[0]] = (round, release)
 
     def truncate(self, last_round: int) -> None:
         """Drop every release after `last_round` (resuming from that round's checkpoint)."""

@@ -45,8 +45,11 @@ NO_PRIVACY = (
 _NOT_COVERED = (
     "Not covered: the scores computed each round on validation and test patients (they are never "
     "trained on; their scores are reported as computed, without noise). With model_selection 'last' "
-    "(the default under privacy) the final model does not depend on them. Each site's number of "
-    "patients is treated as public."
+    "(the default under privacy) the final model does not depend on them. Public, released as they "
+    "are: each site's number of training patients and images (its FedAvg weight), and when its "
+    "reply arrives (a site keeps its training loss and timings to itself, but the time it takes to "
+    "answer follows the batch sizes it drew). The DP noise and sampling come from each site's own "
+    "secret key (the server's, for central noise), never from the run's public seed."
 )
 _AGAINST = (
     "against everything the site released during the run: every model update of every round, and so "

@@ -24,6 +24,7 @@ from privmed.federation.experiment import Experiment
 from privmed.federation.flower import messages as M
 from privmed.federation.strategies import SecureStrategy, SiteUpdate, TrainTask
 from privmed.federation.transport import StageFailed, StageOutcome, required_sites, secure_round
+from privmed.privacy.site_ledger import SiteRefused
 
 log = logging.getLogger("privmed.flower")
 
@@ -136,7 +137,9 @@ class FlowerSites:
                 self._asked.discard(node)
 
     # ------------------------------------------------------------------ training
-    def train_stage(self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None) -> StageOutcome:
+    def train_stage(
+        self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None, run: str
+    ) -> StageOutcome:
         alive = set(self.grid.get_node_ids())  # Flower forgets a node that stopped answering
         self._forget([s for s, n in self.node_of.items() if n not in alive])
         if any(t.site not in self.node_of for t in tasks):  # a site that dropped may be back
@@ -150,31 +153,34 @@ class FlowerSites:
                     f"round {rnd}: {len(reachable)} of {len(tasks)} sites are connected "
                     f"({', '.join(dropped)} missing); federation.min_sites is {need}"
                 )
-            total = secure_round(self.exp, self.grid, self.node_of, reachable, rnd, secure, self.timeout,
-                                 planned=len(tasks))
+            total = secure_round(self.exp, self.grid, self.node_of, reachable, rnd, secure, run,
+                                 self.timeout, planned=len(tasks))
             lost = [t.site for t in reachable if t.site not in total.sites]
             self._forget(lost)
             order = {t.site: i for i, t in enumerate(tasks)}
             reports = sorted(total.reports, key=lambda r: order[r.site])
             return StageOutcome(reports, secure=total, dropped=dropped + lost)
-        updates = self._send(reachable, rnd)
+        updates = self._send(reachable, rnd, run)
         lost = [t.site for t in reachable if t.site not in updates]
         self._forget(lost)
         # in the tasks' order, so that aggregation sums in the order the in-process runner does
         return StageOutcome([updates[t.site] for t in reachable if t.site in updates], dropped=dropped + lost)
 
-    def finetune(self, task: TrainTask, rnd: int, steps: int) -> SiteUpdate:
+    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> SiteUpdate:
         if task.site not in self.node_of:
             self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=0)
-        got = self._send([task], rnd, steps=steps, purpose="finetune")
+        got = self._send([task], rnd, run, steps=steps, purpose="finetune")
         if task.site not in got:
             raise StageFailed(f"site '{task.site}' did not answer its fine-tuning instruction")
         return got[task.site]
 
-    def _send(self, tasks: list[TrainTask], rnd: int, steps: int | None = None, purpose: str = "train") -> dict[str, SiteUpdate]:
+    def _send(self, tasks: list[TrainTask], rnd: int, run: str, steps: int | None = None,
+              purpose: str = "train") -> dict[str, SiteUpdate]:
+        """Each task's update; a site that failed is left out, a site that refused ends the run
+        (SiteRefused, with the site's reason: asking again would be refused again)."""
         msgs = [
             Message(
-                M.encode_instruction(M.Instruction(t, rnd, steps=steps, purpose=purpose)),
+                M.encode_instruction(M.Instruction(t, rnd, run=run, steps=steps, purpose=purpose)),
                 dst_node_id=self.node_of[t.site], message_type=M.TRAIN_PLAIN, group_id=str(rnd),
             )
             for t in tasks
@@ -184,6 +190,9 @@ class FlowerSites:
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             site = site_of.get(reply.metadata.src_node_id)
             if reply.has_error():
+                refused = refusal(reply.error.reason)
+                if refused is not None:
+                    raise SiteRefused(refused)
                 log.warning("round %s: site '%s' failed: %s", rnd, site, reply.error.reason)
                 continue
             update = M.decode_update(reply.content)
@@ -195,6 +204,18 @@ class FlowerSites:
 
     def close(self) -> None:
         pass
+
+
+def refusal(reason: str) -> str | None:
+    """The site's reason when an error reply is a refusal by its guard, else None. The relay
+    raises 'SiteRefused: REASON', which Flower's ClientApp runner reports as
+    "<class 'RuntimeError'>:<'SiteRefused: REASON'>"."""
+    marker = f"{SiteRefused.__name__}: "
+    at = reason.find(marker)
+    if at < 0:
+        return None
+    text = reason[at + len(marker):].strip()
+    return text[:-2] if text.endswith("'>") else text
 
 
 app = ServerApp()

@@ -10,33 +10,19 @@ their dtypes, so weights arrive bit for bit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.app import RecordDict
 from flwr.compat.common import recorddict_compat as compat
 
+from privmed.federation.instructions import Instruction
 from privmed.federation.strategies import SiteUpdate, TrainTask
 from privmed.privacy.accountants import Release
 
 TRAIN_PLAIN = "train.plain"  # training whose result the coordinator sees (no secure aggregation)
 DESCRIBE = "query.describe"  # which site a node serves
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """A TrainTask and how to run and return it."""
-
-    task: TrainTask
-    rnd: int
-    steps: int | None = None  # fine-tuning: this many batches instead of the configured ones
-    purpose: str = "train"
-    secure: bool = False  # reply with the contribution to a secure sum, not the weights
-    weighting: str = "samples"  # secure: weigh the contribution by n_samples, or 1 ('uniform')
-    clip: float | None = None  # secure: clip the contribution to this L2 norm
-    max_weight: float = 1.0  # secure: SecAgg+'s max_weight (the site checks its quantisation range)
-    clipping_range: float = 8.0  # secure: SecAgg+'s clipping range
+__all__ = ["Instruction", "encode_instruction", "decode_instruction", "encode_update", "decode_update"]
 
 
 def encode_instruction(ins: Instruction) -> RecordDict:
@@ -45,7 +31,8 @@ def encode_instruction(ins: Instruction) -> RecordDict:
     config = {
         "site": t.site, "model_key": t.model_key, "prox_mu": float(t.prox_mu),
         "n_weights": len(t.weights), "has_correction": t.correction is not None,
-        "round": ins.rnd, "steps": ins.steps or 0, "purpose": ins.purpose, "secure": ins.secure,
+        "round": ins.rnd, "run": ins.run, "steps": ins.steps or 0, "purpose": ins.purpose,
+        "secure": ins.secure,
         "weighting": ins.weighting, "clip": ins.clip or 0.0, "max_weight": float(ins.max_weight),
         "clipping_range": float(ins.clipping_range),
     }
@@ -62,8 +49,8 @@ def decode_instruction(content: RecordDict) -> Instruction:
         prox_mu=float(c["prox_mu"]), correction=arrays[n:] if c["has_correction"] else None,
     )
     return Instruction(
-        task, int(c["round"]), steps=int(c["steps"]) or None, purpose=str(c["purpose"]),
-        secure=bool(c["secure"]), weighting=str(c["weighting"]), clip=float(c["clip"]) or None,
+        task, int(c["round"]), run=str(c["run"]), steps=int(c["steps"]) or None,
+        purpose=str(c["purpose"]), secure=bool(c["secure"]), weighting=str(c["weighting"]), clip=float(c["clip"]) or None,
         max_weight=float(c["max_weight"]), clipping_range=float(c["clipping_range"]),
     )
 

@@ -34,7 +34,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from privmed.config import FederationConfig
 from privmed.federation.flower import messages as M
 from privmed.federation.strategies import SecureSum, SiteUpdate, TrainTask
-from privmed.federation.transport import StageFailed
+from privmed.federation.stages import StageFailed
 
 COORDINATOR_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 
@@ -140,6 +140,7 @@ def secure_stage(
     node_of: dict[str, int],
     tasks: list[TrainTask],
     rnd: int,
+    run: str,
     fed: FederationConfig,
     shares: int,
     threshold: int,
@@ -157,7 +158,7 @@ def secure_stage(
     w_max = max_weight(weights)
     fitins = {
         t.site: M.encode_instruction(M.Instruction(
-            t, rnd, secure=True, weighting=weighting, clip=clip, max_weight=w_max,
+            t, rnd, run=run, secure=True, weighting=weighting, clip=clip, max_weight=w_max,
             clipping_range=fed.secagg_clipping_range,
         ))
         for t in tasks

@@ -40,8 +40,8 @@ def make_client_app(endpoint_for: Callable[[Context], Endpoint]) -> ClientApp:
         content, seed = endpoint_for(context).train(msg.content)
         if seed is not None:
             # SecAgg+ rounds stochastically with numpy's global generator, in this process: seed
-            # it from (seed, round, site) so that the run reproduces (the masks cancel exactly)
-            np.random.seed(seed)
+            # it with the site's 63-bit seed for this reply (from its secret key under privacy)
+            np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
         return Message(content, reply_to=msg)
 
     app.train(mods=[secaggplus_mod])(train)

@@ -7,10 +7,12 @@ can open).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import struct
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import RecordDict
@@ -19,38 +21,41 @@ from privmed.federation.flower import messages as M
 from privmed.federation.flower.site_app import (
     ERR, OK, OP_DESCRIBE, OP_TRAIN, decode_content, encode_content, recv_frame, send_frame,
 )
-from privmed.federation.site import Site, derive_seed
+from privmed.federation.client import SiteClient
 from privmed.federation.strategies import contribution
+
+log = logging.getLogger("privmed.site")
 
 
 class SiteEndpoint:
-    """Answers training instructions for one site."""
+    """Answers a site's instructions from Flower's records, through its `SiteClient` (and so its
+    guard: a refused instruction raises SiteRefused, whose message goes back to the coordinator)."""
 
-    def __init__(self, site: Site, seed: int):
-        self.site, self.seed = site, seed
-        self._lock = threading.Lock()  # one training at a time
+    def __init__(self, client: SiteClient):
+        self.client = client
 
     def describe(self) -> dict:
-        return {"site": self.site.name, "n_train": self.site.n_train}
+        return self.client.describe()
 
     def train(self, content: RecordDict) -> tuple[RecordDict, int | None]:
         ins = M.decode_instruction(content)
-        if ins.task.site != self.site.name:
-            raise ValueError(f"this node serves site '{self.site.name}', got an instruction for '{ins.task.site}'")
-        with self._lock:
-            update = self.site.train(ins.task, ins.rnd, steps=ins.steps, purpose=ins.purpose)
+        update = self.client.train(ins)
         if not ins.secure:
             return M.encode_update(update, update.weights, update.n_samples), None
         arrays = contribution(ins.task.weights, update.weights, ins.clip)
         weight = update.n_samples if ins.weighting == "samples" else 1
         # SecAgg+ scales the contribution by its weight share and clips each entry to the range
-        # before quantising; say how many entries that clipped (a count, no values)
+        # before quantising: count the entries that clipped (a count, no values). It depends on
+        # the training patients, so under privacy it stays at the site (logged here).
         share = weight / ins.max_weight
-        update.metrics["secagg_clipped"] = int(
-            sum(int((abs(a * share) > ins.clipping_range).sum()) for a in arrays)
-        )
-        seed = derive_seed(self.seed, "secagg", ins.rnd, self.site.name) % 2**32
-        return M.encode_update(update, arrays, weight), seed
+        clipped = int(sum(int((abs(a * share) > ins.clipping_range).sum()) for a in arrays))
+        if self.client.guard.policy.private:
+            if clipped:
+                log.warning("round %s: %d update entries outside the SecAgg+ clipping range were "
+                            "clipped", ins.rnd, clipped)
+        else:
+            update = replace(update, metrics={**update.metrics, "secagg_clipped": clipped})
+        return M.encode_update(update, arrays, weight), self.client.secagg_seed(ins)
 
 
 def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
@@ -94,6 +99,6 @@ def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
                 return
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
-    thread = threading.Thread(target=loop, name=f"privmed-site-{endpoint.site.name}", daemon=True)
+    thread = threading.Thread(target=loop, name=f"privmed-site-{endpoint.client.name}", daemon=True)
     thread.start()
     return thread

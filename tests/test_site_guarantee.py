@@ -1,0 +1,215 @@
+"""The guarantee held at the hospital, tested as an attacker would try it.
+
+- The seed attack: whoever holds a DP run's released files (config.yaml, summary.json, the seed)
+  re-runs it; without the sites' secret keys the released model is not reproduced. With the keys
+  (--resume) it is, bit for bit.
+- The keys never leave the private folder, whose files only their owner can read.
+- A site refuses, itself, a coordinator that asks for a round past the site's budget, for a round
+  it already released with other weights, or for another purpose under DP; a repeated identical
+  instruction gets the cached reply, counted once. The refusal reaches the coordinator's output,
+  in process and through the Flower relay a hospital's SuperNode uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import stat
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import copy_keys, tiny_config
+
+import privmed
+from privmed.config import validate_config
+from privmed.federation.experiment import prepare_site
+from privmed.federation.flower import messages as M
+from privmed.federation.flower.coordinator import FlowerSites, refusal
+from privmed.federation.flower.secagg import LocalGrid, in_process_identity
+from privmed.federation.flower.site_app import RelayEndpoint, make_client_app
+from privmed.federation.flower.site_service import SiteEndpoint, serve_site
+from privmed.federation.instructions import Instruction
+from privmed.federation.strategies import GLOBAL, TrainTask
+from privmed.privacy.site_ledger import SiteRefused
+
+
+def dp_config(**over) -> dict:
+    base = dict(privacy__mode="dp-sgd", privacy__epsilon=4.0, privacy__accountant="rdp",
+                training__batch_size=32, training__optimizer="sgd", training__lr=0.5,
+                training__momentum=0.0, federation__rounds=2)
+    return tiny_config(**{**base, **over})
+
+
+def _weights(model) -> np.ndarray:
+    return np.concatenate([v.detach().numpy().ravel().astype(np.float64) for v in model.state_dict().values()])
+
+
+def test_the_seed_attack_fails_without_the_keys_and_the_keys_replay_exactly(tmp_path):
+    run = tmp_path / "released"
+    released = privmed.run(dp_config(), run, report=False)
+    # the attacker: the released config (with its seed) run again, as anyone can
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["seed"] == json.loads((run / "summary.json").read_text())["seed"]
+    replay = privmed.run(cfg)
+    w, r = _weights(released.model), _weights(replay.model)
+    distance = float(np.linalg.norm(w - r) / np.linalg.norm(w))
+    assert distance > 1e-3, distance  # the noise differs: nothing lines up with the release
+    # the hospitals, with their keys: the very same model
+    again = privmed.run(cfg, copy_keys(run, tmp_path / "with-keys"), resume=True, report=False)
+    assert np.array_equal(_weights(again.model), w)
+
+
+def test_the_keys_are_private_and_in_nothing_released(tmp_path):
+    run = tmp_path / "run"
+    privmed.run(dp_config(privacy__mode="central", privacy__epsilon=20.0, privacy__delta=0.01,
+                          privacy__max_grad_norm=0.5), run)
+    central_key = run / "private" / "coordinator" / "secret.key"
+    assert central_key.is_file()
+    privmed.run(dp_config(), tmp_path / "dp")
+    keys = [central_key] + sorted((tmp_path / "dp" / "private" / "sites").glob("*/secret.key"))
+    assert len(keys) == 4
+    for d in (run / "private", tmp_path / "dp" / "private"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700 and (d / "NEVER-SHARE.txt").is_file()
+    secrets = []
+    for k in keys:
+        assert stat.S_IMODE(k.stat().st_mode) == 0o600
+        hexkey = [ln for ln in k.read_text().splitlines() if not ln.startswith("#")][0]
+        secrets += [hexkey.encode(), bytes.fromhex(hexkey)]
+    released = [f for d in (run, tmp_path / "dp") for f in d.rglob("*") if f.is_file() and "private" not in f.parts]
+    assert any(f.name == "model.pt" for f in released) and any(f.suffix == ".pt" for f in released)
+    for f in released:
+        data = f.read_bytes()
+        assert not any(s in data for s in secrets), f
+
+
+@pytest.fixture
+def hospital(tmp_path):
+    """site-1 of a 2-round DP run (noise calibrated to spend epsilon 4 over 2 rounds), as a
+    hospital builds it, with its state in tmp_path/state."""
+    cfg = validate_config(dp_config())
+    client = prepare_site(cfg, "site-1", tmp_path / "state")
+    return client, [v.detach().numpy().copy() for v in client.site.model.state_dict().values()]
+
+
+def _task(weights, shift: float = 0.0) -> TrainTask:
+    """site-1's instruction to train from `weights` (+ `shift`)."""
+    return TrainTask("site-1", [w + np.float32(shift) for w in weights])
+
+
+def test_a_site_refuses_a_second_release_of_a_round_and_replays_an_identical_one(hospital):
+    client, model = hospital
+    first = client.train(Instruction(_task(model), 1, run="r"))
+    again = client.train(Instruction(_task(model), 1, run="r"))  # a retry: the same reply, counted once
+    assert all(np.array_equal(a, b) for a, b in zip(first.weights, again.weights))
+    assert [r for r, _ in client.guard.ledger.releases_of("r")] == [1]
+    with pytest.raises(SiteRefused, match="already released that round for other weights"):
+        client.train(Instruction(_task(model, 0.01), 1, run="r"))
+    assert [r for r, _ in client.guard.ledger.releases_of("r")] == [1]
+
+
+def test_a_site_refuses_another_purpose_under_dp(hospital):
+    client, model = hospital
+    with pytest.raises(SiteRefused, match="refused 'finetune'.*trains only for the rounds"):
+        client.train(Instruction(_task(model), 1, run="r", steps=3, purpose="finetune"))
+    assert client.guard.ledger.releases == []
+
+
+def test_a_site_refuses_a_round_past_its_budget_and_its_state_outlives_it(hospital, tmp_path):
+    client, model = hospital
+    client.train(Instruction(_task(model), 1, run="r"))
+    client.train(Instruction(_task(model), 2, run="r"))
+    spent = client.guard.ledger.epsilon
+    assert 3.5 < spent <= 4.0
+    with pytest.raises(SiteRefused, match=r"site 'site-1' refused round 3 of run r: .*past its budget 4"):
+        client.train(Instruction(_task(model), 3, run="r"))
+    # another run, or the same hospital restarted: its ledger is its own, and still full
+    restarted = prepare_site(validate_config(dp_config()), "site-1", tmp_path / "state")
+    assert restarted.guard.ledger.epsilon == pytest.approx(spent)
+    with pytest.raises(SiteRefused, match="past its budget"):
+        restarted.train(Instruction(_task(model), 1, run="another-run"))
+
+
+def test_nothing_computed_outside_the_mechanism_leaves_a_private_site(hospital):
+    client, model = hospital
+    update = client.train(Instruction(_task(model), 1, run="r"))
+    assert math.isnan(update.metrics["train_loss"])
+    assert set(update.metrics) == {"train_loss", "sample_gradient_steps", "optimizer_steps", "release"}
+
+
+def test_a_refusal_reaches_the_coordinator_in_process(tmp_path):
+    """The coordinator plans with a budget of 4, the hospitals' own configs allow 3.9 and the
+    same fixed noise: round 2 passes theirs, and they say no."""
+    over = dict(privacy__noise_multiplier=1.0, privacy__epsilon=None, federation__rounds=3)
+    cfg = validate_config(dp_config(**over))
+    own = validate_config(dp_config(**{**over, "federation__rounds": 1}))  # budget: one round's epsilon
+    apps = {}
+    for i, name in enumerate(cfg.sites.site_names()):
+        endpoint = SiteEndpoint(prepare_site(own, name, tmp_path / name))
+        apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
+    grid = LocalGrid(apps)
+    with in_process_identity(), pytest.raises(SiteRefused, match=r"site 'site-1' refused round 2 of run .*past its budget"):
+        privmed.run(cfg, tmp_path / "run", sites=lambda exp: FlowerSites(exp, grid, connect_timeout=5))
+
+
+def test_a_refusal_comes_back_through_the_relay_of_a_hospitals_supernode(hospital, tmp_path):
+    client, model = hospital
+    sock = tmp_path / "sock" / "site-1.sock"
+    serve_site(SiteEndpoint(client), sock)
+    relay = RelayEndpoint(str(sock))
+    assert relay.describe() == {"site": "site-1", "n_train": client.site.n_train}
+    ins = Instruction(_task(model), 1, run="r", steps=2, purpose="finetune")
+    with pytest.raises(RuntimeError) as e:
+        relay.train(M.encode_instruction(ins))
+    # as Flower's ClientApp runner reports the relay's exception to the coordinator
+    reason = str(type(e.value)) + ":<'" + str(e.value) + "'>"
+    assert refusal(reason).startswith("site 'site-1' refused 'finetune' for round 1 of run r")
+    assert refusal("<class 'ConnectionError'>:<'the site's process is not listening'>") is None
+
+
+def test_central_dp_noise_comes_from_the_servers_key(tmp_path):
+    cfg = dp_config(privacy__mode="central", privacy__epsilon=20.0, privacy__delta=0.01,
+                    privacy__max_grad_norm=0.5, federation__rounds=1)
+    a = privmed.run(cfg, tmp_path / "a", report=False)
+    b = privmed.run(cfg)  # same seed, another server key
+    assert not np.array_equal(_weights(a.model), _weights(b.model))
+    c = privmed.run(cfg, copy_keys(tmp_path / "a", tmp_path / "c"), resume=True, report=False)
+    assert np.array_equal(_weights(a.model), _weights(c.model))
+    assert GLOBAL in a.models
+    assert torch.equal(next(iter(a.model.state_dict().values())), next(iter(c.model.state_dict().values())))
+
+
+def test_central_dp_with_secure_aggregation_leaves_room_for_the_rounding():
+    """What enters the secure sum is the site's quantised contribution: its norm must stay within
+    the clip the server's noise is calibrated to, rounding included."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from privmed.errors import ConfigError
+    from privmed.federation.experiment import prepare_experiment
+    from privmed.federation.strategies import contribution
+
+    over = dict(sites__count=3, federation__secure_aggregation=True, privacy__mode="central",
+                privacy__noise_multiplier=1.0, privacy__epsilon=None, privacy__max_grad_norm=0.05,
+                federation__secagg_clipping_range=1.0)
+    with pytest.raises(ConfigError, match=r"secagg_quantization_bits: 8 rounds each site's update by up to .*"
+                       r"allowed: \d+ bits or more"):
+        prepare_experiment(validate_config(tiny_config(**over, federation__secagg_quantization_bits=8)))
+    exp = prepare_experiment(validate_config(tiny_config(**over, federation__secagg_quantization_bits=14)))
+    s, clip = exp.strategy, 0.05
+    assert 0 < s.rounding_bound < clip / 2 and s.secure_clip == pytest.approx(clip - s.rounding_bound)
+    rng = np.random.default_rng(0)
+    np.random.seed(0)  # Flower's stochastic rounding draws from numpy's global generator
+    sent = exp.initial_weights
+    worst = 0.0
+    for _ in range(20):
+        trained = [w + rng.normal(0, 1, w.shape).astype(w.dtype) for w in sent]
+        c = contribution(sent, trained, s.secure_clip)
+        bits = exp.config.federation.secagg_quantization_bits
+        q = dequantize(quantize(c, 1.0, 2**bits), 1.0, 2**bits)
+        worst = max(worst, float(np.sqrt(sum(np.sum(x * x) for x in q))))
+    assert worst <= clip
+    # without the room the rounding takes, the clipped contribution would pass the clip
+    c = contribution(sent, [w + rng.normal(0, 1, w.shape).astype(w.dtype) for w in sent], clip)
+    q = dequantize(quantize(c, 1.0, 2**bits), 1.0, 2**bits)
+    assert float(np.sqrt(sum(np.sum(x * x) for x in q))) > clip
