@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import tiny_config
 
@@ -197,3 +198,59 @@ def test_a_hospital_killed_mid_round_out_of_five(federation, tmp_path):
     assert rows[1]["dropped"] == ["site-4"]
     assert sorted(rows[1]["train_loss"]) == ["site-1", "site-2", "site-3", "site-5"]
     assert np.isfinite(json.loads((out / "summary.json").read_text())["test"]["auc"])
+
+
+def test_hospitals_refuse_what_their_own_budget_and_ledger_do_not_allow(federation, tmp_path):
+    """Hospitals whose own configs allow 3 DP rounds (fixed noise), against coordinators that ask
+    for (c) fine-tuning under DP, (b) a released round again with other weights (a tampered
+    checkpoint) and (a) rounds past the budget (a new run after it is spent): each is refused by the
+    hospital, over Flower, with its reason in the coordinator's output; and each hospital's own
+    ledger, kept in its --state, counts every release of every run once."""
+    dp = dict(privacy__mode="dp-sgd", privacy__noise_multiplier=1.0, privacy__delta=1e-3,
+              privacy__accountant="rdp", training__optimizer="sgd", training__lr=0.5, training__momentum=0.0,
+              federation__local_steps=1, training__batch_size=16, federation__secure_aggregation=False)
+    sites = ["site-1", "site-2", "site-3"]
+    hospital = _config(tmp_path, "hospital", federation__rounds=3, **dp)
+    fed = federation(sites)
+    fed.serve()
+    for s in sites:
+        fed.join(hospital, s)
+
+    # (c) a coordinator without privacy asks for fine-tuning after one round
+    lax = _config(tmp_path, "lax", federation__rounds=1, federation__finetune_steps=2,
+                  **{**dp, "privacy__mode": "none"})
+    res = fed.run(lax, tmp_path / "lax")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "refused 'finetune' for round 1" in res.stderr and "trains only for the rounds" in res.stderr
+
+    # a proper run of 2 rounds, then (b): its round 1 checkpoint tampered with and round 2 asked again
+    good = _config(tmp_path, "good", federation__rounds=2, **dp)
+    out = tmp_path / "good"
+    res = fed.run(good, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    (out / "checkpoints" / "round-0002.pt").unlink()
+    (out / "summary.json").unlink()
+    ckpt_path = out / "checkpoints" / "round-0001.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["models"]["global"] = [w + 0.01 for w in ckpt["models"]["global"]]
+    torch.save(ckpt, ckpt_path)
+    res = fed.run(good, out, "--resume")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "refused round 2 of run" in res.stderr and "already released that round for other weights" in res.stderr
+
+    # (a) the hospitals' budget is spent (1 + 2 rounds): a new run is refused at its first round
+    res = fed.run(good, tmp_path / "again")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "refused round 1 of run" in res.stderr and "past its budget" in res.stderr
+
+    for s in sites:
+        own = json.loads((tmp_path / "sites" / s / "site_ledger.json").read_text())
+        assert len(own["releases"]) == 3 and own["epsilon"] <= own["budget_epsilon"]
+        # the good run's releases, as the coordinator's ledger counts them
+        mine = [(r["round"], r["noise_multiplier"], r["sample_rate"], r["steps"])
+                for r in own["releases"] if r["run"] == run_id]
+        theirs = [(r["round"], r["noise_multiplier"], r["sample_rate"], r["steps"])
+                  for r in ledger["sites"][s]["releases"]]
+        assert mine == theirs

@@ -56,7 +56,7 @@ def _plain_mean(exp, tasks, weighting, clip):
 @pytest.mark.parametrize("privacy", [None, "central"])
 def test_secure_mean_equals_plain_mean_within_the_quantisation_bound(privacy):
     over = {} if privacy is None else dict(privacy__mode="central", privacy__noise_multiplier=1.0,
-                                          privacy__max_grad_norm=0.05)
+                                          privacy__max_grad_norm=0.1)
     exp = prepare_experiment(_cfg(**over))
     s = exp.strategy
     tasks = s.configure(s.init_state(exp.initial_weights, exp.trainer_names), exp.trainer_names)
@@ -71,9 +71,10 @@ def test_secure_mean_equals_plain_mean_within_the_quantisation_bound(privacy):
     assert bound < 1e-4
     moved = max(float(np.max(np.abs(a))) for a in ref)
     assert moved > 100 * bound  # the updates are far larger than the error: the check has teeth
-    if privacy == "central":  # the sites clipped: the sum's norm is at most n x clip
+    if privacy == "central":  # the sites clipped below C by the rounding bound: the sum's norm,
+        # rounding included, is at most n x C
         total = np.sqrt(sum(float(np.sum((len(tasks) * m) ** 2)) for m in out.secure.mean))
-        assert total <= len(tasks) * 0.05 + len(tasks) * bound * np.sqrt(sum(m.size for m in ref))
+        assert total <= len(tasks) * 0.1
 
 
 def test_the_coordinator_never_receives_a_plaintext_update():

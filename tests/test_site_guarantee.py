@@ -213,3 +213,21 @@ def test_central_dp_with_secure_aggregation_leaves_room_for_the_rounding():
     c = contribution(sent, [w + rng.normal(0, 1, w.shape).astype(w.dtype) for w in sent], clip)
     q = dequantize(quantize(c, 1.0, 2**bits), 1.0, 2**bits)
     assert float(np.sqrt(sum(np.sum(x * x) for x in q))) > clip
+
+
+def test_privacy_spent_reads_a_hospitals_own_ledger(tmp_path):
+    import subprocess
+    import sys
+
+    privmed.run(dp_config(), tmp_path / "run", report=False)
+    state = tmp_path / "run" / "private" / "sites" / "site-2"
+    r = subprocess.run([sys.executable, "-m", "privmed", "privacy", "spent", str(state)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from privmed.privacy.figures import format_epsilon
+    from privmed.privacy.site_ledger import SiteLedger
+
+    own = SiteLedger.load(state / "site_ledger.json")
+    assert f"site 'site-2', its own privacy ledger" in r.stdout
+    assert f"epsilon {format_epsilon(own.epsilon)} spent of its budget 4" in r.stdout
+    assert len([ln for ln in r.stdout.splitlines() if " train " in ln]) == 2  # one row per round

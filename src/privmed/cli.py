@@ -118,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     spent = priv_sub.add_parser(
         "spent", help="a run's privacy ledger as a table",
         description="Print RUN_DIR/privacy_ledger.json as a table: per site, the epsilon spent "
-        "(recomputed from the recorded releases), the budget and the releases.",
+        "(recomputed from the recorded releases), the budget and the releases. Given a hospital's "
+        "state directory (privmed join --state, or RUN_DIR/private/sites/SITE), its own ledger: "
+        "every release it made, in any run.",
     )
     spent.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 

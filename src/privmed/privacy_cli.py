@@ -12,6 +12,7 @@ from privmed.privacy.calibration import check_delta, noise_for_epsilon
 from privmed.privacy.figures import format_budget, format_epsilon, unit_note
 from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from privmed.privacy.plan import sample_rate_and_steps
+from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
 
 CURVE_POINTS = 12  # epochs shown in the epsilon curve (evenly spread, always the last)
 
@@ -138,10 +139,14 @@ def plan_config(path: Path, overrides: list[str]) -> str:
 
 
 def spent(run_dir: Path) -> str:
-    """The run's ledger as a table; every epsilon recomputed from the recorded releases."""
+    """The run's ledger as a table; every epsilon recomputed from the recorded releases. `run_dir`
+    may also be a hospital's own state (`privmed join --state`, or RUN_DIR/private/sites/SITE):
+    then its own ledger, every release it made in any run."""
     path = Path(run_dir) / LEDGER_FILE
     if not Path(run_dir).is_dir():
         raise RunDirError(f"{run_dir}: not a directory")
+    if (Path(run_dir) / SITE_LEDGER_FILE).is_file():
+        return _site_spent(Path(run_dir))
     if not path.is_file():
         raise RunDirError(
             f"{run_dir}: no {LEDGER_FILE} (the run had privacy.mode 'none', or it is not a privmed run)"
@@ -166,4 +171,22 @@ def spent(run_dir: Path) -> str:
         *([f"unit: {note}"] if note else []),
         "",
         table(["site", "epsilon", "budget", "releases", "rounds", "noise", "sample rate", "steps"], rows),
+    ])
+
+
+def _site_spent(state: Path) -> str:
+    """A hospital's own ledger as a table: one row per release, in the order made."""
+    ledger = SiteLedger.load(state / SITE_LEDGER_FILE)
+    rows = [
+        [r.run, str(r.round), r.purpose, f"{r.noise_multiplier:.4g}", f"{r.sample_rate:.4g}", str(r.steps)]
+        for r in ledger.releases
+    ]
+    note = unit_note(ledger.unit)
+    return "\n".join([
+        f"site '{ledger.site}', its own privacy ledger in {state} (unit: {ledger.unit}; delta "
+        f"{ledger.delta:g}; {ledger.accountant} accountant): epsilon {format_epsilon(ledger.epsilon)} "
+        f"spent of its budget {format_budget(ledger.budget_epsilon)}, over {len(rows)} release(s)",
+        *([f"unit: {note}"] if note else []),
+        "",
+        table(["run", "round", "purpose", "noise", "sample rate", "steps"], rows),
     ])

@@ -37,10 +37,10 @@ from privmed.privacy.accountants import Release
 from privmed.privacy.ledger import BudgetExceeded
 from privmed.privacy.plan import PrivacyPlan
 from privmed.privacy.secret import SecretKey
-from privmed.privacy.site_ledger import SiteLedger, SiteRefused, SiteRelease
+from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger, SiteRefused, SiteRelease
 
 KEY_FILE = "secret.key"
-LEDGER_FILE = "site_ledger.json"
+LEDGER_FILE = SITE_LEDGER_FILE
 CACHE_FILE = "last_release.pt"
 # metrics a site's update may carry under a privacy mode: public figures and the release itself
 PUBLIC_METRICS = ("sample_gradient_steps", "optimizer_steps", "release")

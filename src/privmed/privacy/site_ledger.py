@@ -24,6 +24,8 @@ from privmed.privacy.accountants import Release, epsilon_spent
 from privmed.privacy.figures import format_epsilon
 from privmed.privacy.ledger import BudgetExceeded, LedgerError
 
+SITE_LEDGER_FILE = "site_ledger.json"  # in the site's state directory
+
 
 @dataclass(frozen=True)
 class SiteRelease:

@@ -1,22 +1,14 @@
-"""The coordinator's side: a Flower ServerApp that runs the same round loop as the in-process
-runner (privmed.federation.runner), with `FlowerSites` carrying each stage's instructions to the
-SuperNodes and their updates back.
-
-`privmed run CONFIG --runner flower` submits a run of `app` to the SuperLink with the run config
-keys 'privmed-config' (path of the resolved config), 'run-dir' and 'resume'; the ServerApp, started
-by the SuperLink on the coordinator's machine, writes the run directory there.
+"""The coordinator's side of the Flower runner: `FlowerSites` carries each stage's instructions to
+the SuperNodes and their updates back, for the same round loop as the in-process runner
+(privmed.federation.runner). The ServerApp that runs it is `privmed.flower_server.app`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from pathlib import Path
 
-from flwr.app import Context, Message
-from flwr.serverapp import ServerApp
+from flwr.app import Message
 from flwr.serverapp.grid import Grid
 
 from privmed.errors import PrivmedError
@@ -216,33 +208,3 @@ def refusal(reason: str) -> str | None:
         return None
     text = reason[at + len(marker):].strip()
     return text[:-2] if text.endswith("'>") else text
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    from privmed.api import run
-    from privmed.config import read_yaml, validate_config
-
-    rc = context.run_config
-    path = str(rc["privmed-config"])
-    cfg = validate_config(read_yaml(path), source=path)
-    resume = str(rc.get("resume", "false")).lower() == "true"
-    registered = registered_nodes()
-    run(cfg, str(rc["run-dir"]), resume=resume,
-        sites=lambda exp: FlowerSites(exp, PollingGrid(grid), registered=registered))
-
-
-def registered_nodes() -> dict[str, int]:
-    """{site: node id} of the keys the SuperLink above this ServerApp registered (`privmed serve`
-    writes it in FLWR_HOME); empty when node authentication is off or no such file exists."""
-    from privmed.federation.flower.deploy import NODES_FILE
-
-    home = os.environ.get("FLWR_HOME")
-    path = Path(home) / NODES_FILE if home else None
-    if path is None or not path.is_file():
-        log.warning("no %s in FLWR_HOME: a node's word for which site it serves is not checked", NODES_FILE)
-        return {}
-    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}

@@ -55,7 +55,7 @@ dependencies = []
 publisher = "privmed"
 
 [tool.flwr.app.components]
-serverapp = "privmed.federation.flower.coordinator:app"
+serverapp = "privmed.flower_server:app"
 clientapp = "privmed.federation.flower.site_app:app"
 
 [tool.flwr.app.config]
