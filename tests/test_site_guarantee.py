@@ -228,6 +228,6 @@ def test_privacy_spent_reads_a_hospitals_own_ledger(tmp_path):
     from privmed.privacy.site_ledger import SiteLedger
 
     own = SiteLedger.load(state / "site_ledger.json")
-    assert f"site 'site-2', its own privacy ledger" in r.stdout
+    assert "site 'site-2', its own privacy ledger" in r.stdout
     assert f"epsilon {format_epsilon(own.epsilon)} spent of its budget 4" in r.stdout
     assert len([ln for ln in r.stdout.splitlines() if " train " in ln]) == 2  # one row per round

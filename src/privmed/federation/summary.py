@@ -1,0 +1,177 @@
+"""The end of a run: the selected models scored, per site and pooled; fine-tuning at the sites when
+asked; and summary.json, predictions.npz and model.pt written (with a run directory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from privmed import __version__
+from privmed.federation.accounting import privacy_summary, secure_summary
+from privmed.federation.evaluation import Evaluator, mean_metrics
+from privmed.federation.experiment import Experiment
+from privmed.federation.run_state import RunState
+from privmed.federation.rundir import RunDir
+from privmed.federation.selection import selection_text
+from privmed.federation.site import set_weights
+from privmed.federation.strategies import GLOBAL, TrainTask
+from privmed.federation.transport import Sites
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    models: dict[str, nn.Module]  # model key ('global', or a site for `local`) -> selected model
+    predictions: dict[str, np.ndarray]  # 'labels' and 'probs:<key>' on the pooled test set
+
+    @property
+    def model(self) -> nn.Module:
+        """The selected global model (for `local`, the first site's)."""
+        return self.models.get(GLOBAL) or next(iter(self.models.values()))
+
+
+@dataclass
+class _Selected:
+    """The selected models and what was scored of them."""
+
+    models: dict[str, nn.Module]
+    predictions: dict[str, np.ndarray]
+    rounds: dict[str, int]  # model key -> selected round
+    site_rows: dict[str, dict]
+
+
+def finish(
+    exp: Experiment, state: RunState, evaluator: Evaluator, run_dir: RunDir | None, sites: Sites, run: str
+) -> RunResult:
+    sel = _selected(exp, state, evaluator)
+    local = GLOBAL not in state.best
+    test_scores, val_scores = _headline_scores(exp, state, sel, local)
+    finetuned = None if local else _finetune(exp, state, evaluator, sel.site_rows, sites, run)
+    summary = _summary(exp, state, sel, local, test_scores, val_scores, finetuned)
+    if run_dir is not None:
+        run_dir.finish(summary, sel.predictions, _model_file(exp, sel))
+    return RunResult(summary=summary, models=sel.models, predictions=sel.predictions)
+
+
+def _selected(exp: Experiment, state: RunState, evaluator: Evaluator) -> _Selected:
+    """Each selected model built, its pooled test predictions, and each site's row (its counts and
+    the scores of the model that serves it, from the metrics row of the selected round)."""
+    test, task = exp.source.test, exp.task
+    history = {row["round"]: row for row in state.history}
+    predictions: dict[str, np.ndarray] = {"labels": test.labels}
+    if test.time is not None:
+        predictions["time"] = test.time
+    site_rows = {
+        sd.name: {"n_train": len(sd.train), "n_val": len(sd.val), "n_test": 0 if sd.test is None else len(sd.test)}
+        for sd in exp.site_data
+    }
+    models: dict[str, nn.Module] = {}
+    rounds: dict[str, int] = {}
+    for key, best in state.best.items():
+        predictions[f"{task.prediction}:{key}"] = evaluator.predict(best.weights, test.images).astype(np.float32)
+        model = exp.model_factory()
+        set_weights(model, best.weights)
+        models[key] = model.eval()
+        rounds[key] = best.round
+        for name, scores in history[best.round]["sites"].items():
+            if key == GLOBAL or key == name:
+                site_rows[name].update(scores)
+                if key != GLOBAL:
+                    site_rows[name]["best_round"] = best.round
+    return _Selected(models, predictions, rounds, site_rows)
+
+
+def _headline_scores(exp: Experiment, state: RunState, sel: _Selected, local: bool) -> tuple[dict, dict]:
+    """(pooled test scores, validation scores) of the result."""
+    if not state.best:
+        return {}, {}
+    if local:
+        pooled = [sel.site_rows[k]["test_pooled"] for k in state.best]
+        # every site's model scored the same pooled test patients: their counts are not summed
+        test = {**mean_metrics(pooled), **{k: pooled[0][k] for k in ("n", "events") if k in pooled[0]}}
+        return test, mean_metrics([sel.site_rows[k]["val"] for k in state.best])
+    task = exp.task
+    test = task.metrics(sel.predictions[f"{task.prediction}:global"].astype(np.float64), exp.source.test)
+    history = {row["round"]: row for row in state.history}
+    return test, history[sel.rounds[GLOBAL]]["val"]
+
+
+def _finetune(
+    exp: Experiment, state: RunState, evaluator: Evaluator, site_rows: dict, sites: Sites, run: str
+) -> dict | None:
+    """federation.finetune_steps: each site trains the selected global model that many steps on its
+    own training data (seeded apart from the rounds), and its own test data scores the result
+    (`sites[name]["test_finetuned"]`). Returns the unweighted mean over sites, or None when no
+    fine-tuning was asked for."""
+    steps = exp.config.federation.finetune_steps
+    if not steps or GLOBAL not in state.best:
+        return None
+    weights = state.best[GLOBAL].weights
+    for sd in exp.site_data:
+        update = sites.finetune(TrainTask(sd.name, weights), state.round, steps, run)
+        site_rows[sd.name]["test_finetuned"] = (
+            {} if sd.test is None else evaluator.score(update.weights, sd.test)
+        )
+    return mean_metrics([site_rows[sd.name]["test_finetuned"] for sd in exp.site_data])
+
+
+def _summary(
+    exp: Experiment, state: RunState, sel: _Selected, local: bool, test_scores: dict, val_scores: dict,
+    finetuned: dict | None,
+) -> dict:
+    cfg, src = exp.config, exp.source
+    return {
+        "name": cfg.name,
+        "task": cfg.task,
+        "strategy": cfg.federation.strategy,
+        "rounds_completed": state.round,
+        "rounds_planned": cfg.federation.rounds,
+        "best_round": None if local else sel.rounds.get(GLOBAL),
+        "selection": selection_text(exp, local),
+        "test": test_scores,
+        "test_mean_over_sites": mean_metrics([r.get("test", {}) for r in sel.site_rows.values()]),
+        **({} if finetuned is None else {"test_finetuned_mean_over_sites": finetuned}),
+        "val": val_scores,
+        "sites": sel.site_rows,
+        "wall_seconds": state.wall_seconds,
+        "train_seconds": state.train_seconds,
+        "sample_gradient_steps": state.sample_gradient_steps,
+        "privacy": privacy_summary(exp, None if state.privacy is None else state.privacy.ledger),
+        "secure_aggregation": secure_summary(exp),
+        "data": {
+            "source": cfg.data.source,
+            "synthetic": src.synthetic,
+            "description": src.description,
+            "citation": src.citation,
+            "class_names": list(src.class_names),
+            "image_shape": list(src.train.images.shape[1:]),
+            "tabular": src.tabular,
+            "feature_names": list(src.feature_names),
+            "n_test": len(src.test),
+        },
+        "model": {
+            "name": cfg.model.name,
+            "parameters": int(sum(p.size for p in exp.initial_weights)),
+        },
+        "seed": cfg.seed,
+        "privmed_version": __version__,
+    }
+
+
+def _model_file(exp: Experiment, sel: _Selected) -> dict:
+    cfg, src = exp.config, exp.source
+    return {
+        "config": cfg.to_dict(),
+        "model_args": {
+            "name": cfg.model.name,
+            "in_channels": src.in_channels,
+            "num_classes": exp.task.n_outputs(src),
+            "image_size": src.image_size,
+            "width": cfg.model.width,
+        },
+        "class_names": list(src.class_names),
+        "state_dicts": {k: m.state_dict() for k, m in sel.models.items()},
+        "best_round": sel.rounds,
+    }
