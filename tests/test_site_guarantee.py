@@ -158,7 +158,9 @@ def test_a_refusal_comes_back_through_the_relay_of_a_hospitals_supernode(hospita
     sock = tmp_path / "sock" / "site-1.sock"
     serve_site(SiteEndpoint(client), sock)
     relay = RelayEndpoint(str(sock))
-    assert relay.describe() == {"site": "site-1", "n_train": client.site.n_train}
+    facts = relay.describe()
+    assert facts["site"] == "site-1" and facts["n_train"] == client.site.n_train
+    assert facts["n_patients"] == client.site.n_train and facts["patient_ids"] is True  # phantom: one each
     ins = Instruction(_task(model), 1, run="r", steps=2, purpose="finetune")
     with pytest.raises(RuntimeError) as e:
         relay.train(M.encode_instruction(ins))
@@ -231,3 +233,39 @@ def test_privacy_spent_reads_a_hospitals_own_ledger(tmp_path):
     assert "site 'site-2', its own privacy ledger" in r.stdout
     assert f"epsilon {format_epsilon(own.epsilon)} spent of its budget 4" in r.stdout
     assert len([ln for ln in r.stdout.splitlines() if " train " in ln]) == 2  # one row per round
+
+
+def test_the_plan_needs_only_the_sites_public_facts():
+    """A coordinator plans from what the sites tell it (counts, the data's shape): the same model,
+    initial weights and privacy plan as the simulation that holds the data."""
+    from privmed.federation.experiment import plan_experiment, prepare_experiment
+    from privmed.federation.facts import SiteProfile
+
+    cfg = validate_config(dp_config())
+    exp = prepare_experiment(cfg)
+    reported = [SiteProfile(**{k: v for k, v in exp_site.items() if k != "site"})
+                for exp_site in (prepare_site(cfg, name).describe() for name in exp.trainer_names)]
+    plan = plan_experiment(cfg, exp.plan.data, reported)
+    assert plan.privacy.to_dict() == exp.privacy.to_dict()
+    assert all(np.array_equal(a, b) for a, b in zip(plan.initial_weights, exp.initial_weights))
+    assert plan.privacy.unit == "patient" and reported == exp.plan.trainers
+
+
+def test_a_hospital_whose_data_differs_from_the_plan_stops_the_run():
+    cfg = validate_config(dp_config())
+    other = validate_config(dp_config(data__samples_per_site=140))  # site-2's own data: more patients
+    apps = {}
+    for i, name in enumerate(cfg.sites.site_names()):
+        client = prepare_site(other if name == "site-2" else cfg, name)
+        endpoint = SiteEndpoint(client)
+        apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
+    from privmed.errors import PrivmedError
+    from privmed.federation.experiment import prepare_experiment
+
+    exp = prepare_experiment(cfg)
+    ours = next(p for p in exp.plan.trainers if p.name == "site-2").n_patients
+    theirs = prepare_site(other, "site-2").describe()["n_patients"]
+    assert theirs > ours
+    with in_process_identity(), pytest.raises(PrivmedError, match=rf"site 'site-2' reports .*'n_patients': {theirs}.*"
+                                              rf"planned with .*'n_patients': {ours}"):
+        FlowerSites(exp, LocalGrid(apps), connect_timeout=5)

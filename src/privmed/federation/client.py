@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from privmed import io
+from privmed.federation.facts import SiteProfile
 from privmed.federation.instructions import Instruction
 from privmed.federation.site import Site, derive_seed
 from privmed.federation.strategies import SiteUpdate
@@ -186,8 +187,8 @@ class SiteClient:
         return self.site.name
 
     def describe(self) -> dict:
-        """The site's public facts."""
-        return {"site": self.site.name, "n_train": self.site.n_train}
+        """The site's public facts: its name and counts (privmed.federation.facts.SiteProfile)."""
+        return {"site": self.site.name, **SiteProfile.of(self.site.data).to_dict()}
 
     def train(self, ins: Instruction) -> SiteUpdate:
         if ins.task.site != self.site.name:

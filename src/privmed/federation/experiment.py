@@ -14,7 +14,8 @@ from privmed.config import RunConfig
 from privmed.data import SourceData, load_source
 from privmed.data.sites import SiteData, pooled_site, split_into_sites
 from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
-from privmed.federation.site import DPTraining, Site, derive_seed, get_weights, n_patients
+from privmed.federation.facts import DataFacts, SiteProfile
+from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError
 from privmed.models import TABULAR_MODELS, build_model, check_model_name, norm_state_mask
@@ -24,16 +25,42 @@ from privmed.tasks.base import Task, get_task
 
 
 @dataclass
-class Experiment:
+class Plan:
+    """Everything a run decides before training, from the config and the sites' public facts only:
+    the task, the model and its initial weights, the strategy and (with privacy) the privacy plan.
+    `trainers`: the profiles of those who train (the sites, or one pooled site)."""
+
     config: RunConfig
-    source: SourceData
-    site_data: list[SiteData]  # the real sites: evaluation is always per real site
-    trainers: dict[str, Site]  # who trains: the sites, or one pooled site
+    task: Task
+    data: DataFacts
+    sites: list[SiteProfile]
+    trainers: list[SiteProfile]
     strategy: Strategy
     model_factory: Callable[[], nn.Module]
     initial_weights: Weights
+    local_steps: int | None  # per training turn (the pooled site does all sites' work)
     privacy: PrivacyPlan | None = None  # None: privacy.mode 'none'
-    task: Task = get_task("classification")
+
+
+@dataclass
+class Experiment:
+    """A simulation's run: the plan, and the sites built from the data (a deployment's coordinator
+    has the plan only; each hospital builds its own site)."""
+
+    plan: Plan
+    source: SourceData
+    site_data: list[SiteData]  # the real sites: evaluation is always per real site
+    trainers: dict[str, Site]  # who trains: the sites, or one pooled site
+
+    config = property(lambda self: self.plan.config)
+    task = property(lambda self: self.plan.task)
+    model_factory = property(lambda self: self.plan.model_factory)
+    initial_weights = property(lambda self: self.plan.initial_weights)
+    privacy = property(lambda self: self.plan.privacy)
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.plan.strategy
 
     @property
     def trainer_names(self) -> list[str]:
@@ -42,21 +69,43 @@ class Experiment:
     @property
     def has_validation(self) -> bool:
         """Whether any site holds validation data (data.val_fraction 0 leaves none)."""
-        return any(len(sd.val) for sd in self.site_data)
+        return any(p.n_val for p in self.plan.sites)
 
 
 def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None) -> Experiment:
-    """Load and partition the data, build the model, the strategy and (with privacy) the privacy
-    plan. `noise`: the noise multipliers a resumed run started with (else calibrated from the
-    config). Raises PrivmedError on bad input; writes nothing."""
+    """Load and partition the data, plan the run from the sites' public facts (`plan_experiment`)
+    and build the sites. `noise`: the noise multipliers a resumed run started with (else calibrated
+    from the config). Raises PrivmedError on bad input; writes nothing."""
+    check_model_name(cfg.model.name)
+    source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
+    site_data = split_into_sites(source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    pooled = None
+
+    def pooled_profile() -> SiteProfile:
+        nonlocal pooled
+        pooled = pooled_site(site_data, POOLED_SITE)
+        return SiteProfile.of(pooled)
+
+    plan = plan_experiment(
+        cfg, DataFacts.of(source, cfg.data.source), [SiteProfile.of(sd) for sd in site_data],
+        pooled=pooled_profile, noise=noise,
+    )
+    train_on = [pooled] if plan.strategy.pools_data else site_data
+    trainers = {sd.name: build_site(plan, sd) for sd in train_on}
+    return Experiment(plan, source, site_data, trainers)
+
+
+def plan_experiment(
+    cfg: RunConfig, data: DataFacts, sites: list[SiteProfile],
+    pooled: Callable[[], SiteProfile] | None = None, noise: Mapping[str, float] | None = None,
+) -> Plan:
+    """The run's plan from the config and public facts only (no patient's record): the model (its
+    initial weights from the seed), the strategy and the privacy plan over the sites' counts.
+    `pooled`: the pooled site's profile, for strategies that pool the data (a simulation only)."""
     check_model_name(cfg.model.name)
     task = get_task(cfg.task)
-    source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
-    _check_model_fits_data(cfg.model.name, source.tabular, cfg.data.source)
-    site_data = split_into_sites(
-        source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed
-    )
-    if cfg.federation.model_selection == "best-validation" and not any(len(sd.val) for sd in site_data):
+    _check_model_fits_data(cfg.model.name, data.tabular, data.source)
+    if cfg.federation.model_selection == "best-validation" and not any(p.n_val for p in sites):
         raise ConfigError(
             "federation.model_selection: 'best-validation' needs validation data, and "
             f"data.val_fraction is {cfg.data.val_fraction:g}; use 'last' or 'auto'"
@@ -69,9 +118,9 @@ def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None)
             torch.manual_seed(derive_seed(cfg.seed, "init"))
             return build_model(
                 cfg.model.name,
-                in_channels=source.in_channels,
-                num_classes=task.n_outputs(source),
-                image_size=source.image_size,
+                in_channels=data.in_channels,
+                num_classes=task.n_outputs(data),
+                image_size=data.image_size,
                 width=cfg.model.width,
             )
 
@@ -81,37 +130,35 @@ def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None)
         cfg.federation, seed=cfg.seed, local_lr=cfg.training.lr,
         shared=[not m for m in norm] if any(norm) else None,
     )
-
-    train_on = [pooled_site(site_data, POOLED_SITE)] if strategy.pools_data else site_data
+    if strategy.pools_data and pooled is None:
+        raise ConfigError("federation.strategy: 'pooled' puts all data in one place; it has no sites")
+    trainers = [pooled()] if strategy.pools_data else sites
     steps = cfg.federation.local_steps
     if steps is not None and strategy.pools_data:
-        steps *= len(site_data)  # the pooled site does the work of all sites together
-    plan = None
+        steps *= len(sites)  # the pooled site does the work of all sites together
+    privacy = None
     if cfg.private:
         if cfg.privacy.mode == "dp-sgd":
             validate_model(model_factory())
-        plan = _privacy_plan(cfg, strategy, train_on, steps)
+        privacy = _privacy_plan(cfg, strategy, trainers, steps)
         if noise is not None:
-            plan = plan.with_noise(noise)
+            privacy = privacy.with_noise(noise)
         if cfg.privacy.mode == "central":
-            sigma = next(iter(plan.noise_multipliers().values()))  # one server, one noise
-            strategy = DPFedAvg(cfg.privacy.max_grad_norm, sigma, len(site_data))
+            sigma = next(iter(privacy.noise_multipliers().values()))  # one server, one noise
+            strategy = DPFedAvg(cfg.privacy.max_grad_norm, sigma, len(sites))
             if cfg.federation.secure_aggregation:
                 strategy.rounding_bound = _secagg_rounding_bound(cfg, initial)
+    return Plan(cfg, task, data, sites, trainers, strategy, model_factory, initial, steps, privacy)
 
-    def dp(name: str) -> DPTraining | None:
-        if plan is None or cfg.privacy.mode != "dp-sgd":
-            return None
-        return DPTraining(plan.release(name), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
 
-    trainers = {
-        sd.name: Site(
-            sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, steps,
-            dp=dp(sd.name), task=task,
-        )
-        for sd in train_on
-    }
-    return Experiment(cfg, source, site_data, trainers, strategy, model_factory, initial, plan, task)
+def build_site(plan: Plan, sd: SiteData) -> Site:
+    """The site that trains on `sd`, as `plan` says (its DP-SGD release, under dp-sgd)."""
+    cfg = plan.config
+    dp = None
+    if plan.privacy is not None and cfg.privacy.mode == "dp-sgd":
+        dp = DPTraining(plan.privacy.release(sd.name), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
+    return Site(sd, plan.model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed,
+                plan.local_steps, dp=dp, task=plan.task)
 
 
 def secagg_rounding_bound(entries: int, clipping_range: float, bits: int) -> float:
@@ -152,18 +199,18 @@ def _check_model_fits_data(model: str, tabular: bool, source: str) -> None:
 
 
 def _privacy_plan(
-    cfg: RunConfig, strategy: Strategy, train_on: list[SiteData], local_steps: int | None
+    cfg: RunConfig, strategy: Strategy, trainers: list[SiteProfile], local_steps: int | None
 ) -> PrivacyPlan:
     """Noise for every site, fixed for all planned rounds: a site's turns are counted from the
     strategy's own stages, so any strategy (fedavg, cyclic, ...) is accounted as it will run. The
     unit is 'patient' when the training data carries patient ids, 'record' when not (dp-sgd)."""
-    names = [sd.name for sd in train_on]
+    names = [p.name for p in trainers]
     turns = dict.fromkeys(names, 0)
     for rnd in range(1, cfg.federation.rounds + 1):
         for stage in strategy.stages(rnd, names):
             for name in stage:
                 turns[name] += 1
-    facts = {sd.name: SiteFacts(n_patients(sd.train), turns[sd.name]) for sd in train_on}
+    facts = {p.name: SiteFacts(p.n_patients, turns[p.name]) for p in trainers}
     # The guarantee is per patient only where every training item names its patient; otherwise
     # each item counts as its own patient and the honest unit is one record.
     return make_plan(
@@ -171,7 +218,7 @@ def _privacy_plan(
         batch_size=cfg.training.batch_size,
         local_epochs=cfg.federation.local_epochs,
         local_steps=local_steps,
-        patient_ids=all(sd.train.patient is not None for sd in train_on),
+        patient_ids=all(p.patient_ids for p in trainers),
     )
 
 

@@ -126,9 +126,9 @@ class Site:
         """Train from `task.weights` for `local_epochs` epochs, or `local_steps` batches when set (or
         `steps` batches when given: fine-tuning); the optimizer starts fresh each round. FedProx's
         proximal term and SCAFFOLD's correction (in `task`) are added to the gradients.
-        Every draw (batches, augmentation, DP noise) comes from `generator`: under privacy the
-        site's secret one (see privmed.federation.client); by default one derived from the public
-        seed, (seed, purpose, round, site)."""
+        Every draw (batches, augmentation, DP noise) comes from `generator`: under DP-SGD the one
+        the site's secret key gives (see privmed.federation.client); by default one derived from
+        the public seed, (seed, purpose, round, site)."""
         start = time.perf_counter()
         set_weights(self.model, task.weights)
         self.model.train()

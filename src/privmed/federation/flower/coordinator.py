@@ -98,7 +98,8 @@ class FlowerSites:
                     if reply.has_error():
                         log.warning("node %s did not say which site it serves: %s", node, reply.error.reason)
                         continue
-                    site = str(reply.content.config_records["site"]["site"])
+                    facts = dict(reply.content.config_records["site"])
+                    site = str(facts["site"])
                     if site not in self.exp.trainers:
                         log.warning("node %s serves site '%s', which is not in this run; ignored", node, site)
                         continue
@@ -109,6 +110,7 @@ class FlowerSites:
                         self._refused.append(why)
                         log.warning("%s; ignored", why)
                         continue
+                    self._check_profile(site, facts)
                     self.node_of[site] = node
                     log.info("site '%s' is node %s", site, node)
             if len(self.node_of) >= wait_for or time.monotonic() >= end:
@@ -120,6 +122,21 @@ class FlowerSites:
             raise StageFailed(
                 f"{len(self.node_of)} of {len(self.exp.trainers)} sites connected within {timeout:g} s "
                 f"(missing: {', '.join(missing)}); {at_least} needed{refused}"
+            )
+
+    def _check_profile(self, site: str, facts: dict) -> None:
+        """PrivmedError when a site's own counts are not those the run was planned with (the
+        privacy plan's sample rates and the strategy's weights rest on them)."""
+        planned = next((p for p in self.exp.plan.trainers if p.name == site), None)
+        fields = ("n_train", "n_patients", "patient_ids")
+        if planned is None or not all(k in facts for k in fields):
+            return
+        theirs = {k: facts[k] for k in fields}
+        ours = {k: getattr(planned, k) for k in fields}
+        if theirs != ours:
+            raise PrivmedError(
+                f"site '{site}' reports {theirs}, but the run was planned with {ours}: the hospital's "
+                "data is not what the coordinator's config describes"
             )
 
     def _forget(self, sites: list[str]) -> None:
