@@ -149,7 +149,8 @@ def test_a_refusal_reaches_the_coordinator_in_process(tmp_path):
         endpoint = SiteEndpoint(prepare_site(own, name, tmp_path / name))
         apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
     grid = LocalGrid(apps)
-    with in_process_identity(), pytest.raises(SiteRefused, match=r"site 'site-1' refused round 2 of run .*past its budget"):
+    refused = r"site 'site-1' refused round 2 of run .*past its budget"
+    with in_process_identity(), pytest.raises(SiteRefused, match=refused):
         privmed.run(cfg, tmp_path / "run", sites=lambda exp: FlowerSites(exp, grid, connect_timeout=5))
 
 

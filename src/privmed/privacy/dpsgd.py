@@ -210,9 +210,10 @@ class DPSGD:
     SCAFFOLD's correction) is post-processing and costs no privacy.
 
     The noise is drawn from `generator` only (a site's secret one: see privmed.federation.client),
-    so a run is reproducible from the site's key. That is Opacus' default (`secure_mode=False`): torch's Mersenne Twister, not a CSPRNG, and without the defence
-    against floating-point attacks on the Gaussian sampler. Reproducibility was chosen over that;
-    Opacus' `secure_mode` could be exposed as an option later.
+    so a run is reproducible from the site's key. That is Opacus' default (`secure_mode=False`):
+    torch's Mersenne Twister (seeded from the key), not a CSPRNG, and without the defence against
+    floating-point attacks on the Gaussian sampler. Reproducibility with the key was chosen over
+    that; Opacus' `secure_mode` could be exposed as an option later.
 
     Opacus computes the per-sample norms in the parameters' dtype, and in float32 they come out
     slightly low for large layers, so a gradient clipped to C can exceed C by a relative ~1e-6 (cnn)

@@ -50,7 +50,8 @@ def decode_instruction(content: RecordDict) -> Instruction:
     )
     return Instruction(
         task, int(c["round"]), run=str(c["run"]), steps=int(c["steps"]) or None,
-        purpose=str(c["purpose"]), secure=bool(c["secure"]), weighting=str(c["weighting"]), clip=float(c["clip"]) or None,
+        purpose=str(c["purpose"]), secure=bool(c["secure"]), weighting=str(c["weighting"]),
+        clip=float(c["clip"]) or None,
         max_weight=float(c["max_weight"]), clipping_range=float(c["clipping_range"]),
     )
 
