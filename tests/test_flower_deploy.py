@@ -222,6 +222,7 @@ def test_hospitals_refuse_what_their_own_budget_and_ledger_do_not_allow(federati
     res = fed.run(lax, tmp_path / "lax")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "refused 'finetune' for round 1" in res.stderr and "trains only for the rounds" in res.stderr
+    assert "refused 'finetune' for round 1" in fed.log("site-1").read_text()  # the hospital's own log
 
     # a proper run of 2 rounds, then (b): its round 1 checkpoint tampered with and round 2 asked again
     good = _config(tmp_path, "good", federation__rounds=2, **dp)

@@ -23,6 +23,7 @@ from privmed.federation.flower.site_app import (
 )
 from privmed.federation.client import SiteClient
 from privmed.federation.strategies import contribution
+from privmed.privacy.site_ledger import SiteRefused
 
 log = logging.getLogger("privmed.site")
 
@@ -85,6 +86,8 @@ def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
                 else:
                     reply = ERR + f"unknown operation {op!r}".encode()
             except Exception as e:  # noqa: BLE001 - the error goes back to the ClientApp
+                if isinstance(e, SiteRefused):  # and the hospital's own log says what it refused
+                    log.warning("%s", e)
                 reply = ERR + f"{type(e).__name__}: {e}".encode()
             try:
                 send_frame(conn, reply)
