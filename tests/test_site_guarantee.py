@@ -270,3 +270,31 @@ def test_a_hospital_whose_data_differs_from_the_plan_stops_the_run():
     with in_process_identity(), pytest.raises(PrivmedError, match=rf"site 'site-2' reports .*'n_patients': {theirs}.*"
                                               rf"planned with .*'n_patients': {ours}"):
         FlowerSites(exp, LocalGrid(apps), connect_timeout=5)
+
+
+def test_fine_tuned_models_stay_at_the_sites(tmp_path):
+    """federation.finetune_steps: each site scores its fine-tuned model on its own test data and
+    only the metrics come back, in process and over Flower messages (the same figures)."""
+    cfg = validate_config(tiny_config(federation__rounds=1, federation__finetune_steps=3))
+    a = privmed.run(cfg, report=False)
+    apps = {}
+    for i, name in enumerate(cfg.sites.site_names()):
+        endpoint = SiteEndpoint(prepare_site(cfg, name))
+        apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
+    grid = LocalGrid(apps)
+    grid.seen = []
+    with in_process_identity():
+        b = privmed.run(cfg, sites=lambda exp: FlowerSites(exp, grid, connect_timeout=5), report=False)
+    for site, row in a.summary["sites"].items():
+        assert row["test_finetuned"] and row["test_finetuned"] == b.summary["sites"][site]["test_finetuned"]
+        assert row["test_finetuned"] != row["test"]
+    assert a.summary["test_finetuned_mean_over_sites"] == b.summary["test_finetuned_mean_over_sites"]
+    finetune_replies = [m for m in grid.seen if m.metadata.group_id.startswith("finetune")]
+    assert len(finetune_replies) == 3
+    for m in finetune_replies:  # metrics only: no array of the fine-tuned model reaches the coordinator
+        assert M.decode_scores(m.content)[1]["n"] > 0  # refuses a reply that carries arrays
+    from privmed.federation.strategies import SiteUpdate
+
+    weights = [np.ones(3, dtype=np.float32)]
+    with pytest.raises(ValueError, match="carries arrays"):
+        M.decode_scores(M.encode_update(SiteUpdate("site-1", weights, 5), weights, 5))

@@ -176,7 +176,9 @@ class SiteGuard:
 
 
 class SiteClient:
-    """One hospital's side of every runner: `train(instruction)` through its guard."""
+    """One hospital's side of every runner, with no platform in it: `train(instruction)` through its
+    guard, `evaluate(weights, split)` on its own data, `finetune(instruction)` (metrics only) and
+    `describe()` (its public counts)."""
 
     def __init__(self, site: Site, guard: SiteGuard, seed: int):
         self.site, self.guard, self.seed = site, guard, seed
@@ -202,6 +204,17 @@ class SiteClient:
             update = self.guard.released(update)
             self.guard.record(ins, update)
             return update
+
+    def finetune(self, ins: Instruction) -> dict:
+        """Fine-tune as instructed (purpose 'finetune'; refused under DP-SGD) and score the result on
+        the site's own test data: only the metrics leave the site, the fine-tuned model stays."""
+        update = self.train(ins)
+        return self.evaluate(update.weights, "test")
+
+    def evaluate(self, weights: list, split: str) -> dict:
+        """The metrics of `weights` on the site's own `split` ('val' or 'test'; {} without such data)."""
+        with self._lock:
+            return self.site.evaluate(weights, split)
 
     def secagg_seed(self, ins: Instruction) -> int:
         return self.guard.secagg_seed(ins, self.seed)

@@ -252,6 +252,14 @@ class Site:
         """The task's predictions of the model with `weights` on `images` (see `predict`)."""
         return predict(self.model, weights, images, self.training.eval_batch_size, self.task)
 
+    def evaluate(self, weights: Weights, split: str) -> dict:
+        """The task's metrics of `weights` on this site's own `split` ('val' or 'test'); {} when it
+        holds no such data."""
+        data = {"val": self.data.val, "test": self.data.test}[split]
+        if data is None or len(data) == 0:
+            return {}
+        return self.task.metrics(self.predict(weights, data.images), data)
+
 
 @torch.no_grad()
 def predict(

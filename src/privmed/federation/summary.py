@@ -48,7 +48,7 @@ def finish(
     sel = _selected(exp, state, evaluator)
     local = GLOBAL not in state.best
     test_scores, val_scores = _headline_scores(exp, state, sel, local)
-    finetuned = None if local else _finetune(exp, state, evaluator, sel.site_rows, sites, run)
+    finetuned = None if local else _finetune(exp, state, sel.site_rows, sites, run)
     summary = _summary(exp, state, sel, local, test_scores, val_scores, finetuned)
     if run_dir is not None:
         run_dir.finish(summary, sel.predictions, _model_file(exp, sel))
@@ -98,22 +98,17 @@ def _headline_scores(exp: Experiment, state: RunState, sel: _Selected, local: bo
     return test, history[sel.rounds[GLOBAL]]["val"]
 
 
-def _finetune(
-    exp: Experiment, state: RunState, evaluator: Evaluator, site_rows: dict, sites: Sites, run: str
-) -> dict | None:
+def _finetune(exp: Experiment, state: RunState, site_rows: dict, sites: Sites, run: str) -> dict | None:
     """federation.finetune_steps: each site trains the selected global model that many steps on its
-    own training data (seeded apart from the rounds), and its own test data scores the result
-    (`sites[name]["test_finetuned"]`). Returns the unweighted mean over sites, or None when no
-    fine-tuning was asked for."""
+    own training data (seeded apart from the rounds) and scores the result on its own test data
+    (`sites[name]["test_finetuned"]`); the fine-tuned models never leave the sites. Returns the
+    unweighted mean over sites, or None when no fine-tuning was asked for."""
     steps = exp.config.federation.finetune_steps
     if not steps or GLOBAL not in state.best:
         return None
     weights = state.best[GLOBAL].weights
-    for sd in exp.site_data:
-        update = sites.finetune(TrainTask(sd.name, weights), state.round, steps, run)
-        site_rows[sd.name]["test_finetuned"] = (
-            {} if sd.test is None else evaluator.score(update.weights, sd.test)
-        )
+    for sd in exp.site_data:  # the sites score their fine-tuned models; only the metrics come back
+        site_rows[sd.name]["test_finetuned"] = sites.finetune(TrainTask(sd.name, weights), state.round, steps, run)
     return mean_metrics([site_rows[sd.name]["test_finetuned"] for sd in exp.site_data])
 
 

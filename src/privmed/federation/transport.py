@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
 from privmed.federation.instructions import Instruction
 from privmed.federation.stages import StageFailed, StageOutcome
-from privmed.federation.strategies import SecureStrategy, SecureSum, SiteUpdate, TrainTask
+from privmed.federation.strategies import SecureStrategy, SecureSum, TrainTask
 
 __all__ = ["InProcessSites", "Sites", "StageFailed", "StageOutcome", "required_sites", "secure_round"]
 
@@ -35,7 +35,10 @@ class Sites(Protocol):
         self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None, run: str
     ) -> StageOutcome: ...
 
-    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> SiteUpdate: ...
+    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> dict:
+        """The site fine-tunes `task.weights` for `steps` batches and scores the result on its own
+        test data: its metrics ({} without test data); the fine-tuned model stays at the site."""
+        ...
 
     def close(self) -> None: ...
 
@@ -75,8 +78,8 @@ class InProcessSites:
             total = secure_round(self.exp, grid, node_of, tasks, rnd, secure, run)
         return StageOutcome(total.reports, secure=total)
 
-    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> SiteUpdate:
-        return self.clients[task.site].train(Instruction(task, rnd, run=run, steps=steps, purpose="finetune"))
+    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> dict:
+        return self.clients[task.site].finetune(Instruction(task, rnd, run=run, steps=steps, purpose="finetune"))
 
     def close(self) -> None:
         self._grid = None

@@ -175,21 +175,31 @@ class FlowerSites:
         # in the tasks' order, so that aggregation sums in the order the in-process runner does
         return StageOutcome([updates[t.site] for t in reachable if t.site in updates], dropped=dropped + lost)
 
-    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> SiteUpdate:
+    def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> dict:
         if task.site not in self.node_of:
             self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=0)
-        got = self._send([task], rnd, run, steps=steps, purpose="finetune")
-        if task.site not in got:
-            raise StageFailed(f"site '{task.site}' did not answer its fine-tuning instruction")
-        return got[task.site]
+        if task.site not in self.node_of:
+            raise StageFailed(f"site '{task.site}' is not connected for its fine-tuning instruction")
+        ins = M.Instruction(task, rnd, run=run, steps=steps, purpose="finetune")
+        msg = Message(M.encode_instruction(ins), dst_node_id=self.node_of[task.site],
+                      message_type=M.TRAIN_PLAIN, group_id=f"finetune-{rnd}")
+        for reply in self.grid.send_and_receive([msg], timeout=self.timeout):
+            if reply.has_error():
+                refused = refusal(reply.error.reason)
+                if refused is not None:
+                    raise SiteRefused(refused)
+                raise StageFailed(f"site '{task.site}' failed its fine-tuning: {reply.error.reason}")
+            site, scores = M.decode_scores(reply.content)
+            if site == task.site:
+                return scores
+        raise StageFailed(f"site '{task.site}' did not answer its fine-tuning instruction")
 
-    def _send(self, tasks: list[TrainTask], rnd: int, run: str, steps: int | None = None,
-              purpose: str = "train") -> dict[str, SiteUpdate]:
+    def _send(self, tasks: list[TrainTask], rnd: int, run: str) -> dict[str, SiteUpdate]:
         """Each task's update; a site that failed is left out, a site that refused ends the run
         (SiteRefused, with the site's reason: asking again would be refused again)."""
         msgs = [
             Message(
-                M.encode_instruction(M.Instruction(t, rnd, run=run, steps=steps, purpose=purpose)),
+                M.encode_instruction(M.Instruction(t, rnd, run=run)),
                 dst_node_id=self.node_of[t.site], message_type=M.TRAIN_PLAIN, group_id=str(rnd),
             )
             for t in tasks

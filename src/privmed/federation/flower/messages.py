@@ -22,7 +22,8 @@ from privmed.privacy.accountants import Release
 
 TRAIN_PLAIN = "train.plain"  # training whose result the coordinator sees (no secure aggregation)
 DESCRIBE = "query.describe"  # which site a node serves
-__all__ = ["Instruction", "encode_instruction", "decode_instruction", "encode_update", "decode_update"]
+__all__ = ["Instruction", "encode_instruction", "decode_instruction", "encode_update", "decode_update",
+           "encode_scores", "decode_scores"]
 
 
 def encode_instruction(ins: Instruction) -> RecordDict:
@@ -91,3 +92,20 @@ def update_from_fitres(res: FitRes, with_weights: bool) -> SiteUpdate:
         m["train_loss"] = math.nan
     weights = parameters_to_ndarrays(res.parameters) if with_weights else []
     return SiteUpdate(site=site, weights=weights, n_samples=n, model_key=key, metrics=m)
+
+
+def encode_scores(site: str, scores: dict) -> RecordDict:
+    """A site's metrics ({name: number}) as a reply without arrays (fine-tuning: the model stays)."""
+    metrics = {f"score.{k}": (float(v) if isinstance(v, float) else v) for k, v in scores.items()}
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([]), 0, {"site": site, **metrics})
+    return compat.fitres_to_recorddict(res, keep_input=True)
+
+
+def decode_scores(content: RecordDict) -> tuple[str, dict]:
+    """(site, metrics) from `encode_scores`; a reply that carries arrays is refused (ValueError)."""
+    res = compat.recorddict_to_fitres(content, keep_input=True)
+    if parameters_to_ndarrays(res.parameters):
+        raise ValueError("a scores reply carries arrays")
+    m = dict(res.metrics)
+    scores = {k.removeprefix("score."): v for k, v in m.items() if k.startswith("score.")}
+    return str(m["site"]), {k: (math.nan if v is None else v) for k, v in scores.items()}

@@ -40,6 +40,8 @@ class SiteEndpoint:
 
     def train(self, content: RecordDict) -> tuple[RecordDict, int | None]:
         ins = M.decode_instruction(content)
+        if ins.purpose == "finetune":  # scored here; the fine-tuned model stays at the site
+            return M.encode_scores(self.client.name, self.client.finetune(ins)), None
         update = self.client.train(ins)
         if not ins.secure:
             return M.encode_update(update, update.weights, update.n_samples), None
