@@ -9,6 +9,7 @@ epsilon at the given delta; `independent_epsilon` recomputes it with dp-accounti
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import warnings
@@ -91,7 +92,14 @@ def epsilon_spent(releases: Sequence[Release], delta: float, accountant: str = "
         return math.inf
     if not history:
         return 0.0
-    return float(_REGISTRY[accountant](history, delta))
+    return _cached_epsilon(tuple(history), delta, accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """One accountant call per distinct history: a site's own ledger and the coordinator's ledger
+    ask the same question of the same releases (in a simulation, in the same process)."""
+    return float(_REGISTRY[accountant](list(history), delta))
 
 
 def independent_epsilon(releases: Sequence[Release], delta: float, method: str = "pld") -> float:
