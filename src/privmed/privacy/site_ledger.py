@@ -48,15 +48,11 @@ class SiteLedger:
         self.site, self.budget_epsilon, self.delta = site, float(budget_epsilon), float(delta)
         self.accountant, self.unit = accountant, unit
         self.releases: list[SiteRelease] = list(releases or [])
-        self._spent: float | None = None
-        self._checked: tuple[int, Release, float] | None = None  # (releases, next, epsilon after)
 
     @property
     def epsilon(self) -> float:
-        """Epsilon spent over every recorded release."""
-        if self._spent is None:
-            self._spent = epsilon_spent([r.release for r in self.releases], self.delta, self.accountant)
-        return self._spent
+        """Epsilon spent over every recorded release (epsilon_spent memoises the accountant)."""
+        return epsilon_spent([r.release for r in self.releases], self.delta, self.accountant)
 
     def find(self, run: str, rnd: int, purpose: str) -> SiteRelease | None:
         return next((r for r in self.releases if (r.run, r.round, r.purpose) == (run, rnd, purpose)), None)
@@ -64,7 +60,6 @@ class SiteLedger:
     def check(self, release: Release, what: str) -> float:
         """Epsilon after one more `release`; BudgetExceeded (naming `what`, the figures) past the budget."""
         after = epsilon_spent([r.release for r in self.releases] + [release], self.delta, self.accountant)
-        self._checked = (len(self.releases), release, after)
         if after > self.budget_epsilon:
             raise BudgetExceeded(
                 f"site '{self.site}' refused {what}: it has spent epsilon {format_epsilon(self.epsilon, 4)} "
@@ -80,8 +75,6 @@ class SiteLedger:
             raise LedgerError(
                 f"site ledger of '{self.site}': run {entry.run} round {entry.round} is already recorded"
             )
-        checked = self._checked
-        self._spent = checked[2] if checked and checked[:2] == (len(self.releases), entry.release) else None
         self.releases.append(entry)
 
     def releases_of(self, run: str) -> list[tuple[int, Release]]:
