@@ -412,6 +412,93 @@ def test_roc_rejects_undefined_inputs():
         plots.roc({"a": probs3, "b": probs3}, np.array([0, 1, 2, 0]))
 
 
+# ------------------------------------------------------------------ runs that report evaluation counts
+
+
+def counts_instead_of_predictions(run: Path) -> dict:
+    """Replace the run's predictions.npz with test_counts.npz, the counts of each model on the same
+    pooled test data (as a deployment writes them: the sites' counts merged); return the
+    predictions, for reference."""
+    from privmed.tasks.counts import classification_counts, save_counts, survival_counts
+
+    z = dict(np.load(run / "predictions.npz"))
+    counts = {}
+    for key, pred in z.items():
+        if key.startswith("probs:"):
+            counts[key.removeprefix("probs:")] = classification_counts(pred, z["labels"])
+        elif key.startswith("risk:"):
+            counts[key.removeprefix("risk:")] = survival_counts(pred, z["time"], z["labels"])
+    save_counts(run / "test_counts.npz", counts)
+    (run / "predictions.npz").unlink()
+    return z
+
+
+@pytest.mark.parametrize("k, strategy", [(2, "fedavg"), (2, "local"), (3, "fedavg")])
+def test_counts_draw_roc_and_calibration_without_predictions(tmp_path, monkeypatch, k, strategy):
+    from privmed.tasks.classification import reliability_bins
+    from privmed.tasks.counts import SCORE_BINS, score_bins
+    from sklearn.metrics import roc_curve
+
+    roc_curves, calibration_bins = plots.roc_curves, plots.calibration_bins
+    drawn = {}
+
+    def roc_spy(curves, title):
+        drawn["roc"] = curves
+        return roc_curves(curves, title)
+
+    def calibration_spy(bins, *args, **kw):
+        drawn["cal"] = bins
+        return calibration_bins(bins, *args, **kw)
+
+    monkeypatch.setattr(plots, "roc_curves", roc_spy)
+    monkeypatch.setattr(plots, "calibration_bins", calibration_spy)
+    run = make_run(tmp_path, k=k, strategy=strategy)
+    z = counts_instead_of_predictions(run)
+    html = write_report(run).read_text()
+    text = _text(html)
+    for name in ("roc", "calibration"):
+        assert (run / "plots" / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    assert len(_pngs_in(html)) == 3 and "no predictions.npz" not in text
+    assert text.count("Computed from counts the sites reported, no patient&#39;s prediction left a "
+                      "site") == 2
+    assert f"{SCORE_BINS:,} bins of the logit scale" in text
+    # The curves are sklearn's on the scores rounded to the grid; the bins those of the predictions.
+    labels = z["labels"]
+    models = list(SITES) if strategy == "local" else ["global"]
+    assert list(drawn["cal"]) == models
+    for m in models:
+        for got, want in zip(drawn["cal"][m], reliability_bins(z[f"probs:{m}"], labels)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+    names = ["normal", "pneumonia", "covid"]
+    curves = ({m: (labels, z[f"probs:{m}"][:, 1]) for m in models} if k == 2 else
+              {names[c]: (labels == c, z["probs:global"][:, c]) for c in range(k)})
+    assert list(drawn["roc"]) == list(curves)
+    for name, (y, score) in curves.items():
+        fpr, tpr, _ = roc_curve(y, score_bins(score))
+        np.testing.assert_allclose(drawn["roc"][name][0], fpr, atol=1e-15)
+        np.testing.assert_allclose(drawn["roc"][name][1], tpr, atol=1e-15)
+
+
+def test_truncated_predictions_raise_naming_the_file(tmp_path):
+    run = make_run(tmp_path)
+    path = run / "predictions.npz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(RunDirError, match=re.escape(str(path)) + ": cannot read"):
+        write_report(run)
+
+
+def test_corrupt_test_counts_raise_naming_the_file(tmp_path):
+    run = make_run(tmp_path)
+    counts_instead_of_predictions(run)
+    path = run / "test_counts.npz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(RunDirError, match=re.escape(str(path)) + ": cannot read"):
+        write_report(run)
+    path.write_text("not numpy")
+    with pytest.raises(RunDirError, match=re.escape(str(path))):
+        write_report(run)
+
+
 # ------------------------------------------------------------------ survival and tabular run directories
 
 REGIONS = ("region-0", "region-1", "region-2")
@@ -635,6 +722,16 @@ def test_survival_without_predictions_notes_the_missing_figure(tmp_path):
     html = write_report(run).read_text()
     assert 'id="fig-kaplan_meier"' in html and "no predictions.npz" in html
     assert len(_pngs_in(html)) == 1
+
+
+def test_survival_counts_explain_the_missing_kaplan_meier(tmp_path):
+    run = make_survival_run(tmp_path)
+    counts_instead_of_predictions(run)
+    html = write_report(run).read_text()
+    assert 'id="fig-kaplan_meier"' in html and "no predictions.npz" not in html
+    assert "the sites keep their patients&#39; predicted risks" in html
+    assert "would need a second round of counts" in html
+    assert len(_pngs_in(html)) == 1 and not (run / "plots" / "kaplan_meier.png").exists()
 
 
 def make_tabular_run(root: Path, **kw) -> Path:

@@ -15,6 +15,8 @@ import base64
 import functools
 import json
 import math
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from privmed.errors import RunDirError
 from privmed.io import write_bytes, write_text
 from privmed.privacy.figures import format_budget, format_epsilon
 from privmed.report import plots
+from privmed.tasks import counts as evaluation_counts
 
 REQUIRED_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 NA = "n/a"
@@ -69,7 +72,10 @@ class RunFiles:
     """What the report reads from a run directory. `probs` maps a model name ("global" or a site) to
     (N, K) test-set probabilities aligned with `labels` (N,); a survival run has `risk` instead (model
     name -> (N,) predicted risk, higher = earlier event), `labels` is then the event indicator and
-    `time` (N,) the time to the event or to censoring. All empty/None without predictions."""
+    `time` (N,) the time to the event or to censoring. All empty/None without predictions.
+    `counts` maps a model name to its evaluation counts on the pooled test data, merged over the
+    sites (test_counts.npz, privmed.tasks.counts): what a run has where no patient's prediction left
+    its site; {} without the file."""
 
     path: Path
     config: dict
@@ -79,6 +85,7 @@ class RunFiles:
     probs: dict[str, np.ndarray] = field(default_factory=dict)
     time: np.ndarray | None = None
     risk: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,7 +173,14 @@ def read_run(run_dir: Path) -> RunFiles:
     config = _read_yaml(run_dir / "config.yaml")
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     labels, probs, time, risk = _read_predictions(run_dir / "predictions.npz")
-    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk)
+    counts = _read_counts(run_dir / "test_counts.npz")
+    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk, counts)
+
+
+def _read_counts(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Each model's test counts from test_counts.npz ({} without it); RunDirError naming the file
+    when it cannot be read."""
+    return evaluation_counts.load_counts(path) if path.is_file() else {}
 
 
 def _read_json(path: Path) -> dict:
@@ -214,7 +228,7 @@ def _read_predictions(
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {key: z[key] for key in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated: zip errors
         raise RunDirError(f"{path}: cannot read ({e})") from None
     labels = arrays.get("labels")
     if labels is not None and labels.dtype == np.bool_:
@@ -368,34 +382,46 @@ def _epsilon_series(run: RunFiles, rows: list[dict]) -> tuple[list[int], dict[st
     return rounds, series
 
 
+ROC_TITLE = "ROC curve"
+CAL_TITLE = "Calibration"
+
+
+def _roc_caption() -> str:
+    return ("Sensitivity against 1 − specificity of the selected model(s) on the pooled test set as "
+            "the decision threshold varies. The dashed diagonal is a model that guesses; the closer a "
+            "curve runs to the top-left corner, the better the model separates the classes.")
+
+
+def _cal_caption(items: str) -> str:
+    return (f"Top: for test {items} grouped by the model's confidence in its prediction, the share it "
+            "got right. A calibrated model lies on the diagonal: of the predictions made with 80% "
+            "confidence, 80% are right. Below the diagonal the model is over-confident. Bottom: how "
+            f"many test {items} fall in each confidence bin.")
+
+
+def _not_drawn(why: str, items: str) -> list[FigureOut]:
+    return [FigureOut("roc", ROC_TITLE, _roc_caption(), note=why),
+            FigureOut("calibration", CAL_TITLE, _cal_caption(items), note=why)]
+
+
 def _prediction_figures(run: RunFiles, view: TaskView | None = None) -> list[FigureOut]:
     items = (view or task_view(run)).items
-    roc_title, roc_caption = "ROC curve", (
-        "Sensitivity against 1 − specificity of the selected model(s) on the pooled test set as the "
-        "decision threshold varies. The dashed diagonal is a model that guesses; the closer a curve "
-        "runs to the top-left corner, the better the model separates the classes."
-    )
-    cal_title, cal_caption = "Calibration", (
-        f"Top: for test {items} grouped by the model's confidence in its prediction, the share it got "
-        "right. A calibrated model lies on the diagonal: of the predictions made with 80% "
-        "confidence, 80% are right. Below the diagonal the model is over-confident. Bottom: how "
-        f"many test {items} fall in each confidence bin."
-    )
+    roc_title, roc_caption = ROC_TITLE, _roc_caption()
+    cal_title, cal_caption = CAL_TITLE, _cal_caption(items)
     if run.labels is None or not run.probs:
-        why = "Not drawn: the run directory has no predictions.npz (or it holds no probabilities)."
-        return [FigureOut("roc", roc_title, roc_caption, note=why),
-                FigureOut("calibration", cal_title, cal_caption, note=why)]
+        counts = {m: c for m, c in run.counts.items() if "score_hist" in c}
+        if counts:
+            return _count_figures(run, counts, items)
+        return _not_drawn("Not drawn: the run directory has no predictions.npz (or it holds no "
+                          "probabilities).", items)
     if len(run.labels) == 0:
-        why = "Not drawn: the test set is empty."
-        return [FigureOut("roc", roc_title, roc_caption, note=why),
-                FigureOut("calibration", cal_title, cal_caption, note=why)]
+        return _not_drawn("Not drawn: the test set is empty.", items)
     probs = {m: p for m, p in run.probs.items() if np.isfinite(p).all()}
     dropped = [m for m in run.probs if m not in probs]
     skipped = f" Left out, their probabilities are not finite: {', '.join(dropped)}." if dropped else ""
     if not probs:
-        why = "Not drawn: no model has finite test probabilities (training diverged?)."
-        return [FigureOut("roc", roc_title, roc_caption, note=why),
-                FigureOut("calibration", cal_title, cal_caption, note=why)]
+        return _not_drawn("Not drawn: no model has finite test probabilities (training diverged?).",
+                          items)
     k = next(iter(probs.values())).shape[1]
     if len(np.unique(run.labels)) < 2:
         roc_out = FigureOut("roc", roc_title, roc_caption,
@@ -415,6 +441,63 @@ def _prediction_figures(run: RunFiles, view: TaskView | None = None) -> list[Fig
     return [roc_out, FigureOut("calibration", cal_title, cal_caption + skipped, png=cal_png)]
 
 
+def _count_figures(run: RunFiles, counts: dict[str, dict], items: str) -> list[FigureOut]:
+    """ROC and calibration from the sites' classification counts (no predictions.npz): the ROC of
+    the scores rounded to the counts' grid, the reliability bins exactly as from predictions."""
+    if all(int(c["n"]) == 0 for c in counts.values()):
+        return _not_drawn("Not drawn: the test set is empty.", items)
+    finite = {m: c for m, c in counts.items() if int(c["nonfinite"]) == 0}
+    dropped = [m for m in counts if m not in finite]
+    skipped = f" Left out, their probabilities are not finite: {', '.join(dropped)}." if dropped else ""
+    if not finite:
+        return _not_drawn("Not drawn: no model has finite test probabilities (training diverged?).",
+                          items)
+    shapes = {c["score_hist"].shape for c in finite.values()}
+    if len(shapes) > 1:
+        return _not_drawn("Not drawn: the models' test counts disagree on the number of classes or "
+                          f"score bins ({', '.join(map(str, sorted(shapes)))}).", items)
+    k, _, n_bins = shapes.pop()
+    sent = (f" Computed from counts the sites reported, no patient's prediction left a site: per "
+            f"class, how many test {items} have a score in each of {n_bins:,} bins of the logit "
+            "scale, so each score is rounded to that grid")
+    present = np.flatnonzero(next(iter(finite.values()))["confusion"].sum(axis=1) > 0)
+    roc_caption = _roc_caption()
+    if len(present) < 2:
+        roc_out = FigureOut("roc", ROC_TITLE, roc_caption,
+                            note="Not drawn: the test labels hold a single class, so ROC is undefined.")
+    elif k > 2 and len(finite) > 1:
+        roc_out = FigureOut("roc", ROC_TITLE, roc_caption, note=(
+            f"Not drawn: with {k} classes the one-vs-rest curves are drawn for a single model, and "
+            f"this run has {len(finite)}; see each site's AUC in the table above."))
+    else:
+        names = _class_names(run, k)
+        if k == 2:
+            curves = {m: (*evaluation_counts.roc_from_counts(c, 1),
+                          evaluation_counts.one_vs_rest_auc(c, 1)) for m, c in finite.items()}
+            title = f"ROC, test set (positive class: {names[1]})"
+        else:
+            [(model, c)] = finite.items()
+            curves = {names[i]: (*evaluation_counts.roc_from_counts(c, i),
+                                 evaluation_counts.one_vs_rest_auc(c, i)) for i in present}
+            title = f"ROC, test set, one class vs rest ({model})"
+            roc_caption += " With more than two classes, each curve is one class against the rest."
+        if len(finite) > 1:
+            roc_caption += " One curve per site's own model, all on the same pooled test set."
+        classes = [1] if k == 2 else present
+        bound = max(evaluation_counts.auc_rounding_bound(c, int(i))
+                    for c in finite.values() for i in classes)
+        roc_caption += (f"{sent}; the rounding moves an AUC by at most {bound:.2g} from that of the "
+                        f"unrounded scores.{skipped}")
+        roc_out = FigureOut("roc", ROC_TITLE, roc_caption, png=plots.roc_curves(curves, title))
+    bins = {m: evaluation_counts.reliability_from_counts(c) for m, c in finite.items()}
+    ece = {m: evaluation_counts.classification_metrics_from_counts(c)["ece"] for m, c in finite.items()}
+    cal_caption = (_cal_caption(items) + " Computed from counts the sites reported, no patient's "
+                   f"prediction left a site: per confidence bin, how many test {items} fall there, "
+                   f"their summed confidence and how many the model got right.{skipped}")
+    cal_png = plots.calibration_bins(bins, ece, k, items=items)
+    return [roc_out, FigureOut("calibration", CAL_TITLE, cal_caption, png=cal_png)]
+
+
 def _survival_figures(run: RunFiles) -> list[FigureOut]:
     """Kaplan-Meier curves of the pooled test patients split at the median predicted risk of the
     selected model (one panel per site's model for a personalised strategy), with a log-rank test."""
@@ -431,6 +514,13 @@ def _survival_figures(run: RunFiles) -> list[FigureOut]:
     def missing(why: str) -> list[FigureOut]:
         return [FigureOut("kaplan_meier", title, caption, note=why)]
 
+    if (run.labels is None or run.time is None or not run.risk) and any(
+            "concordant" in c for c in run.counts.values()):
+        return missing("Not drawn: the sites keep their patients' predicted risks and reported only "
+                       "evaluation counts (test_counts.npz); splitting the pooled test patients at "
+                       "the median risk would need a second round of counts (the pooled median "
+                       "first, then each site's patients above and below it), which this run did "
+                       "not do.")
     if run.labels is None or run.time is None or not run.risk:
         return missing("Not drawn: the run directory has no predictions.npz (or it holds no survival "
                        "times and predicted risks).")

@@ -112,23 +112,32 @@ def roc(
         raise ValueError(f"ROC for {k} classes is drawn for one model, got {len(probs_by_model)}")
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
 
-    fig = _figure((5.4, 4.8))
-    ax = fig.subplots()
     if k == 2:
-        colours = _colours(list(probs_by_model))
+        curves = {}
         for model, probs in probs_by_model.items():
             fpr, tpr, _ = roc_curve(labels, probs[:, 1])
-            auc = roc_auc(probs, labels)
-            ax.plot(fpr, tpr, lw=1.8, color=colours[model], label=f"{model} (AUC {auc:.3f})")
+            curves[model] = (fpr, tpr, roc_auc(probs, labels))
         title = f"ROC, test set (positive class: {names[1]})"
     else:
         [(model, probs)] = probs_by_model.items()
-        colours = _colours(names)
+        curves = {}
         for c in np.unique(labels):
             fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
             auc = roc_auc(np.stack([1 - probs[:, c], probs[:, c]], axis=1), (labels == c).astype(int))
-            ax.plot(fpr, tpr, lw=1.5, color=colours[names[c]], label=f"{names[c]} (AUC {auc:.3f})")
+            curves[names[c]] = (fpr, tpr, auc)
         title = f"ROC, test set, one class vs rest ({model})"
+    return roc_curves(curves, title)
+
+
+def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> bytes:
+    """ROC curves already computed: `curves` maps a legend name (a model, or a class against the
+    rest) to (fpr, tpr, auc), fpr and tpr (M,) from (0, 0) to (1, 1); the AUC goes in the legend."""
+    fig = _figure((5.4, 4.8))
+    ax = fig.subplots()
+    colours = _colours(list(curves))
+    lw = 1.8 if len(curves) <= 2 else 1.5
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, lw=lw, color=colours[name], label=f"{name} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="chance")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
@@ -151,16 +160,30 @@ def calibration(
     ints; each probs (N, K). ECE in the title for one model, in the legend for several."""
     labels = np.asarray(labels)
     k = _n_classes(probs_by_model)
+    bins = {m: reliability_bins(p, labels, n_bins) for m, p in probs_by_model.items()}
+    ece = {m: expected_calibration_error(p, labels, n_bins) for m, p in probs_by_model.items()}
+    return calibration_bins(bins, ece, k, items=items)
+
+
+def calibration_bins(
+    bins_by_model: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    ece_by_model: Mapping[str, float],
+    n_classes: int,
+    items: str = "images",
+) -> bytes:
+    """The reliability diagram of `calibration` from bins already computed: each model's
+    (mean confidence, accuracy, count), each (B,) over B equal-width bins on [0, 1] (NaN means where
+    the count is 0), as `reliability_bins` gives them; its ECE; `n_classes` sets the axis' left end
+    (confidence is at least 1 / K)."""
     fig = _figure((6.0, 5.2))
     ax_rel, ax_cnt = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.2))
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    colours = _colours(list(probs_by_model))
-    single = len(probs_by_model) == 1
+    colours = _colours(list(bins_by_model))
+    single = len(bins_by_model) == 1
 
     ax_rel.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="perfect calibration")
-    for model, probs in probs_by_model.items():
-        conf, acc, count = reliability_bins(probs, labels, n_bins)
-        ece = expected_calibration_error(probs, labels, n_bins)
+    for model, (conf, acc, count) in bins_by_model.items():
+        edges = np.linspace(0.0, 1.0, len(count) + 1)
+        ece = ece_by_model[model]
         seen = count > 0
         label = "model" if single else f"{model} (ECE {ece:.3f})"
         ax_rel.plot(conf[seen], acc[seen], marker="o", ms=4, lw=1.5, color=colours[model], label=label)
@@ -170,7 +193,7 @@ def calibration(
         title = f"Calibration, test set: ECE {ece:.3f}"
     else:
         title = "Calibration, test set (ECE per model in the legend)"
-    lo = max(0.0, 1.0 / k - 0.05)
+    lo = max(0.0, 1.0 / n_classes - 0.05)
     ax_rel.set_xlim(lo, 1.0)
     ax_rel.set_ylim(-0.02, 1.02)
     ax_rel.set_ylabel("observed accuracy", fontsize=LABEL_SIZE)

@@ -6,6 +6,8 @@ means (predictions), and how predictions are scored.
     loss = task.criterion()(model(x), y[idx])      # a mean over the batch's patients
     pred = task.predict(model(x))                  # probabilities (N, K) or risks (N,)
     task.metrics(pred.numpy(), images)             # {"auc", ...} or {"c_index", ...}
+    c = task.counts(pred.numpy(), images)          # sums a site can report (tasks/counts.py)
+    task.metrics_from_counts(merge_counts([c, ...]))  # the same keys, from the sites' counts
 
 Tasks: "classification" (images, K classes), "tabular-classification" (feature tables; a binary
 label is one logit, logistic regression as FLamby does), "survival" (one risk score per patient,
@@ -24,6 +26,12 @@ from torch import nn
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import ConfigError, unknown_name
 from privmed.tasks.classification import classification_metrics
+from privmed.tasks.counts import (
+    classification_counts,
+    classification_metrics_from_counts,
+    survival_counts,
+    survival_metrics_from_counts,
+)
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -85,6 +93,16 @@ class Classification:
             return {}
         return classification_metrics(pred.astype(np.float64), data.labels)
 
+    def counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+        """Evaluation counts of probabilities `pred` (N, K) on `data` (tasks.counts); {} when empty."""
+        if len(data) == 0:
+            return {}
+        return classification_counts(pred.astype(np.float64), data.labels)
+
+    def metrics_from_counts(self, c: dict) -> dict:
+        """The keys of `metrics` from (merged) counts; {} from {}. AUC: scores rounded to the grid."""
+        return classification_metrics_from_counts(c) if c else {}
+
     def selection_score(self, metrics: dict) -> float:
         """Higher is better; NaN when there is nothing to choose on."""
         if not metrics:
@@ -127,6 +145,19 @@ class Survival:
         if len(data) == 0:
             return {}
         return survival_metrics(pred.astype(np.float64), data.time, data.labels)
+
+    def counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+        """Evaluation counts of risks `pred` (N,) on `data` (tasks.counts); {} when empty."""
+        if len(data) == 0:
+            return {}
+        if data.time is None:
+            raise ConfigError("task: 'survival' needs survival times, and this data has none")
+        return survival_counts(pred.astype(np.float64), data.time, data.labels)
+
+    def metrics_from_counts(self, c: dict) -> dict:
+        """The keys of `metrics` from counts; {} from {}. Merged over sites: the c-index over
+        within-site pairs and the Cox loss with risk sets stratified by site."""
+        return survival_metrics_from_counts(c) if c else {}
 
     def selection_score(self, metrics: dict) -> float:
         if not metrics:
