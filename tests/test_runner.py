@@ -9,6 +9,9 @@ import torch
 
 import privmed
 from privmed.federation.strategies import GLOBAL
+from privmed.tasks.base import get_task
+from privmed.tasks.classification import classification_metrics
+from privmed.tasks.counts import load_counts
 from conftest import tiny_config
 
 
@@ -92,8 +95,11 @@ def test_run_directory_contents(tmp_path):
     out = tmp_path / "run"
     r = privmed.run(tiny_config(), out)
     names = {p.name for p in out.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "predictions.npz", "model.pt",
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "test_counts.npz", "model.pt",
             "report.html", "checkpoints"} <= names
+    # the phantom's sites hold their own test patients: no prediction of theirs reaches the run
+    # directory, only the counts the pooled figure is merged from
+    assert "predictions.npz" not in names
     assert not [p for p in out.rglob("*.tmp")]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [1, 2]
@@ -105,5 +111,18 @@ def test_run_directory_contents(tmp_path):
     assert saved["config"]["name"] == "tiny"
     for a, b in zip(saved["state_dicts"][GLOBAL].values(), _weights(r.model)):
         np.testing.assert_array_equal(a.numpy(), b)
+    counts = load_counts(out / "test_counts.npz")[GLOBAL]
+    assert get_task("classification").metrics_from_counts(counts) == summary["test"]
+
+
+def test_a_public_test_set_is_scored_by_the_coordinator(tmp_path):
+    """A test split no site owns (here: sites drawn iid, so the phantom's per-site test images
+    belong to nobody) is public: the coordinator scores it itself and keeps its predictions."""
+    out = tmp_path / "run"
+    r = privmed.run(tiny_config(sites__partition="iid", federation__rounds=1), out, report=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "public held-out test set" in summary["evaluation"]["test"]
     pred = np.load(out / "predictions.npz")
-    assert pred["probs:global"].shape == (len(pred["labels"]), 2)
+    assert pred["probs:global"].shape == (len(pred["labels"]), 2) == (summary["test"]["n"], 2)
+    assert classification_metrics(pred["probs:global"].astype(np.float64), pred["labels"])["accuracy"] == (
+        pytest.approx(r.summary["test"]["accuracy"]))

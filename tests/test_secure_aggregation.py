@@ -20,7 +20,8 @@ import privmed
 from privmed.config import validate_config
 from privmed.errors import ConfigError
 from privmed.federation.client import LEDGER_FILE as SITE_LEDGER_FILE
-from privmed.federation.experiment import prepare_experiment, prepare_site
+from privmed.federation.experiment import prepare_experiment
+from privmed.federation.hospital import Hospital
 from privmed.federation.flower.coordinator import FlowerSites
 from privmed.federation.flower.secagg import LocalGrid, in_process_identity, quantization_bound
 from privmed.federation.flower.site_app import make_client_app
@@ -137,27 +138,26 @@ def _flower_sites(cfg, grid_cls=LocalGrid, state=None, **grid_kw):
     behind a LocalGrid, and the coordinator's FlowerSites over it."""
     apps = {}
     for i, name in enumerate(cfg.sites.site_names()):
-        client = prepare_site(cfg, name, None if state is None else state / name)
-        endpoint = SiteEndpoint(client)
+        endpoint = SiteEndpoint(Hospital.rehearsal(cfg, name, None if state is None else state / name))
         apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
     grid = grid_cls(apps, **grid_kw)
-    return grid, lambda exp: FlowerSites(exp, grid, connect_timeout=5)
+    return grid, lambda: FlowerSites(cfg, grid, connect_timeout=5)
 
 
-# its messages: 1 'which site', then SecAgg+'s setup, share keys, collect masked vectors, unmask;
-# it dies at share keys, collect masked vectors or unmask
-@pytest.mark.parametrize("at", [3, 4, 5])
+# its messages: 1 'which site', 2 the run's setup, then SecAgg+'s setup, share keys, collect masked
+# vectors, unmask, then scoring; it dies at share keys, collect masked vectors or unmask
+@pytest.mark.parametrize("at", [4, 5, 6])
 def test_a_site_dying_mid_round_is_dropped_and_the_round_completes(at):
     cfg = _cfg(sites__count=5, federation__min_sites=3, federation__rounds=1)
     grid, sites = _flower_sites(cfg, _DyingGrid, victim=2003, at=at)
     with in_process_identity():
-        result = privmed.run(cfg, sites=sites)
+        result = privmed.run(cfg, sites=sites())
     assert result.summary["rounds_completed"] == 1
     exp = prepare_experiment(cfg)
     s = exp.strategy
     state = s.init_state(exp.initial_weights, exp.trainer_names)
     tasks = s.configure(state, exp.trainer_names)
-    if at == 5:  # its masked update was in the sum before it died: SecAgg+ keeps it
+    if at == 6:  # its masked update was in the sum before it died: SecAgg+ keeps it
         kept = tasks
     else:
         kept = [t for t in tasks if t.site != "site-3"]
@@ -172,15 +172,14 @@ def test_a_site_dying_mid_round_is_dropped_and_the_round_completes(at):
 def test_a_node_is_believed_only_for_the_site_its_key_was_registered_as():
     cfg = _cfg(sites__count=3, federation__rounds=1)
     grid, _ = _flower_sites(cfg)  # nodes 2001, 2002, 2003 serve site-1, site-2, site-3
-    exp = prepare_experiment(cfg)
     with in_process_identity():
-        sites = FlowerSites(exp, grid, connect_timeout=1,
+        sites = FlowerSites(cfg, grid, connect_timeout=1,
                             registered={"site-1": 2001, "site-2": 2002, "site-3": 2003})
         assert sites.node_of == {"site-1": 2001, "site-2": 2002, "site-3": 2003}
         # site-2's and site-3's keys swapped: both nodes' word is refused
         with pytest.raises(StageFailed, match=r"missing: site-2, site-3.*node 2002 says it serves 'site-2', "
                            r"whose key is node 2003's"):
-            FlowerSites(exp, grid, connect_timeout=1, registered={"site-1": 2001, "site-2": 2003, "site-3": 2002})
+            FlowerSites(cfg, grid, connect_timeout=1, registered={"site-1": 2001, "site-2": 2003, "site-3": 2002})
 
 
 class _LosingGrid(_DyingGrid):
@@ -210,19 +209,20 @@ def test_a_sum_over_fewer_than_min_sites_is_never_unmasked(monkeypatch):
 
     monkeypatch.setattr(_SecAggPlus, "unmask_stage", counting)
     cfg = _cfg(sites__count=4, federation__min_sites=4, federation__rounds=1)
-    grid, sites = _flower_sites(cfg, _LosingGrid, victim=2003, at=4)
+    grid, sites = _flower_sites(cfg, _LosingGrid, victim=2003, at=5)  # collect masked vectors
     with in_process_identity(), pytest.warns(UserWarning, match="starting round 1 again"):
-        result = privmed.run(cfg, sites=sites)
+        result = privmed.run(cfg, sites=sites())
     assert result.summary["rounds_completed"] == 1
     assert unmasked == [[2001, 2002, 2003, 2004]]  # one sum, over every site (the retry)
 
 
 def test_a_round_with_too_few_sites_is_retried_then_the_run_stops(tmp_path):
     cfg = _cfg(sites__count=4, federation__min_sites=4, federation__rounds=2, federation__round_retries=1)
-    grid, sites = _flower_sites(cfg, _DyingGrid, victim=2002, at=6)  # dies at round 2's setup
+    # 'which site', the run's setup, round 1 (4 SecAgg+ stages), its scoring: dies at round 2's start
+    grid, sites = _flower_sites(cfg, _DyingGrid, victim=2002, at=8)
     with in_process_identity(), pytest.warns(UserWarning, match="starting round 2 again"):
         with pytest.raises(RoundFailed, match="gave up after 2 attempts"):
-            privmed.run(cfg, tmp_path / "run", sites=sites)
+            privmed.run(cfg, tmp_path / "run", sites=sites())
     # round 1 is in the run directory, to resume from
     assert (tmp_path / "run" / "checkpoints" / "round-0001.pt").is_file()
     assert not (tmp_path / "run" / "checkpoints" / "round-0002.pt").exists()
@@ -236,11 +236,12 @@ def test_a_failed_round_is_charged_to_the_ledger_and_counted_once_on_resume(tmp_
     cfg = _cfg(sites__count=4, federation__min_sites=4, federation__rounds=2, federation__round_retries=0,
                federation__secure_aggregation=False, **dp)
     sites = cfg.sites.site_names()
-    # plain path: 'which site', round 1, round 2: site-2 dies at round 2, after the others trained
+    # plain path: 'which site', the run's setup, round 1, its scoring, round 2: site-2 dies at
+    # round 2, after the others trained
     hospitals = tmp_path / "hospitals"  # each hospital's own key and ledger, kept across both runs
-    _, dying = _flower_sites(cfg, _DyingGrid, state=hospitals, victim=2002, at=3)
+    _, dying = _flower_sites(cfg, _DyingGrid, state=hospitals, victim=2002, at=5)
     with in_process_identity(), pytest.raises(RoundFailed, match="privacy ledger counts round 2 for every site"):
-        privmed.run(cfg, tmp_path / "run", sites=dying)
+        privmed.run(cfg, tmp_path / "run", sites=dying())
     ledger = PrivacyLedger.load(tmp_path / "run" / LEDGER_FILE)
     assert {s: [r for r, _ in ledger.releases(s)] for s in sites} == {s: [1, 2] for s in sites}
     # the hospitals that trained round 2 counted it; site-2 died before it released round 2
@@ -249,7 +250,7 @@ def test_a_failed_round_is_charged_to_the_ledger_and_counted_once_on_resume(tmp_
 
     _, alive = _flower_sites(cfg, state=hospitals)
     with in_process_identity():
-        result = privmed.run(cfg, tmp_path / "run", resume=True, sites=alive)
+        result = privmed.run(cfg, tmp_path / "run", resume=True, sites=alive())
     resumed = PrivacyLedger.load(tmp_path / "run" / LEDGER_FILE)
     assert {s: [r for r, _ in resumed.releases(s)] for s in sites} == {s: [1, 2] for s in sites}
     for s in sites:  # each hospital's own ledger agrees with the coordinator's: round 2 counted once
@@ -275,7 +276,7 @@ def test_the_flower_message_path_gives_the_in_process_result(over, tmp_path):
     cfg = _cfg(**over)
     _, sites = _flower_sites(cfg, state=tmp_path / "hospitals")
     with in_process_identity():
-        b = privmed.run(cfg, tmp_path / "b", report=False, sites=sites)
+        b = privmed.run(cfg, tmp_path / "b", report=False, sites=sites())
     a = privmed.run(cfg, copy_keys(tmp_path / "b", tmp_path / "a", tmp_path / "hospitals"), resume=True,
                     report=False)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):

@@ -23,7 +23,8 @@ from conftest import copy_keys, tiny_config
 
 import privmed
 from privmed.config import validate_config
-from privmed.federation.experiment import prepare_site
+from privmed.federation.experiment import prepare_experiment
+from privmed.federation.hospital import Hospital
 from privmed.federation.flower import messages as M
 from privmed.federation.flower.coordinator import FlowerSites, refusal
 from privmed.federation.flower.secagg import LocalGrid, in_process_identity
@@ -39,6 +40,22 @@ def dp_config(**over) -> dict:
                 training__batch_size=32, training__optimizer="sgd", training__lr=0.5,
                 training__momentum=0.0, federation__rounds=2)
     return tiny_config(**{**base, **over})
+
+
+def prepare_site(cfg, name: str, state=None):
+    """Site `name` of `cfg` as a hospital builds it: a rehearsal hospital (its budget the config's),
+    set up with the run's setup as the coordinator plans it."""
+    return Hospital.rehearsal(cfg, name, state).setup(prepare_experiment(cfg).plan.setup_for(name))
+
+
+def _hospitals(cfg, state=None, own=None) -> dict:
+    """A LocalGrid's apps: each site of `cfg` as a hospital (rehearsal of `own` or `cfg`) behind
+    its endpoint, node ids 2001, 2002, ..."""
+    apps = {}
+    for i, name in enumerate(cfg.sites.site_names()):
+        endpoint = SiteEndpoint(Hospital.rehearsal(own or cfg, name, None if state is None else state / name))
+        apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
+    return apps
 
 
 def _weights(model) -> np.ndarray:
@@ -143,14 +160,10 @@ def test_a_refusal_reaches_the_coordinator_in_process(tmp_path):
     over = dict(privacy__noise_multiplier=1.0, privacy__epsilon=None, federation__rounds=3)
     cfg = validate_config(dp_config(**over))
     own = validate_config(dp_config(**{**over, "federation__rounds": 1}))  # budget: one round's epsilon
-    apps = {}
-    for i, name in enumerate(cfg.sites.site_names()):
-        endpoint = SiteEndpoint(prepare_site(own, name, tmp_path / name))
-        apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
-    grid = LocalGrid(apps)
+    grid = LocalGrid(_hospitals(cfg, tmp_path, own))
     refused = r"site 'site-1' refused round 2 of run .*past its budget"
     with in_process_identity(), pytest.raises(SiteRefused, match=refused):
-        privmed.run(cfg, tmp_path / "run", sites=lambda exp: FlowerSites(exp, grid, connect_timeout=5))
+        privmed.run(cfg, tmp_path / "run", sites=FlowerSites(cfg, grid, connect_timeout=5))
 
 
 def test_a_refusal_comes_back_through_the_relay_of_a_hospitals_supernode(hospital, tmp_path):
@@ -159,7 +172,7 @@ def test_a_refusal_comes_back_through_the_relay_of_a_hospitals_supernode(hospita
     serve_site(SiteEndpoint(client), sock)
     relay = RelayEndpoint(str(sock))
     facts = relay.describe()
-    assert facts["site"] == "site-1" and facts["n_train"] == client.site.n_train
+    assert facts["site"] == "site-1" and facts["n_train"] == client.site.n_train and "data" not in facts
     assert facts["n_patients"] == client.site.n_train and facts["patient_ids"] is True  # phantom: one each
     ins = Instruction(_task(model), 1, run="r", steps=2, purpose="finetune")
     with pytest.raises(RuntimeError) as e:
@@ -236,37 +249,36 @@ def test_privacy_spent_reads_a_hospitals_own_ledger(tmp_path):
 def test_the_plan_needs_only_the_sites_public_facts():
     """A coordinator plans from what the sites tell it (counts, the data's shape): the same model,
     initial weights and privacy plan as the simulation that holds the data."""
-    from privmed.federation.experiment import plan_experiment, prepare_experiment
-    from privmed.federation.facts import SiteProfile
+    from privmed.federation.experiment import remote_experiment
 
     cfg = validate_config(dp_config())
     exp = prepare_experiment(cfg)
-    reported = [SiteProfile(**{k: v for k, v in exp_site.items() if k != "site"})
-                for exp_site in (prepare_site(cfg, name).describe() for name in exp.trainer_names)]
-    plan = plan_experiment(cfg, exp.plan.data, reported)
+    described = {name: Hospital.rehearsal(cfg, name).describe() for name in exp.trainer_names}
+    remote = remote_experiment(cfg, described)
+    plan = remote.plan
     assert plan.privacy.to_dict() == exp.privacy.to_dict()
     assert all(np.array_equal(a, b) for a, b in zip(plan.initial_weights, exp.initial_weights))
-    assert plan.privacy.unit == "patient" and reported == exp.plan.trainers
+    assert plan.privacy.unit == "patient" and plan.trainers == exp.plan.trainers
+    assert plan.data == exp.plan.data
+    assert remote.public_test is None and remote.site_data == []  # the sites hold the test data
 
 
-def test_a_hospital_whose_data_differs_from_the_plan_stops_the_run():
-    cfg = validate_config(dp_config())
-    other = validate_config(dp_config(data__samples_per_site=140))  # site-2's own data: more patients
-    apps = {}
-    for i, name in enumerate(cfg.sites.site_names()):
-        client = prepare_site(other if name == "site-2" else cfg, name)
-        endpoint = SiteEndpoint(client)
-        apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
-    from privmed.errors import PrivmedError
-    from privmed.federation.experiment import prepare_experiment
-
-    exp = prepare_experiment(cfg)
-    ours = next(p for p in exp.plan.trainers if p.name == "site-2").n_patients
-    theirs = prepare_site(other, "site-2").describe()["n_patients"]
+def test_the_coordinator_plans_from_what_the_hospitals_report():
+    """A hospital with more patients than a simulation of the config would give it: the plan's
+    sample rate for it follows its own count, and the run completes."""
+    cfg = validate_config(dp_config(federation__rounds=1))
+    other = validate_config(dp_config(data__samples_per_site=140, federation__rounds=1))
+    apps = _hospitals(cfg)
+    apps[2002] = make_client_app(lambda _ctx, e=SiteEndpoint(Hospital.rehearsal(other, "site-2")): e)
+    ours = next(p for p in prepare_experiment(cfg).plan.trainers if p.name == "site-2").n_patients
+    theirs = Hospital.rehearsal(other, "site-2").profile.n_patients
     assert theirs > ours
-    with in_process_identity(), pytest.raises(PrivmedError, match=rf"site 'site-2' reports .*'n_patients': {theirs}.*"
-                                              rf"planned with .*'n_patients': {ours}"):
-        FlowerSites(exp, LocalGrid(apps), connect_timeout=5)
+    with in_process_identity():
+        sites = FlowerSites(cfg, LocalGrid(apps), connect_timeout=5)
+        result = privmed.run(cfg, sites=sites, report=False)
+    planned = result.summary["privacy"]["plan"]["site-2"]
+    assert planned["n_patients"] == theirs
+    assert planned["sample_rate"] == pytest.approx(32 / theirs)
 
 
 def test_fine_tuned_models_stay_at_the_sites(tmp_path):
@@ -274,14 +286,10 @@ def test_fine_tuned_models_stay_at_the_sites(tmp_path):
     only the metrics come back, in process and over Flower messages (the same figures)."""
     cfg = validate_config(tiny_config(federation__rounds=1, federation__finetune_steps=3))
     a = privmed.run(cfg, report=False)
-    apps = {}
-    for i, name in enumerate(cfg.sites.site_names()):
-        endpoint = SiteEndpoint(prepare_site(cfg, name))
-        apps[2001 + i] = make_client_app(lambda _ctx, e=endpoint: e)
-    grid = LocalGrid(apps)
+    grid = LocalGrid(_hospitals(cfg))
     grid.seen = []
     with in_process_identity():
-        b = privmed.run(cfg, sites=lambda exp: FlowerSites(exp, grid, connect_timeout=5), report=False)
+        b = privmed.run(cfg, sites=FlowerSites(cfg, grid, connect_timeout=5), report=False)
     for site, row in a.summary["sites"].items():
         assert row["test_finetuned"] and row["test_finetuned"] == b.summary["sites"][site]["test_finetuned"]
         assert row["test_finetuned"] != row["test"]

@@ -11,13 +11,22 @@ Without `out`, nothing is written anywhere; with `out`, the run directory is wri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
-from privmed.config import RunConfig, load_config, validate_config
-from privmed.federation.experiment import Experiment, prepare_experiment
+from privmed.config import RunConfig, SiteConfig, load_config, validate_config
+from privmed.federation.experiment import Experiment, prepare_experiment, remote_experiment
 from privmed.federation.rundir import RunDir
 from privmed.federation.runner import RunResult, run_in_process
 from privmed.federation.transport import Sites
+
+
+class RemoteSites(Sites, Protocol):
+    """Sites on other machines (the Flower runner's): they describe themselves, and the run is
+    planned from what they said (`descriptions`), then handed to them (`attach`)."""
+
+    def descriptions(self) -> dict[str, dict]: ...
+
+    def attach(self, exp: Experiment) -> None: ...
 
 
 def run(
@@ -27,15 +36,18 @@ def run(
     resume: bool = False,
     progress: bool = False,
     report: bool = True,
-    sites: Callable[[Experiment], Sites] | None = None,
+    sites: RemoteSites | None = None,
+    hospitals: list[SiteConfig] | None = None,
 ) -> RunResult:
     """Run one experiment in this process.
 
     config: a RunConfig, a dict of config keys, or the path of a YAML file.
     out: run directory to write (None: write nothing). resume: continue the run in `out`.
     report: write report.html into `out` at the end.
-    sites: where the sites train, given the experiment (default: in this process; the Flower
-    runner's ServerApp passes its SuperNodes).
+    sites: where the sites are (default: in this process; the Flower runner's ServerApp passes
+    its SuperNodes, and the run is planned from what they report of themselves).
+    hospitals: simulate the sites that these hospitals' own configs describe (each loads its own
+    data, as `privmed join` would), instead of partitioning the config's data source.
     """
     if isinstance(config, (str, Path)):
         cfg = load_config(config)
@@ -51,11 +63,13 @@ def run(
             # The noise a run started with is kept when it is resumed, even when federation.rounds
             # was raised: rounds past the budget are then refused by the ledger.
             noise = run_dir.privacy_noise()
-    exp = prepare_experiment(cfg, noise=noise)  # all validation happens before the first file is written
-    result = run_in_process(
-        exp, run_dir=run_dir, resume=resume, progress=progress,
-        sites=None if sites is None else sites(exp),
-    )
+    # all validation happens before the first file is written
+    if sites is not None:
+        exp = remote_experiment(cfg, sites.descriptions(), noise=noise)
+        sites.attach(exp)
+    else:
+        exp = prepare_experiment(cfg, noise=noise, hospitals=hospitals)
+    result = run_in_process(exp, run_dir=run_dir, resume=resume, progress=progress, sites=sites)
     if run_dir is not None and report:
         from privmed.report import write_report
 

@@ -34,8 +34,9 @@ across machines (Flower; see the README):
   privmed certs certs/ --name coordinator.example.org     TLS for the coordinator
   privmed keys keys/ --name site-1                          a hospital's key pair
   privmed serve --certs certs/ --keys keys/                 the coordinator
-  privmed join cfg.yaml --site site-1 --server HOST:9092 --certs certs/ --key keys/site-1
-  privmed run cfg.yaml --runner flower --server 127.0.0.1:9092 --certs certs/
+  privmed join hospital-a.yaml --server HOST:9092 --certs certs/ --key keys/hospital-a
+  privmed run coordinator.yaml --runner flower --server 127.0.0.1:9092 --certs certs/
+  privmed run coordinator.yaml --hospital hospital-a.yaml --hospital ...   the same, simulated here
 """
 
 
@@ -63,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the experiment a YAML config describes",
         description="Run the experiment described by CONFIG (YAML) and write its run directory: "
-        "config.yaml, metrics.jsonl, checkpoints/, summary.json, predictions.npz, model.pt and "
-        "report.html.",
+        "config.yaml, metrics.jsonl, checkpoints/, summary.json, test_counts.npz, predictions.npz "
+        "(when the coordinator holds a public test set), model.pt and report.html.",
     )
     run.add_argument("config", type=Path, metavar="CONFIG", help="YAML config file")
     run.add_argument("--out", type=Path, help="run directory (default: runs/<name>)")
@@ -78,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         "federation.rounds may be raised to extend it)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--hospital", dest="hospitals", action="append", default=[], type=Path, metavar="SITE_CONFIG",
+        help="simulate the hospital this site config describes (its own data, split and budget, as "
+        "`privmed join SITE_CONFIG` loads them) instead of partitioning data.source (repeatable: one "
+        "per site)",
+    )
     run.add_argument(
         "--runner", choices=("in-process", "flower"), default="in-process",
         help="in-process (default): every site in this process; flower: on the hospitals that "
@@ -154,11 +161,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: local tests only")
     join = sub.add_parser(
         "join", help="start one hospital (a Flower SuperNode) that trains on its own data",
-        description="Connect site NAME of CONFIG to the coordinator at --server and train there when "
-        "a run asks. Only this site's part of the data is kept. Runs until interrupted (Ctrl-C).",
+        description="Connect this hospital to the coordinator at --server and train and score there "
+        "when a run asks. SITE_CONFIG names the hospital, its own data (a folder or table of its "
+        "patients only), its split and its privacy budget; the coordinator learns its counts and "
+        "its data's shape, nothing else. With --site, CONFIG is instead a run config whose data "
+        "every party holds (a rehearsal on public data) and this hospital is its site NAME. Runs "
+        "until interrupted (Ctrl-C).",
     )
-    join.add_argument("config", type=Path, metavar="CONFIG")
-    join.add_argument("--site", required=True, help="this hospital's site name")
+    join.add_argument("config", type=Path, metavar="SITE_CONFIG")
+    join.add_argument("--site", help="rehearsal: CONFIG is a run config, and this hospital is its site NAME")
     join.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     join.add_argument("--key", type=Path, help="this hospital's private key (from `privmed keys`)")
     join.add_argument(
@@ -191,10 +202,12 @@ def _demo_out(name: str, base: Path = Path("runs")) -> Path:
     return out
 
 
-def _run(cfg_source, out: Path, resume: bool, quiet: bool) -> int:
+def _run(cfg_source, out: Path, resume: bool, quiet: bool, hospitals: list[Path] | None = None) -> int:
     from privmed.api import run
+    from privmed.config import load_site_config
 
-    result = run(cfg_source, out, resume=resume, progress=not quiet)
+    own = [load_site_config(h) for h in hospitals or []]
+    result = run(cfg_source, out, resume=resume, progress=not quiet, hospitals=own or None)
     return _print_summary(result.summary, out)
 
 
@@ -261,10 +274,13 @@ def _main(argv: list[str] | None) -> int:
         if args.runner != "flower" and (args.server or args.certs or args.insecure):
             raise PrivmedError("privmed run: --server, --certs and --insecure need --runner flower")
         if args.runner == "flower":
+            if args.hospitals:
+                raise PrivmedError("privmed run: --hospital simulates hospitals here; with --runner flower "
+                                   "each hospital joins with its own site config")
             from privmed import flower_cli
 
             return _print_summary(flower_cli.run(cfg, out, args), out)
-        return _run(cfg, out, resume=args.resume, quiet=args.quiet)
+        return _run(cfg, out, resume=args.resume, quiet=args.quiet, hospitals=args.hospitals)
     if args.command in ("certs", "keys", "serve", "join"):
         from privmed import flower_cli
 

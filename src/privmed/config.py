@@ -44,7 +44,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["medmnist", "image-folder", "dicom", "phantom", "heart-disease", "tcga-brca"] = (
+    source: Literal["medmnist", "image-folder", "dicom", "phantom", "heart-disease", "tcga-brca", "sites"] = (
         "phantom"
     )
     name: str | None = Field(None, description="medmnist: which file, e.g. pneumoniamnist")
@@ -77,6 +77,14 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":
+        if self.source == "sites":
+            given = sorted(k for k, f in type(self).model_fields.items()
+                           if k not in ("source", "val_fraction") and getattr(self, k) != f.default)
+            if given:
+                raise ValueError(
+                    f"data.source 'sites' names no data (each hospital joins with its own site "
+                    f"config), so data.{given[0]} has no meaning here; remove it"
+                )
         if self.source == "medmnist":
             if not self.name:
                 raise ValueError("data.name is required for source 'medmnist' (e.g. pneumoniamnist)")
@@ -99,6 +107,14 @@ class SitesConfig(_Section):
     min_samples: int = Field(
         10, ge=1, description="a site with fewer training samples than this is an error"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_from_names(cls, data: Any) -> Any:
+        """sites.names alone sets sites.count."""
+        if isinstance(data, dict) and isinstance(data.get("names"), list) and "count" not in data:
+            data = {**data, "count": len(data["names"])}
+        return data
 
     @model_validator(mode="after")
     def _check_names(self) -> "SitesConfig":
@@ -327,7 +343,7 @@ class RunConfig(_Section):
         if not isinstance(data, dict):
             return data
         source = data.get("data", {}).get("source") if isinstance(data.get("data"), dict) else None
-        if source in TABULAR_SOURCES:
+        if source in TABULAR_SOURCES or data.get("task", "classification") != "classification":
             return data
         privacy = data.get("privacy")
         if not (isinstance(privacy, dict) and privacy.get("mode") == "dp-sgd"):
@@ -347,7 +363,7 @@ class RunConfig(_Section):
     def _check_task(self) -> "RunConfig":
         source, task = self.data.source, self.task
         wanted = SOURCE_TASK.get(source, "classification")
-        if task != wanted:
+        if task != wanted and source != "sites":  # the sites' data: the task says what it is
             raise ValueError(
                 f"task: '{task}' does not fit data.source '{source}', which holds data for "
                 f"'{wanted}'; set task: {wanted} (or leave task out)"
@@ -448,6 +464,56 @@ class RunConfig(_Section):
         return self.model_dump(mode="json")
 
 
+# --------------------------------------------------------------------------- a hospital's own config
+
+
+class SitePrivacyConfig(_Section):
+    """What the hospital allows, whatever a coordinator asks: it refuses a training request that
+    would take its patients past `max_epsilon` over every run it took part in."""
+
+    max_epsilon: float | None = Field(
+        None, gt=0, le=1000,
+        description="the hospital's budget over all runs (its own ledger, at its own delta); "
+        "None: no cap (each DP release is still counted)",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta its ledger reports epsilon at")
+    accountant: Literal["prv", "rdp", "pld"] = "prv"
+    require_dp: bool = Field(
+        False, description="refuse to train without DP-SGD (privacy.mode none or central)"
+    )
+
+
+class SiteConfig(_Section):
+    """A hospital's config for `privmed join`: its name in the federation, its own data (one folder
+    or table of its own patients, as a run's `data` section), how it splits that data, and its
+    privacy budget. Nothing here leaves the hospital but its name and its data's public counts."""
+
+    site: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds this hospital's own splits")
+    data: DataConfig
+    privacy: SitePrivacyConfig = SitePrivacyConfig()
+    state: Path | None = Field(
+        None, description="where its secret key and ledger live (default ~/.privmed/sites/SITE)"
+    )
+
+    @model_validator(mode="after")
+    def _check_data(self) -> "SiteConfig":
+        if self.data.source == "sites":
+            raise ValueError("data.source: a hospital's config names its own data (image-folder, "
+                             "dicom, ...), not 'sites'")
+        return self
+
+
+def load_site_config(path: Path | str, overrides: list[str] | None = None) -> SiteConfig:
+    """Read, override and validate a hospital's YAML config; ConfigError names the bad field."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        return SiteConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("; ".join(_format_error(err, str(path), SiteConfig) for err in e.errors())) from None
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -462,11 +528,11 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(err: dict, source: str) -> str:
+def _format_error(err: dict, source: str, schema: type[BaseModel] | None = None) -> str:
     loc = tuple(err["loc"])
     where = ".".join(str(p) for p in loc) or "config"
     if err["type"] == "extra_forbidden":
-        known = _known_keys(RunConfig, loc)
+        known = _known_keys(schema or RunConfig, loc)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return f"{source}: unknown key '{where}'{hint} (allowed here: {', '.join(known)})"

@@ -92,26 +92,36 @@ def _resolved_config(cfg: RunConfig, home: Path, kind: str) -> Path:
 def join(args) -> int:  # noqa: ANN001
     """The hospital's process holds its site (data, model) for as long as it runs; the SuperNode's
     short-lived ClientApp processes relay each message to it."""
-    from privmed.federation.experiment import prepare_site
+    from privmed.config import load_site_config
     from privmed.federation.flower import deploy
     from privmed.federation.flower.site_service import SiteEndpoint, serve_site
+    from privmed.federation.hospital import Hospital
 
     _need(args, "server", "certs", "key")
     _warn_insecure(args)
-    cfg = load_config(args.config, args.overrides)
     home = deploy.home_dir(args.home)
-    state = Path(args.state) if args.state else home.parent / "sites" / args.site
-    # bad config or site: a clear error before anything starts
-    client = prepare_site(cfg, args.site, state)
-    sock = home / "sockets" / f"{args.site}-{os.getpid()}.sock"
+    # bad config or data: a clear error before anything starts
+    if args.site:  # a rehearsal: one site of a run config's shared (public) source
+        cfg = load_config(args.config, args.overrides)
+        name = args.site
+        state = Path(args.state) if args.state else home.parent / "sites" / name
+        hospital = Hospital.rehearsal(cfg, name, state)
+    else:
+        own = load_site_config(args.config, args.overrides)
+        name = own.site
+        state = Path(args.state or own.state or home.parent / "sites" / name).expanduser()
+        hospital = Hospital.from_config(own, state)
+    sock = home / "sockets" / f"{name}-{os.getpid()}.sock"
     _stop_on_sigterm()
-    serve_site(SiteEndpoint(client), sock)
+    serve_site(SiteEndpoint(hospital), sock)
     proc = None
+    p = hospital.profile
     try:
         while True:  # Flower's SuperNode ends when it loses the coordinator: start it again
-            proc = deploy.start_hospital(args.site, sock, args.server, args.certs, args.key, home, args.insecure)
-            print(f"hospital '{args.site}' ({client.site.n_train} training items; its key and privacy "
-                  f"ledger in {state}) joining {args.server} (Flower SuperNode, pid {proc.pid})", flush=True)
+            proc = deploy.start_hospital(name, sock, args.server, args.certs, args.key, home, args.insecure)
+            print(f"hospital '{name}' ({p.n_train} training, {p.n_val} validation, {p.n_test} test items; "
+                  f"its key and privacy ledger in {state}) joining {args.server} (Flower SuperNode, "
+                  f"pid {proc.pid})", flush=True)
             code = proc.wait()
             print(f"the SuperNode ended (exit code {code}); joining again in {REJOIN_SECONDS:g} s "
                   "(Ctrl-C to stop)", flush=True)
@@ -126,15 +136,16 @@ def join(args) -> int:  # noqa: ANN001
 
 def run(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
     """Submit the run to the coordinator at --server, follow it, and return its summary."""
-    from privmed.federation.experiment import prepare_experiment
     from privmed.federation.flower import deploy
     from privmed.federation.rundir import RunDir
+    from privmed.models import check_model_name
 
     _need(args, "server", "certs")
     _warn_insecure(args)
     resume = args.resume and (out / "config.yaml").exists()
-    run_dir = RunDir.check_resume(out, cfg) if resume else RunDir.check_new(out)
-    prepare_experiment(cfg, noise=run_dir.privacy_noise() if resume else None)  # validate first
+    # the config was validated when loaded; the coordinator plans from what the sites report
+    check_model_name(cfg.model.name)
+    RunDir.check_resume(out, cfg) if resume else RunDir.check_new(out)
     home = deploy.home_dir(args.home)
     path = _resolved_config(cfg, home, "run")
     run_id = deploy.submit_run(args.server, args.certs, args.insecure, home, path, out, resume)

@@ -35,8 +35,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg = validate_config(read_yaml(path), source=path)
     resume = str(rc.get("resume", "false")).lower() == "true"
     registered = registered_nodes()
+    # the sites describe themselves first: the run is planned from their counts, not from data here
     run(cfg, str(rc["run-dir"]), resume=resume,
-        sites=lambda exp: FlowerSites(exp, PollingGrid(grid), registered=registered))
+        sites=FlowerSites(cfg, PollingGrid(grid), registered=registered))
 
 
 def registered_nodes() -> dict[str, int]:

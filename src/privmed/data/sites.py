@@ -167,3 +167,18 @@ def pooled_site(parts: list[SiteData], name: str = "pooled") -> SiteData:
         ImageSet.concat([p.val for p in parts]),
         None,
     )
+
+
+def own_site(name: str, source: SourceData, *, val_fraction: float, seed: int) -> SiteData:
+    """A hospital's SiteData from its own data alone (`source`: its folder or table): training data,
+    a validation hold-out of `val_fraction` by patient (or the source's own validation split) and
+    its own test data. Seeded by the hospital's seed and name only, so the same folder gives the
+    same split wherever it is loaded (at the hospital, or in a simulation of it)."""
+    rng = np.random.default_rng([seed, 0x5175, *name.encode()])
+    train = source.train
+    _check_size(name, len(train), SitesConfig(count=1))  # the default minimum
+    if source.val is not None:
+        tr, va = train, source.val
+    else:
+        tr, va = _holdout(train, val_fraction, rng, name)
+    return SiteData(name, tr, va, source.test)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from privmed import io
+from privmed.config import SitePrivacyConfig
 from privmed.federation.facts import SiteProfile
 from privmed.federation.instructions import Instruction
 from privmed.federation.site import Site, derive_seed
@@ -57,14 +58,24 @@ class GuardPolicy:
     delta: float = 0.0
     accountant: str = "prv"
     unit: str = "patient"
+    require_dp: bool = False  # refuse to train without DP-SGD
 
     @classmethod
     def from_plan(cls, plan: PrivacyPlan | None, site: str) -> GuardPolicy:
-        """The policy of `site` under `plan` (None: no privacy)."""
+        """The policy of `site` under `plan` (None: no privacy), its budget the run's."""
         if plan is None:
             return cls("none")
         return cls(plan.mode, plan.release(site) if plan.mode == "dp-sgd" else None, plan.budget,
                    plan.delta, plan.accountant, plan.unit)
+
+    @classmethod
+    def for_hospital(cls, mode: str, release: Release | None, own: SitePrivacyConfig,
+                     patient_ids: bool) -> GuardPolicy:
+        """A hospital's policy for a run in `mode` whose training turns each make `release`: its
+        budget, delta and accountant are its own config's, whatever the coordinator planned."""
+        return cls(mode, release if mode == "dp-sgd" else None,
+                   math.inf if own.max_epsilon is None else own.max_epsilon, own.delta, own.accountant,
+                   "patient" if patient_ids else "record", own.require_dp)
 
     @property
     def private(self) -> bool:
@@ -103,9 +114,14 @@ class SiteGuard:
     def admit(self, ins: Instruction) -> SiteUpdate | None:
         """The cached reply when `ins` was answered before; None when the site may train for it;
         SiteRefused otherwise."""
+        where = f"round {ins.rnd} of run {ins.run or '?'}"
+        if self.policy.require_dp and not self.policy.dp_sgd:
+            raise SiteRefused(
+                f"site '{self.site}' refused {where}: its own config (privacy.require_dp) trains only "
+                f"under privacy.mode dp-sgd, and this run's is '{self.policy.mode}'"
+            )
         if not self.policy.dp_sgd:
             return None
-        where = f"round {ins.rnd} of run {ins.run or '?'}"
         if ins.purpose != "train":
             raise SiteRefused(
                 f"site '{self.site}' refused '{ins.purpose}' for {where}: under privacy.mode dp-sgd it "
@@ -177,8 +193,8 @@ class SiteGuard:
 
 class SiteClient:
     """One hospital's side of every runner, with no platform in it: `train(instruction)` through its
-    guard, `evaluate(weights, split)` on its own data, `finetune(instruction)` (metrics only) and
-    `describe()` (its public counts)."""
+    guard, `score(weights, splits)` on its own validation and test patients (metrics and mergeable
+    counts), `finetune(instruction)` (metrics only) and `describe()` (its public counts)."""
 
     def __init__(self, site: Site, guard: SiteGuard, seed: int):
         self.site, self.guard, self.seed = site, guard, seed
@@ -215,6 +231,13 @@ class SiteClient:
         """The metrics of `weights` on the site's own `split` ('val' or 'test'; {} without such data)."""
         with self._lock:
             return self.site.evaluate(weights, split)
+
+    def score(self, weights: list, splits: tuple[str, ...]) -> dict[str, tuple[dict, dict]]:
+        """Per split ('val', 'test'): the metrics of `weights` on the site's own patients of that
+        split and the counts pooled figures are merged from (({}, {}) without such data). Neither
+        touches the training patients, so no guard is asked; the guarantee names them as released."""
+        with self._lock:
+            return {split: self.site.score(weights, split) for split in splits}
 
     def secagg_seed(self, ins: Instruction) -> int:
         return self.guard.secagg_seed(ins, self.seed)

@@ -1,29 +1,56 @@
-"""Scoring the models a strategy holds: per site (validation, own test) and on the pooled test.
+"""Scoring the models a strategy holds, at the sites: each site scores them on its own validation
+and test patients and returns its metrics and the counts pooled figures are merged from; no
+patient's prediction leaves a site.
+
+    evaluator = Evaluator(exp, sites)          # sites: the runner's transport (privmed.federation.transport)
+    row, scores = evaluator.evaluate(models, rnd, run)
+
+Pooled figures (`val`, and `test` when the sites hold the test data) are computed from the sum of
+the sites' counts (privmed.tasks.counts): exact for accuracy, loss, calibration and counts; the
+AUC of scores rounded to a fine grid; for survival, the concordance over pairs of patients of one
+site and the Cox loss with risk sets per site. A public held-out test set that no site owns (a
+benchmark's official test split) is scored by the coordinator itself, from predictions.
 
 The model used for the final test score is chosen on validation data only: each model key's
 selection score is the task's headline metric (AUC, or the concordance index for survival) on the
 validation data of the sites it serves (pooled), or minus the validation loss where that is
 undefined. Without validation data, the last round's model is the result.
 
-A site's test data, when the source says which site each test item comes from, scores the model on
-that site's patients; the unweighted mean of those scores over sites is FLamby's headline figure
+A site's own test scores average, unweighted, into FLamby's headline figure
 (`test_mean_over_sites`), reported beside the pooled test score.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
-from privmed.data.base import ImageSet
 from privmed.federation.experiment import Experiment
 from privmed.federation.site import predict
 from privmed.federation.strategies import GLOBAL, State, Weights
+from privmed.federation.transport import Sites
+from privmed.tasks.counts import merge_counts
 
 SELECTION = "highest validation {metric} over all sites' validation data (pooled), earliest round on ties"
 SELECTION_LOCAL = "each site's model: highest {metric} on that site's own validation data"
 SELECTION_LAST = "the last round's model (no validation data plays a part in the choice)"
+SPLITS = ("val", "test")
+
+# per split: (metrics, counts) of one model on one site's patients
+Scores = dict[str, tuple[dict, dict]]
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score `weights` (the model `model_key`) on site `site`'s own patients of `splits`."""
+
+    site: str
+    model_key: str
+    weights: Weights
+    splits: tuple[str, ...] = SPLITS
 
 
 def model_keys(state: State) -> list[str]:
@@ -31,53 +58,119 @@ def model_keys(state: State) -> list[str]:
     return [k for k in state if not k.startswith("_")]
 
 
+def pooled_test_source(exp: Experiment) -> str:
+    """Where the pooled test figure comes from, in words (summary.json's `evaluation`)."""
+    if exp.public_test is not None:
+        return (f"a public held-out test set of {len(exp.public_test)} items that no site owns, "
+                "scored by the coordinator")
+    how = {
+        "survival": "the concordance over pairs of patients of one site (and the Cox loss with "
+                    "risk sets per site), from the sites' counts",
+    }.get(exp.task.name, "the sites' counts summed (the AUC of scores rounded to a fine grid)")
+    return f"each site's own test patients, scored at the site: {how}"
+
+
 class Evaluator:
-    def __init__(self, exp: Experiment):
-        self.exp = exp
+    def __init__(self, exp: Experiment, sites: Sites):
+        self.exp, self.sites = exp, sites
         self.task = exp.task
         self.model = exp.model_factory()
         self.bs = exp.config.training.eval_batch_size
 
+    # ------------------------------------------------------------------ the public test set
     def predict(self, weights: Weights, images: np.ndarray) -> np.ndarray:
         return predict(self.model, weights, images, self.bs, self.task)
 
-    def score(self, weights: Weights, data: ImageSet) -> dict:
-        """The task's metrics of `weights` on `data` ({} when `data` is empty)."""
-        if len(data) == 0:
-            return {}
-        return self.task.metrics(self.predict(weights, data.images), data)
+    def score_public(self, weights: Weights) -> tuple[dict, dict, np.ndarray | None]:
+        """(metrics, counts, predictions) of `weights` on the public test set (({}, {}, None)
+        without one)."""
+        data = self.exp.public_test
+        if data is None or len(data) == 0:
+            return {}, {}, None
+        pred = self.predict(weights, data.images)
+        return self.task.metrics(pred, data), self.task.counts(pred, data), pred
 
-    def evaluate(self, models: State) -> tuple[dict, dict[str, float]]:
+    # ------------------------------------------------------------------ at the sites
+    def evaluate(self, models: State, rnd: int = 0, run: str = "") -> tuple[dict, dict[str, float]]:
         """(metrics row fields, selection score per model key) for the models in `models`."""
         if GLOBAL in models:
-            return self._evaluate_global(models[GLOBAL])
-        return self._evaluate_local({k: models[k] for k in model_keys(models)})
+            return self._evaluate_global(models[GLOBAL], rnd, run)
+        return self._evaluate_local({k: models[k] for k in model_keys(models)}, rnd, run)
 
-    def _evaluate_global(self, w: Weights) -> tuple[dict, dict[str, float]]:
-        sites = {}
-        for sd in self.exp.site_data:
-            sites[sd.name] = {"val": self.score(w, sd.val)}
-            if sd.test is not None:
-                sites[sd.name]["test"] = self.score(w, sd.test)
-        val = self.score(w, ImageSet.concat([sd.val for sd in self.exp.site_data]))
-        test = self.score(w, self.exp.source.test)
-        row = {"val": val, "test": test, "test_mean_over_sites": _mean_site_test(sites), "sites": sites}
+    def pooled_test(self, key: str, weights: Weights, rnd: int, run: str) -> tuple[dict, dict, np.ndarray | None]:
+        """(metrics, counts, predictions or None) of one model on the pooled test data: the public
+        test set, or every site's own test patients (merged from their counts)."""
+        if self.exp.public_test is not None:
+            return self.score_public(weights)
+        got = self.sites.score([ScoreRequest(s, key, weights, ("test",)) for s in self._with_test()], rnd, run)
+        counts = merge_counts([scores["test"][1] for scores in got.values()])
+        if len(got) < len(self._with_test()):
+            missing = sorted(set(self._with_test()) - {s for s, _ in got})
+            warnings.warn(f"the pooled test figure of model '{key}' leaves out {', '.join(missing)} "
+                          "(did not answer)", stacklevel=2)
+        return self.task.metrics_from_counts(counts), counts, None
+
+    def _with_test(self) -> list[str]:
+        return [p.name for p in self.exp.plan.sites if p.n_test]
+
+    def _evaluate_global(self, w: Weights, rnd: int, run: str) -> tuple[dict, dict[str, float]]:
+        names = self.exp.site_names
+        got = self.sites.score([ScoreRequest(s, GLOBAL, w) for s in names], rnd, run)
+        sites, val_counts, test_counts = {}, [], []
+        for s in names:
+            scores = got.get((s, GLOBAL))
+            if scores is None:  # the site is gone: its row is empty, the pooled figures leave it out
+                sites[s] = {"val": {}}
+                continue
+            sites[s] = {"val": scores["val"][0]}
+            val_counts.append(scores["val"][1])
+            if scores["test"][0]:
+                sites[s]["test"] = scores["test"][0]
+                test_counts.append(scores["test"][1])
+        val = self.task.metrics_from_counts(merge_counts(val_counts))
+        if self.exp.public_test is not None:
+            test = self.score_public(w)[0]
+        else:
+            test = self.task.metrics_from_counts(merge_counts(test_counts))
+        row = {"val": val, "test": test, "test_mean_over_sites": _mean_site_test(sites), "sites": sites,
+               **_unscored(names, got)}
         return row, {GLOBAL: self.task.selection_score(val)}
 
-    def _evaluate_local(self, models: State) -> tuple[dict, dict[str, float]]:
+    def _evaluate_local(self, models: State, rnd: int, run: str) -> tuple[dict, dict[str, float]]:
+        """Each site's own model on its own patients; and on the pooled test data (the public
+        test set, or every site's test patients: each model visits every site with test data)."""
+        names = self.exp.site_names
+        requests = [ScoreRequest(s, s, models[s]) for s in names]
+        public = self.exp.public_test is not None
+        if not public:
+            requests += [ScoreRequest(other, s, models[s], ("test",))
+                         for s in names for other in self._with_test() if other != s]
+        got = self.sites.score(requests, rnd, run)
         sites, scores = {}, {}
-        test_set = self.exp.source.test
-        for sd in self.exp.site_data:
-            w = models[sd.name]
-            val = self.score(w, sd.val)
-            sites[sd.name] = {"val": val, "test_pooled": self.score(w, test_set)}
-            if sd.test is not None:
-                sites[sd.name]["test"] = self.score(w, sd.test)
-            scores[sd.name] = self.task.selection_score(val)
+        for s in names:
+            own = got.get((s, s), {"val": ({}, {}), "test": ({}, {})})
+            if public:
+                pooled = self.score_public(models[s])[0]
+            else:
+                parts = [own["test"][1]] + [got[(o, s)]["test"][1] for o in self._with_test()
+                                            if o != s and (o, s) in got]
+                pooled = self.task.metrics_from_counts(merge_counts(parts))
+            sites[s] = {"val": own["val"][0], "test_pooled": pooled}
+            if own["test"][0]:
+                sites[s]["test"] = own["test"][0]
+            scores[s] = self.task.selection_score(own["val"][0])
         val = mean_metrics([s["val"] for s in sites.values()])
         test = mean_metrics([s["test_pooled"] for s in sites.values()])
-        row = {"val": val, "test": test, "test_mean_over_sites": _mean_site_test(sites), "sites": sites}
+        row = {"val": val, "test": test, "test_mean_over_sites": _mean_site_test(sites), "sites": sites,
+               **_unscored(names, got)}
         return row, scores
+
+
+def _unscored(names: list[str], got: dict) -> dict:
+    """The metrics row's note of sites that did not answer a scoring request (none: no field)."""
+    answered = {s for s, _ in got}
+    missing = [s for s in names if s not in answered]
+    return {"unscored": missing} if missing else {}
 
 
 def _mean_site_test(sites: dict) -> dict:
@@ -99,3 +192,4 @@ def mean_metrics(rows: list[dict]) -> dict:
         else:
             out[k] = float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else math.nan
     return out
+

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from privmed.config import RunConfig
-from privmed.data import SourceData, load_source
-from privmed.data.sites import SiteData, pooled_site, split_into_sites
-from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
+from privmed.config import RunConfig, SiteConfig, SitesConfig, validate_config
+from privmed.data import ImageSet, load_source
+from privmed.data.sites import SiteData, own_site, pooled_site, split_into_sites
+from privmed.federation.client import GuardPolicy
 from privmed.federation.facts import DataFacts, SiteProfile
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
-from privmed.errors import ConfigError
+from privmed.errors import ConfigError, PrivmedError
 from privmed.models import TABULAR_MODELS, build_model, check_model_name, norm_state_mask
+from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import validate_model
 from privmed.privacy.plan import PrivacyPlan, SiteFacts, make_plan
 from privmed.tasks.base import Task, get_task
@@ -41,22 +42,64 @@ class Plan:
     local_steps: int | None  # per training turn (the pooled site does all sites' work)
     privacy: PrivacyPlan | None = None  # None: privacy.mode 'none'
 
+    def setup_for(self, site: str) -> SiteSetup:
+        """What `site` needs to train and score for this run (public: it travels to the site)."""
+        release = None
+        if self.privacy is not None and self.config.privacy.mode == "dp-sgd":
+            r = self.privacy.release(site)
+            release = (r.noise_multiplier, r.sample_rate, r.steps)
+        return SiteSetup(self.config.to_dict(), self.data.to_dict(), self.local_steps, release)
+
+
+@dataclass(frozen=True)
+class SiteSetup:
+    """A run's public settings as a site needs them, from the coordinator's plan: the run config
+    (which names no patient), the data's agreed shape, the steps per turn and, under DP-SGD, the
+    release each training turn makes (noise multiplier, sample rate, steps). The site trains as
+    it says and counts that release in its own ledger, against its own budget."""
+
+    config: dict
+    data: dict
+    local_steps: int | None
+    release: tuple[float, float, int] | None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"config": self.config, "data": self.data, "local_steps": self.local_steps,
+             "release": None if self.release is None else list(self.release)},
+            sort_keys=True, allow_nan=False,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SiteSetup:
+        d = json.loads(text)
+        r = d.get("release")
+        return cls(d["config"], d["data"], d.get("local_steps"),
+                   None if r is None else (float(r[0]), float(r[1]), int(r[2])))
+
+    def run_config(self) -> RunConfig:
+        return validate_config(self.config, source="the coordinator's run config")
+
 
 @dataclass
 class Experiment:
-    """A simulation's run: the plan, and the sites built from the data (a deployment's coordinator
-    has the plan only; each hospital builds its own site)."""
+    """A run as the coordinator holds it: the plan, and a public held-out test set when it holds
+    one (a benchmark's official test split that no site owns; None when the sites hold the test
+    data). A simulation also holds its sites: their data and the training sites built from it (a
+    deployment's coordinator has none: each hospital builds its own)."""
 
     plan: Plan
-    source: SourceData
-    site_data: list[SiteData]  # the real sites: evaluation is always per real site
-    trainers: dict[str, Site]  # who trains: the sites, or one pooled site
+    public_test: ImageSet | None = None
+    site_data: list[SiteData] = field(default_factory=list)  # the real sites (simulation only)
+    trainers: dict[str, Site] = field(default_factory=dict)  # who trains: the sites, or one pooled site
+    hospitals: dict[str, SiteConfig] = field(default_factory=dict)  # sites given by their own configs
 
     config = property(lambda self: self.plan.config)
     task = property(lambda self: self.plan.task)
     model_factory = property(lambda self: self.plan.model_factory)
     initial_weights = property(lambda self: self.plan.initial_weights)
     privacy = property(lambda self: self.plan.privacy)
+    data = property(lambda self: self.plan.data)
 
     @property
     def strategy(self) -> Strategy:
@@ -64,21 +107,50 @@ class Experiment:
 
     @property
     def trainer_names(self) -> list[str]:
-        return list(self.trainers)
+        return [p.name for p in self.plan.trainers]
+
+    @property
+    def site_names(self) -> list[str]:
+        """The real sites (evaluation is always per real site)."""
+        return [p.name for p in self.plan.sites]
 
     @property
     def has_validation(self) -> bool:
         """Whether any site holds validation data (data.val_fraction 0 leaves none)."""
         return any(p.n_val for p in self.plan.sites)
 
+    def guard_policy(self, name: str) -> GuardPolicy:
+        """The privacy settings site `name` guards itself with: a hospital's own budget when it was
+        given by its own config, else this run's."""
+        hospital = self.hospitals.get(name)
+        if hospital is None:
+            return GuardPolicy.from_plan(self.privacy, name)
+        profile = next(p for p in self.plan.sites if p.name == name)
+        release = self.privacy.release(name) if self.config.privacy.mode == "dp-sgd" else None
+        return GuardPolicy.for_hospital(self.config.privacy.mode, release, hospital.privacy, profile.patient_ids)
 
-def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None) -> Experiment:
-    """Load and partition the data, plan the run from the sites' public facts (`plan_experiment`)
-    and build the sites. `noise`: the noise multipliers a resumed run started with (else calibrated
-    from the config). Raises PrivmedError on bad input; writes nothing."""
+
+def prepare_experiment(
+    cfg: RunConfig, noise: Mapping[str, float] | None = None, hospitals: list[SiteConfig] | None = None,
+) -> Experiment:
+    """Load and partition the data (or, with `hospitals`, load each hospital's own data as its own
+    config says), plan the run from the sites' public facts (`plan_experiment`) and build the
+    sites. `noise`: the noise multipliers a resumed run started with (else calibrated from the
+    config). Raises PrivmedError on bad input; writes nothing."""
     check_model_name(cfg.model.name)
-    source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
-    site_data = split_into_sites(source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    if hospitals:
+        site_data, facts = hospital_sites(cfg, hospitals)
+        source = None
+    elif cfg.data.source == "sites":
+        raise ConfigError(
+            "data.source: 'sites' names no data: the hospitals hold it. Run it with --runner flower "
+            "(each hospital joins with its own site config), or simulate them here with "
+            "--hospital SITE_CONFIG for each"
+        )
+    else:
+        source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
+        site_data = split_into_sites(source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+        facts = DataFacts.of(source, cfg.data.source)
     pooled = None
 
     def pooled_profile() -> SiteProfile:
@@ -86,13 +158,69 @@ def prepare_experiment(cfg: RunConfig, noise: Mapping[str, float] | None = None)
         pooled = pooled_site(site_data, POOLED_SITE)
         return SiteProfile.of(pooled)
 
-    plan = plan_experiment(
-        cfg, DataFacts.of(source, cfg.data.source), [SiteProfile.of(sd) for sd in site_data],
-        pooled=pooled_profile, noise=noise,
-    )
+    plan = plan_experiment(cfg, facts, [SiteProfile.of(sd) for sd in site_data], pooled=pooled_profile, noise=noise)
     train_on = [pooled] if plan.strategy.pools_data else site_data
     trainers = {sd.name: build_site(plan, sd) for sd in train_on}
-    return Experiment(plan, source, site_data, trainers)
+    # the sites' own test data makes the pooled test figure; a source's test split that no site
+    # owns (a benchmark's official test set) is public, and the coordinator scores it itself
+    public_test = None if source is None or all(sd.test is not None for sd in site_data) else source.test
+    return Experiment(plan, public_test, site_data, trainers, {h.site: h for h in hospitals or []})
+
+
+def remote_experiment(
+    cfg: RunConfig, described: Mapping[str, dict], noise: Mapping[str, float] | None = None,
+) -> Experiment:
+    """A deployment's run, planned from what the connected sites said of themselves (their counts
+    and their data's shape): the coordinator loads no patient data. Only a rehearsal config that
+    names a public data source whose test split no site owns (a benchmark's official test set) has
+    the coordinator load that source, for its test split."""
+    if not described:
+        raise PrivmedError("no site described itself; nothing to plan")
+    try:
+        profiles = [SiteProfile.from_dict({**d, "name": name}) for name, d in described.items()]
+        facts = DataFacts.agreed({name: DataFacts.from_dict(d["data"]) for name, d in described.items()})
+    except KeyError as e:
+        raise PrivmedError(f"a site's description lacks {e} (is it running an older privmed?)") from None
+    plan = plan_experiment(cfg, facts, profiles, noise=noise)
+    public_test = None
+    if cfg.data.source != "sites" and not all(p.n_test for p in profiles):
+        public_test = load_source(cfg.data, cfg.sites, seed=cfg.seed).test
+    return Experiment(plan, public_test)
+
+
+def hospital_sites(cfg: RunConfig, hospitals: list[SiteConfig]) -> tuple[list[SiteData], DataFacts]:
+    """Each hospital's SiteData from its own config (as `privmed join` loads it), and the data
+    facts they agree on; ConfigError when the run's sites do not match them."""
+    names = [h.site for h in hospitals]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--hospital: two site configs name the same site ({', '.join(names)})")
+    if cfg.sites.names is not None and sorted(cfg.sites.names) != sorted(names):
+        raise ConfigError(f"sites.names: {cfg.sites.names} do not match the hospitals' configs ({', '.join(names)})")
+    if cfg.sites.count != len(names):
+        raise ConfigError(f"sites.count: {cfg.sites.count}, but {len(names)} hospitals' configs were given")
+    if cfg.sites.names is not None:  # in the config's order, as a deployment's coordinator orders them
+        hospitals = sorted(hospitals, key=lambda h: cfg.sites.names.index(h.site))
+    site_data, facts = [], {}
+    for h in hospitals:
+        sd, f = load_own_site(h)
+        site_data.append(sd)
+        facts[h.site] = f
+    try:
+        agreed = DataFacts.agreed(facts)
+    except PrivmedError as e:
+        raise ConfigError(str(e)) from None
+    return site_data, agreed
+
+
+def load_own_site(h: SiteConfig) -> tuple[SiteData, DataFacts]:
+    """A hospital's own data, split as its config says, and its public facts (described by the
+    hospital's name and the kind of source, never by where the data lies at the hospital)."""
+    source = load_source(h.data, SitesConfig(count=1), seed=h.seed)
+    facts = DataFacts.of(source, h.data.source)
+    kind = "SYNTHETIC " if source.synthetic else ""
+    facts = replace(facts, description=f"{kind}{h.data.source} data of hospital '{h.site}'",
+                    citation="" if source.synthetic else f"data of hospital '{h.site}': cite it as the hospital asks")
+    return own_site(h.site, source, val_fraction=h.data.val_fraction, seed=h.seed), facts
 
 
 def plan_experiment(
@@ -110,20 +238,7 @@ def plan_experiment(
             "federation.model_selection: 'best-validation' needs validation data, and "
             f"data.val_fraction is {cfg.data.val_fraction:g}; use 'last' or 'auto'"
         )
-
-    def model_factory() -> nn.Module:
-        """A model with the run's initial weights, drawn from the run's seed without touching
-        torch's global random state."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.seed, "init"))
-            return build_model(
-                cfg.model.name,
-                in_channels=data.in_channels,
-                num_classes=task.n_outputs(data),
-                image_size=data.image_size,
-                width=cfg.model.width,
-            )
-
+    model_factory = make_model_factory(cfg, data, task)
     initial = get_weights(model_factory())
     norm = norm_state_mask(model_factory())
     strategy = build_strategy(
@@ -151,6 +266,23 @@ def plan_experiment(
     return Plan(cfg, task, data, sites, trainers, strategy, model_factory, initial, steps, privacy)
 
 
+def make_model_factory(cfg: RunConfig, data: DataFacts, task: Task) -> Callable[[], nn.Module]:
+    def model_factory() -> nn.Module:
+        """A model with the run's initial weights, drawn from the run's seed without touching
+        torch's global random state."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, "init"))
+            return build_model(
+                cfg.model.name,
+                in_channels=data.in_channels,
+                num_classes=task.n_outputs(data),
+                image_size=data.image_size,
+                width=cfg.model.width,
+            )
+
+    return model_factory
+
+
 def build_site(plan: Plan, sd: SiteData) -> Site:
     """The site that trains on `sd`, as `plan` says (its DP-SGD release, under dp-sgd)."""
     cfg = plan.config
@@ -159,6 +291,33 @@ def build_site(plan: Plan, sd: SiteData) -> Site:
         dp = DPTraining(plan.privacy.release(sd.name), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
     return Site(sd, plan.model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed,
                 plan.local_steps, dp=dp, task=plan.task)
+
+
+def scoring_site(plan: Plan, sd: SiteData) -> Site:
+    """A site that only scores models on `sd`'s validation and test data (the real sites of a run
+    whose training is pooled)."""
+    cfg = plan.config
+    return Site(sd, plan.model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, task=plan.task)
+
+
+def site_from_setup(setup: SiteSetup, sd: SiteData, own: DataFacts) -> Site:
+    """The site that trains on `sd` as the coordinator's `setup` says (a hospital in a deployment
+    builds its site so); ConfigError when the run's data shape is not that of the hospital's data
+    (`own`)."""
+    cfg = setup.run_config()
+    data = DataFacts.from_dict(setup.data)
+    try:
+        DataFacts.agreed({"the run": data, sd.name: own})
+    except PrivmedError as e:
+        raise ConfigError(str(e)) from None
+    task = get_task(cfg.task)
+    dp = None
+    if cfg.privacy.mode == "dp-sgd":
+        if setup.release is None:
+            raise ConfigError("privacy.mode 'dp-sgd', but the coordinator's setup names no release")
+        dp = DPTraining(Release(*setup.release), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
+    return Site(sd, make_model_factory(cfg, data, task), cfg.training, cfg.federation.local_epochs,
+                cfg.seed, setup.local_steps, dp=dp, task=task)
 
 
 def secagg_rounding_bound(entries: int, clipping_range: float, bits: int) -> float:
@@ -220,17 +379,3 @@ def _privacy_plan(
         local_steps=local_steps,
         patient_ids=all(p.patient_ids for p in trainers),
     )
-
-
-def prepare_site(cfg: RunConfig, name: str, state_dir: Path | None = None) -> SiteClient:
-    """The one site `name` of the run `cfg` describes, as `prepare_experiment` builds it (the same
-    partition, model and privacy plan), for a hospital's process in a deployment: its client, with
-    its guard kept in `state_dir` (its secret key and ledger; None: in memory only). The budget the
-    guard enforces is this config's: the hospital's own."""
-    exp = prepare_experiment(cfg)
-    if exp.strategy.pools_data:
-        raise ConfigError("federation.strategy: 'pooled' puts all data in one place; it has no sites to join")
-    if name not in exp.trainers:
-        raise ConfigError(f"--site: '{name}' is not a site of this config; its sites: {', '.join(exp.trainers)}")
-    guard = SiteGuard.open(name, GuardPolicy.from_plan(exp.privacy, name), state_dir)
-    return SiteClient(exp.trainers[name], guard, cfg.seed)

@@ -4,27 +4,75 @@ the coordinator plans from them."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from privmed.data.base import SourceData
 from privmed.data.sites import SiteData
+from privmed.errors import PrivmedError
 from privmed.federation.site import n_patients
+
+# what every site's data must agree on for one model to serve them all
+SHAPE_FIELDS = ("in_channels", "image_size", "n_classes", "tabular", "class_names", "feature_names")
 
 
 @dataclass(frozen=True)
 class DataFacts:
-    """What a plan needs to know of the data, and nothing of any patient: its shape and classes
-    (public; in a deployment every site reports them)."""
+    """What a plan, the summary and the report need to know of the data, and nothing of any
+    patient: its shape and classes and what it is (public; in a deployment every site reports
+    them, and they must agree)."""
 
     in_channels: int
     image_size: int
     n_classes: int
     tabular: bool
     source: str  # data.source, for messages
+    class_names: tuple[str, ...] = ()
+    feature_names: tuple[str, ...] = ()
+    image_shape: tuple[int, ...] = ()  # one item's shape: (C, H, W), or (D,) for tabular data
+    synthetic: bool = False
+    description: str = ""
+    citation: str = ""
 
     @classmethod
     def of(cls, source: SourceData, name: str) -> DataFacts:
-        return cls(source.in_channels, source.image_size, source.n_classes, source.tabular, name)
+        return cls(
+            source.in_channels, source.image_size, source.n_classes, source.tabular, name,
+            tuple(source.class_names), tuple(source.feature_names),
+            tuple(int(s) for s in source.train.images.shape[1:]),
+            source.synthetic, source.description, source.citation,
+        )
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataFacts:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+    @classmethod
+    def agreed(cls, reported: dict[str, DataFacts]) -> DataFacts:
+        """The facts every site reported alike (PrivmedError naming the first that differs); the
+        description names every site's data."""
+        if not reported:
+            raise PrivmedError("no site reported its data")
+        names = list(reported)
+        first = reported[names[0]]
+        for name in names[1:]:
+            for key in SHAPE_FIELDS:
+                a, b = getattr(first, key), getattr(reported[name], key)
+                if a != b:
+                    raise PrivmedError(
+                        f"site '{name}' holds data with {key} {b!r}, but site '{names[0]}' has {a!r}: "
+                        "one model cannot serve both (the hospitals must agree on classes and image size)"
+                    )
+        return cls(
+            first.in_channels, first.image_size, first.n_classes, first.tabular, first.source,
+            first.class_names, first.feature_names, first.image_shape,
+            all(f.synthetic for f in reported.values()),
+            _one_or_each({n: f.description for n, f in reported.items() if f.description}),
+            "; ".join(dict.fromkeys(f.citation for f in reported.values() if f.citation)),
+        )
 
 
 @dataclass(frozen=True)
@@ -45,3 +93,18 @@ class SiteProfile:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SiteProfile:
+        try:
+            return cls(str(d["name"]), int(d["n_train"]), int(d["n_patients"]), bool(d["patient_ids"]),
+                       int(d["n_val"]), int(d["n_test"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PrivmedError(f"a site's description lacks or garbles {e}: {d}") from None
+
+
+def _one_or_each(texts: dict[str, str]) -> str:
+    """The text every site gave, once; else each site's, named."""
+    if len(set(texts.values())) <= 1:
+        return next(iter(texts.values()), "")
+    return "; ".join(f"{n}: {t}" for n, t in texts.items())

@@ -5,7 +5,8 @@ Layout (every file written atomically):
     metrics.jsonl               one line per completed round
     run.json                    the run's id (sites never release one round of one run twice)
     checkpoints/round-NNNN.pt   everything needed to continue after round NNNN (newest kept)
-    summary.json, predictions.npz, model.pt, report.html, plots/   at the end of the run
+    summary.json, test_counts.npz, predictions.npz (with a public test set), model.pt, report.html,
+    plots/   at the end of the run
     private/                    NEVER SHARE: what, in a simulation, stands for each hospital's own
                                 state (sites/NAME: its secret key, its ledger, its last release)
                                 and the server's secret key (coordinator/), owner-only
@@ -41,6 +42,8 @@ _NEVER_SHARE = (
     "may be shared; this folder is only needed to continue the run (--resume).\n"
 )
 
+
+COUNTS_FILE = "test_counts.npz"  # the selected models' pooled test counts (privmed.tasks.counts)
 
 def _to_torch(obj: Any) -> Any:
     """numpy arrays -> tensors, recursively, so checkpoints load with torch's weights_only=True."""
@@ -169,9 +172,18 @@ class RunDir:
         return None if privacy is None else dict(privacy["noise"])
 
     # -------------------------------------------------------------- end of run
-    def finish(self, summary: dict, predictions: dict[str, np.ndarray], model: dict) -> None:
-        buf = _io.BytesIO()
-        np.savez_compressed(buf, **predictions)
-        io.write_bytes(self.path / "predictions.npz", buf.getvalue())
+    def finish(self, summary: dict, predictions: dict[str, np.ndarray] | None, model: dict,
+               counts: dict[str, dict] | None = None) -> None:
+        """Write the end of the run: predictions.npz (only when the coordinator scored a public test
+        set itself), test_counts.npz (the pooled test counts of each selected model), model.pt
+        and summary.json last."""
+        if predictions is not None:
+            buf = _io.BytesIO()
+            np.savez_compressed(buf, **predictions)
+            io.write_bytes(self.path / "predictions.npz", buf.getvalue())
+        if counts:
+            from privmed.tasks.counts import save_counts
+
+            save_counts(self.path / COUNTS_FILE, counts)
         io.torch_save(self.path / "model.pt", _to_torch(model))
         io.write_json(self.path / "summary.json", summary)

@@ -61,7 +61,7 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
             SecretKey.generate() if run_dir is None
             else SecretKey.load_or_create(run_dir.private() / "coordinator" / "secret.key")
         )
-    evaluator = Evaluator(exp)
+    evaluator = Evaluator(exp, sites)
     bar = tqdm(
         total=cfg.federation.rounds, initial=state.round, desc=f"{cfg.name or 'run'} [{exp.strategy.name}]",
         unit="round", disable=not progress, dynamic_ncols=True,
@@ -129,7 +129,7 @@ def _round(
         accounting.record_reported(ledger, rnd, releases, planned)
         if run_dir is not None:
             ledger.save(run_dir.path / LEDGER_FILE)
-    scores_row, scores = evaluator.evaluate(models)
+    scores_row, scores = evaluator.evaluate(models, rnd, run)
     update_best(state, scores, models, rnd, keep_last=selects_last(exp))
     state.sample_gradient_steps += train_info["sample_gradient_steps"]
     state.train_seconds += train_info["train_seconds"]

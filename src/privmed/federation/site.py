@@ -255,10 +255,19 @@ class Site:
     def evaluate(self, weights: Weights, split: str) -> dict:
         """The task's metrics of `weights` on this site's own `split` ('val' or 'test'); {} when it
         holds no such data."""
+        return self.score(weights, split)[0]
+
+    def score(self, weights: Weights, split: str) -> tuple[dict, dict]:
+        """(metrics, counts) of `weights` on this site's own `split` ('val' or 'test'): the task's
+        metrics, and the counts from which pooled metrics over several sites are computed exactly
+        (privmed.tasks.counts; no patient's prediction is in them). ({}, {}) without such data."""
+        if split not in ("val", "test"):
+            raise ValueError(f"split: '{split}' is not one a site scores (allowed: val, test)")
         data = {"val": self.data.val, "test": self.data.test}[split]
         if data is None or len(data) == 0:
-            return {}
-        return self.task.metrics(self.predict(weights, data.images), data)
+            return {}, {}
+        pred = self.predict(weights, data.images)
+        return self.task.metrics(pred, data), self.task.counts(pred, data)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from torch import nn
 
 from privmed import __version__
 from privmed.federation.accounting import privacy_summary, secure_summary
-from privmed.federation.evaluation import Evaluator, mean_metrics
+from privmed.federation.evaluation import Evaluator, mean_metrics, pooled_test_source
 from privmed.federation.experiment import Experiment
 from privmed.federation.run_state import RunState
 from privmed.federation.rundir import RunDir
@@ -37,7 +37,9 @@ class _Selected:
     """The selected models and what was scored of them."""
 
     models: dict[str, nn.Module]
-    predictions: dict[str, np.ndarray]
+    predictions: dict[str, np.ndarray] | None  # on the public test set, when the coordinator has one
+    counts: dict[str, dict]  # model key -> its pooled test counts
+    test: dict[str, dict]  # model key -> its pooled test metrics
     rounds: dict[str, int]  # model key -> selected round
     site_rows: dict[str, dict]
 
@@ -45,32 +47,36 @@ class _Selected:
 def finish(
     exp: Experiment, state: RunState, evaluator: Evaluator, run_dir: RunDir | None, sites: Sites, run: str
 ) -> RunResult:
-    sel = _selected(exp, state, evaluator)
+    sel = _selected(exp, state, evaluator, run)
     local = GLOBAL not in state.best
     test_scores, val_scores = _headline_scores(exp, state, sel, local)
     finetuned = None if local else _finetune(exp, state, sel.site_rows, sites, run)
     summary = _summary(exp, state, sel, local, test_scores, val_scores, finetuned)
     if run_dir is not None:
-        run_dir.finish(summary, sel.predictions, _model_file(exp, sel))
-    return RunResult(summary=summary, models=sel.models, predictions=sel.predictions)
+        run_dir.finish(summary, sel.predictions, _model_file(exp, sel), sel.counts)
+    return RunResult(summary=summary, models=sel.models, predictions=sel.predictions or {})
 
 
-def _selected(exp: Experiment, state: RunState, evaluator: Evaluator) -> _Selected:
-    """Each selected model built, its pooled test predictions, and each site's row (its counts and
-    the scores of the model that serves it, from the metrics row of the selected round)."""
-    test, task = exp.source.test, exp.task
+def _selected(exp: Experiment, state: RunState, evaluator: Evaluator, run: str) -> _Selected:
+    """Each selected model built and scored on the pooled test data (its predictions when the
+    coordinator holds a public test set, its counts in any case), and each site's row (its counts
+    and the scores of the model that serves it, from the metrics row of the selected round)."""
+    task, public = exp.task, exp.public_test
     history = {row["round"]: row for row in state.history}
-    predictions: dict[str, np.ndarray] = {"labels": test.labels}
-    if test.time is not None:
-        predictions["time"] = test.time
-    site_rows = {
-        sd.name: {"n_train": len(sd.train), "n_val": len(sd.val), "n_test": 0 if sd.test is None else len(sd.test)}
-        for sd in exp.site_data
-    }
+    predictions: dict[str, np.ndarray] | None = None
+    if public is not None:
+        predictions = {"labels": public.labels}
+        if public.time is not None:
+            predictions["time"] = public.time
+    site_rows = {p.name: {"n_train": p.n_train, "n_val": p.n_val, "n_test": p.n_test} for p in exp.plan.sites}
     models: dict[str, nn.Module] = {}
     rounds: dict[str, int] = {}
+    counts: dict[str, dict] = {}
+    test: dict[str, dict] = {}
     for key, best in state.best.items():
-        predictions[f"{task.prediction}:{key}"] = evaluator.predict(best.weights, test.images).astype(np.float32)
+        test[key], counts[key], pred = evaluator.pooled_test(key, best.weights, state.round, run)
+        if predictions is not None and pred is not None:
+            predictions[f"{task.prediction}:{key}"] = pred.astype(np.float32)
         model = exp.model_factory()
         set_weights(model, best.weights)
         models[key] = model.eval()
@@ -80,7 +86,7 @@ def _selected(exp: Experiment, state: RunState, evaluator: Evaluator) -> _Select
                 site_rows[name].update(scores)
                 if key != GLOBAL:
                     site_rows[name]["best_round"] = best.round
-    return _Selected(models, predictions, rounds, site_rows)
+    return _Selected(models, predictions, {k: c for k, c in counts.items() if c}, test, rounds, site_rows)
 
 
 def _headline_scores(exp: Experiment, state: RunState, sel: _Selected, local: bool) -> tuple[dict, dict]:
@@ -92,10 +98,8 @@ def _headline_scores(exp: Experiment, state: RunState, sel: _Selected, local: bo
         # every site's model scored the same pooled test patients: their counts are not summed
         test = {**mean_metrics(pooled), **{k: pooled[0][k] for k in ("n", "events") if k in pooled[0]}}
         return test, mean_metrics([sel.site_rows[k]["val"] for k in state.best])
-    task = exp.task
-    test = task.metrics(sel.predictions[f"{task.prediction}:global"].astype(np.float64), exp.source.test)
     history = {row["round"]: row for row in state.history}
-    return test, history[sel.rounds[GLOBAL]]["val"]
+    return sel.test[GLOBAL], history[sel.rounds[GLOBAL]]["val"]
 
 
 def _finetune(exp: Experiment, state: RunState, site_rows: dict, sites: Sites, run: str) -> dict | None:
@@ -107,16 +111,16 @@ def _finetune(exp: Experiment, state: RunState, site_rows: dict, sites: Sites, r
     if not steps or GLOBAL not in state.best:
         return None
     weights = state.best[GLOBAL].weights
-    for sd in exp.site_data:  # the sites score their fine-tuned models; only the metrics come back
-        site_rows[sd.name]["test_finetuned"] = sites.finetune(TrainTask(sd.name, weights), state.round, steps, run)
-    return mean_metrics([site_rows[sd.name]["test_finetuned"] for sd in exp.site_data])
+    for name in exp.site_names:  # the sites score their fine-tuned models; only the metrics come back
+        site_rows[name]["test_finetuned"] = sites.finetune(TrainTask(name, weights), state.round, steps, run)
+    return mean_metrics([site_rows[name]["test_finetuned"] for name in exp.site_names])
 
 
 def _summary(
     exp: Experiment, state: RunState, sel: _Selected, local: bool, test_scores: dict, val_scores: dict,
     finetuned: dict | None,
 ) -> dict:
-    cfg, src = exp.config, exp.source
+    cfg, data = exp.config, exp.data
     return {
         "name": cfg.name,
         "task": cfg.task,
@@ -126,6 +130,11 @@ def _summary(
         "best_round": None if local else sel.rounds.get(GLOBAL),
         "selection": selection_text(exp, local),
         "test": test_scores,
+        "evaluation": {
+            "test": pooled_test_source(exp),
+            "sites": "each site scores the models on its own validation and test patients and returns "
+                     "its metrics and counts; no patient's prediction leaves a site",
+        },
         "test_mean_over_sites": mean_metrics([r.get("test", {}) for r in sel.site_rows.values()]),
         **({} if finetuned is None else {"test_finetuned_mean_over_sites": finetuned}),
         "val": val_scores,
@@ -137,14 +146,14 @@ def _summary(
         "secure_aggregation": secure_summary(exp),
         "data": {
             "source": cfg.data.source,
-            "synthetic": src.synthetic,
-            "description": src.description,
-            "citation": src.citation,
-            "class_names": list(src.class_names),
-            "image_shape": list(src.train.images.shape[1:]),
-            "tabular": src.tabular,
-            "feature_names": list(src.feature_names),
-            "n_test": len(src.test),
+            "synthetic": data.synthetic,
+            "description": data.description,
+            "citation": data.citation,
+            "class_names": list(data.class_names),
+            "image_shape": list(data.image_shape),
+            "tabular": data.tabular,
+            "feature_names": list(data.feature_names),
+            "n_test": len(exp.public_test) if exp.public_test is not None else sum(p.n_test for p in exp.plan.sites),
         },
         "model": {
             "name": cfg.model.name,
@@ -156,17 +165,17 @@ def _summary(
 
 
 def _model_file(exp: Experiment, sel: _Selected) -> dict:
-    cfg, src = exp.config, exp.source
+    cfg, data = exp.config, exp.data
     return {
         "config": cfg.to_dict(),
         "model_args": {
             "name": cfg.model.name,
-            "in_channels": src.in_channels,
-            "num_classes": exp.task.n_outputs(src),
-            "image_size": src.image_size,
+            "in_channels": data.in_channels,
+            "num_classes": exp.task.n_outputs(data),
+            "image_size": data.image_size,
             "width": cfg.model.width,
         },
-        "class_names": list(src.class_names),
+        "class_names": list(data.class_names),
         "state_dicts": {k: m.state_dict() for k, m in sel.models.items()},
         "best_round": sel.rounds,
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
+from privmed.federation.experiment import scoring_site
 from privmed.federation.instructions import Instruction
 from privmed.federation.stages import StageFailed, StageOutcome
 from privmed.federation.strategies import SecureStrategy, SecureSum, TrainTask
@@ -21,6 +22,7 @@ from privmed.federation.strategies import SecureStrategy, SecureSum, TrainTask
 __all__ = ["InProcessSites", "Sites", "StageFailed", "StageOutcome", "required_sites", "secure_round"]
 
 if TYPE_CHECKING:
+    from privmed.federation.evaluation import Scores, ScoreRequest
     from privmed.federation.experiment import Experiment
 
 
@@ -40,17 +42,22 @@ class Sites(Protocol):
         test data: its metrics ({} without test data); the fine-tuned model stays at the site."""
         ...
 
+    def score(self, requests: list[ScoreRequest], rnd: int, run: str) -> dict[tuple[str, str], Scores]:
+        """Each answered request's scores, by (site, model key): per split, the site's metrics and
+        counts (privmed.federation.evaluation); a site that does not answer is left out."""
+        ...
+
     def close(self) -> None: ...
 
 
 def site_clients(exp: Experiment, private: Path | None) -> dict[str, SiteClient]:
     """A SiteClient per training site of `exp`, each with its own guard: kept under
-    `private`/sites/NAME (a simulation's stand-in for each hospital's own storage), or in memory."""
+    `private`/sites/NAME (a simulation's stand-in for each hospital's own storage), or in memory;
+    its budget the run's, or a hospital's own when its config was given."""
     return {
         name: SiteClient(
             site,
-            SiteGuard.open(name, GuardPolicy.from_plan(exp.privacy, name),
-                           None if private is None else private / "sites" / name),
+            SiteGuard.open(name, exp.guard_policy(name), None if private is None else private / "sites" / name),
             exp.config.seed,
         )
         for name, site in exp.trainers.items()
@@ -64,6 +71,12 @@ class InProcessSites:
     def __init__(self, exp: Experiment, private: Path | None = None):
         self.exp = exp
         self.clients = site_clients(exp, private)
+        # who scores: the training sites, or (pooling) each real site with its own data
+        self.scorers = self.clients if not exp.strategy.pools_data else {
+            sd.name: SiteClient(scoring_site(exp.plan, sd), SiteGuard.open(sd.name, GuardPolicy("none")),
+                                exp.config.seed)
+            for sd in exp.site_data
+        }
         self._grid = None
 
     def train_stage(
@@ -80,6 +93,9 @@ class InProcessSites:
 
     def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> dict:
         return self.clients[task.site].finetune(Instruction(task, rnd, run=run, steps=steps, purpose="finetune"))
+
+    def score(self, requests: list[ScoreRequest], rnd: int, run: str) -> dict[tuple[str, str], Scores]:
+        return {(r.site, r.model_key): self.scorers[r.site].score(r.weights, r.splits) for r in requests}
 
     def close(self) -> None:
         self._grid = None
@@ -111,7 +127,7 @@ def secure_round(exp: Experiment, grid, node_of: dict[str, int], tasks: list[Tra
     shares, threshold = cfg.secagg_shares_threshold
     return secure_stage(
         grid, node_of, tasks, rnd, run, cfg.federation, shares, threshold,
-        n_samples={name: site.n_train for name, site in exp.trainers.items()},
+        n_samples={p.name: p.n_train for p in exp.plan.trainers},
         weighting=secure.secure_weighting, clip=secure.secure_clip, timeout=timeout,
         min_sites=required_sites(exp, planned or len(tasks)),
     )

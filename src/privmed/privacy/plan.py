@@ -43,13 +43,17 @@ NO_PRIVACY = (
     "patients they were trained on."
 )
 _NOT_COVERED = (
-    "Not covered: the scores computed each round on validation and test patients (they are never "
-    "trained on; their scores are reported as computed, without noise). With model_selection 'last' "
-    "(the default under privacy) the final model does not depend on them. Public, released as they "
-    "are: each site's number of training patients and images (its FedAvg weight), and when its "
-    "reply arrives (a site keeps its training loss and timings to itself, but the time it takes to "
-    "answer follows the batch sizes it drew). The DP noise and sampling come from each site's own "
-    "secret key (the server's, for central noise), never from the run's public seed."
+    "Not covered: what each site computes each round from its validation and test patients (never "
+    "trained on), released as computed, without noise: its scores, and the counts the pooled scores "
+    "are summed from (per class, how many of those patients have a score in each bin of a fine grid; "
+    "the confusion matrix; calibration sums; summed losses), which show each such patient's rounded "
+    "score and class but not who they are. With model_selection 'last' (the default under privacy) "
+    "the final model does not depend on them. Public, released as they are: each site's numbers of "
+    "training patients and images (its FedAvg weight) and of validation and test images, its data's "
+    "shape and classes, and when its reply arrives (a site keeps its training loss and timings to "
+    "itself, but the time it takes to answer follows the batch sizes it drew). The DP noise and "
+    "sampling come from each site's own secret key (the server's, for central noise), never from the "
+    "run's public seed."
 )
 _AGAINST = (
     "against everything the site released during the run: every model update of every round, and so "

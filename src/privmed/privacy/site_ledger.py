@@ -15,6 +15,7 @@ state directory. Pure bookkeeping over `epsilon_spent`; `save`/`load` write one 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,7 +92,8 @@ class SiteLedger:
     def from_dict(cls, data: dict) -> SiteLedger:
         try:
             releases = [SiteRelease(**r) for r in data["releases"]]
-            return cls(data["site"], data["budget_epsilon"], data["delta"], data["accountant"],
+            budget = data["budget_epsilon"]  # null: no cap (JSON has no infinity)
+            return cls(data["site"], math.inf if budget is None else budget, data["delta"], data["accountant"],
                        data["unit"], releases)
         except (KeyError, TypeError) as e:
             raise LedgerError(f"site ledger: malformed ({type(e).__name__}: {e})") from None

@@ -5,13 +5,16 @@ the SuperNodes and their updates back, for the same round loop as the in-process
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 from flwr.app import Message
 from flwr.serverapp.grid import Grid
 
+from privmed.config import RunConfig
 from privmed.errors import PrivmedError
+from privmed.federation.evaluation import ScoreRequest, Scores
 from privmed.federation.experiment import Experiment
 from privmed.federation.flower import messages as M
 from privmed.federation.strategies import SecureStrategy, SiteUpdate, TrainTask
@@ -64,24 +67,40 @@ class PollingGrid(Grid):
 
 
 class FlowerSites:
-    """The experiment's sites, each a SuperNode reached through `grid`. A node says which site it
-    serves when asked ('query.describe'); a site whose node failed is looked up again before its
-    next stage (without node authentication a restarted SuperNode comes back with a new node id)."""
+    """The run's sites, each a SuperNode reached through `grid`. A node says which site it serves,
+    its counts and its data's shape when asked ('query.describe'): the coordinator plans the run
+    from that alone (`descriptions`), then sends every site the run's public setup
+    ('query.setup') before its first instruction. A site whose node failed is looked up again
+    before its next stage (without node authentication a restarted SuperNode comes back with a new
+    node id), and set up again."""
 
-    def __init__(self, exp: Experiment, grid: Grid, connect_timeout: float = CONNECT_TIMEOUT,
+    def __init__(self, cfg: RunConfig, grid: Grid, connect_timeout: float = CONNECT_TIMEOUT,
                  registered: dict[str, int] | None = None):
         """`registered`: the node id of each site's authentication key; a node that says it serves
         a site is believed only when it is that site's node (None or empty: no check)."""
-        if exp.strategy.pools_data:
+        if cfg.federation.strategy == "pooled":
             raise PrivmedError("federation.strategy: 'pooled' puts all data in one place; it cannot run on Flower")
-        self.exp, self.grid = exp, grid
+        self.cfg, self.grid = cfg, grid
+        self.expected = cfg.sites.site_names()
         self.registered = registered or {}
-        self.timeout = exp.config.federation.round_timeout
+        self.timeout = cfg.federation.round_timeout
+        self.exp: Experiment | None = None
         self.node_of: dict[str, int] = {}
+        self.described: dict[str, dict] = {}
+        self._set_up: dict[str, int] = {}  # site -> the node it was set up on
         self._asked: set[int] = set()
         self._refused: list[str] = []
-        need = required_sites(exp, len(exp.trainers))
-        self._discover(wait_for=len(exp.trainers), at_least=need, timeout=connect_timeout)
+        n = len(self.expected)
+        need = min(cfg.federation.min_sites or n, n)
+        self._discover(wait_for=n, at_least=need, timeout=connect_timeout)
+
+    def descriptions(self) -> dict[str, dict]:
+        """What each connected site said of itself, in the config's order of sites."""
+        return {s: self.described[s] for s in self.expected if s in self.described}
+
+    def attach(self, exp: Experiment) -> None:
+        """The experiment planned from the sites' descriptions: its setup goes to every site."""
+        self.exp = exp
 
     # ------------------------------------------------------------------ nodes
     def _discover(self, wait_for: int, at_least: int, timeout: float) -> None:
@@ -98,9 +117,9 @@ class FlowerSites:
                     if reply.has_error():
                         log.warning("node %s did not say which site it serves: %s", node, reply.error.reason)
                         continue
-                    facts = dict(reply.content.config_records["site"])
-                    site = str(facts["site"])
-                    if site not in self.exp.trainers:
+                    record = reply.content.config_records["site"]
+                    site = str(record["site"])
+                    if site not in self.expected:
                         log.warning("node %s serves site '%s', which is not in this run; ignored", node, site)
                         continue
                     if self.registered and self.registered.get(site) != node:
@@ -110,37 +129,74 @@ class FlowerSites:
                         self._refused.append(why)
                         log.warning("%s; ignored", why)
                         continue
-                    self._check_profile(site, facts)
+                    described = json.loads(str(record["json"])) if "json" in record else dict(record)
+                    self._check_profile(site, described)
+                    self.described[site] = described
                     self.node_of[site] = node
                     log.info("site '%s' is node %s", site, node)
             if len(self.node_of) >= wait_for or time.monotonic() >= end:
                 break
             time.sleep(POLL)
         if len(self.node_of) < at_least:
-            missing = sorted(set(self.exp.trainers) - set(self.node_of))
+            missing = sorted(set(self.expected) - set(self.node_of))
             refused = f"; refused: {'; '.join(self._refused)}" if self._refused else ""
             raise StageFailed(
-                f"{len(self.node_of)} of {len(self.exp.trainers)} sites connected within {timeout:g} s "
+                f"{len(self.node_of)} of {len(self.expected)} sites connected within {timeout:g} s "
                 f"(missing: {', '.join(missing)}); {at_least} needed{refused}"
             )
 
-    def _check_profile(self, site: str, facts: dict) -> None:
-        """PrivmedError when a site's own counts are not those the run was planned with (the
-        privacy plan's sample rates and the strategy's weights rest on them)."""
+    def _check_profile(self, site: str, described: dict) -> None:
+        """PrivmedError when a site that comes back reports other counts than those the run was
+        planned with (the privacy plan's sample rates and the strategy's weights rest on them)."""
+        if self.exp is None:
+            return
         planned = next((p for p in self.exp.plan.trainers if p.name == site), None)
         fields = ("n_train", "n_patients", "patient_ids")
-        if planned is None or not all(k in facts for k in fields):
+        if planned is None or not all(k in described for k in fields):
             return
-        theirs = {k: facts[k] for k in fields}
+        theirs = {k: described[k] for k in fields}
         ours = {k: getattr(planned, k) for k in fields}
         if theirs != ours:
             raise PrivmedError(
                 f"site '{site}' reports {theirs}, but the run was planned with {ours}: the hospital's "
-                "data is not what the coordinator's config describes"
+                "data changed during the run"
             )
+
+    def _set_up_sites(self, sites: list[str]) -> None:
+        """Send the run's setup to each of `sites` not yet set up on its current node; a site that
+        fails it is forgotten (it drops out of the stage)."""
+        todo = [s for s in sites if s in self.node_of and self._set_up.get(s) != self.node_of[s]]
+        if not todo or self.exp is None:
+            return
+        msgs = [
+            Message(M.encode_setup(self.exp.plan.setup_for(s).to_json()), dst_node_id=self.node_of[s],
+                    message_type=M.SETUP, group_id="setup")
+            for s in todo
+        ]
+        site_of = {self.node_of[s]: s for s in todo}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            site = site_of.get(reply.metadata.src_node_id)
+            if site is None:
+                continue
+            if reply.has_error():
+                refused = refusal(reply.error.reason)
+                if refused is not None:
+                    raise SiteRefused(refused)
+                raise PrivmedError(f"site '{site}' could not set up the run: {_reason(reply.error.reason)}")
+            self._set_up[site] = self.node_of[site]
+        self._forget([s for s in todo if self._set_up.get(s) != self.node_of.get(s)])
+
+    def _reach(self, sites: list[str]) -> None:
+        """Look up sites whose node failed, and set up every one of `sites` that is reachable."""
+        alive = set(self.grid.get_node_ids())  # Flower forgets a node that stopped answering
+        self._forget([s for s, n in self.node_of.items() if n not in alive])
+        if any(s not in self.node_of for s in sites):  # a site that dropped may be back
+            self._discover(wait_for=len(self.expected), at_least=0, timeout=0)
+        self._set_up_sites(sites)
 
     def _forget(self, sites: list[str]) -> None:
         for s in sites:
+            self._set_up.pop(s, None)
             node = self.node_of.pop(s, None)
             if node is not None:
                 self._asked.discard(node)
@@ -149,10 +205,7 @@ class FlowerSites:
     def train_stage(
         self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None, run: str
     ) -> StageOutcome:
-        alive = set(self.grid.get_node_ids())  # Flower forgets a node that stopped answering
-        self._forget([s for s, n in self.node_of.items() if n not in alive])
-        if any(t.site not in self.node_of for t in tasks):  # a site that dropped may be back
-            self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=0)
+        self._reach([t.site for t in tasks])
         reachable = [t for t in tasks if t.site in self.node_of]
         dropped = [t.site for t in tasks if t.site not in self.node_of]
         if secure is not None:
@@ -176,8 +229,7 @@ class FlowerSites:
         return StageOutcome([updates[t.site] for t in reachable if t.site in updates], dropped=dropped + lost)
 
     def finetune(self, task: TrainTask, rnd: int, steps: int, run: str) -> dict:
-        if task.site not in self.node_of:
-            self._discover(wait_for=len(self.exp.trainers), at_least=0, timeout=0)
+        self._reach([task.site])
         if task.site not in self.node_of:
             raise StageFailed(f"site '{task.site}' is not connected for its fine-tuning instruction")
         ins = M.Instruction(task, rnd, run=run, steps=steps, purpose="finetune")
@@ -193,6 +245,32 @@ class FlowerSites:
             if site == task.site:
                 return scores
         raise StageFailed(f"site '{task.site}' did not answer its fine-tuning instruction")
+
+    def score(self, requests: list[ScoreRequest], rnd: int, run: str) -> dict[tuple[str, str], Scores]:
+        """The scores of the requests whose sites answered (a site that is gone is left out, and
+        the round's row says so)."""
+        self._reach(sorted({r.site for r in requests}))
+        reachable = [r for r in requests if r.site in self.node_of]
+        msgs = [
+            Message(M.encode_score_request(r.site, r.model_key, r.weights, r.splits, rnd, run),
+                    dst_node_id=self.node_of[r.site], message_type=M.EVALUATE, group_id=f"score-{rnd}")
+            for r in reachable
+        ]
+        out: dict[tuple[str, str], Scores] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout) if msgs else []:
+            if reply.has_error():
+                log.warning("round %s: a site failed to score the models: %s", rnd, _reason(reply.error.reason))
+                continue
+            site, key, scores = M.decode_score_reply(reply.content)
+            if self.node_of.get(site) != reply.metadata.src_node_id:
+                log.warning("round %s: a node answered a scoring request for site '%s'; ignored", rnd, site)
+                continue
+            out[(site, key)] = scores
+        lost = sorted({r.site for r in requests if (r.site, r.model_key) not in out})
+        if lost:
+            log.warning("round %s: no scores from %s", rnd, ", ".join(lost))
+            self._forget([s for s in lost if s in self.node_of and not any(k[0] == s for k in out)])
+        return out
 
     def _send(self, tasks: list[TrainTask], rnd: int, run: str) -> dict[str, SiteUpdate]:
         """Each task's update; a site that failed is left out, a site that refused ends the run
@@ -223,6 +301,12 @@ class FlowerSites:
 
     def close(self) -> None:
         pass
+
+
+def _reason(reason: str) -> str:
+    """The site's own words from Flower's "<class 'E'>:<'E: WORDS'>" error text."""
+    at = reason.find(":<'")
+    return reason[at + 3:].removesuffix("'>") if at >= 0 else reason
 
 
 def refusal(reason: str) -> str | None:

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.compat.common import recorddict_compat as compat
 
 from privmed.federation.instructions import Instruction
@@ -109,3 +109,53 @@ def decode_scores(content: RecordDict) -> tuple[str, dict]:
     m = dict(res.metrics)
     scores = {k.removeprefix("score."): v for k, v in m.items() if k.startswith("score.")}
     return str(m["site"]), {k: (math.nan if v is None else v) for k, v in scores.items()}
+
+
+# ---------------------------------------------------------------------------- setup and scoring
+
+SETUP = "query.setup"  # the run's public settings, before a site's first instruction
+EVALUATE = "evaluate"  # score weights on the site's own validation / test patients
+
+
+def encode_setup(setup_json: str) -> RecordDict:
+    return RecordDict({"setup": ConfigRecord({"json": setup_json})})
+
+
+def decode_setup(content: RecordDict) -> str:
+    return str(content.config_records["setup"]["json"])
+
+
+def encode_score_request(site: str, model_key: str, weights: list[np.ndarray], splits: tuple[str, ...],
+                         rnd: int, run: str) -> RecordDict:
+    return RecordDict({
+        "weights": ArrayRecord([np.asarray(w) for w in weights]),
+        "score": ConfigRecord({"site": site, "model_key": model_key, "splits": list(splits),
+                               "round": rnd, "run": run}),
+    })
+
+
+def decode_score_request(content: RecordDict) -> tuple[str, str, list[np.ndarray], tuple[str, ...]]:
+    """(site, model_key, weights, splits)."""
+    c = content.config_records["score"]
+    weights = content.array_records["weights"].to_numpy_ndarrays()
+    return str(c["site"]), str(c["model_key"]), weights, tuple(str(s) for s in c["splits"])
+
+
+def encode_score_reply(site: str, model_key: str, scores: dict[str, tuple[dict, dict]]) -> RecordDict:
+    """Per split: the site's metrics (numbers) and its counts (arrays that sum across sites)."""
+    rd = RecordDict({"reply": ConfigRecord({"site": site, "model_key": model_key, "splits": list(scores)})})
+    for split, (metrics, counts) in scores.items():
+        rd[f"metrics.{split}"] = ConfigRecord(
+            {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()})
+        rd[f"counts.{split}"] = ArrayRecord(array_dict={k: Array(np.asarray(v)) for k, v in counts.items()})
+    return rd
+
+
+def decode_score_reply(content: RecordDict) -> tuple[str, str, dict[str, tuple[dict, dict]]]:
+    c = content.config_records["reply"]
+    out = {}
+    for split in c["splits"]:
+        metrics = {k: (math.nan if v is None else v) for k, v in content.config_records[f"metrics.{split}"].items()}
+        counts = {k: a.numpy() for k, a in content.array_records[f"counts.{split}"].items()}
+        out[str(split)] = (metrics, counts)
+    return str(c["site"]), str(c["model_key"]), out

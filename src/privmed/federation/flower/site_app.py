@@ -7,11 +7,14 @@ over a Unix socket to the `privmed join` process, which holds the site's data an
 whole run. In the in-process runner (secure aggregation) the handlers call the endpoint directly.
 
 Message types: `train` (SecAgg+; `secaggplus_mod` masks the reply), `train.plain` (the reply is
-the trained weights), `query.describe` (which site this node serves).
+the trained weights), `evaluate` (scores and counts on the site's own validation / test patients),
+`query.describe` (which site this node serves, its counts and its data's shape), `query.setup` (a
+run's public settings, before the site's first instruction).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from typing import Callable, Protocol
@@ -31,6 +34,10 @@ class Endpoint(Protocol):
         """The reply's content, and the seed for SecAgg+'s stochastic rounding (None: plain)."""
         ...
 
+    def setup(self, content: RecordDict) -> RecordDict: ...
+
+    def evaluate(self, content: RecordDict) -> RecordDict: ...
+
 
 def make_client_app(endpoint_for: Callable[[Context], Endpoint]) -> ClientApp:
     """A ClientApp whose handlers ask `endpoint_for(context)` for the site to use."""
@@ -47,17 +54,26 @@ def make_client_app(endpoint_for: Callable[[Context], Endpoint]) -> ClientApp:
     app.train(mods=[secaggplus_mod])(train)
     app.train("plain")(train)
 
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return Message(endpoint_for(context).evaluate(msg.content), reply_to=msg)
+
     @app.query("describe")
     def describe(msg: Message, context: Context) -> Message:
         facts = endpoint_for(context).describe()
-        return Message(RecordDict({"site": ConfigRecord(facts)}), reply_to=msg)
+        return Message(RecordDict({"site": ConfigRecord({"site": facts["site"], "json": json.dumps(facts)})}),
+                       reply_to=msg)
+
+    @app.query("setup")
+    def setup(msg: Message, context: Context) -> Message:
+        return Message(endpoint_for(context).setup(msg.content), reply_to=msg)
 
     return app
 
 
 # ---------------------------------------------------------------------------- relay
 
-OP_DESCRIBE, OP_TRAIN = b"d", b"t"
+OP_DESCRIBE, OP_TRAIN, OP_SETUP, OP_EVALUATE = b"d", b"t", b"s", b"v"
 OK, ERR = b"o", b"e"
 
 
@@ -109,9 +125,13 @@ class RelayEndpoint:
         return reply[1:]
 
     def describe(self) -> dict:
-        import json
-
         return json.loads(self._call(OP_DESCRIBE, b""))
+
+    def setup(self, content: RecordDict) -> RecordDict:
+        return decode_content(self._call(OP_SETUP, encode_content(content)))
+
+    def evaluate(self, content: RecordDict) -> RecordDict:
+        return decode_content(self._call(OP_EVALUATE, encode_content(content)))
 
     def train(self, content: RecordDict) -> tuple[RecordDict, int | None]:
         reply = self._call(OP_TRAIN, encode_content(content))

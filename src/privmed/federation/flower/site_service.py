@@ -19,9 +19,11 @@ from flwr.app import RecordDict
 
 from privmed.federation.flower import messages as M
 from privmed.federation.flower.site_app import (
-    ERR, OK, OP_DESCRIBE, OP_TRAIN, decode_content, encode_content, recv_frame, send_frame,
+    ERR, OK, OP_DESCRIBE, OP_EVALUATE, OP_SETUP, OP_TRAIN, decode_content, encode_content, recv_frame, send_frame,
 )
 from privmed.federation.client import SiteClient
+from privmed.federation.experiment import SiteSetup
+from privmed.federation.hospital import Hospital
 from privmed.federation.strategies import contribution
 from privmed.privacy.site_ledger import SiteRefused
 
@@ -29,20 +31,44 @@ log = logging.getLogger("privmed.site")
 
 
 class SiteEndpoint:
-    """Answers a site's instructions from Flower's records, through its `SiteClient` (and so its
-    guard: a refused instruction raises SiteRefused, whose message goes back to the coordinator)."""
+    """Answers a site's messages from Flower's records: a hospital's (`Hospital`: the run's setup
+    first, then its instructions through the site it built) or, in one process, a `SiteClient`'s.
+    A refused instruction raises SiteRefused, whose message goes back to the coordinator."""
 
-    def __init__(self, client: SiteClient):
-        self.client = client
+    def __init__(self, site: Hospital | SiteClient):
+        self.site = site
+
+    @property
+    def client(self) -> SiteClient:
+        return self.site.client if isinstance(self.site, Hospital) else self.site
+
+    @property
+    def name(self) -> str:
+        return self.site.name
 
     def describe(self) -> dict:
-        return self.client.describe()
+        return self.site.describe()
+
+    def setup(self, content: RecordDict) -> RecordDict:
+        if not isinstance(self.site, Hospital):
+            raise RuntimeError("a site in this process is built from the plan; it takes no setup")
+        client = self.site.setup(SiteSetup.from_json(M.decode_setup(content)))
+        log.info("site '%s' set up for a run (%s)", client.name, client.guard.policy.mode)
+        return RecordDict()
+
+    def evaluate(self, content: RecordDict) -> RecordDict:
+        site, key, weights, splits = M.decode_score_request(content)
+        client = self.client
+        if site != client.name:
+            raise SiteRefused(f"site '{client.name}' got a scoring request for site '{site}'")
+        return M.encode_score_reply(client.name, key, client.score(weights, splits))
 
     def train(self, content: RecordDict) -> tuple[RecordDict, int | None]:
         ins = M.decode_instruction(content)
+        client = self.client
         if ins.purpose == "finetune":  # scored here; the fine-tuned model stays at the site
-            return M.encode_scores(self.client.name, self.client.finetune(ins)), None
-        update = self.client.train(ins)
+            return M.encode_scores(client.name, client.finetune(ins)), None
+        update = client.train(ins)
         if not ins.secure:
             return M.encode_update(update, update.weights, update.n_samples), None
         arrays = contribution(ins.task.weights, update.weights, ins.clip)
@@ -52,13 +78,13 @@ class SiteEndpoint:
         # the training patients, so under privacy it stays at the site (logged here).
         share = weight / ins.max_weight
         clipped = int(sum(int((abs(a * share) > ins.clipping_range).sum()) for a in arrays))
-        if self.client.guard.policy.private:
+        if client.guard.policy.private:
             if clipped:
                 log.warning("round %s: %d update entries outside the SecAgg+ clipping range were "
                             "clipped", ins.rnd, clipped)
         else:
             update = replace(update, metrics={**update.metrics, "secagg_clipped": clipped})
-        return M.encode_update(update, arrays, weight), self.client.secagg_seed(ins)
+        return M.encode_update(update, arrays, weight), client.secagg_seed(ins)
 
 
 def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
@@ -85,6 +111,10 @@ def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
                 elif op == OP_TRAIN:
                     content, seed = endpoint.train(decode_content(payload))
                     reply = OK + struct.pack("!q", -1 if seed is None else seed) + encode_content(content)
+                elif op == OP_SETUP:
+                    reply = OK + encode_content(endpoint.setup(decode_content(payload)))
+                elif op == OP_EVALUATE:
+                    reply = OK + encode_content(endpoint.evaluate(decode_content(payload)))
                 else:
                     reply = ERR + f"unknown operation {op!r}".encode()
             except Exception as e:  # noqa: BLE001 - the error goes back to the ClientApp
@@ -104,6 +134,6 @@ def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
                 return
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
-    thread = threading.Thread(target=loop, name=f"privmed-site-{endpoint.client.name}", daemon=True)
+    thread = threading.Thread(target=loop, name=f"privmed-site-{endpoint.name}", daemon=True)
     thread.start()
     return thread

@@ -1,0 +1,106 @@
+"""A hospital in a deployment: its own data, its own state, and the site each run asks for.
+
+    hospital = Hospital.from_config(load_site_config("hospital-a.yaml"))   # its own folder only
+    hospital.describe()            # its public counts and its data's shape: all the coordinator learns
+    hospital.setup(setup)          # a run's public settings (privmed.federation.experiment.SiteSetup)
+    hospital.client.train(ins)     # as privmed.federation.client.SiteClient, through its guard
+
+The hospital loads nothing but the data its own config names, splits it itself (seeded by its own
+seed and name), and builds the site a run needs from the coordinator's setup: the model, the
+training settings and, under DP-SGD, the release each turn makes. Its guard counts every release in
+its own ledger against its own budget (`privacy.max_epsilon` of its config), whatever the
+coordinator planned.
+
+`Hospital.rehearsal(cfg, name)` stands in for one site of a simulation config (every party derives
+its part of one shared source; a rehearsal on public data), its budget the config's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+from privmed.config import RunConfig, SiteConfig, SitePrivacyConfig
+from privmed.data.sites import SiteData
+from privmed.errors import ConfigError, PrivmedError
+from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
+from privmed.federation.experiment import SiteSetup, load_own_site, prepare_experiment, site_from_setup
+from privmed.federation.facts import DataFacts, SiteProfile
+from privmed.privacy.accountants import Release
+
+
+class NoSetup(PrivmedError):
+    """A training or scoring request arrived before the run's setup."""
+
+
+class Hospital:
+    def __init__(self, data: SiteData, facts: DataFacts, privacy: SitePrivacyConfig,
+                 state_dir: Path | None = None):
+        self.data, self.facts, self.privacy, self.state_dir = data, facts, privacy, state_dir
+        self._client: SiteClient | None = None
+        self._setup_digest: str | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: SiteConfig, state_dir: Path | None = None) -> Hospital:
+        """The hospital its own config describes (its data loaded and split here; DataError or
+        ConfigError, naming the file or field, when it cannot be)."""
+        data, facts = load_own_site(cfg)
+        return cls(data, facts, cfg.privacy, state_dir)
+
+    @classmethod
+    def rehearsal(cls, cfg: RunConfig, name: str, state_dir: Path | None = None) -> Hospital:
+        """Site `name` of the simulation config `cfg`, as `prepare_experiment` partitions it, its
+        budget this config's (as the run's ledger has it)."""
+        if cfg.data.source == "sites":
+            raise ConfigError("data.source: 'sites' names no data; a hospital joins with its own site "
+                              "config: privmed join SITE_CONFIG")
+        exp = prepare_experiment(cfg)
+        if exp.strategy.pools_data:
+            raise ConfigError("federation.strategy: 'pooled' puts all data in one place; it has no sites to join")
+        sd = next((s for s in exp.site_data if s.name == name), None)
+        if sd is None:
+            raise ConfigError(f"--site: '{name}' is not a site of this config; its sites: {', '.join(exp.site_names)}")
+        # its budget: the run's (privacy.epsilon, or with the noise fixed the epsilon planned)
+        p, plan = cfg.privacy, exp.privacy
+        # and a config under DP-SGD trains only under DP-SGD
+        own = SitePrivacyConfig(max_epsilon=None if plan is None else plan.budget, delta=p.delta,
+                                accountant=p.accountant, require_dp=p.mode == "dp-sgd")
+        return cls(sd, exp.data, own, state_dir)
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    @property
+    def profile(self) -> SiteProfile:
+        return SiteProfile.of(self.data)
+
+    def describe(self) -> dict:
+        """What the coordinator learns of this hospital: its name, its counts and its data's shape
+        and classes (no patient's record)."""
+        return {"site": self.name, **self.profile.to_dict(), "data": self.facts.to_dict()}
+
+    def setup(self, setup: SiteSetup) -> SiteClient:
+        """The site for the run `setup` describes (built once per setup; a new setup replaces it)."""
+        digest = hashlib.sha256(setup.to_json().encode()).hexdigest()
+        with self._lock:
+            if self._client is not None and digest == self._setup_digest:
+                return self._client
+            cfg = setup.run_config()
+            site = site_from_setup(setup, self.data, self.facts)
+            release = None if setup.release is None else Release(*setup.release)
+            policy = GuardPolicy.for_hospital(cfg.privacy.mode, release, self.privacy,
+                                              self.profile.patient_ids)
+            self._client = SiteClient(site, SiteGuard.open(self.name, policy, self.state_dir), cfg.seed)
+            self._setup_digest = digest
+            return self._client
+
+    @property
+    def client(self) -> SiteClient:
+        """The site of the current run; NoSetup before the coordinator sent one."""
+        if self._client is None:
+            raise NoSetup(f"site '{self.name}' has no run set up yet: the coordinator sends the run's "
+                          "setup before its first instruction")
+        return self._client

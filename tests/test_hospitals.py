@@ -1,0 +1,142 @@
+"""Each hospital has only its own data, and the models are scored at the sites.
+
+- A hospital is configured by what it holds: its own folder, split by itself; what it tells the
+  coordinator is its counts and its data's shape.
+- A coordinator config names no data; it runs on the hospitals (here simulated from their own
+  configs, `privmed run --hospital`, as `privmed join` would load them).
+- Pooled validation and test figures are merged from the counts the sites return: they equal the
+  figures of the pooled predictions (the AUC within the rounding bound the counts themselves give).
+- A hospital's own budget, from its own config, holds in the simulation too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from hospital_folders import HOSPITALS, coordinator_config, site_config, write_folders
+
+import privmed
+from privmed.config import load_site_config, validate_config
+from privmed.data.base import ImageSet
+from privmed.errors import ConfigError
+from privmed.federation.experiment import prepare_experiment
+from privmed.federation.hospital import Hospital
+from privmed.federation.site import get_weights, predict
+from privmed.privacy.site_ledger import SiteRefused
+from privmed.tasks.counts import auc_rounding_bound, load_counts, merge_counts
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hospitals")
+    return root, write_folders(root)
+
+
+def _run_config(path):
+    return validate_config(yaml.safe_load(path.read_text()))
+
+
+def _configs(root, folders, **privacy):
+    return [site_config(root, name, folders[name], **privacy) for name in HOSPITALS]
+
+
+def test_a_hospital_loads_only_its_own_folder_and_splits_it_itself(folders, tmp_path):
+    root, dirs = folders
+    cfg = load_site_config(site_config(tmp_path, "hospital-b", dirs["hospital-b"]))
+    h = Hospital.from_config(cfg)
+    n_images = len(list(dirs["hospital-b"].rglob("*.png")))
+    p = h.profile
+    assert p.n_train + p.n_val + p.n_test == n_images and min(p.n_train, p.n_val, p.n_test) > 0
+    # its own seed and name fix its split: the same folder gives the same split again
+    again = Hospital.from_config(cfg)
+    assert np.array_equal(again.data.train.labels, h.data.train.labels) and again.profile == p
+    # all the coordinator learns: counts and the data's shape, no record
+    d = h.describe()
+    assert set(d) == {"site", "name", "n_train", "n_patients", "patient_ids", "n_val", "n_test", "data"}
+    assert d["data"]["class_names"] == ["lesion", "no lesion"]  # its class folders, sorted
+    assert d["data"]["image_shape"] == [1, 16, 16]
+    assert "root" not in json.dumps(d) and str(dirs["hospital-b"]) not in json.dumps(d)
+
+
+def test_site_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("site: a b\ndata: {source: image-folder, root: x}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: site: String should match pattern"):
+        load_site_config(bad)
+    bad.write_text("site: a\ndata: {source: sites}\n")
+    with pytest.raises(ConfigError, match="a hospital's config names its own data"):
+        load_site_config(bad)
+    bad.write_text("site: a\ndata: {source: phantom}\nprivacy: {max_epsilon: 8, budget: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'privacy.budget'.*allowed here: max_epsilon"):
+        load_site_config(bad)
+
+
+def test_a_coordinator_config_names_no_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.source 'sites' names no data.*data.root has no meaning"):
+        validate_config({"data": {"source": "sites", "root": "/data"}})
+    path = coordinator_config(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "privmed", "run", str(path), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "data.source: 'sites' names no data" in r.stderr and "--hospital" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_hospitals_simulated_from_their_own_configs(folders, tmp_path, one_thread):
+    root, dirs = folders
+    coord = coordinator_config(tmp_path, federation__rounds=2, federation__model_selection="last")
+    hospitals = _configs(tmp_path, dirs)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "privmed", "run", str(coord), "--out", str(out), "--quiet",
+                        *[a for h in hospitals for a in ("--hospital", str(h))]],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    # the coordinator held no test data: the pooled figure is merged from the sites' counts
+    assert not (out / "predictions.npz").exists()
+    counts = load_counts(out / "test_counts.npz")["global"]
+    assert summary["test"]["n"] == int(counts["n"]) == sum(s["n_test"] for s in summary["sites"].values())
+    assert "each site's own test patients" in summary["evaluation"]["test"]
+    assert set(summary["sites"]) == set(HOSPITALS) and all(s["test"]["n"] for s in summary["sites"].values())
+    assert summary["test_mean_over_sites"]["auc"] == pytest.approx(
+        np.mean([s["test"]["auc"] for s in summary["sites"].values()]))
+    # each hospital guarded itself with its own budget, and its ledger agrees with the coordinator's
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    for name in HOSPITALS:
+        own = json.loads((out / "private" / "sites" / name / "site_ledger.json").read_text())
+        assert own["budget_epsilon"] == 8.0 and own["delta"] == 1e-3
+        assert [r["round"] for r in own["releases"]] == [r["round"] for r in ledger["sites"][name]["releases"]]
+    assert (out / "report.html").is_file()
+
+
+def test_pooled_figures_from_the_sites_counts_equal_the_pooled_predictions(folders, tmp_path, one_thread):
+    root, dirs = folders
+    cfg = _run_config(coordinator_config(tmp_path, federation__rounds=1))
+    hospitals = [load_site_config(p) for p in _configs(tmp_path, dirs)]
+    result = privmed.run(cfg, hospitals=hospitals, report=False)
+    exp = prepare_experiment(cfg, hospitals=hospitals)
+    weights = get_weights(result.model)
+    task = exp.task
+    for split in ("val", "test"):
+        data = ImageSet.concat([getattr(sd, split) for sd in exp.site_data])
+        pred = predict(exp.model_factory(), weights, data.images, 256, task)
+        direct = task.metrics(pred, data)
+        merged = merge_counts([task.counts(predict(exp.model_factory(), weights, getattr(sd, split).images,
+                                                   256, task), getattr(sd, split)) for sd in exp.site_data])
+        got = result.summary["test" if split == "test" else "val"]
+        for key in ("accuracy", "balanced_accuracy", "ece", "loss", "n"):
+            assert got[key] == pytest.approx(direct[key], rel=1e-9, abs=1e-12), (split, key)
+        assert abs(got["auc"] - direct["auc"]) <= auc_rounding_bound(merged) + 1e-12
+
+
+def test_a_hospitals_own_budget_holds_in_a_simulation(folders, tmp_path):
+    root, dirs = folders
+    cfg = _run_config(coordinator_config(tmp_path, federation__rounds=3))
+    hospitals = [load_site_config(p) for p in _configs(tmp_path, dirs, max_epsilon=1.0)]
+    with pytest.raises(SiteRefused, match=r"site 'hospital-a' refused round \d of run .*past its budget 1 "):
+        privmed.run(cfg, tmp_path / "run", hospitals=hospitals, report=False)
