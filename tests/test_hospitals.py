@@ -140,3 +140,15 @@ def test_a_hospitals_own_budget_holds_in_a_simulation(folders, tmp_path):
     hospitals = [load_site_config(p) for p in _configs(tmp_path, dirs, max_epsilon=1.0)]
     with pytest.raises(SiteRefused, match=r"site 'hospital-a' refused round \d of run .*past its budget 1 "):
         privmed.run(cfg, tmp_path / "run", hospitals=hospitals, report=False)
+
+
+def test_privacy_plan_of_a_coordinator_config_from_the_hospitals_configs(folders, tmp_path):
+    root, dirs = folders
+    coord = coordinator_config(tmp_path, privacy__noise_multiplier=None, privacy__epsilon=4.0)
+    hospitals = _configs(tmp_path, dirs)
+    r = subprocess.run([sys.executable, "-m", "privmed", "privacy", "plan", str(coord),
+                        *[a for h in hospitals for a in ("--hospital", str(h))]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in HOSPITALS:
+        n = Hospital.from_config(load_site_config(tmp_path / f"{name}.yaml")).profile.n_patients
+        assert any(line.split()[:2] == [name, str(n)] for line in r.stdout.splitlines()), r.stdout

@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("config", nargs="?", type=Path, metavar="CONFIG", help="plan the sites of this run config")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                       help="override a value of CONFIG (repeatable)")
+    plan.add_argument("--hospital", dest="hospitals", action="append", default=[], type=Path,
+                      metavar="SITE_CONFIG", help="with CONFIG: plan for the hospitals these site configs "
+                      "describe, each from its own data (repeatable)")
     plan.add_argument("--epsilon", type=float, help="the budget (give this or --noise-multiplier)")
     plan.add_argument("--noise-multiplier", type=float, help="fixed noise: report the epsilon it spends")
     plan.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")

@@ -38,7 +38,7 @@ def plan(args: argparse.Namespace) -> str:
                 f"privacy plan: give CONFIG or --{flags[0].replace('_', '-')}, not both "
                 "(change the config's values with --set)"
             )
-        return plan_config(args.config, args.overrides)
+        return plan_config(args.config, args.overrides, args.hospitals)
     return plan_site(
         epsilon=args.epsilon, noise_multiplier=args.noise_multiplier, delta=args.delta,
         patients=args.patients, batch_size=args.batch_size, epochs=args.epochs, steps=args.steps,
@@ -109,9 +109,10 @@ def plan_site(
     ])
 
 
-def plan_config(path: Path, overrides: list[str]) -> str:
-    """Every site's plan for the run a config describes (loads and partitions its data)."""
-    from privmed.config import load_config
+def plan_config(path: Path, overrides: list[str], hospitals: list[Path] | None = None) -> str:
+    """Every site's plan for the run a config describes (loads and partitions its data, or loads
+    each hospital's own data from its site config)."""
+    from privmed.config import load_config, load_site_config
     from privmed.federation.experiment import prepare_experiment
 
     cfg = load_config(path, overrides)
@@ -120,7 +121,8 @@ def plan_config(path: Path, overrides: list[str]) -> str:
             f"{path}: privacy.mode is 'none': nothing to plan (try --set privacy.mode=dp-sgd "
             "--set privacy.epsilon=8)"
         )
-    p = prepare_experiment(cfg).privacy
+    own = [load_site_config(h) for h in hospitals or []]
+    p = prepare_experiment(cfg, hospitals=own or None).privacy
     rows = [
         [site, str(s.n_patients), f"{s.release.sample_rate:.4g}", str(s.release.steps), str(s.turns),
          format_epsilon(s.release.noise_multiplier, 4), format_epsilon(s.planned_epsilon)]
