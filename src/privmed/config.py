@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privmed.errors import ConfigError
 
@@ -239,6 +239,20 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, lt=1)
     augment: bool = Field(True, description="random flips/shifts of training images")
     eval_batch_size: int = Field(512, ge=1)
+    logit_adjustment: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="label skew: each site trains with its logits shifted by the log of its own "
+        "label shares (logit adjustment / balanced softmax), so that a site holding mostly one "
+        "class does not pull the shared model towards it; predictions use the plain logits. auto: "
+        "on for classification unless privacy.mode is dp-sgd (the shares are counted from the "
+        "training patients, which DP-SGD must not couple)",
+    )
+
+    @field_validator("logit_adjustment", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        """YAML reads a bare on / off as true / false: take them as meant."""
+        return {True: "on", False: "off"}[v] if isinstance(v, bool) else v
 
 
 # Under privacy.mode dp-sgd, what the config does not set comes from here rather than from the
@@ -251,6 +265,12 @@ DP_SGD_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": "dpcnn"},
     "federation": {"rounds": 200, "local_steps": 1},
     "training": {"batch_size": 256, "optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "augment": False},
+}
+
+
+# What a strategy needs where the config is silent (see RunConfig._strategy_defaults).
+STRATEGY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "scaffold": {"training": {"optimizer": "sgd", "momentum": 0.0}},
 }
 
 
@@ -333,6 +353,26 @@ class RunConfig(_Section):
             sites.setdefault("partition", "natural")
             if sites["partition"] == "natural":
                 sites.setdefault("count", SOURCE_SITES[data["data"]["source"]])
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_defaults(cls, data: Any) -> Any:
+        """Keys the config leaves out that a strategy needs otherwise: SCAFFOLD's control variates
+        assume plain local SGD, so under `scaffold` training.optimizer defaults to sgd and
+        training.momentum to 0 (values the config sets are kept, and checked)."""
+        if not isinstance(data, dict) or not isinstance(data.get("federation"), dict):
+            return data
+        defaults = STRATEGY_DEFAULTS.get(data["federation"].get("strategy"))
+        if not defaults:
+            return data
+        data = copy.deepcopy(data)
+        for section, values in defaults.items():
+            node = data.setdefault(section, {})
+            if not isinstance(node, dict):
+                return data  # the type error is reported by validation
+            for key, value in values.items():
+                node.setdefault(key, value)
         return data
 
     @model_validator(mode="before")
@@ -441,6 +481,14 @@ class RunConfig(_Section):
                 f"privacy.mode 'central' (DP-FedAvg: the server clips and noises the sites' updates) "
                 f"needs federation.strategy 'fedavg', got '{strategy}'; use privacy.mode 'dp-sgd'"
             )
+        if mode == "dp-sgd" and self.training.logit_adjustment == "on":
+            raise ValueError(
+                "training.logit_adjustment: 'on' uses each site's label shares, counted from its "
+                "training patients: under privacy.mode 'dp-sgd' one patient would then change every "
+                "other patient's gradient, which the clipping does not bound; use 'auto' or 'off'"
+            )
+        if self.training.logit_adjustment == "on" and self.task == "survival":
+            raise ValueError("training.logit_adjustment: 'on' shifts class logits; task 'survival' has none")
         if mode == "dp-sgd" and self.task == "survival":
             raise ValueError(
                 "privacy.mode 'dp-sgd' cannot protect task 'survival': the Cox partial likelihood "

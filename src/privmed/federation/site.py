@@ -114,6 +114,29 @@ class Site:
         # state_dict position of each trainable parameter (corrections come per state entry)
         position = {k: i for i, k in enumerate(self.model.state_dict())}
         self._params = [(position[n], p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._logit_shift = self._label_shift()
+
+    def _label_shift(self) -> torch.Tensor | None:
+        """training.logit_adjustment: what is added to the model's logits in the training loss,
+        the log of this site's label shares (Laplace-smoothed, so a class the site lacks gets a
+        large negative shift rather than minus infinity): cross-entropy then trains
+        softmax(z + log prior), and z itself, used to predict, learns the label-balanced score
+        (logit adjustment, Menon et al. 2021; balanced softmax, Ren et al. 2020; FedLC, Zhang et al.
+        2022 for federated label skew). With one logit (binary tables) the shift is the log prior
+        odds. None when off (auto: off under DP-SGD, and for survival)."""
+        choice = self.training.logit_adjustment
+        if choice == "off" or self.task.name == "survival" or (choice == "auto" and self.dp is not None):
+            return None
+        with torch.no_grad():  # the number of logits, from one item in eval mode
+            self.model.eval()
+            k = self.model(self._x[:1]).shape[1]
+            self.model.train()
+        n_classes = max(k, 2)
+        counts = np.bincount(self.data.train.labels, minlength=n_classes).astype(np.float64)
+        log_prior = np.log((counts + 1) / (counts.sum() + n_classes))
+        if k == 1:
+            return torch.tensor([log_prior[1] - log_prior[0]], dtype=torch.float32)
+        return torch.from_numpy(log_prior[:k].astype(np.float32))
 
     @property
     def n_train(self) -> int:
@@ -145,7 +168,10 @@ class Site:
         total_loss, samples, n_steps = 0.0, 0, 0
         for idx in self._batches(gen, steps):
             xb = random_shift(self._x[idx], max_shift, gen)
-            loss = self.criterion(self.model(xb), self._y[idx])
+            out = self.model(xb)
+            if self._logit_shift is not None:
+                out = out + self._logit_shift
+            loss = self.criterion(out, self._y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if adjust is not None:
