@@ -29,6 +29,7 @@ examples:
   privmed privacy plan --epsilon 8 --patients 1500 --batch-size 256 --epochs 30
   privmed privacy plan configs/pneumonia-dp.yaml  the noise each site of a config will get
   privmed privacy spent runs/x                  the run's privacy ledger as a table
+  privmed tune cfg.yaml --trials 20             search the training settings on validation data
 
 across machines (Flower; see the README):
   privmed certs certs/ --name coordinator.example.org     TLS for the coordinator
@@ -91,6 +92,20 @@ def _parser() -> argparse.ArgumentParser:
         "joined the coordinator at --server (run this on the coordinator's machine)",
     )
     _flower_args(run, server=True)
+
+    tune = sub.add_parser(
+        "tune", help="search the training settings of a config (Optuna), on validation data only",
+        description="Run --trials runs of CONFIG with Optuna's TPE sampler proposing the learning rate, "
+        "momentum, batch size, local work and logit adjustment (trial 0: CONFIG as written), each "
+        "scored by the validation AUC (C-index) of the model it selected. Writes OUT/best.yaml, "
+        "OUT/tuning.html, tuning.md, tuning.json and trials.png, and runs the best settings into "
+        "OUT/best. Refuses a private config: tuning spends privacy the ledger does not count.",
+    )
+    tune.add_argument("config", type=Path, metavar="CONFIG")
+    tune.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
+    tune.add_argument("--out", type=Path, help="directory to write (default: runs/<name>-tune)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    tune.add_argument("--quiet", action="store_true", help="no per-trial lines or progress bar")
 
     priv = sub.add_parser(
         "privacy", help="plan a privacy budget, or show what a run has spent",
@@ -284,6 +299,23 @@ def _main(argv: list[str] | None) -> int:
 
             return _print_summary(flower_cli.run(cfg, out, args), out)
         return _run(cfg, out, resume=args.resume, quiet=args.quiet, hospitals=args.hospitals)
+    if args.command == "tune":
+        from privmed.config import load_config
+        from privmed.tune import tune
+
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or Path("runs") / f"{cfg.name}-tune"
+        r = tune(cfg, args.trials, out, progress=not args.quiet)
+        label = "C-index" if cfg.task == "survival" else "AUC"
+        first = r.trials[0]["score"]
+        print(f"{len(r.trials)} trials; best: trial {r.best['trial']}, validation {label} "
+              f"{r.best['score']:.4f} (the config as written: {'n/a' if first is None else f'{first:.4f}'})")
+        print(f"best settings: {(out / 'best.yaml').resolve()}; their run: {(out / 'best').resolve()}")
+        print(f"tuning: {(out / 'tuning.html').resolve()}")
+        from privmed.tune import STATEMENT
+
+        print(f"privacy: {STATEMENT}")
+        return 0
     if args.command in ("certs", "keys", "serve", "join"):
         from privmed import flower_cli
 

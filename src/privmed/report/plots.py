@@ -293,6 +293,26 @@ def privacy_spent(
     return _png(fig)
 
 
+def tuning_trials(trials: Sequence[int], scores: Sequence[float | None], label: str) -> bytes:
+    """Each trial's score (a dot; refused or diverged trials left out) and the best so far (a step
+    line), over the trials in the order they ran."""
+    fig = _figure((6.4, 3.4))
+    ax = fig.add_subplot(1, 1, 1)
+    y = _floats(scores)
+    ax.plot(trials, y, "o", color="#1f77b4", label="trial")
+    best = np.fmax.accumulate(np.where(np.isnan(y), -np.inf, y))
+    best[np.isinf(best)] = np.nan
+    ax.step(trials, best, where="post", color="black", linewidth=1.5, label="best so far")
+    ax.set_xlabel("trial", fontsize=LABEL_SIZE)
+    ax.set_ylabel(label, fontsize=LABEL_SIZE)
+    ax.set_title(f"Tuning: {label} per trial", fontsize=TITLE_SIZE)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=LEGEND_SIZE, loc="best")
+    return _png(fig)
+
+
 def _figure(size: tuple[float, float]) -> Figure:
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
