@@ -268,6 +268,21 @@ DP_SGD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _fill_defaults(data: dict, defaults: dict[str, dict[str, Any]], unless: dict[str, str] | None = None) -> dict:
+    """A copy of the raw config `data` with each {section: {key: value}} of `defaults` set where the
+    config leaves it out (a key named in `unless` stays out where the config sets its partner key)."""
+    data = copy.deepcopy(data)
+    for section, values in defaults.items():
+        node = data.setdefault(section, {})
+        if not isinstance(node, dict):
+            return data  # the type error is reported by validation
+        for key, value in values.items():
+            if unless and unless.get(key) in node:
+                continue
+            node.setdefault(key, value)
+    return data
+
+
 # What a strategy needs where the config is silent (see RunConfig._strategy_defaults).
 STRATEGY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "scaffold": {"training": {"optimizer": "sgd", "momentum": 0.0}},
@@ -364,16 +379,7 @@ class RunConfig(_Section):
         if not isinstance(data, dict) or not isinstance(data.get("federation"), dict):
             return data
         defaults = STRATEGY_DEFAULTS.get(data["federation"].get("strategy"))
-        if not defaults:
-            return data
-        data = copy.deepcopy(data)
-        for section, values in defaults.items():
-            node = data.setdefault(section, {})
-            if not isinstance(node, dict):
-                return data  # the type error is reported by validation
-            for key, value in values.items():
-                node.setdefault(key, value)
-        return data
+        return _fill_defaults(data, defaults) if defaults else data
 
     @model_validator(mode="before")
     @classmethod
@@ -388,16 +394,8 @@ class RunConfig(_Section):
         privacy = data.get("privacy")
         if not (isinstance(privacy, dict) and privacy.get("mode") == "dp-sgd"):
             return data
-        data = copy.deepcopy(data)
-        for section, defaults in DP_SGD_DEFAULTS.items():
-            node = data.setdefault(section, {})
-            if not isinstance(node, dict):
-                return data  # the type error is reported by validation
-            for key, value in defaults.items():
-                if key == "local_steps" and "local_epochs" in node:
-                    continue  # the user chose epochs
-                node.setdefault(key, value)
-        return data
+        # local_steps is left out where the user chose local_epochs
+        return _fill_defaults(data, DP_SGD_DEFAULTS, unless={"local_steps": "local_epochs"})
 
     @model_validator(mode="after")
     def _check_task(self) -> "RunConfig":

@@ -225,12 +225,7 @@ class SiteClient:
         """Fine-tune as instructed (purpose 'finetune'; refused under DP-SGD) and score the result on
         the site's own test data: only the metrics leave the site, the fine-tuned model stays."""
         update = self.train(ins)
-        return self.evaluate(update.weights, "test")
-
-    def evaluate(self, weights: list, split: str) -> dict:
-        """The metrics of `weights` on the site's own `split` ('val' or 'test'; {} without such data)."""
-        with self._lock:
-            return self.site.evaluate(weights, split)
+        return self.score(update.weights, ("test",))["test"][0]
 
     def score(self, weights: list, splits: tuple[str, ...]) -> dict[str, tuple[dict, dict]]:
         """Per split ('val', 'test'): the metrics of `weights` on the site's own patients of that

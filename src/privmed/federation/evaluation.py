@@ -102,10 +102,11 @@ class Evaluator:
         test set, or every site's own test patients (merged from their counts)."""
         if self.exp.public_test is not None:
             return self.score_public(weights)
-        got = self.sites.score([ScoreRequest(s, key, weights, ("test",)) for s in self._with_test()], rnd, run)
+        holders = self._with_test()
+        got = self.sites.score([ScoreRequest(s, key, weights, ("test",)) for s in holders], rnd, run)
         counts = merge_counts([scores["test"][1] for scores in got.values()])
-        if len(got) < len(self._with_test()):
-            missing = sorted(set(self._with_test()) - {s for s, _ in got})
+        if len(got) < len(holders):
+            missing = sorted(set(holders) - {s for s, _ in got})
             warnings.warn(f"the pooled test figure of model '{key}' leaves out {', '.join(missing)} "
                           "(did not answer)", stacklevel=2)
         return self.task.metrics_from_counts(counts), counts, None

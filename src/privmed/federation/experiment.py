@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from privmed.config import RunConfig, SiteConfig, SitesConfig, validate_config
-from privmed.data import ImageSet, load_source
+from privmed.data import ImageSet, SourceData, load_source
 from privmed.data.sites import SiteData, own_site, pooled_site, split_into_sites
 from privmed.federation.client import GuardPolicy
 from privmed.federation.facts import DataFacts, SiteProfile
@@ -138,19 +138,7 @@ def prepare_experiment(
     sites. `noise`: the noise multipliers a resumed run started with (else calibrated from the
     config). Raises PrivmedError on bad input; writes nothing."""
     check_model_name(cfg.model.name)
-    if hospitals:
-        site_data, facts = hospital_sites(cfg, hospitals)
-        source = None
-    elif cfg.data.source == "sites":
-        raise ConfigError(
-            "data.source: 'sites' names no data: the hospitals hold it. Run it with --runner flower "
-            "(each hospital joins with its own site config), or simulate them here with "
-            "--hospital SITE_CONFIG for each"
-        )
-    else:
-        source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
-        site_data = split_into_sites(source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
-        facts = DataFacts.of(source, cfg.data.source)
+    source, site_data, facts = simulated_sites(cfg, hospitals)
     pooled = None
 
     def pooled_profile() -> SiteProfile:
@@ -165,6 +153,25 @@ def prepare_experiment(
     # owns (a benchmark's official test set) is public, and the coordinator scores it itself
     public_test = None if source is None or all(sd.test is not None for sd in site_data) else source.test
     return Experiment(plan, public_test, site_data, trainers, {h.site: h for h in hospitals or []})
+
+
+def simulated_sites(
+    cfg: RunConfig, hospitals: list[SiteConfig] | None = None,
+) -> tuple[SourceData | None, list[SiteData], DataFacts]:
+    """(the loaded source, each site's data, the data's public facts) of a simulation: the config's
+    source partitioned into its sites, or with `hospitals` each hospital's own data (no source)."""
+    if hospitals:
+        site_data, facts = hospital_sites(cfg, hospitals)
+        return None, site_data, facts
+    if cfg.data.source == "sites":
+        raise ConfigError(
+            "data.source: 'sites' names no data: the hospitals hold it. Run it with --runner flower "
+            "(each hospital joins with its own site config), or simulate them here with "
+            "--hospital SITE_CONFIG for each"
+        )
+    source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
+    site_data = split_into_sites(source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+    return source, site_data, DataFacts.of(source, cfg.data.source)
 
 
 def remote_experiment(

@@ -4,7 +4,7 @@ the coordinator plans from them."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from privmed.data.base import SourceData
 from privmed.data.sites import SiteData
@@ -66,12 +66,11 @@ class DataFacts:
                         f"site '{name}' holds data with {key} {b!r}, but site '{names[0]}' has {a!r}: "
                         "one model cannot serve both (the hospitals must agree on classes and image size)"
                     )
-        return cls(
-            first.in_channels, first.image_size, first.n_classes, first.tabular, first.source,
-            first.class_names, first.feature_names, first.image_shape,
-            all(f.synthetic for f in reported.values()),
-            _one_or_each({n: f.description for n, f in reported.items() if f.description}),
-            "; ".join(dict.fromkeys(f.citation for f in reported.values() if f.citation)),
+        return replace(
+            first,
+            synthetic=all(f.synthetic for f in reported.values()),
+            description=_one_or_each({n: f.description for n, f in reported.items() if f.description}),
+            citation="; ".join(dict.fromkeys(f.citation for f in reported.values() if f.citation)),
         )
 
 

@@ -25,7 +25,9 @@ from privmed.config import RunConfig, SiteConfig, SitePrivacyConfig
 from privmed.data.sites import SiteData
 from privmed.errors import ConfigError, PrivmedError
 from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
-from privmed.federation.experiment import SiteSetup, load_own_site, prepare_experiment, site_from_setup
+from privmed.federation.experiment import (
+    SiteSetup, load_own_site, plan_experiment, simulated_sites, site_from_setup,
+)
 from privmed.federation.facts import DataFacts, SiteProfile
 from privmed.privacy.accountants import Release
 
@@ -51,23 +53,26 @@ class Hospital:
 
     @classmethod
     def rehearsal(cls, cfg: RunConfig, name: str, state_dir: Path | None = None) -> Hospital:
-        """Site `name` of the simulation config `cfg`, as `prepare_experiment` partitions it, its
-        budget this config's (as the run's ledger has it)."""
+        """Site `name` of the simulation config `cfg`, partitioned as `prepare_experiment` does it,
+        its budget this config's (as the run's ledger has it)."""
         if cfg.data.source == "sites":
             raise ConfigError("data.source: 'sites' names no data; a hospital joins with its own site "
                               "config: privmed join SITE_CONFIG")
-        exp = prepare_experiment(cfg)
-        if exp.strategy.pools_data:
+        if cfg.federation.strategy == "pooled":
             raise ConfigError("federation.strategy: 'pooled' puts all data in one place; it has no sites to join")
-        sd = next((s for s in exp.site_data if s.name == name), None)
+        _, site_data, facts = simulated_sites(cfg)
+        sd = next((s for s in site_data if s.name == name), None)
         if sd is None:
-            raise ConfigError(f"--site: '{name}' is not a site of this config; its sites: {', '.join(exp.site_names)}")
-        # its budget: the run's (privacy.epsilon, or with the noise fixed the epsilon planned)
-        p, plan = cfg.privacy, exp.privacy
-        # and a config under DP-SGD trains only under DP-SGD
-        own = SitePrivacyConfig(max_epsilon=None if plan is None else plan.budget, delta=p.delta,
-                                accountant=p.accountant, require_dp=p.mode == "dp-sgd")
-        return cls(sd, exp.data, own, state_dir)
+            raise ConfigError(f"--site: '{name}' is not a site of this config; its sites: "
+                              f"{', '.join(s.name for s in site_data)}")
+        # its budget: the run's (privacy.epsilon, or with the noise fixed the epsilon planned), and
+        # a config under DP-SGD trains only under DP-SGD
+        p, budget = cfg.privacy, None
+        if cfg.private:
+            budget = plan_experiment(cfg, facts, [SiteProfile.of(s) for s in site_data]).privacy.budget
+        own = SitePrivacyConfig(max_epsilon=budget, delta=p.delta, accountant=p.accountant,
+                                require_dp=p.mode == "dp-sgd")
+        return cls(sd, facts, own, state_dir)
 
     @property
     def name(self) -> str:

@@ -278,11 +278,6 @@ class Site:
         """The task's predictions of the model with `weights` on `images` (see `predict`)."""
         return predict(self.model, weights, images, self.training.eval_batch_size, self.task)
 
-    def evaluate(self, weights: Weights, split: str) -> dict:
-        """The task's metrics of `weights` on this site's own `split` ('val' or 'test'); {} when it
-        holds no such data."""
-        return self.score(weights, split)[0]
-
     def score(self, weights: Weights, split: str) -> tuple[dict, dict]:
         """(metrics, counts) of `weights` on this site's own `split` ('val' or 'test'): the task's
         metrics, and the counts from which pooled metrics over several sites are computed exactly

@@ -416,12 +416,9 @@ def _prediction_figures(run: RunFiles, view: TaskView | None = None) -> list[Fig
                           "probabilities).", items)
     if len(run.labels) == 0:
         return _not_drawn("Not drawn: the test set is empty.", items)
-    probs = {m: p for m, p in run.probs.items() if np.isfinite(p).all()}
-    dropped = [m for m in run.probs if m not in probs]
-    skipped = f" Left out, their probabilities are not finite: {', '.join(dropped)}." if dropped else ""
+    probs, skipped = _finite_models(run.probs, lambda p: bool(np.isfinite(p).all()))
     if not probs:
-        return _not_drawn("Not drawn: no model has finite test probabilities (training diverged?).",
-                          items)
+        return _not_drawn(NO_FINITE, items)
     k = next(iter(probs.values())).shape[1]
     if len(np.unique(run.labels)) < 2:
         roc_out = FigureOut("roc", roc_title, roc_caption,
@@ -441,17 +438,25 @@ def _prediction_figures(run: RunFiles, view: TaskView | None = None) -> list[Fig
     return [roc_out, FigureOut("calibration", cal_title, cal_caption + skipped, png=cal_png)]
 
 
+NO_FINITE = "Not drawn: no model has finite test probabilities (training diverged?)."
+
+
+def _finite_models(by_model: dict, finite) -> tuple[dict, str]:
+    """The models whose test predictions (or counts) are finite by `finite`, and the caption's note
+    naming those left out ('' when none)."""
+    kept = {m: v for m, v in by_model.items() if finite(v)}
+    dropped = [m for m in by_model if m not in kept]
+    return kept, (f" Left out, their probabilities are not finite: {', '.join(dropped)}." if dropped else "")
+
+
 def _count_figures(run: RunFiles, counts: dict[str, dict], items: str) -> list[FigureOut]:
     """ROC and calibration from the sites' classification counts (no predictions.npz): the ROC of
     the scores rounded to the counts' grid, the reliability bins exactly as from predictions."""
     if all(int(c["n"]) == 0 for c in counts.values()):
         return _not_drawn("Not drawn: the test set is empty.", items)
-    finite = {m: c for m, c in counts.items() if int(c["nonfinite"]) == 0}
-    dropped = [m for m in counts if m not in finite]
-    skipped = f" Left out, their probabilities are not finite: {', '.join(dropped)}." if dropped else ""
+    finite, skipped = _finite_models(counts, lambda c: int(c["nonfinite"]) == 0)
     if not finite:
-        return _not_drawn("Not drawn: no model has finite test probabilities (training diverged?).",
-                          items)
+        return _not_drawn(NO_FINITE, items)
     shapes = {c["score_hist"].shape for c in finite.values()}
     if len(shapes) > 1:
         return _not_drawn("Not drawn: the models' test counts disagree on the number of classes or "
