@@ -102,3 +102,24 @@ def test_logit_adjustment_with_one_logit_is_the_log_prior_odds():
     for site in exp.trainers.values():
         n1, n = int(site.data.train.labels.sum()), len(site.data.train)
         assert float(site._logit_shift[0]) == pytest.approx(np.log((n1 + 1) / (n - n1 + 1)), rel=1e-6)
+
+
+@pytest.mark.parametrize("source", ["heart-disease", "tcga-brca"])
+def test_a_tabular_source_fills_its_training_defaults_and_keeps_what_the_config_sets(source):
+    """SOURCE_DEFAULTS fill only what the config leaves out; a config naming its optimizer keeps the
+    generic learning rate and momentum (the source's go with plain SGD); DP-SGD keeps them too."""
+    from privmed.config import SOURCE_DEFAULTS, TrainingConfig
+
+    data = {"source": source, "root": "unused"}
+    t = validate_config({"data": data}).training
+    for key, value in SOURCE_DEFAULTS[source]["training"].items():
+        assert getattr(t, key) == value, key
+        assert value != getattr(TrainingConfig(), key), f"{key}: the source default is the generic one"
+    t = validate_config({"data": data, "training": {"batch_size": 5, "lr": 0.3}}).training
+    assert (t.batch_size, t.lr, t.momentum) == (5, 0.3, 0.0)
+    t = validate_config({"data": data, "training": {"optimizer": "adam"}}).training
+    assert (t.lr, t.momentum) == (TrainingConfig().lr, TrainingConfig().momentum)
+    assert t.batch_size == SOURCE_DEFAULTS[source]["training"]["batch_size"]
+    # an image source is untouched
+    t = validate_config({"data": {"source": "phantom"}}).training
+    assert t == TrainingConfig()
