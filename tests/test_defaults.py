@@ -78,11 +78,24 @@ def test_logit_adjustment_shifts_by_each_sites_own_label_shares():
     from privmed.federation.experiment import prepare_experiment
 
     exp = prepare_experiment(validate_config(tiny_config(sites__partition="dirichlet", sites__alpha=0.3)))
+    # the reference: the federation's shares, from all sites' validation labels
+    val = np.bincount(np.concatenate([s.data.val.labels for s in exp.trainers.values()]), minlength=2)
+    reference = (val + 1) / (val.sum() + 2)
+    assert exp.plan.label_shares == pytest.approx(reference)
     for name, site in exp.trainers.items():
         counts = np.bincount(site.data.train.labels, minlength=2)
-        expected = np.log((counts + 1) / (counts.sum() + 2))
-        np.testing.assert_allclose(site._logit_shift.numpy(), expected, rtol=1e-6)
+        expected = np.log((counts + 1) / (counts.sum() + 2)) - np.log(reference)
+        np.testing.assert_allclose(site._logit_shift.numpy(), expected, rtol=1e-5, atol=1e-6)
     assert any(abs(float(s._logit_shift[0] - s._logit_shift[1])) > 1 for s in exp.trainers.values())
+    # a site whose shares are the federation's trains unshifted; iid sites nearly so
+    iid = prepare_experiment(validate_config(tiny_config(sites__partition="iid")))
+    assert all(abs(float(s._logit_shift[0] - s._logit_shift[1])) < 0.5 for s in iid.trainers.values())
+    # without validation data the reference is uniform: the shift is the site's own log shares
+    noval = prepare_experiment(validate_config(tiny_config(data__val_fraction=0)))
+    assert noval.plan.label_shares is None
+    for site in noval.trainers.values():
+        counts = np.bincount(site.data.train.labels, minlength=2)
+        np.testing.assert_allclose(site._logit_shift.numpy(), np.log((counts + 1) / (counts.sum() + 2)), rtol=1e-6)
     # YAML reads a bare `off` as false: taken as meant
     off = prepare_experiment(validate_config(tiny_config(training__logit_adjustment=False)))
     assert all(s._logit_shift is None for s in off.trainers.values())
@@ -99,9 +112,12 @@ def test_logit_adjustment_with_one_logit_is_the_log_prior_odds():
 
     exp = prepare_experiment(validate_config({"data": {"source": "heart-disease",
                                                        "root": str(SHARED / "uci-heart-disease")}}))
+    val = np.concatenate([s.data.val.labels for s in exp.trainers.values()])
+    v1, v = int(val.sum()), len(val)
     for site in exp.trainers.values():
         n1, n = int(site.data.train.labels.sum()), len(site.data.train)
-        assert float(site._logit_shift[0]) == pytest.approx(np.log((n1 + 1) / (n - n1 + 1)), rel=1e-6)
+        expected = np.log((n1 + 1) / (n - n1 + 1)) - np.log((v1 + 1) / (v - v1 + 1))
+        assert float(site._logit_shift[0]) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("source", ["heart-disease", "tcga-brca"])

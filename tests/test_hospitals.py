@@ -55,9 +55,12 @@ def test_a_hospital_loads_only_its_own_folder_and_splits_it_itself(folders, tmp_
     # its own seed and name fix its split: the same folder gives the same split again
     again = Hospital.from_config(cfg)
     assert np.array_equal(again.data.train.labels, h.data.train.labels) and again.profile == p
-    # all the coordinator learns: counts and the data's shape, no record
+    # all the coordinator learns: counts and the data's shape, no record; of the labels only the
+    # validation items' count per class (which every round's evaluation counts release anyway)
     d = h.describe()
-    assert set(d) == {"site", "name", "n_train", "n_patients", "patient_ids", "n_val", "n_test", "data"}
+    assert set(d) == {"site", "name", "n_train", "n_patients", "patient_ids", "n_val", "n_test",
+                      "val_label_counts", "data"}
+    assert d["val_label_counts"] == np.bincount(h.data.val.labels).tolist()
     assert d["data"]["class_names"] == ["lesion", "no lesion"]  # its class folders, sorted
     assert d["data"]["image_shape"] == [1, 16, 16]
     assert "root" not in json.dumps(d) and str(dirs["hospital-b"]) not in json.dumps(d)

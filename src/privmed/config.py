@@ -242,9 +242,11 @@ class TrainingConfig(_Section):
     logit_adjustment: Literal["auto", "on", "off"] = Field(
         "auto",
         description="label skew: each site trains with its logits shifted by the log of its own "
-        "label shares (logit adjustment / balanced softmax), so that a site holding mostly one "
-        "class does not pull the shared model towards it; predictions use the plain logits. auto: "
-        "on for classification unless privacy.mode is dp-sgd (the shares are counted from the "
+        "label shares less the log of the federation's (logit adjustment / balanced softmax), so "
+        "that a site holding mostly one class does not pull the shared model towards it and the "
+        "plain logits, which predict, are calibrated to the federation's shares (counted from the "
+        "sites' validation data, which evaluation reports anyway; uniform without any). auto: on "
+        "for classification unless privacy.mode is dp-sgd (the site's shares are counted from its "
         "training patients, which DP-SGD must not couple)",
     )
 

@@ -14,7 +14,7 @@ from privmed.config import RunConfig, SiteConfig, SitesConfig, validate_config
 from privmed.data import ImageSet, SourceData, load_source
 from privmed.data.sites import SiteData, own_site, pooled_site, split_into_sites
 from privmed.federation.client import GuardPolicy
-from privmed.federation.facts import DataFacts, SiteProfile
+from privmed.federation.facts import DataFacts, SiteProfile, reference_label_shares
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError, PrivmedError
@@ -41,6 +41,9 @@ class Plan:
     initial_weights: Weights
     local_steps: int | None  # per training turn (the pooled site does all sites' work)
     privacy: PrivacyPlan | None = None  # None: privacy.mode 'none'
+    # the federation's label shares from the sites' validation counts (reference_label_shares):
+    # what logit adjustment calibrates to; None: uniform (no validation data, or survival)
+    label_shares: tuple[float, ...] | None = None
 
     def setup_for(self, site: str) -> SiteSetup:
         """What `site` needs to train and score for this run (public: it travels to the site)."""
@@ -48,7 +51,7 @@ class Plan:
         if self.privacy is not None and self.config.privacy.mode == "dp-sgd":
             r = self.privacy.release(site)
             release = (r.noise_multiplier, r.sample_rate, r.steps)
-        return SiteSetup(self.config.to_dict(), self.data.to_dict(), self.local_steps, release)
+        return SiteSetup(self.config.to_dict(), self.data.to_dict(), self.local_steps, release, self.label_shares)
 
 
 @dataclass(frozen=True)
@@ -56,26 +59,30 @@ class SiteSetup:
     """A run's public settings as a site needs them, from the coordinator's plan: the run config
     (which names no patient), the data's agreed shape, the steps per turn and, under DP-SGD, the
     release each training turn makes (noise multiplier, sample rate, steps). The site trains as
-    it says and counts that release in its own ledger, against its own budget."""
+    it says and counts that release in its own ledger, against its own budget; and the federation's
+    label shares, which logit adjustment calibrates to."""
 
     config: dict
     data: dict
     local_steps: int | None
     release: tuple[float, float, int] | None
+    label_shares: tuple[float, ...] | None = None
 
     def to_json(self) -> str:
         return json.dumps(
             {"config": self.config, "data": self.data, "local_steps": self.local_steps,
-             "release": None if self.release is None else list(self.release)},
+             "release": None if self.release is None else list(self.release),
+             "label_shares": None if self.label_shares is None else list(self.label_shares)},
             sort_keys=True, allow_nan=False,
         )
 
     @classmethod
     def from_json(cls, text: str) -> SiteSetup:
         d = json.loads(text)
-        r = d.get("release")
+        r, shares = d.get("release"), d.get("label_shares")
         return cls(d["config"], d["data"], d.get("local_steps"),
-                   None if r is None else (float(r[0]), float(r[1]), int(r[2])))
+                   None if r is None else (float(r[0]), float(r[1]), int(r[2])),
+                   None if shares is None else tuple(float(x) for x in shares))
 
     def run_config(self) -> RunConfig:
         return validate_config(self.config, source="the coordinator's run config")
@@ -139,6 +146,18 @@ def prepare_experiment(
     config). Raises PrivmedError on bad input; writes nothing."""
     check_model_name(cfg.model.name)
     source, site_data, facts = simulated_sites(cfg, hospitals)
+    exp = experiment_from_sites(cfg, site_data, facts, source, noise)
+    exp.hospitals = {h.site: h for h in hospitals or []}
+    return exp
+
+
+def experiment_from_sites(
+    cfg: RunConfig, site_data: list[SiteData], facts: DataFacts, source: SourceData | None = None,
+    noise: Mapping[str, float] | None = None,
+) -> Experiment:
+    """A simulation over the sites' data as given (`prepare_experiment` partitions a source into
+    them; an audit's shadow runs give their own): the plan from their public facts, and the
+    sites built as it says. `source`: where a test split that no site owns comes from."""
     pooled = None
 
     def pooled_profile() -> SiteProfile:
@@ -152,7 +171,7 @@ def prepare_experiment(
     # the sites' own test data makes the pooled test figure; a source's test split that no site
     # owns (a benchmark's official test set) is public, and the coordinator scores it itself
     public_test = None if source is None or all(sd.test is not None for sd in site_data) else source.test
-    return Experiment(plan, public_test, site_data, trainers, {h.site: h for h in hospitals or []})
+    return Experiment(plan, public_test, site_data, trainers)
 
 
 def simulated_sites(
@@ -270,7 +289,8 @@ def plan_experiment(
             strategy = DPFedAvg(cfg.privacy.max_grad_norm, sigma, len(sites))
             if cfg.federation.secure_aggregation:
                 strategy.rounding_bound = _secagg_rounding_bound(cfg, initial)
-    return Plan(cfg, task, data, sites, trainers, strategy, model_factory, initial, steps, privacy)
+    shares = None if task.name == "survival" else reference_label_shares(sites, data.n_classes)
+    return Plan(cfg, task, data, sites, trainers, strategy, model_factory, initial, steps, privacy, shares)
 
 
 def make_model_factory(cfg: RunConfig, data: DataFacts, task: Task) -> Callable[[], nn.Module]:
@@ -297,7 +317,7 @@ def build_site(plan: Plan, sd: SiteData) -> Site:
     if plan.privacy is not None and cfg.privacy.mode == "dp-sgd":
         dp = DPTraining(plan.privacy.release(sd.name), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
     return Site(sd, plan.model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed,
-                plan.local_steps, dp=dp, task=plan.task)
+                plan.local_steps, dp=dp, task=plan.task, label_shares=plan.label_shares)
 
 
 def scoring_site(plan: Plan, sd: SiteData) -> Site:
@@ -324,7 +344,7 @@ def site_from_setup(setup: SiteSetup, sd: SiteData, own: DataFacts) -> Site:
             raise ConfigError("privacy.mode 'dp-sgd', but the coordinator's setup names no release")
         dp = DPTraining(Release(*setup.release), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
     return Site(sd, make_model_factory(cfg, data, task), cfg.training, cfg.federation.local_epochs,
-                cfg.seed, setup.local_steps, dp=dp, task=task)
+                cfg.seed, setup.local_steps, dp=dp, task=task, label_shares=setup.label_shares)
 
 
 def secagg_rounding_bound(entries: int, clipping_range: float, bits: int) -> float:

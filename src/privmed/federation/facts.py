@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
+
 from privmed.data.base import SourceData
 from privmed.data.sites import SiteData
 from privmed.errors import PrivmedError
@@ -84,22 +86,39 @@ class SiteProfile:
     patient_ids: bool  # whether its training data names each item's patient
     n_val: int
     n_test: int
+    # how many validation items of each class (classification; () for survival data): every round's
+    # evaluation counts release them anyway; the run's reference label shares come from them
+    val_label_counts: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, sd: SiteData) -> SiteProfile:
+        counts = () if sd.val.time is not None else tuple(int(c) for c in np.bincount(sd.val.labels))
         return cls(sd.name, len(sd.train), n_patients(sd.train), sd.train.patient is not None,
-                   len(sd.val), 0 if sd.test is None else len(sd.test))
+                   len(sd.val), 0 if sd.test is None else len(sd.test), counts)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "val_label_counts": list(self.val_label_counts)}
 
     @classmethod
     def from_dict(cls, d: dict) -> SiteProfile:
         try:
             return cls(str(d["name"]), int(d["n_train"]), int(d["n_patients"]), bool(d["patient_ids"]),
-                       int(d["n_val"]), int(d["n_test"]))
+                       int(d["n_val"]), int(d["n_test"]), tuple(int(c) for c in d.get("val_label_counts", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise PrivmedError(f"a site's description lacks or garbles {e}: {d}") from None
+
+
+def reference_label_shares(sites: list[SiteProfile], n_classes: int) -> tuple[float, ...] | None:
+    """The federation's label shares as the sites' validation items give them (Laplace-smoothed):
+    the reference that logit adjustment calibrates the shared model to. None without validation
+    items, or for data without classes."""
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for p in sites:
+        c = np.asarray(p.val_label_counts[:n_classes], dtype=np.float64)
+        counts[: len(c)] += c
+    if n_classes < 2 or counts.sum() == 0:
+        return None
+    return tuple(float(x) for x in (counts + 1) / (counts.sum() + n_classes))
 
 
 def _one_or_each(texts: dict[str, str]) -> str:

@@ -10,7 +10,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -98,6 +98,7 @@ class Site:
         local_steps: int | None = None,
         dp: DPTraining | None = None,
         task: Task | None = None,
+        label_shares: Sequence[float] | None = None,
     ):
         self.data = data
         self.dp = dp
@@ -114,16 +115,19 @@ class Site:
         # state_dict position of each trainable parameter (corrections come per state entry)
         position = {k: i for i, k in enumerate(self.model.state_dict())}
         self._params = [(position[n], p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self._logit_shift = self._label_shift()
+        self._logit_shift = self._label_shift(label_shares)
 
-    def _label_shift(self) -> torch.Tensor | None:
+    def _label_shift(self, reference: Sequence[float] | None) -> torch.Tensor | None:
         """training.logit_adjustment: what is added to the model's logits in the training loss,
         the log of this site's label shares (Laplace-smoothed, so a class the site lacks gets a
-        large negative shift rather than minus infinity): cross-entropy then trains
-        softmax(z + log prior), and z itself, used to predict, learns the label-balanced score
-        (logit adjustment, Menon et al. 2021; balanced softmax, Ren et al. 2020; FedLC, Zhang et al.
-        2022 for federated label skew). With one logit (binary tables) the shift is the log prior
-        odds. None when off (auto: off under DP-SGD, and for survival)."""
+        large negative shift rather than minus infinity) less the log of the federation's
+        (`reference`, from the sites' validation counts; uniform when None): cross-entropy then
+        trains softmax(z + log prior - log reference), and z itself, used to predict, learns the
+        score calibrated to the federation's label shares, whatever this site's (logit adjustment,
+        Menon et al. 2021; balanced softmax, Ren et al. 2020; FedLC, Zhang et al. 2022 for federated
+        label skew). A site whose shares are the federation's trains unshifted. With one logit
+        (binary tables) the shift is the difference of the log prior odds. None when off (auto:
+        off under DP-SGD, and for survival)."""
         choice = self.training.logit_adjustment
         if choice == "off" or self.task.name == "survival" or (choice == "auto" and self.dp is not None):
             return None
@@ -134,6 +138,8 @@ class Site:
         n_classes = max(k, 2)
         counts = np.bincount(self.data.train.labels, minlength=n_classes).astype(np.float64)
         log_prior = np.log((counts + 1) / (counts.sum() + n_classes))
+        if reference is not None:
+            log_prior = log_prior - np.log(np.asarray(reference, dtype=np.float64))
         if k == 1:
             return torch.tensor([log_prior[1] - log_prior[0]], dtype=torch.float32)
         return torch.from_numpy(log_prior[:k].astype(np.float32))
