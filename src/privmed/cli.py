@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from privmed import __version__
-from privmed.errors import PrivmedError
+from privmed.errors import ConfigError, PrivmedError
 
 EXIT_BAD_INPUT = 2
 
@@ -197,6 +198,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     _flower_args(join, server=True)
 
+    from privmed.audit.attacks import describe_attacks
+
+    aud = sub.add_parser(
+        "audit", help="attack a finished run's model: what leaks of its patients",
+        description="Attack the model of the run in RUN_DIR as the attacks below assume, on member "
+        "patients (the sites' training patients) and as many non-members (the test patients), and "
+        "write RUN_DIR/audit.json (each attack's view and assumptions, ROC-AUC and TPR at 0.1%% and "
+        "1%% FPR with 95%% bootstrap intervals, the seeds) and an Audit section in its report. The "
+        "shadow-based attacks train --shadows runs of the run's config (each about as long as the "
+        "run itself).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="attacks:\n" + describe_attacks(),
+    )
+    aud.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    aud.add_argument("--attack", dest="attacks", action="append", metavar="NAME",
+                     help="an attack to run (repeatable; default: all)")
+    aud.add_argument("--shadows", type=int, default=8, help="shadow runs to train (default 8)")
+    aud.add_argument("--candidates", type=int, default=500,
+                     help="member and non-member patients to ask about, each (default 500)")
+    aud.add_argument("--budget", type=float, metavar="SECONDS",
+                     help="stop training shadows after this long (at least one is trained)")
+    aud.add_argument("--seed", type=int, default=0, help="seeds the candidates and the shadow runs")
+
     rep = sub.add_parser(
         "report", help="(re)write a run directory's report.html",
         description="Write RUN_DIR/report.html (and plots/) again from the run's files.",
@@ -331,6 +355,25 @@ def _main(argv: list[str] | None) -> int:
             return 0
         print("privmed privacy: give a subcommand: plan or spent (see privmed privacy --help)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "audit":
+        from privmed.audit.run import audit, strongest
+
+        for name, value in (("--shadows", args.shadows), ("--candidates", args.candidates)):
+            if value < 1:
+                raise ConfigError(f"{name}: {value}; give a positive number")
+        if args.budget is not None and args.budget <= 0:
+            raise ConfigError(f"--budget: {args.budget:g}; give a positive number of seconds")
+        result = audit(args.run_dir, args.attacks, shadows=args.shadows, candidates=args.candidates,
+                       budget_s=args.budget, seed=args.seed, progress=lambda msg: print(msg, flush=True))
+        claimed = result["claimed"]
+        best = strongest(result)
+        if best is not None:
+            name, r = best
+            eps = ("no DP guarantee" if claimed["epsilon"] is None  # the ledger's epsilon, rounded up
+                   else f"the run claims epsilon {math.ceil(claimed['epsilon'] * 100) / 100:.2f}")
+            print(f"strongest attack: {name}, ROC-AUC {r['roc_auc']:.3f} ({eps})")
+        print(f"audit: {(args.run_dir / 'audit.json').resolve()}")
+        return 0
     if args.command == "report":
         from privmed.report import write_report
 

@@ -86,6 +86,7 @@ class RunFiles:
     time: np.ndarray | None = None
     risk: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    audit: dict | None = None  # audit.json (privmed audit), when the run was audited
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ def read_run(run_dir: Path) -> RunFiles:
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     labels, probs, time, risk = _read_predictions(run_dir / "predictions.npz")
     counts = _read_counts(run_dir / "test_counts.npz")
-    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk, counts)
+    audit = _read_json(run_dir / "audit.json") if (run_dir / "audit.json").is_file() else None
+    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk, counts, audit)
 
 
 def _read_counts(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -268,7 +270,30 @@ def make_figures(run: RunFiles) -> list[FigureOut]:
     view = task_view(run)
     privacy = _privacy_figure(run)
     predictions = _survival_figures(run) if view.survival else _prediction_figures(run, view)
-    return [_learning_curves(run, view), *([privacy] if privacy else []), *predictions]
+    audit = _audit_figure(run)
+    return [_learning_curves(run, view), *([privacy] if privacy else []), *predictions, *([audit] if audit else [])]
+
+
+def _audit_figure(run: RunFiles) -> FigureOut | None:
+    """The membership attacks' ROC curves on log axes (audit.json), or None when not audited."""
+    attacks = _dict(_get(run.audit, "attacks"))
+    curves, n_out = {}, 0
+    for name, r in attacks.items():
+        r = _dict(r)
+        fpr, tpr, auc = r.get("roc_fpr"), r.get("roc_tpr"), _num(r.get("roc_auc"))
+        if isinstance(fpr, list) and isinstance(tpr, list) and auc is not None and len(fpr) == len(tpr) > 1:
+            curves[name] = (np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float), auc)
+            n_out = max(n_out, int(_num(r.get("n_nonmembers")) or 0))
+    if not curves:
+        return None
+    caption = (
+        "Membership inference against the selected model (privmed audit): for each attack, the share "
+        "of training patients it finds (true positive rate) against the share of other patients it "
+        "wrongly calls members (false positive rate), on log axes, where the patients an attacker can "
+        "name with confidence show. The dashed line is guessing."
+    )
+    return FigureOut("audit_membership", "Audit: membership inference", caption,
+                     png=plots.membership_roc(curves, n_out))
 
 
 def _learning_curves(run: RunFiles, view: TaskView | None = None) -> FigureOut:
@@ -667,6 +692,7 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
         "sites": _sites_table(run, view),
         "figures": [_figure_context(f) for f in figures],
         "privacy": _privacy(s.get("privacy"), view),
+        "audit": _audit(run),
         "data_description": data.get("description"),
         "data_citation": data.get("citation"),
         "class_names": data.get("class_names") if not view.survival else None,
@@ -675,6 +701,56 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
                                       allow_unicode=True),
         "version": s.get("privmed_version") or NA,
     }
+
+
+def _audit(run: RunFiles) -> dict | None:
+    """The Audit section from audit.json: one row per attack (what it sees, ROC-AUC and TPR at low
+    FPR with their 95% intervals), beside the epsilon the run claims."""
+    a = run.audit
+    if not a:
+        return None
+    rows = []
+    for name, r in _dict(a.get("attacks")).items():
+        r = _dict(r)
+        if "skipped" in r:
+            rows.append({"name": name, "title": r.get("title", name), "sees": r.get("sees", NA),
+                         "cells": [f"not run: {r['skipped']}", "", "", ""]})
+            continue
+        tpr, tpr_ci = _dict(r.get("tpr_at_fpr")), _dict(r.get("tpr_at_fpr_ci"))
+
+        def rate(key: str) -> str:
+            v = _num(tpr.get(key))
+            if v is None:
+                return f"not resolvable ({_int(r.get('n_nonmembers'))} non-members)"
+            return f"{100 * v:.1f}%" + _ci(tpr_ci.get(key), percent=True)
+
+        rows.append({"name": name, "title": r.get("title", name), "sees": r.get("sees", NA), "cells": [
+            f"{_num(r.get('roc_auc')):.3f}" + _ci(r.get("roc_auc_ci")),
+            rate("0.001"), rate("0.01"), f"{_num(r.get('balanced_accuracy')):.3f}",
+        ]})
+    claimed = _dict(a.get("claimed"))
+    eps = _num(claimed.get("epsilon"))
+    bound = _num(claimed.get("max_roc_auc"))
+    if eps is None:
+        claim = "The run claims no differential-privacy guarantee: nothing bounds what these attacks find."
+    else:
+        claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')} per patient at each site."
+        if bound is not None:
+            claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by {bound:.3f}; "
+                      "an audit finds what a given attacker reaches, a lower bound on the leak.")
+    cand, sh = _dict(a.get("candidates")), _dict(a.get("shadows"))
+    setting = (f"{_int(cand.get('members'))} training patients and {_int(cand.get('non_members'))} "
+               f"patients no site trained on ({cand.get('drawn_from', '')}); seed {a.get('seed')}")
+    if sh:
+        setting += f"; {_int(sh.get('trained'))} shadow runs ({fmt_seconds(sh.get('seconds'))})"
+    return {"rows": rows, "claim": claim, "setting": setting, "created": a.get("created", NA)}
+
+
+def _ci(ci: Any, percent: bool = False) -> str:
+    if not isinstance(ci, list) or len(ci) != 2 or any(_num(c) is None for c in ci):
+        return ""
+    lo, hi = (_num(c) for c in ci)
+    return f" ({100 * lo:.1f}–{100 * hi:.1f}%)" if percent else f" ({lo:.3f}–{hi:.3f})"
 
 
 def _overview(run: RunFiles) -> list[tuple[str, str]]:

@@ -151,6 +151,32 @@ def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title
     return _png(fig)
 
 
+def membership_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], n_nonmembers: int) -> bytes:
+    """Membership-inference ROC curves on log-log axes (what matters is the true positive rate at
+    a low false positive rate: the patients an attacker can name with confidence). `curves`: attack
+    -> (fpr, tpr, auc). The axes start at the lowest FPR the non-members resolve, 1/n."""
+    fig = _figure((5.4, 4.8))
+    ax = fig.subplots()
+    colours = _colours(list(curves))
+    lo = 1.0 / max(n_nonmembers, 1)
+    for name, (fpr, tpr, auc) in curves.items():
+        keep = (fpr >= lo) & (tpr > 0)
+        ax.plot(fpr[keep], tpr[keep], lw=1.6, color=colours[name], label=f"{name} (AUC {auc:.3f})")
+    grid = np.logspace(np.log10(lo), 0, 50)
+    ax.plot(grid, grid, color="gray", lw=1, ls="--", label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, 1.0)
+    ax.set_ylim(lo, 1.0)
+    ax.set_xlabel("false positive rate (non-members called members)", fontsize=LABEL_SIZE)
+    ax.set_ylabel("true positive rate (members found)", fontsize=LABEL_SIZE)
+    ax.set_title("Membership inference, log scale", fontsize=TITLE_SIZE)
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=LEGEND_SIZE, loc="lower right")
+    return _png(fig)
+
+
 def calibration(
     probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray, n_bins: int = 15,
     items: str = "images",

@@ -1,0 +1,114 @@
+"""`privmed audit`: membership attacks on a finished run, end to end, on tiny phantom runs. An
+overfit non-private model must give its members away measurably; a DP run must stay inside what its
+epsilon allows; the shadow runs must include and leave out whole patients as they say."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import privmed
+from privmed.audit.attacks import ATTACKS
+from privmed.audit.membership import draw_candidates, load_target, shadow_sites
+from privmed.audit.run import audit, dp_roc_auc_bound
+from privmed.cli import main
+
+# small and overfit: 2 sites of 60 phantom images, many local epochs, no augmentation
+OVERFIT = {
+    "name": "overfit", "seed": 0,
+    "data": {"source": "phantom", "size": 16, "samples_per_site": 60, "val_fraction": 0.25},
+    "sites": {"count": 2, "partition": "natural"},
+    "model": {"name": "cnn", "width": 16},
+    "federation": {"strategy": "fedavg", "rounds": 8, "local_epochs": 4, "model_selection": "last"},
+    "training": {"batch_size": 16, "lr": 0.003, "optimizer": "adam", "augment": False},
+}
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("audit") / "overfit"
+    privmed.run(OVERFIT, out)
+    return out
+
+
+def test_an_overfit_model_gives_its_members_away_and_the_report_says_so(overfit_run):
+    result = audit(overfit_run, shadows=2, candidates=100, seed=3)
+    written = json.loads((overfit_run / "audit.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert set(written["attacks"]) == set(ATTACKS)
+    assert written["claimed"]["epsilon"] is None and "max_roc_auc" not in written["claimed"]
+    assert written["shadows"]["trained"] == 2 and written["seed"] == 3
+    n = written["candidates"]
+    assert n["members"] == n["non_members"] > 10
+    for name, r in written["attacks"].items():
+        assert r["sees"] and r["assumes"], name
+        lo, hi = r["roc_auc_ci"]
+        assert lo <= r["roc_auc"] <= hi
+        assert r["n_members"] == n["members"] and r["n_nonmembers"] == n["non_members"]
+    # the strongest attack tells members from non-members beyond chance, at 95% confidence
+    best = max(written["attacks"].values(), key=lambda r: r["roc_auc"])
+    assert best["roc_auc_ci"][0] > 0.5, best
+    # the report shows the attacks, and draws their ROC curves from audit.json
+    html = (overfit_run / "report.html").read_text()
+    assert "Audit: what an attacker learns" in html and "LiRA, online" in html
+    assert (overfit_run / "plots" / "audit_membership.png").stat().st_size > 1000
+    assert "no differential-privacy guarantee" in html
+
+
+def test_shadow_runs_include_and_leave_out_whole_patients(overfit_run):
+    target = load_target(overfit_run)
+    cand = draw_candidates(target, 20, seed=1)
+    assert cand.members.sum() == (~cand.members).sum() == 20
+    rng = np.random.default_rng(0)
+    include = rng.random(len(cand)) < 0.5
+    sites = shadow_sites(target, cand, include, np.random.default_rng(1))
+    before = sum(len(sd.train) for sd in target.site_data)
+    left_out = sum(len(g) for g, m, i in zip(cand.item_groups, cand.members, include) if m and not i)
+    joined = sum(len(g) for g, m, i in zip(cand.item_groups, cand.members, include) if not m and i)
+    assert sum(len(sd.train) for sd in sites) == before - left_out + joined
+    pooled = np.concatenate([sd.train.images.reshape(len(sd.train), -1) for sd in sites])
+    rows = {row.tobytes() for row in pooled}
+    for k in range(len(cand)):
+        present = cand.images[k].reshape(-1).tobytes() in rows
+        assert present == bool(include[k]), (k, cand.members[k], include[k])
+    # validation data, which selects the model, is the target's
+    for a, b in zip(sites, target.site_data):
+        assert np.array_equal(a.val.images, b.val.images)
+
+
+def test_a_dp_run_stays_within_what_its_epsilon_allows(tmp_path, one_thread):
+    cfg = {**OVERFIT, "name": "overfit-dp", "privacy": {"mode": "dp-sgd", "epsilon": 1.0, "delta": 1e-3}}
+    out = tmp_path / "dp"
+    s = privmed.run(cfg, out).summary
+    result = audit(out, ["loss", "lira-offline"], shadows=2, candidates=100, seed=0)
+    claimed = result["claimed"]
+    assert claimed["epsilon"] == s["privacy"]["epsilon"] <= 1.0
+    assert claimed["max_roc_auc"] == pytest.approx(dp_roc_auc_bound(claimed["epsilon"], 1e-3), abs=1e-4)
+    for name, r in result["attacks"].items():
+        # an attack whose whole interval lies above the bound would refute the claimed epsilon
+        assert r["roc_auc_ci"][0] <= claimed["max_roc_auc"], (name, r["roc_auc_ci"])
+    assert "a lower bound on the leak" in (out / "report.html").read_text()
+
+
+def test_the_roc_auc_bound_of_an_epsilon():
+    for eps in (0.1, 1.0, 3.0):  # with delta 0 the area is e^eps / (1 + e^eps)
+        assert dp_roc_auc_bound(eps) == pytest.approx(math.exp(eps) / (1 + math.exp(eps)), abs=1e-6)
+    assert dp_roc_auc_bound(1.0, 1e-3) > dp_roc_auc_bound(1.0)
+    assert dp_roc_auc_bound(1e-9) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_audit_errors_name_the_input(tmp_path, capsys, overfit_run):
+    assert main(["audit", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: not found" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["audit", str(overfit_run), "--attack", "guess"]) == 2
+    assert "unknown attack 'guess' (allowed: loss, lira-online" in capsys.readouterr().err
+    assert main(["audit", str(overfit_run), "--shadows", "0"]) == 2
+    assert "--shadows: 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ATTACKS)
