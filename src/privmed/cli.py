@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -357,6 +356,7 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_BAD_INPUT
     if args.command == "audit":
         from privmed.audit.run import audit, strongest
+        from privmed.privacy.figures import format_epsilon
 
         for name, value in (("--shadows", args.shadows), ("--candidates", args.candidates)):
             if value < 1:
@@ -370,7 +370,7 @@ def _main(argv: list[str] | None) -> int:
         if best is not None:
             name, r = best
             eps = ("no DP guarantee" if claimed["epsilon"] is None  # the ledger's epsilon, rounded up
-                   else f"the run claims epsilon {math.ceil(claimed['epsilon'] * 100) / 100:.2f}")
+                   else f"the run claims epsilon {format_epsilon(claimed['epsilon'])}")
             print(f"strongest attack: {name}, ROC-AUC {r['roc_auc']:.3f} ({eps})")
         print(f"audit: {(args.run_dir / 'audit.json').resolve()}")
         return 0

@@ -288,9 +288,10 @@ def _fill_defaults(data: dict, defaults: dict[str, dict[str, Any]], unless: dict
 # A tabular source's training defaults (with or without DP-SGD), where the config is silent. The
 # image defaults (batch 64, SGD with momentum 0.9 at lr 0.01) leave these small tables under-trained:
 # a site of 50-200 rows takes one to three steps an epoch. Smaller batches and plain SGD with a
-# larger step, measured over 5 seeds on each source's natural sites (benchmarks/defaults.py): Fed-
-# Heart-Disease fedavg mean-over-sites accuracy 0.662 -> 0.721 (DP-SGD at epsilon 1: 0.600 ->
-# 0.725); Fed-TCGA-BRCA fedavg C-index 0.680 -> 0.811.
+# larger step, measured over 5 seeds on each source's natural sites: Fed-Heart-Disease fedavg
+# mean-over-sites accuracy 0.662 -> 0.724 (DP-SGD at epsilon 1: 0.600 -> 0.721); Fed-TCGA-BRCA fedavg
+# C-index 0.680 -> 0.811 (benchmarks/defaults.py). A coordinator config with data.source 'sites'
+# does not know the source, so these apply only where the config names it.
 SOURCE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "heart-disease": {"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.05}},
     "tcga-brca": {"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.1}},

@@ -734,7 +734,9 @@ def _audit(run: RunFiles) -> dict | None:
     if eps is None:
         claim = "The run claims no differential-privacy guarantee: nothing bounds what these attacks find."
     else:
-        claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')} per patient at each site."
+        unit = ("each site's whole data (central DP: the unit is the site, so a patient's membership "
+                "is not what it bounds)" if claimed.get("mode") == "central" else "each patient at each site")
+        claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')} for {unit}."
         if bound is not None:
             claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by {bound:.3f}; "
                       "an audit finds what a given attacker reaches, a lower bound on the leak.")
