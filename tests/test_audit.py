@@ -62,6 +62,9 @@ def test_shadow_runs_include_and_leave_out_whole_patients(overfit_run):
     target = load_target(overfit_run)
     cand = draw_candidates(target, 20, seed=1)
     assert cand.members.sum() == (~cand.members).sum() == 20
+    # members are matched to the non-members' labels: prevalence cannot pass for membership
+    assert np.array_equal(np.bincount(cand.labels[cand.members], minlength=2),
+                          np.bincount(cand.labels[~cand.members], minlength=2))
     rng = np.random.default_rng(0)
     include = rng.random(len(cand)) < 0.5
     sites = shadow_sites(target, cand, include, np.random.default_rng(1))
