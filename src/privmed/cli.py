@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from privmed import __version__
@@ -201,12 +202,14 @@ def _parser() -> argparse.ArgumentParser:
 
     aud = sub.add_parser(
         "audit", help="attack a finished run's model: what leaks of its patients",
-        description="Attack the model of the run in RUN_DIR as the attacks below assume, on member "
-        "patients (the sites' training patients) and as many non-members (the test patients), and "
-        "write RUN_DIR/audit.json (each attack's view and assumptions, ROC-AUC and TPR at 0.1%% and "
-        "1%% FPR with 95%% bootstrap intervals, the seeds) and an Audit section in its report. The "
+        description=textwrap.fill(
+        "Attack the model of the run in RUN_DIR as the attacks below assume, on "
+        "non-member patients (the test patients) and as many members (the sites' training patients, "
+        "with the same labels), and write RUN_DIR/audit.json (each attack's view and assumptions, "
+        "ROC-AUC and TPR at 0.1% and 1% FPR with 95% bootstrap intervals, the seeds) and an Audit "
+        "section in its report. The "
         "shadow-based attacks train --shadows runs of the run's config (each about as long as the "
-        "run itself).",
+        "run itself).", 88),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="attacks:\n" + describe_attacks(),
     )
