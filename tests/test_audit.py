@@ -115,3 +115,16 @@ def test_audit_errors_name_the_input(tmp_path, capsys, overfit_run):
         main(["audit", "--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in ATTACKS)
+
+
+def test_a_corrupt_run_file_is_one_line(tmp_path, capsys, overfit_run):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(overfit_run, broken)
+    (broken / "model.pt").write_bytes(b"not a model")
+    before = sorted(p.name for p in broken.iterdir())
+    assert main(["audit", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "a run file is corrupt" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in broken.iterdir()) == before  # nothing written

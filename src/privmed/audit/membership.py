@@ -16,6 +16,7 @@ left out together, and a patient's score is that of its first item.
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -87,8 +88,20 @@ def load_target(run_dir: Path) -> Target:
             raise RunDirError(f"{run_dir / name}: not found; `privmed audit` needs a finished run directory")
     import yaml
 
-    cfg = validate_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")),
-                          source=str(run_dir / "config.yaml"))
+    reading = "config.yaml"
+    try:
+        raw = yaml.safe_load((run_dir / reading).read_text(encoding="utf-8"))
+        reading = "summary.json"
+        summary = json.loads((run_dir / reading).read_text(encoding="utf-8"))
+        reading = "model.pt"
+        saved = torch.load(run_dir / reading, weights_only=True)
+        args, state = saved["model_args"], saved["state_dicts"]["global"]
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError, KeyError, TypeError, RuntimeError, EOFError,
+            pickle.UnpicklingError) as e:
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise RunDirError(f"{run_dir / reading}: a run file is corrupt or not privmed's "
+                          f"({type(e).__name__}: {why})") from None
+    cfg = validate_config(raw, source=str(run_dir / "config.yaml"))
     if cfg.data.source == "sites":
         raise ConfigError(
             f"{run_dir / 'config.yaml'}: data.source 'sites': the hospitals hold the data, so the "
@@ -99,13 +112,11 @@ def load_target(run_dir: Path) -> Target:
             f"{run_dir / 'config.yaml'}: federation.strategy '{cfg.federation.strategy}' leaves one "
             "model per site; the membership audit attacks one shared model"
         )
-    saved = torch.load(run_dir / "model.pt", weights_only=True)
-    model = build_model(**saved["model_args"])
-    model.load_state_dict(saved["state_dicts"]["global"])
+    model = build_model(**args)
+    model.load_state_dict(state)
     model.eval()
     source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
     site_data = split_into_sites(source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     return Target(run_dir, cfg, model, source, site_data, DataFacts.of(source, cfg.data.source), summary)
 
 
@@ -223,7 +234,7 @@ def train_shadows(
         include = rng.random(len(cand)) < 0.5
         cfg = target.config.model_copy(update={"seed": derive_seed(seed, "shadow", s) % (2**31 - 1)})
         exp = experiment_from_sites(cfg, shadow_sites(target, cand, include, rng), target.facts, target.source)
-        exp.public_test = None  # shadows are scored on their sites' validation data only
+        exp.public_test = None  # the coordinator scores no public test set for a shadow
         result = run_in_process(exp)
         logits.append(logits_of(result.model, cand.all_images()))
         included.append(include)
