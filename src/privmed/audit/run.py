@@ -66,7 +66,8 @@ def audit(
                "delta": summary_privacy.get("delta")}
     if target.config.privacy.mode == "dp-sgd" and claimed["epsilon"] is not None:
         # per patient at each site; the bound any membership attack on one patient obeys
-        claimed["max_roc_auc"] = round(dp_roc_auc_bound(claimed["epsilon"], claimed["delta"] or 0.0), 4)
+        # (rounded up: never below what the claim allows)
+        claimed["max_roc_auc"] = math.ceil(dp_roc_auc_bound(claimed["epsilon"], claimed["delta"] or 0.0) * 1e4) / 1e4
     out = {
         "run": run_dir.name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -76,8 +77,8 @@ def audit(
         "candidates": {
             "members": int(cand.members.sum()), "non_members": int((~cand.members).sum()),
             "population": int(len(cand.population_labels)),
-            "drawn_from": "members: the sites' training patients; non-members: the pooled test "
-                          "patients; population: the sites' validation items",
+            "drawn_from": "non-members: the pooled test patients; members: the sites' training "
+                          "patients, as many of each label; population: the sites' validation items",
         },
         "shadows": shadow_info,
         "attacks": results,
