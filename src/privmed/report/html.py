@@ -735,7 +735,8 @@ def _audit(run: RunFiles) -> dict | None:
         claim = "The run claims no differential-privacy guarantee: nothing bounds what these attacks find."
     else:
         unit = ("each site's whole data (central DP: the unit is the site, so a patient's membership "
-                "is not what it bounds)" if claimed.get("mode") == "central" else "each patient at each site")
+                "is not what it bounds)" if claimed.get("mode") == "central"
+                else "each patient at each site (each image or record, where the data names no patients)")
         claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')} for {unit}."
         if bound is not None:
             claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by {bound:.3f}; "
