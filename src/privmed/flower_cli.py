@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import signal
 import sys
 import time
@@ -112,6 +113,8 @@ def join(args) -> int:  # noqa: ANN001
         state = Path(args.state or own.state or home.parent / "sites" / name).expanduser()
         hospital = Hospital.from_config(own, state)
     sock = home / "sockets" / f"{name}-{os.getpid()}.sock"
+    if len(str(sock)) > 100:  # an AF_UNIX path holds at most 107 bytes: a private temporary folder
+        sock = Path(tempfile.mkdtemp(prefix="privmed-")) / f"{os.getpid()}.sock"
     _stop_on_sigterm()
     serve_site(SiteEndpoint(hospital), sock)
     proc = None
