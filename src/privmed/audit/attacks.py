@@ -1,6 +1,7 @@
 """The registered membership attacks: each says what its attacker sees and assumes, and turns the
 target's and the shadows' outputs into one score per candidate (higher: more likely a member).
-The statistics are in privmed.audit.mia."""
+The statistics are in privmed.audit.mia, imported when an attack scores (it loads scipy and
+scikit-learn, which `privmed --help`, built from this registry, does not need)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-
-from privmed.audit import mia
 
 FINAL_MODEL = "the final shared model, as a black box: its outputs (class probabilities) on inputs of its choice"
 SHADOW_ASSUMPTION = (
@@ -43,15 +42,19 @@ class Attack:
 
 
 def _loss(d: AttackData) -> np.ndarray:
+    from privmed.audit import mia
+
     n = d.n_candidates
     return mia.loss_attack(d.target_logits[:n], d.labels[:n])
 
 
 def _lira(online: bool) -> Callable[[AttackData], np.ndarray]:
     def score(d: AttackData) -> np.ndarray:
+        from privmed.audit import mia
+
         n = d.n_candidates
         phi = mia.true_class_confidence(d.target_logits[:n], d.labels[:n])
-        shadow_phi = np.stack([mia.true_class_confidence(s[:n], d.labels[:n]) for s in d.shadow_logits])
+        shadow_phi = mia.true_class_confidence(d.shadow_logits[:, :n], d.labels[:n])  # (S, N)
         return mia.lira(phi, shadow_phi, d.shadow_in, online=online,
                         fixed_variance=len(shadow_phi) < FEW_SHADOWS)
 
@@ -59,9 +62,11 @@ def _lira(online: bool) -> Callable[[AttackData], np.ndarray]:
 
 
 def _rmia(d: AttackData) -> np.ndarray:
+    from privmed.audit import mia
+
     n, total = d.n_candidates, len(d.labels)
     target = mia.true_class_prob(d.target_logits, d.labels)
-    refs = np.stack([mia.true_class_prob(s, d.labels) for s in d.shadow_logits])
+    refs = mia.true_class_prob(d.shadow_logits, d.labels)  # (S, N + P)
     # the population sample was never in a shadow run
     ref_in = np.concatenate([d.shadow_in, np.zeros((len(refs), total - n), dtype=bool)], axis=1)
     return mia.rmia(target, refs, ref_in, population_idx=np.arange(n, total))[:n]
