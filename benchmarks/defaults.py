@@ -47,7 +47,7 @@ def _medmnist(name: str) -> dict:
 IID = {"count": 3, "partition": "iid"}
 DIRICHLET = {"count": 3, "partition": "dirichlet", "alpha": 0.5}
 # dataset -> its data section, its splits (name -> sites section), the metric, the rounds, the
-# tuned overrides (None: none), the published reference numbers (name -> (score, accuracy or None))
+# tuned overrides (None: none; "flamby": benchmarks/flamby.py's tuned fedavg), the published reference numbers (name -> (score, accuracy or None))
 DATASETS: dict[str, dict] = {
     "pneumoniamnist": {
         "data": _medmnist("pneumoniamnist"), "splits": {"iid": IID, "dirichlet 0.5": DIRICHLET},
@@ -69,21 +69,14 @@ DATASETS: dict[str, dict] = {
     "heart-disease": {
         "data": {"source": "heart-disease", "root": str(DATA / "uci-heart-disease")},
         "splits": {"4 hospitals": {}}, "metric": "accuracy", "rounds": None,
-        # benchmarks/flamby.py: FLamby's 15 rounds x 100 steps at batch 4, plain SGD at lr 0.01
-        "tuned": {"federation": {"rounds": 15, "local_steps": 100},
-                  "training": {"batch_size": 4, "optimizer": "sgd", "momentum": 0.0, "lr": 0.01,
-                               "logit_adjustment": "off"},
-                  "data": {"val_fraction": 0}},
+        "tuned": "flamby",  # benchmarks/flamby.py's tuned fedavg (FLamby's protocol, lr 0.01)
         "published": {"FLamby pooled": (.735, None), "FLamby fedavg": (.685, None),
                       "FLamby best strategy (fedadagrad, fedyogi)": (.731, None)},
     },
     "tcga-brca": {
         "data": {"source": "tcga-brca", "root": str(DATA / "tcga-brca")},
         "splits": {"6 regions": {}}, "metric": "c_index", "rounds": None,
-        # benchmarks/flamby.py: FLamby's 5 rounds x 100 steps at batch 8, lr 0.1, per-site scaling
-        "tuned": {"federation": {"rounds": 5, "local_steps": 100},
-                  "training": {"batch_size": 8, "optimizer": "sgd", "momentum": 0.0, "lr": 0.1},
-                  "data": {"val_fraction": 0, "standardize": "per-site"}},
+        "tuned": "flamby",  # benchmarks/flamby.py's tuned fedavg (FLamby's protocol, per-site scaling)
         "published": {"FLamby pooled": (.676, None), "FLamby fedavg": (.732, None),
                       "FLamby best strategy (fedyogi, fedadam)": (.815, None)},
     },
@@ -105,6 +98,11 @@ def rows_of(dataset: str) -> list[str]:
 
 def config(dataset: str, split: str, row: str, seed: int) -> dict:
     d = DATASETS[dataset]
+    if row == "tuned" and d["tuned"] == "flamby":
+        import flamby
+
+        tuned = flamby._merge(flamby.flamby_config(dataset, "fedavg", seed, DATA), flamby.TUNED[dataset]["fedavg"])
+        return {**tuned, "name": f"{dataset}-{row}"}
     strategy = {"defaults": "fedavg", "tuned": "fedavg", "dp": "fedavg"}.get(row, row)
     cfg = {"name": f"{dataset}-{row}", "seed": seed, "data": dict(d["data"]), "sites": dict(d["splits"][split]),
            "federation": {"strategy": strategy}}
