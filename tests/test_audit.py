@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from privmed.audit.attacks import ATTACKS
 from privmed.audit.membership import draw_candidates, load_target, shadow_sites
 from privmed.audit.run import audit, dp_roc_auc_bound
 from privmed.cli import main
+from privmed.report.html import UNITS
 
 # small and overfit: 2 sites of 60 phantom images, many local epochs, no augmentation
 OVERFIT = {
@@ -93,7 +95,13 @@ def test_a_dp_run_stays_within_what_its_epsilon_allows(tmp_path, one_thread):
     for name, r in result["attacks"].items():
         # an attack whose whole interval lies above the bound would refute the claimed epsilon
         assert r["roc_auc_ci"][0] <= claimed["max_roc_auc"], (name, r["roc_auc_ci"])
-    assert "a lower bound on the leak" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "a lower bound on the leak" in html
+    # the claim names the run's unit of privacy (this data names no patients: one image) and prints
+    # the bound rounded up, never below what the epsilon gives
+    assert f"unit of privacy is {UNITS[s['privacy']['unit']][1].format(item='image', items='images')}" in html
+    shown = float(re.search(r"ROC-AUC by (0\.\d{3})", html).group(1))
+    assert claimed["max_roc_auc"] <= shown < claimed["max_roc_auc"] + 1e-3
 
 
 def test_the_roc_auc_bound_of_an_epsilon():

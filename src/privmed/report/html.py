@@ -692,7 +692,7 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
         "sites": _sites_table(run, view),
         "figures": [_figure_context(f) for f in figures],
         "privacy": _privacy(s.get("privacy"), view),
-        "audit": _audit(run),
+        "audit": _audit(run, view),
         "data_description": data.get("description"),
         "data_citation": data.get("citation"),
         "class_names": data.get("class_names") if not view.survival else None,
@@ -703,7 +703,7 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
     }
 
 
-def _audit(run: RunFiles) -> dict | None:
+def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
     """The Audit section from audit.json: one row per attack (what it sees, ROC-AUC and TPR at low
     FPR with their 95% intervals), beside the epsilon the run claims."""
     a = run.audit
@@ -734,13 +734,16 @@ def _audit(run: RunFiles) -> dict | None:
     if eps is None:
         claim = "The run claims no differential-privacy guarantee: nothing bounds what these attacks find."
     else:
-        unit = ("each site's whole data (central DP: the unit is the site, so a patient's membership "
-                "is not what it bounds)" if claimed.get("mode") == "central"
-                else "each patient at each site (each image or record, where the data names no patients)")
-        claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')} for {unit}."
+        unit = _unit_words(_get(run.summary, "privacy", "unit"), view)[1]
+        claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')}"
+        claim += f"; its unit of privacy is {unit}." if unit else "."
+        if claimed.get("mode") == "central":
+            claim += " Central DP protects a whole site, so it bounds a site's membership, not a patient's."
         if bound is not None:
-            claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by {bound:.3f}; "
-                      "an audit finds what a given attacker reaches, a lower bound on the leak.")
+            # Rounded up: a bound printed below its value would claim more than the epsilon backs.
+            claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by "
+                      f"{math.ceil(bound * 1000 - 1e-9) / 1000:.3f}; an audit finds what a given attacker "
+                      "reaches, a lower bound on the leak.")
     cand, sh = _dict(a.get("candidates")), _dict(a.get("shadows"))
     setting = (f"{_int(cand.get('members'))} training patients and {_int(cand.get('non_members'))} "
                f"patients no site trained on ({cand.get('drawn_from', '')}); seed {a.get('seed')}")
