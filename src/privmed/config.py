@@ -38,6 +38,23 @@ SECURE_REFUSED = {
     "pooled": "all data is in one place",
 }
 
+# federation.aggregator's rules (privmed.federation.robust) and the strategies they serve: those
+# that step one shared model from the sites' mean update.
+AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "norm-clip")
+ROBUST_STRATEGIES = ("fedavg", "fedprox") + ADAPTIVE_STRATEGIES
+# Simulated malicious sites (privmed.federation.adversary); the ones that craft an update.
+ATTACKS = ("none", "sign-flip", "scaling", "gaussian", "label-flip", "little-is-enough")
+MODEL_ATTACKS = ("sign-flip", "scaling", "gaussian", "little-is-enough")
+
+
+def aggregator_min_sites(rule: str, byzantine: int) -> int:
+    """The fewest updates with which aggregation `rule` withstands `byzantine` malicious ones (the
+    assumption its guarantee is proved under): median and trimmed mean need an honest majority,
+    Krum n >= 2f + 3 (Blanchard et al. 2017), Bulyan n >= 4f + 3 (El Mhamdi et al. 2018)."""
+    f = byzantine
+    return {"median": 2 * f + 1, "trimmed-mean": 2 * f + 1, "krum": 2 * f + 3, "multi-krum": 2 * f + 3,
+            "bulyan": 4 * f + 3}.get(rule, 1)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -218,6 +235,24 @@ class FederationConfig(_Section):
         description="Flower runner: seconds to wait for the sites' replies in one step of a round "
         "before counting the missing sites as dropped (default: wait for all)",
     )
+    aggregator: Literal[AGGREGATORS] = Field(
+        "mean",
+        description="how the sites' updates are combined (fedavg, fedprox, fedadam, fedyogi, "
+        "fedadagrad): mean (FedAvg's weighted mean), or a rule robust to malicious sites: median "
+        "(coordinate-wise), trimmed-mean (cuts `byzantine` values at each end), krum, multi-krum, "
+        "bulyan, norm-clip (each update clipped to update_clip, then the mean). The robust rules "
+        "need each site's update: not with secure_aggregation, nor with privacy.mode central",
+    )
+    byzantine: int = Field(
+        1, ge=0, le=500,
+        description="malicious sites the aggregator must withstand (trimmed-mean, krum, "
+        "multi-krum, bulyan); krum needs 2 x byzantine + 3 sites, bulyan 4 x byzantine + 3",
+    )
+    update_clip: float | None = Field(
+        None, gt=0, le=1e9,
+        description="aggregator norm-clip: the L2 bound of each site's update (default: the "
+        "round's median update norm)",
+    )
     round_retries: int = Field(
         2, ge=0, le=100,
         description="a round that ends with fewer than min_sites updates is started again this many "
@@ -342,6 +377,22 @@ class PrivacyConfig(_Section):
         return self
 
 
+class AttackConfig(_Section):
+    """Simulated malicious sites (privmed.federation.adversary), to measure what the aggregator
+    withstands. In-process runs only: a real deployment's hospitals run their own code."""
+
+    kind: Literal[ATTACKS] = Field(
+        "none",
+        description="sign-flip (-scale x the site's update), scaling (scale x), gaussian (noise of "
+        "scale x the update's size), label-flip (train on labels K - 1 - y), little-is-enough "
+        "(mean - z x std of the honest updates, Baruch et al. 2019)",
+    )
+    sites: int | list[str] = Field(
+        1, description="how many sites are malicious (the last ones), or their names"
+    )
+    scale: float = Field(10.0, gt=0, le=1e6, description="sign-flip, scaling, gaussian: the factor")
+
+
 class OutputConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="round checkpoints kept on disk (newest)")
 
@@ -360,6 +411,7 @@ class RunConfig(_Section):
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    attack: AttackConfig = AttackConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="before")
@@ -517,6 +569,52 @@ class RunConfig(_Section):
                 f"'{mode}': fine-tuning is training the privacy plan does not count; set "
                 "finetune_steps: 0"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_robustness(self) -> "RunConfig":
+        fed, att, names = self.federation, self.attack, self.sites.site_names()
+        if fed.update_clip is not None and fed.aggregator != "norm-clip":
+            raise ValueError(f"federation.update_clip needs federation.aggregator: norm-clip (got '{fed.aggregator}')")
+        if fed.aggregator != "mean":
+            rule = f"federation.aggregator: '{fed.aggregator}'"
+            if fed.strategy not in ROBUST_STRATEGIES:
+                raise ValueError(f"{rule} combines updates to one shared model; strategy '{fed.strategy}' "
+                                 f"does not (robust rules serve {', '.join(ROBUST_STRATEGIES)})")
+            if fed.secure_aggregation:
+                raise ValueError(f"{rule} needs each site's update, and secure aggregation reveals only "
+                                 "their sum; use aggregator: mean, or secure_aggregation: false")
+            if self.privacy.mode == "central":
+                raise ValueError(f"{rule}: privacy.mode 'central' calibrates its noise to the sum of "
+                                 "updates clipped to privacy.max_grad_norm, which already bounds what one "
+                                 "site can do; a robust rule would change what the noise protects")
+            need = aggregator_min_sites(fed.aggregator, fed.byzantine)
+            have = fed.min_sites or len(names)
+            if have < need:
+                raise ValueError(f"{rule} withstands federation.byzantine {fed.byzantine} malicious "
+                                 f"sites only with {need} sites or more per round; this run has {have}")
+        if att.kind == "none":
+            return self
+        what = f"attack.kind: '{att.kind}'"
+        if fed.strategy in ("local", "pooled"):
+            raise ValueError(f"{what}: strategy '{fed.strategy}' shares no model, so no site can attack it")
+        if isinstance(att.sites, int):
+            if not 1 <= att.sites < len(names):
+                raise ValueError(f"attack.sites: {att.sites}; between 1 and {len(names) - 1} of the "
+                                 f"{len(names)} sites can be malicious")
+        else:
+            unknown = [s for s in att.sites if s not in names]
+            if unknown or not att.sites or len(set(att.sites)) != len(att.sites) or len(att.sites) >= len(names):
+                raise ValueError(f"attack.sites: {att.sites}; name 1 to {len(names) - 1} distinct "
+                                 f"sites of {', '.join(names)}")
+        n_bad = att.sites if isinstance(att.sites, int) else len(att.sites)
+        if att.kind in MODEL_ATTACKS and fed.secure_aggregation:
+            raise ValueError(f"{what}: the simulation crafts the malicious updates as the coordinator "
+                             "receives them, and under secure aggregation it receives only their sum; "
+                             "label-flip (at the site) works with it")
+        if att.kind == "little-is-enough" and n_bad >= len(names) // 2 + 1:
+            raise ValueError(f"{what} needs the malicious sites to be a minority; {n_bad} of "
+                             f"{len(names)} are not")
         return self
 
     @property

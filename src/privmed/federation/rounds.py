@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import replace
 
 from tqdm import tqdm
 
@@ -34,7 +35,10 @@ def train_round(
         if bar is not None:
             bar.set_postfix_str(f"round {rnd}: training at {', '.join(stage)}")
         started = time.perf_counter()
-        outcome = sites.train_stage(strategy.configure(models, stage), rnd, secure, run)
+        tasks = strategy.configure(models, stage)
+        outcome = sites.train_stage(tasks, rnd, secure, run)
+        if exp.adversary is not None and outcome.secure is None:  # a simulation's malicious sites
+            outcome = replace(outcome, updates=exp.adversary.tamper(tasks, outcome.updates, rnd))
         # as the coordinator saw it: under privacy the sites keep their own timings (they follow
         # the batch sizes drawn), and the wait for a stage is all the coordinator learns
         train_s += time.perf_counter() - started

@@ -556,6 +556,15 @@ def build_strategy(
     name = fed.strategy
     if name not in _REGISTRY:
         raise ConfigError(unknown_name("federation.strategy", "strategy", name, _REGISTRY))
+    inner = _build(fed, name, seed=seed, local_lr=local_lr, shared=shared)
+    if fed.aggregator == "mean":
+        return inner
+    from privmed.federation.robust import RobustAggregation
+
+    return RobustAggregation(inner, fed.aggregator, byzantine=fed.byzantine, clip=fed.update_clip)
+
+
+def _build(fed: FederationConfig, name: str, *, seed: int, local_lr: float, shared: list[bool] | None) -> Strategy:
     lr = fed.effective_server_lr
     if name == "fedavg":
         return FedAvg(server_lr=lr)

@@ -769,15 +769,29 @@ def _overview(run: RunFiles) -> list[tuple[str, str]]:
     if params is not None:
         model_text += f" ({_int(params)} parameters)"
     rounds = f"{_int(s.get('rounds_completed'))} of {_int(s.get('rounds_planned'))}"
-    return [
+    strategy = str(s.get("strategy") or _get(cfg, "federation", "strategy") or NA)
+    rule = _get(cfg, "federation", "aggregator")
+    if rule and rule != "mean":
+        strategy += f", aggregated by {rule}"
+        if rule not in ("median", "norm-clip"):
+            strategy += f" (withstands {_get(cfg, 'federation', 'byzantine')} malicious sites)"
+    rows = [
         ("Task", str(s.get("task") or _get(cfg, "task") or NA)),
-        ("Strategy", str(s.get("strategy") or _get(cfg, "federation", "strategy") or NA)),
+        ("Strategy", strategy),
         ("Sites", str(len(_site_names(run)))),
         ("Rounds completed", rounds),
         ("Model", model_text),
         ("Data", f"{source or NA}" + (f" / {name}" if name else "")),
         ("Privacy", _privacy_overview(s.get("privacy"), task_view(run))),
     ]
+    attack = _dict(_get(cfg, "attack"))
+    if attack.get("kind", "none") != "none":
+        who = attack.get("sites")
+        who = f"{who} site{'s' if who != 1 else ''}" if isinstance(who, int) else ", ".join(map(str, who or []))
+        scale = f" ×{fmt_number(attack.get('scale'))}" if attack["kind"] in ("sign-flip", "scaling", "gaussian") else ""
+        rows.append(("Simulated attack", f"{attack['kind']}{scale} by {who} (a robustness test: "
+                     "these sites were made malicious on purpose)"))
+    return rows
 
 
 def _finetune_steps(run: RunFiles) -> str:
