@@ -116,6 +116,12 @@ class Site:
         position = {k: i for i, k in enumerate(self.model.state_dict())}
         self._params = [(position[n], p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._logit_shift = self._label_shift(label_shares)
+        # An auditor's gradient canaries (privmed.audit.canaries), None in every real run: called as
+        # hook(parameters, rate, divisor) after each step's gradient is final (after DP-SGD's noise)
+        # and before the optimizer steps; a patient joins a step's batch with probability `rate`
+        # and its gradient enters divided by `divisor` (DP-SGD's expected batch size, or the batch
+        # size of plain training's mean loss).
+        self.audit_hook: Callable[[list[nn.Parameter], float, float], None] | None = None
 
     def _label_shift(self, reference: Sequence[float] | None) -> torch.Tensor | None:
         """training.logit_adjustment: what is added to the model's logits in the training loss,
@@ -166,7 +172,7 @@ class Site:
         )
         images = self._x.ndim == 4
         max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment and images else 0
-        adjust = self._gradient_adjustment(task)
+        adjust = self._with_audit_hook(self._gradient_adjustment(task))
         if self.dp is not None:
             return self._train_dp(task, gen, max_shift, start, adjust)
         t = self.training
@@ -223,6 +229,26 @@ class Site:
                     p.grad.add_(corr[k].to(p.dtype))
 
         return adjust
+
+    def _with_audit_hook(self, adjust: Callable[[], None] | None) -> Callable[[], None] | None:
+        """`adjust`, followed by the auditor's hook when one is attached."""
+        hook = self.audit_hook
+        if hook is None:
+            return adjust
+        params = [p for _, p in self._params]
+        if self.dp is not None:
+            r = self.dp.release
+            rate, divisor = r.sample_rate, r.sample_rate * n_patients(self.data.train)
+        else:  # about one batch per epoch holds a given patient
+            rate = min(1.0, self.training.batch_size / self.n_train)
+            divisor = float(min(self.training.batch_size, self.n_train))
+
+        def adjust_and_hook() -> None:
+            if adjust is not None:
+                adjust()
+            hook(params, rate, divisor)
+
+        return adjust_and_hook
 
     def _train_dp(
         self, task: TrainTask, gen: torch.Generator, max_shift: int, start: float,

@@ -1,0 +1,96 @@
+"""Gradient canaries (privmed.audit.canaries): a canary enters a step exactly as a clipped patient
+would; the one-run lower bound stays below the epsilon a DP run claims and catches a canary that
+escapes the clipping; without DP it is clearly above zero."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import privmed
+from privmed.audit import canaries as canaries_module
+from privmed.audit.canaries import GradientCanaries, canary_audit
+from privmed.audit.membership import load_target
+from privmed.errors import ConfigError
+
+from conftest import tiny_config
+
+
+def test_canaries_sit_on_distinct_coordinates_and_half_are_included():
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2, 2, 2))]
+    c = GradientCanaries.draw(params, m=20, clip=1.0, seed=3)
+    sizes = [p.numel() for p in params]
+    assert all(0 <= f < sizes[k] for k, f in zip(c.param, c.flat))
+    assert len({(int(k), int(f)) for k, f in zip(c.param, c.flat)}) == 20 == sum(sizes) - 5
+    big = GradientCanaries.draw([torch.nn.Parameter(torch.zeros(10_000))], m=4000, clip=1.0, seed=0)
+    assert abs(big.included.mean() - 0.5) < 0.03  # p = 1/2: 4 standard deviations
+    with pytest.raises(ConfigError, match="only 25 parameters"):
+        GradientCanaries.draw(params, m=26, clip=1.0, seed=0)
+
+
+def test_an_included_canary_adds_its_clipped_gradient_over_the_divisor_and_nothing_else():
+    params = [torch.nn.Parameter(torch.zeros(6)), torch.nn.Parameter(torch.zeros(2, 3))]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    c = GradientCanaries.draw(params, m=8, clip=2.0, seed=1)
+    c(params, rate=1.0, divisor=4.0)  # every included canary is in this step's batch
+    got = torch.cat([p.grad.view(-1) for p in params]).numpy()
+    want = np.zeros(12)
+    offsets = [0, 6]
+    for k, f, inc in zip(c.param, c.flat, c.included):
+        want[offsets[k] + f] = 2.0 / 4.0 if inc else 0.0
+    assert np.array_equal(got, want)
+    assert np.linalg.norm(want[want > 0][:1] * 4.0) == pytest.approx(2.0)  # one canary: norm C before the divisor
+    c(params, rate=0.0, divisor=4.0)  # in no batch: nothing changes
+    assert np.array_equal(torch.cat([p.grad.view(-1) for p in params]).numpy(), want)
+
+
+def _dp_run(tmp_path, epsilon: float):
+    """A DP-SGD run where each round is one full-batch step, so the coordinator's view of a site's
+    update is one noisy gradient: the setting in which Dirac canaries audit most tightly."""
+    cfg = tiny_config(federation__rounds=30, federation__local_steps=1, data__val_fraction=0.2,
+                      training__batch_size=96, training__optimizer="sgd", training__lr=0.05,
+                      training__momentum=0.0, model__name="dpcnn",
+                      privacy={"mode": "dp-sgd", "epsilon": epsilon, "delta": 1e-5})
+    return privmed.run(cfg, tmp_path / f"eps{epsilon:g}")
+
+
+def test_without_dp_the_canaries_stand_out(tmp_path, one_thread):
+    cfg = tiny_config(federation__rounds=3, data__val_fraction=0.2, training__optimizer="sgd",
+                      training__lr=0.05, training__momentum=0.9)
+    privmed.run(cfg, tmp_path / "nodp")
+    r = canary_audit(load_target(tmp_path / "nodp"), m=1000, seed=0)
+    assert r["epsilon_lower"] >= 2.0, r
+    assert r["site"] == "site-1" and r["canaries"] == 1000
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_the_lower_bound_never_passes_the_claimed_epsilon(tmp_path, one_thread, epsilon):
+    s = _dp_run(tmp_path, epsilon).summary
+    claimed = s["privacy"]["epsilon"]
+    assert claimed <= epsilon
+    r = canary_audit(load_target(tmp_path / f"eps{epsilon:g}"), m=1000, seed=0)
+    assert r["epsilon_lower"] <= claimed, r
+    if epsilon == 8.0:  # the audit has power here: the bound is well above zero
+        assert r["epsilon_lower"] > 0.3, r
+
+
+def test_a_canary_that_escapes_the_clipping_is_caught(tmp_path, one_thread, monkeypatch):
+    """The same audit against a broken mechanism: canaries whose gradient is 10 C, a patient the
+    clipping missed. The bound then passes the claimed epsilon (1): the test above could fail."""
+    claimed = _dp_run(tmp_path, 1.0).summary["privacy"]["epsilon"]
+    draw = GradientCanaries.draw.__func__
+    monkeypatch.setattr(canaries_module.GradientCanaries, "draw",
+                        classmethod(lambda cls, params, m, clip, seed: draw(cls, params, m, 10 * clip, seed)))
+    r = canary_audit(load_target(tmp_path / "eps1"), m=1000, seed=0)
+    assert r["epsilon_lower"] > claimed, r
+
+
+def test_bad_requests_name_the_option(tmp_path, one_thread):
+    privmed.run(tiny_config(federation__rounds=1), tmp_path / "run")
+    target = load_target(tmp_path / "run")
+    with pytest.raises(ConfigError, match="--site: 'nowhere' is not a site of this run"):
+        canary_audit(target, m=10, site="nowhere")
+    with pytest.raises(ConfigError, match="--canaries: 1; the audit needs at least 2"):
+        canary_audit(target, m=1)
