@@ -33,6 +33,7 @@ from privmed.report.readers import read_yaml as _read_yaml
 from privmed.report.words import (
     ACCOUNTANTS,
     NA,
+    fmt_bound,
     fmt_epsilon,
     fmt_number,
     fmt_seconds,
@@ -710,7 +711,7 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
         if bound is not None:
             # Rounded up: a bound printed below its value would claim more than the epsilon backs.
             claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by "
-                      f"{math.ceil(bound * 1000 - 1e-9) / 1000:.3f}; an audit finds what a given attacker "
+                      f"{fmt_bound(bound)}; an audit finds what a given attacker "
                       "reaches, a lower bound on the leak.")
     cand, sh = _dict(a.get("candidates")), _dict(a.get("shadows"))
     setting = (f"{_int(cand.get('members'))} training patients and {_int(cand.get('non_members'))} "

@@ -138,6 +138,16 @@ def fmt_budget(value: Any) -> str:
     return NA if x is None or x <= 0 else format_budget(x)
 
 
+def fmt_bound(value: Any, decimals: int = 3) -> str:
+    """An upper bound (an attack's highest possible ROC-AUC) rounded UP to `decimals` decimals
+    ("0.982"): printed below its value it would claim more than the epsilon backs."""
+    x = num(value)
+    if x is None:
+        return NA
+    scale = 10**decimals
+    return f"{math.ceil(x * scale - 1e-9) / scale:.{decimals}f}"
+
+
 def fmt_seconds(value: Any) -> str:
     """A duration: "12.3 s", "4 min 05 s" or "2 h 03 min"."""
     x = num(value)
