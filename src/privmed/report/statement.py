@@ -9,30 +9,29 @@ audit.json; a file that is missing is named on the page, never filled in. Epsilo
 recomputed from its recorded releases and rounded UP, in the report's words (privmed.report.words).
 
     files = read_statement(run_dir, site)        reading: RunDirError / PrivmedError naming the input
-    html = render_statement(files)               pure
+    html = render_statement(files)               pure (what left the site: privmed.report.released)
     path = write_statement(run_dir, site)        the only writer: RUN_DIR/statement-NAME.html, atomic
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jinja2
 
+from privmed import __version__
 from privmed.errors import PrivmedError, RunDirError, unknown_name
 from privmed.io import write_text
-from privmed.privacy.accountants import Release
 from privmed.privacy.figures import format_epsilon
 from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
 from privmed.report.readers import read_json, read_jsonl, read_yaml
+from privmed.report.released import released_rows
 from privmed.report.words import (
     NA,
     as_dict,
@@ -40,12 +39,16 @@ from privmed.report.words import (
     ci_text,
     fmt_bound,
     fmt_budget,
+    fmt_clock,
+    fmt_day,
     fmt_epsilon,
     fmt_number,
+    fmt_span,
     get,
     num,
     privacy_section,
     unit_words,
+    utc_time,
 )
 
 AUDIT_FILE = "audit.json"  # privmed.audit.run.AUDIT_FILE (not imported: it loads torch)
@@ -67,13 +70,6 @@ STRATEGIES = {
               "the other layers"),
     "pooled": ("Pooled", "all data in one place (a reference run, not a federation)"),
 }
-TO_WHOM = {  # strategy -> who received a site's update, and what became of it
-    "cyclic": "the coordinator, which handed it on as it was to the next site to train",
-    "local": "the coordinator, which kept it as this site's own model",
-    "fedbn": "the coordinator, which averaged its shared layers with the other sites' and sent "
-             "the average to every site",
-}
-AVERAGED = "the coordinator, which averaged it with the other sites' into the shared model"
 PRIVATE_SITE_DIR = ("private", "sites")  # where a simulation keeps each site's own state
 
 
@@ -100,6 +96,15 @@ class StatementFiles:
     public_test: bool  # the coordinator scored a public test set itself (predictions.npz)
     missing: tuple[str, ...]  # files the statement draws on that the run directory lacks
     sources: tuple[str, ...]  # the files it read, as the page lists them
+
+    @property
+    def mode(self) -> str:
+        """The run's privacy.mode: 'dp-sgd', 'central' or 'none'."""
+        return str(get(self.summary, "privacy", "mode") or get(self.config, "privacy", "mode") or "none")
+
+    @property
+    def strategy(self) -> str:
+        return str(get(self.summary, "strategy") or get(self.config, "federation", "strategy") or NA)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -228,27 +233,19 @@ def statement_context(f: StatementFiles) -> dict:
         "items": items,
         "missing": list(f.missing),
         "run_rows": _run_rows(f, items),
-        "released": _released(f, items),
+        "released": released_rows(f, items),
         "guarantee": guarantee,
         "not_covered": _not_covered(f, guarantee, items),
         "audit": _audit(f, guarantee),
         "sources": list(f.sources),
-        "version": str(get(f.summary, "privmed_version") or NA),
+        "version": __version__,
     }
-
-
-def _mode(f: StatementFiles) -> str:
-    return str(get(f.summary, "privacy", "mode") or get(f.config, "privacy", "mode") or "none")
-
-
-def _strategy(f: StatementFiles) -> str:
-    return str(get(f.summary, "strategy") or get(f.config, "federation", "strategy") or NA)
 
 
 def _run_rows(f: StatementFiles, items: str) -> list[list[tuple[str, str]]]:
     """The run (which, when, who coordinated it, how, with what model and data): rows of one or
     two (label, text) pairs."""
-    s, strategy = f.summary, _strategy(f)
+    s, strategy = f.summary, f.strategy
     title, how = STRATEGIES.get(strategy, (strategy, ""))
     sites = _site_names(f.config, s, f.metrics, f.ledger)
     planned = get(s, "rounds_planned") or get(f.config, "federation", "rounds")
@@ -273,216 +270,12 @@ def _run_rows(f: StatementFiles, items: str) -> list[list[tuple[str, str]]]:
 
 
 def _dates(metrics: list[dict]) -> str:
-    times = [t for t in (_time(row.get("finished")) for row in metrics) if t is not None]
+    times = [t for t in (utc_time(row.get("finished")) for row in metrics) if t is not None]
     if not metrics:
         return "no round completed"
     if not times:
         return "not recorded (metrics.jsonl predates privmed's round times)"
-    return f"rounds finished {_span(times)}"
-
-
-def _time(value: Any) -> _dt.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        t = _dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return t.astimezone(_dt.timezone.utc) if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
-
-
-def _day(t: _dt.datetime) -> str:
-    return t.strftime("%Y-%m-%d")
-
-
-def _clock(t: _dt.datetime) -> str:
-    return t.strftime("%H:%M")
-
-
-# ---------------------------------------------------------------------------------------- released
-
-
-@dataclass(frozen=True)
-class _Turn:
-    """What the site did in one round, as the run's files record it."""
-
-    trained: bool  # its update reached the coordinator
-    dropped: bool  # asked to train, its reply did not arrive
-    release: Release | None  # the DP-SGD release the ledger counts for it
-    loss: bool  # it sent its training loss
-    val_n: Any  # validation items it scored (None: it sent no validation scores)
-    test_n: Any
-    pooled: bool  # its own model was scored on the pooled test data (personalised strategies)
-    unscored: bool  # did not answer the round's scoring request
-
-
-def _released(f: StatementFiles, items: str) -> list[dict]:
-    """Rows of (when, [(what the site sent, to whom)]): its public facts before round 1, each run
-    of rounds in which it sent the same things, rounds the ledger charged that never completed,
-    and the end of the run. Consecutive things sent to the same party share one cell."""
-    rows = [_facts_row(f, items)]
-    releases = dict(f.ledger.releases(f.site)) if f.ledger is not None and f.site in f.ledger.sites else {}
-    for first, last, turn in _runs_of_rounds(f, releases):
-        rows.append(_round_row(f, first, last, turn, items))
-    done = {row["round"] for row in f.metrics}
-    for rnd in sorted(r for r in releases if r not in done):
-        rows.append(_row(f"Round {rnd}", "", [(
-            f"the privacy ledger counts a release in round {rnd}, charged before the round started; "
-            "metrics.jsonl records no end of that round, so its update may or may not have left the "
-            "site (the ledger counts it either way)", COORDINATOR)]))
-    end = _end_row(f, items)
-    return rows + ([end] if end else [])
-
-
-COORDINATOR = "the coordinator"
-
-
-def _row(when: str, dates: str, sent: list[tuple[str, str]]) -> dict:
-    """A table row: `sent` as cells of (things sent, to whom), one cell per run of the same party."""
-    cells: list[dict] = []
-    for what, to in sent:
-        if cells and cells[-1]["to"] == to:
-            cells[-1]["what"].append(what)
-        else:
-            cells.append({"what": [what], "to": to})
-    return {"when": when, "dates": dates, "cells": cells}
-
-
-def _facts_row(f: StatementFiles, items: str) -> dict:
-    site = as_dict(get(f.summary, "sites", f.site))
-    to = "the coordinator, to plan the run"
-    if not site:
-        return _row("Before round 1", "", [(
-            f"its public facts (its numbers of training, validation and test {items}, the data's "
-            "shape and classes): their values are in summary.json, which is missing", to)])
-    patients = num(get(f.summary, "privacy", "plan", f.site, "n_patients"))
-    train = f"{as_int(site.get('n_train'))} training {items}"
-    if patients is not None and get(f.summary, "privacy", "unit") == "patient":
-        train += f" of {as_int(patients)} patients"
-    sent = [(f"its counts: {train}, {as_int(site.get('n_val'))} validation and "
-             f"{as_int(site.get('n_test'))} test {items}", to)]
-    shape, classes = get(f.summary, "data", "image_shape"), get(f.summary, "data", "class_names")
-    if isinstance(shape, list) and shape:
-        data = f"the shape of its data ({' × '.join(str(x) for x in shape)})"
-        if isinstance(classes, list) and classes:
-            data += f" and its classes ({', '.join(map(str, classes))})"
-        sent.append((data, to))
-    return _row("Before round 1", "", sent)
-
-
-def _runs_of_rounds(f: StatementFiles, releases: dict[int, Release]) -> list[tuple[int, int, _Turn]]:
-    """(first round, last round, what the site did) for each run of consecutive rounds in which
-    it did the same."""
-    out: list[tuple[int, int, _Turn]] = []
-    private = _mode(f) != "none"
-    for row in f.metrics:
-        rnd, s = row["round"], f.site
-        scores = as_dict(get(row, "sites", s))
-        turn = _Turn(
-            trained=s in as_dict(row.get("train_loss")),
-            dropped=s in (row.get("dropped") or []),
-            release=releases.get(rnd),
-            loss=s in as_dict(row.get("train_loss")) and not private,
-            val_n=get(scores, "val", "n") if as_dict(scores.get("val")) else None,
-            test_n=get(scores, "test", "n") if as_dict(scores.get("test")) else None,
-            pooled="test_pooled" in scores,
-            unscored=s in (row.get("unscored") or []),
-        )
-        if out and out[-1][2] == turn and out[-1][1] == rnd - 1:
-            out[-1] = (out[-1][0], rnd, turn)
-        else:
-            out.append((rnd, rnd, turn))
-    return out
-
-
-def _round_row(f: StatementFiles, first: int, last: int, t: _Turn, items: str) -> dict:
-    when = f"Round {first}" if first == last else f"Rounds {first}–{last}"
-    times = [_time(row.get("finished")) for row in f.metrics if first <= row["round"] <= last]
-    times = [x for x in times if x is not None]
-    sent: list[tuple[str, str]] = []
-    if t.trained:
-        sent.append((_update_words(f, t, items), _to_whom(f)))
-    elif t.dropped:
-        sent.append(("nothing: it was asked to train, and its reply did not reach the coordinator"
-                     + ("; the ledger counts the release all the same" if t.release else ""), COORDINATOR))
-    if t.loss:
-        sent.append(("its mean training loss", COORDINATOR))
-    sent += _score_words(f, t, items)
-    if not sent:
-        sent.append(("nothing: the site took no part in these rounds", ""))
-    return _row(when, _span(times) if times else "", sent)
-
-
-def _span(times: list[_dt.datetime]) -> str:
-    """'2025-11-28 16:51 UTC', '2025-11-28 16:51–17:02 UTC' or '2025-11-28 16:51 to 2025-11-29 09:10 UTC'."""
-    a, b = min(times), max(times)
-    if _clock(a) == _clock(b) and a.date() == b.date():
-        return f"{_day(a)} {_clock(a)} UTC"
-    if a.date() == b.date():
-        return f"{_day(a)} {_clock(a)}–{_clock(b)} UTC"
-    return f"{_day(a)} {_clock(a)} to {_day(b)} {_clock(b)} UTC"
-
-
-def _update_words(f: StatementFiles, t: _Turn, items: str) -> str:
-    n = as_int(get(f.summary, "sites", f.site, "n_train"))
-    clip = fmt_number(get(f.summary, "privacy", "max_grad_norm"))
-    words = "its model update"
-    if _mode(f) == "central":  # the ledger's release is the coordinator's noise, not the site's
-        noise = "" if t.release is None else f" of multiplier {fmt_number(t.release.noise_multiplier)}"
-        words += (f" each round; the update was clipped to norm {clip} and the coordinator added "
-                  f"Gaussian noise{noise} to the sum of all sites' updates")
-    elif t.release is not None:
-        r = t.release
-        words += (f" after {r.steps} DP-SGD step{'s' if r.steps != 1 else ''} each round (patients "
-                  f"sampled at rate {fmt_number(r.sample_rate)}, each one's influence clipped to "
-                  f"{clip}, Gaussian noise of multiplier {fmt_number(r.noise_multiplier)} added)")
-    else:
-        words += " each round"
-    return words + f", and its number of training {items} ({n})"
-
-
-def _score_words(f: StatementFiles, t: _Turn, items: str) -> list[tuple[str, str]]:
-    out = []
-    model = "its own model" if _strategy(f) in ("local", "fedbn") else "the round's shared model"
-    parts = [f"{as_int(n)} {split}" for n, split in ((t.val_n, "validation"), (t.test_n, "test"))
-             if n is not None]
-    if parts:
-        out.append((f"the scores of {model} on its {' and '.join(parts)} {items}, with the counts "
-                    "behind them, as computed", COORDINATOR))
-    if t.pooled and not f.public_test:
-        out.append(("its own model, to be scored", "the other sites with test data, which scored "
-                    "it on their test patients"))
-    if t.unscored:
-        out.append(("no scores: it did not answer the round's scoring request", COORDINATOR))
-    return out
-
-
-def _to_whom(f: StatementFiles) -> str:
-    secure = as_dict(get(f.summary, "secure_aggregation"))
-    if secure:
-        return (f"the coordinator, which by secure aggregation ({secure.get('protocol', NA)}) saw "
-                "only the sum of all sites' updates, never this site's alone; its count went in the clear")
-    who = TO_WHOM.get(_strategy(f), AVERAGED)
-    if _mode(f) == "central":
-        who += "; it saw this site's update before it clipped it and added the noise"
-    return who
-
-
-def _end_row(f: StatementFiles, items: str) -> dict | None:
-    s = f.summary
-    if s is None:
-        return None
-    site = as_dict(get(s, "sites", f.site))
-    to = "the coordinator, who keeps the final model (model.pt) and may share it"
-    sent = []
-    if num(site.get("n_test")) and not f.public_test:
-        sent.append((f"the scores of the final model on its {as_int(site.get('n_test'))} test {items}, "
-                     "with the counts behind them", to))
-    if as_dict(site.get("test_finetuned")):
-        steps = as_int(get(f.config, "federation", "finetune_steps"))
-        sent.append((f"the scores of the final model after {steps} more training steps on its own "
-                     f"training {items} (that model stayed at the site)", to))
-    return _row("End of the run", "", sent or [("nothing more", to)])
+    return f"rounds finished {fmt_span(times)}"
 
 
 # ---------------------------------------------------------------------------------------- guarantee
@@ -496,8 +289,12 @@ def _guarantee(f: StatementFiles, tabular: bool) -> dict:
                    "mechanism": f.ledger.mechanism, "delta": f.ledger.delta,
                    "accountant": f.ledger.accountant, "budget_epsilon": f.ledger.budget_epsilon,
                    "max_grad_norm": get(f.config, "privacy", "max_grad_norm")}
-    if privacy is None and _mode(f) == "none":
+    if privacy is None and f.mode == "none":
         privacy = {"mode": "none"}
+    if privacy is None and f.summary is None:
+        return {"status": "unknown", "notice": (
+            f"Not stated: the run was configured with privacy.mode {f.mode}, but neither "
+            f"summary.json nor {LEDGER_FILE} is in the run directory to say what was spent.")}
     section = privacy_section(privacy, tabular)
     if section["status"] != "private":
         return {"status": section["status"], "notice": section["notice"]}
@@ -569,9 +366,11 @@ def _own_ledger(f: StatementFiles) -> dict | None:
 
 def _not_covered(f: StatementFiles, g: dict, items: str) -> list[str]:
     """What the guarantee does not cover, for this site, in plain words."""
-    if g["status"] != "private":
+    if g["status"] == "none":
         return ["Everything: without differential privacy there is no formal guarantee, and what "
                 "left the site (above) may reveal its patients."]
+    if g["status"] != "private":
+        return ["Nothing can be stated as covered: the files that record the guarantee are missing."]
     site = as_dict(get(f.summary, "sites", f.site))
     out = []
     if g["unit"] == "record":
@@ -633,12 +432,12 @@ def _audit(f: StatementFiles, g: dict) -> dict:
                f"{f.site}'s) and {as_int(cand.get('non_members'))} patients no site trained on")
     if shadows:
         setting += f"; {as_int(shadows.get('trained'))} shadow runs trained"
-    created = _time(a.get("created"))
-    last = max((t for t in (_time(r.get("finished")) for r in f.metrics) if t is not None), default=None)
+    created = utc_time(a.get("created"))
+    last = max((t for t in (utc_time(r.get("finished")) for r in f.metrics) if t is not None), default=None)
     stale = created is not None and last is not None and created < last
     return {"run": True, "rows": rows, "sees": sees.pop() if len(sees) == 1 else None, "claim": claim,
             "shared": shared, "sharing": sharing,
-            "setting": setting, "created": f"{_day(created)} {_clock(created)} UTC" if created else NA,
+            "setting": setting, "created": f"{fmt_day(created)} {fmt_clock(created)} UTC" if created else NA,
             "stale": stale}
 
 

@@ -1,10 +1,11 @@
-"""Numbers and privacy in words, shared by the run report (report.html) and the privacy statement
-(statement-SITE.html): every epsilon rounded UP (never below what the ledger backs), the unit of
-privacy in plain words, and the tolerant accessors both read run files with (a missing or
-non-finite value reads "n/a", never a traceback)."""
+"""Numbers, times and privacy in words, shared by the run report (report.html) and the privacy
+statement (statement-SITE.html): every epsilon rounded UP (never below what the ledger backs), the
+unit of privacy in plain words, times in UTC to the minute, and the tolerant accessors both read run
+files with (a missing or non-finite value reads "n/a", never a traceback)."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 from typing import Any
 
@@ -195,3 +196,37 @@ def get(obj: Any, *keys: str) -> Any:
 
 def as_dict(obj: Any) -> dict:
     return obj if isinstance(obj, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------- times
+
+
+def utc_time(value: Any) -> _dt.datetime | None:
+    """An ISO 8601 time (as run files record them) in UTC; None when missing or unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return t.astimezone(_dt.timezone.utc) if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def fmt_day(t: _dt.datetime) -> str:
+    """'2025-11-28'."""
+    return t.strftime("%Y-%m-%d")
+
+
+def fmt_clock(t: _dt.datetime) -> str:
+    """'16:51' (to the minute)."""
+    return t.strftime("%H:%M")
+
+
+def fmt_span(times: list[_dt.datetime]) -> str:
+    """'2025-11-28 16:51 UTC', '2025-11-28 16:51–17:02 UTC' or '2025-11-28 16:51 to 2025-11-29 09:10 UTC'."""
+    a, b = min(times), max(times)
+    if fmt_clock(a) == fmt_clock(b) and a.date() == b.date():
+        return f"{fmt_day(a)} {fmt_clock(a)} UTC"
+    if a.date() == b.date():
+        return f"{fmt_day(a)} {fmt_clock(a)}–{fmt_clock(b)} UTC"
+    return f"{fmt_day(a)} {fmt_clock(a)} to {fmt_day(b)} {fmt_clock(b)} UTC"
