@@ -171,8 +171,12 @@ def test_missing_files_are_named_and_nothing_is_filled_in(dp_run, tmp_path, caps
     # the ledger still backs the epsilon
     assert _by_id(page, "epsilon") == format_epsilon(PrivacyLedger.load(run / "privacy_ledger.json").epsilon("site-3"))
     (run / "privacy_ledger.json").unlink()
-    text = _text(_statement(run, "site-3", capsys))
+    page = _statement(run, "site-3", capsys)
+    text = _text(page)
     assert "Missing from the run directory: privacy_ledger.json" in text
+    # with neither file, no epsilon is stated, and no absence of a guarantee claimed
+    assert 'id="epsilon"' not in page and "Not stated: the run was configured with privacy.mode dp-sgd" in text
+    assert "No formal privacy guarantee" not in text
 
 
 def test_a_run_without_privacy_says_there_is_no_guarantee(plain_run, capsys):
