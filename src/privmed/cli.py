@@ -31,6 +31,8 @@ examples:
   privmed privacy plan configs/pneumonia-dp.yaml  the noise each site of a config will get
   privmed privacy spent runs/x                  the run's privacy ledger as a table
   privmed tune cfg.yaml --trials 20             search the training settings on validation data
+  privmed audit runs/x                          attack the run's model: what leaks of its patients
+  privmed statement runs/x --site site-1        one hospital's privacy statement, one printable page
 
 across machines (Flower; see the README):
   privmed certs certs/ --name coordinator.example.org     TLS for the coordinator
@@ -223,6 +225,33 @@ def _parser() -> argparse.ArgumentParser:
                      help="stop training shadows after this long (at least one is trained)")
     aud.add_argument("--seed", type=int, default=0, help="seeds the candidates and the shadow runs")
 
+    stm = sub.add_parser(
+        "statement", help="one hospital's privacy statement: a printable, one-page HTML",
+        description=textwrap.fill(
+            "Write a one-page privacy statement for one site (hospital) of the run in RUN_DIR, for "
+            "its data-protection officer: which run and when; what left the site each round, to whom "
+            "(model updates, or only their sum under secure aggregation; evaluation scores and "
+            "counts; its public counts); the guarantee (epsilon, rounded up, at delta), its unit of "
+            "privacy and the epsilon spent against the budget, or plainly that there is none; what "
+            "it does not cover; and the audit's attacks (privmed audit), each with what its attacker "
+            "assumes. Every figure is read from the run directory and its audit.json; a missing file "
+            "is named on the page. Prints as one A4 page; needs no scripts.", 88),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  privmed statement runs/x --site site-1                writes runs/x/statement-site-1.html\n"
+        "  privmed statement runs/x --site hospital-a --state ~/.privmed/sites/hospital-a --out a.html",
+    )
+    stm.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    stm.add_argument("--site", required=True, metavar="NAME", help="the site the statement is for")
+    stm.add_argument("--out", type=Path, metavar="FILE",
+                     help="where to write it (default: RUN_DIR/statement-NAME.html)")
+    stm.add_argument(
+        "--state", type=Path, metavar="DIR",
+        help="the hospital's own state directory (privmed join --state): adds its own ledger, every "
+        "release it made in any run, against its own budget (default: RUN_DIR/private/sites/NAME, "
+        "where a simulation keeps it, when there)",
+    )
+
     rep = sub.add_parser(
         "report", help="(re)write a run directory's report.html",
         description="Write RUN_DIR/report.html (and plots/) again from the run's files.",
@@ -376,6 +405,11 @@ def _main(argv: list[str] | None) -> int:
                    else f"the run claims epsilon {format_epsilon(claimed['epsilon'])}")
             print(f"strongest attack: {name}, ROC-AUC {r['roc_auc']:.3f} ({eps})")
         print(f"audit: {(args.run_dir / 'audit.json').resolve()}")
+        return 0
+    if args.command == "statement":
+        from privmed.report.statement import write_statement
+
+        print(f"statement: {write_statement(args.run_dir, args.site, args.out, args.state).resolve()}")
         return 0
     if args.command == "report":
         from privmed.report import write_report

@@ -2,7 +2,7 @@
 
 Layout (every file written atomically):
     config.yaml                 the resolved config
-    metrics.jsonl               one line per completed round
+    metrics.jsonl               one line per completed round (its scores, and when it finished)
     run.json                    the run's id (sites never release one round of one run twice)
     checkpoints/round-NNNN.pt   everything needed to continue after round NNNN (newest kept)
     summary.json, test_counts.npz, predictions.npz (with a public test set), model.pt, report.html,

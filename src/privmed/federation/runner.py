@@ -14,6 +14,7 @@ continues exactly as the uninterrupted run did.
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 import secrets
 import time
@@ -137,6 +138,9 @@ def _round(
     state.wall_seconds += seconds
     row = {
         "round": rnd,
+        # when the round completed (UTC, the coordinator's clock): what a site's privacy statement
+        # says of when its releases left it
+        "finished": _utc_now(),
         "seconds": seconds,
         "train_seconds": train_info["train_seconds"],
         "sample_gradient_steps": state.sample_gradient_steps,
@@ -151,6 +155,11 @@ def _round(
     if run_dir is not None:
         run_dir.save_checkpoint(state.to_checkpoint(exp.config), keep=exp.config.output.keep_checkpoints)
     return row
+
+
+def _utc_now() -> str:
+    """The time now, UTC, to the second, as ISO 8601 ("2025-11-28T16:51:21+00:00")."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _progress(exp: Experiment, row: dict) -> str:

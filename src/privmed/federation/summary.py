@@ -14,7 +14,7 @@ from privmed.federation.evaluation import Evaluator, mean_metrics, pooled_test_s
 from privmed.federation.experiment import Experiment
 from privmed.federation.run_state import RunState
 from privmed.federation.rundir import RunDir
-from privmed.federation.selection import selection_text
+from privmed.federation.selection import selection_text, selects_last
 from privmed.federation.site import set_weights
 from privmed.federation.strategies import GLOBAL, TrainTask
 from privmed.federation.transport import Sites
@@ -129,6 +129,9 @@ def _summary(
         "rounds_planned": cfg.federation.rounds,
         "best_round": None if local else sel.rounds.get(GLOBAL),
         "selection": selection_text(exp, local),
+        # the rule, typed (federation.model_selection resolved): "best-validation" makes the result
+        # depend on the validation scores, which no privacy guarantee covers
+        "selection_rule": "last" if selects_last(exp) else "best-validation",
         "test": test_scores,
         "evaluation": {
             "test": pooled_test_source(exp),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import math
 import zipfile
 import zlib
@@ -27,12 +26,30 @@ import yaml
 
 from privmed.errors import RunDirError
 from privmed.io import write_bytes, write_text
-from privmed.privacy.figures import format_budget, format_epsilon
-from privmed.report import plots
+from privmed.report import plots, words
+from privmed.report.readers import read_json as _read_json
+from privmed.report.readers import read_jsonl as _read_jsonl
+from privmed.report.readers import read_yaml as _read_yaml
+from privmed.report.words import (
+    ACCOUNTANTS,
+    NA,
+    fmt_bound,
+    fmt_epsilon,
+    fmt_number,
+    fmt_seconds,
+    privacy_section,
+    unit_words,
+)
+from privmed.report.words import as_dict as _dict
+from privmed.report.words import as_int as _int
+from privmed.report.words import ci_text as _ci
+from privmed.report.words import get as _get
+from privmed.report.words import num as _num
+from privmed.report.words import privacy_epsilon as _privacy_epsilon
+from privmed.report.words import privacy_status as _privacy_status
 from privmed.tasks import counts as evaluation_counts
 
 REQUIRED_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
-NA = "n/a"
 CLASSIFICATION_ROWS = (  # (key, label) of the metrics shown in the headline table, in order
     ("auc", "AUC"),
     ("accuracy", "Accuracy"),
@@ -48,23 +65,11 @@ SURVIVAL_ROWS = (
     ("events", "Events"),
     ("n", None),
 )
+# the report's privacy wording lives in privmed.report.words (shared with the privacy statement);
+# these are the names older callers import from here
+UNITS, UNIT_COUNTS, PRIVATE_MODES, fmt_budget = words.UNITS, words.UNIT_COUNTS, words.PRIVATE_MODES, words.fmt_budget
 COUNTS = ("n", "events")  # metrics that are counts: integers, summed (not averaged) over sites
 PERSONALISED = ("local", "fedbn")  # strategies that keep one model per site
-ACCOUNTANTS = {  # summary['privacy']['accountant'] -> what the report calls it
-    "prv": "PRV (privacy random variables, Gopi et al. 2021, via Opacus)",
-    "rdp": "RDP (Rényi DP, via Opacus)",
-    "pld": "PLD (privacy loss distributions, via Google's dp-accounting)",
-}
-PRIVATE_MODES = ("dp-sgd", "central")
-UNITS = {  # summary['privacy']['unit'] -> (guarantee wording, unit of privacy; {item}/{items}: the noun)
-    "patient": ("per patient", "one patient, with all of their {items}"),
-    # Group privacy: (eps, delta) per record gives (k eps, k e^((k-1) eps) delta) for k records.
-    "record": ("per {item}", "one {item}, not one patient: the data names no patient ids, so each {item} "
-               "counts as its own patient, and a patient with k {items} has only the group guarantee "
-               "(k × epsilon, k × e^((k−1) × epsilon) × delta)"),
-    "site": ("per site", "one whole site, all of its patients together"),
-}
-UNIT_COUNTS = {"patient": "Patients", "record": "{Items}", "site": "Patients"}  # the plan's n_patients
 
 
 @dataclass(frozen=True)
@@ -183,42 +188,6 @@ def _read_counts(path: Path) -> dict[str, dict[str, np.ndarray]]:
     """Each model's test counts from test_counts.npz ({} without it); RunDirError naming the file
     when it cannot be read."""
     return evaluation_counts.load_counts(path) if path.is_file() else {}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise RunDirError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(obj, dict):
-        raise RunDirError(f"{path}: expected a YAML mapping, got {type(obj).__name__}")
-    return obj
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Rows sorted by round; a round written twice (a resumed run) keeps its last row."""
-    by_round: dict[Any, dict] = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)  # accepts NaN, as Python's json writes it
-        except ValueError as e:
-            raise RunDirError(f"{path}:{i}: not valid JSON ({e})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            raise RunDirError(f"{path}:{i}: expected an object with an integer 'round'")
-        by_round[row["round"]] = row
-    return [by_round[r] for r in sorted(by_round)]
 
 
 def _read_predictions(
@@ -742,7 +711,7 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
         if bound is not None:
             # Rounded up: a bound printed below its value would claim more than the epsilon backs.
             claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by "
-                      f"{math.ceil(bound * 1000 - 1e-9) / 1000:.3f}; an audit finds what a given attacker "
+                      f"{fmt_bound(bound)}; an audit finds what a given attacker "
                       "reaches, a lower bound on the leak.")
     cand, sh = _dict(a.get("candidates")), _dict(a.get("shadows"))
     setting = (f"{_int(cand.get('members'))} training patients and {_int(cand.get('non_members'))} "
@@ -750,13 +719,6 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
     if sh:
         setting += f"; {_int(sh.get('trained'))} shadow runs ({fmt_seconds(sh.get('seconds'))})"
     return {"rows": rows, "claim": claim, "setting": setting, "created": a.get("created", NA)}
-
-
-def _ci(ci: Any, percent: bool = False) -> str:
-    if not isinstance(ci, list) or len(ci) != 2 or any(_num(c) is None for c in ci):
-        return ""
-    lo, hi = (_num(c) for c in ci)
-    return f" ({100 * lo:.1f}–{100 * hi:.1f}%)" if percent else f" ({lo:.3f}–{hi:.3f})"
 
 
 def _overview(run: RunFiles) -> list[tuple[str, str]]:
@@ -938,26 +900,6 @@ def _cell(key: str, value: Any) -> str:
     return _int(value) if metric.startswith("n_") else fmt_metric(metric, value)
 
 
-def _privacy_status(privacy: Any) -> str:
-    """"private", "none" (trained without differential privacy) or "unknown" (not recorded)."""
-    if not isinstance(privacy, dict):
-        return "unknown"
-    if privacy.get("mode") == "none":
-        return "none"
-    if privacy.get("mode") in PRIVATE_MODES or _num(privacy.get("epsilon")) is not None:
-        return "private"
-    return "unknown"
-
-
-def _privacy_epsilon(privacy: dict) -> float | None:
-    """The run's epsilon: the largest any site spent."""
-    eps = _num(privacy.get("epsilon"))
-    if eps is None:
-        eps = max((x for x in map(_num, _dict(privacy.get("sites")).values()) if x is not None),
-                  default=None)
-    return eps
-
-
 def _privacy_overview(privacy: Any, view: TaskView | None = None) -> str:
     status = _privacy_status(privacy)
     if status == "none":
@@ -969,64 +911,13 @@ def _privacy_overview(privacy: Any, view: TaskView | None = None) -> str:
 
 
 def _unit_words(unit: Any, view: TaskView | None = None) -> tuple[str | None, str | None, str]:
-    """(guarantee wording, unit of privacy in words, heading of the plan's unit count) for the
-    summary's unit; None, None for a unit this report does not know."""
-    item, items = ("record", "records") if view and view.tabular else ("image", "images")
-    words, text = UNITS.get(unit, (None, None)) if isinstance(unit, str) else (None, None)
-    count = UNIT_COUNTS.get(unit, "Patients") if isinstance(unit, str) else "Patients"
-    fill = {"item": item, "items": items, "Items": items.capitalize()}
-    return (
-        None if words is None else words.format(**fill),
-        None if text is None else text.format(**fill),
-        count.format(**fill),
-    )
+    """privmed.report.words.unit_words for the run's task (images or records)."""
+    return unit_words(unit, tabular=bool(view and view.tabular))
 
 
 def _privacy(privacy: Any, view: TaskView | None = None) -> dict:
-    """The Privacy section: the guarantee in a sentence, its terms, each site's spend and plan, and
-    what the guarantee covers (the runner's statement, verbatim)."""
-    status = _privacy_status(privacy)
-    privacy = _dict(privacy)
-    statement = privacy.get("statement")
-    statement = str(statement) if statement else None
-    if status == "none":
-        if statement is None:
-            statement = "the model and its updates may reveal the patients they were trained on."
-        if not statement.lower().startswith("no differential privacy"):
-            statement = "No differential privacy: " + statement
-        return {"status": status, "notice": statement}
-    if status == "unknown":
-        return {"status": status, "notice": (
-            "Privacy: not recorded. This run's summary.json has no privacy entry (it was written "
-            "before privmed reported privacy), so this report cannot state a differential-privacy "
-            "guarantee for the model.")}
-    unit_words, unit_text, unit_count = _unit_words(privacy.get("unit"), view)
-    delta = fmt_number(privacy.get("delta"))
-    budget = _num(privacy.get("budget_epsilon"))
-    guarantee = (
-        f"Differential privacy{' ' + unit_words if unit_words else ''}: epsilon ≤ "
-        f"{fmt_epsilon(_privacy_epsilon(privacy))} at delta = {delta} for every site."
-    )
-    accountant = privacy.get("accountant")
-    rows = [
-        ("Mechanism", str(privacy.get("mechanism") or NA)),
-        ("Unit of privacy", unit_text or str(privacy.get("unit") or NA)),
-        ("Delta", delta),
-        ("Accountant", ACCOUNTANTS.get(accountant, str(accountant or NA))),
-        ("Budget", NA if budget is None else f"epsilon ≤ {fmt_budget(budget)} per site"),
-        ("Clipping norm", fmt_number(privacy.get("max_grad_norm"))),
-    ]
-    spent, plan = _dict(privacy.get("sites")), _dict(privacy.get("plan"))
-    sites = []
-    for name in dict.fromkeys([*plan, *spent]):
-        p = _dict(plan.get(name))
-        sites.append({"name": str(name), "cells": [
-            _int(p.get("n_patients")), fmt_epsilon(spent.get(name)), fmt_budget(budget),
-            fmt_number(p.get("noise_multiplier")), fmt_number(p.get("sample_rate")),
-            _int(p.get("steps")), _int(p.get("turns")),
-        ]})
-    return {"status": status, "guarantee": guarantee, "rows": rows, "sites": sites,
-            "unit_count": unit_count, "statement": statement}
+    """The Privacy section (privmed.report.words.privacy_section) for the run's task."""
+    return privacy_section(privacy, tabular=bool(view and view.tabular))
 
 
 def _figure_context(fig: FigureOut) -> dict:
@@ -1072,66 +963,6 @@ def fmt_p(value: Any) -> str:
     if x < 1e-4:
         return "p < 0.0001"
     return f"p = {x:.2g}"
-
-
-def fmt_seconds(value: Any) -> str:
-    x = _num(value)
-    if x is None:
-        return NA
-    if x < 60:
-        return f"{x:.1f} s"
-    minutes, seconds = divmod(round(x), 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def fmt_number(value: float) -> str:
-    x = _num(value)
-    if x is None:
-        return NA
-    if float(x).is_integer() and abs(x) < 1e15:
-        return _int(x)
-    return f"{x:.4g}"
-
-
-def fmt_epsilon(value: Any) -> str:
-    """Epsilon rounded UP to 3 significant digits (never below the ledger's figure); "n/a" for a
-    missing or non-finite value."""
-    x = _num(value)
-    return NA if x is None or x < 0 else format_epsilon(x)
-
-
-def fmt_budget(value: Any) -> str:
-    """A budget epsilon as the run's config gave it ("8"); a computed one (fixed noise) rounded up."""
-    x = _num(value)
-    return NA if x is None or x <= 0 else format_budget(x)
-
-
-def _int(value: Any) -> str:
-    x = _num(value)
-    return NA if x is None else f"{int(round(x)):,}"
-
-
-def _num(value: Any) -> float | None:
-    """A finite number, or None for None, NaN, infinities, booleans and non-numbers."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        return None
-    x = float(value)
-    return x if math.isfinite(x) else None
-
-
-def _get(obj: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(key)
-    return obj
-
-
-def _dict(obj: Any) -> dict:
-    return obj if isinstance(obj, dict) else {}
 
 
 def _site_names(run: RunFiles) -> list[str]:
