@@ -6,7 +6,8 @@ federated learning?", NeurIPS): find images whose gradient points the way the re
     min_x  1 - cos(grad_theta L(model(x), y), -update)  +  tv_weight * TV(x),   x boxed to the data range,
 
 by Adam on the images with signed gradients, from a few random starts, keeping the start that ends
-with the lowest objective. The cosine is scale invariant, so the update of one plain SGD step
+with the lowest objective; with a prior on the images' brightness and contrast, one more start
+from the best one set to it (see `invert`). The cosine is scale invariant, so the update of one plain SGD step
 (-lr x the batch's mean gradient) is matched exactly without knowing lr, and a DP-SGD step (clipped,
 noised, divided by the expected batch size) or a local epoch (several steps) is matched as a
 gradient direction. The label of a single image is read off the last layer's update (iDLG, Zhao et
@@ -55,13 +56,17 @@ class InversionSettings:
 @dataclass(frozen=True)
 class Reconstruction:
     """The attack's answer: `images` (B, C, H, W) in the settings' bounds, in the attacker's own
-    order (see `match_to_originals`), the `labels` (B,) it assumed, and the best start's final
-    cosine between its images' gradient and the update's direction (1: a perfect match)."""
+    order (see `match_to_originals`), the `labels` (B,) it assumed, and the final cosine between
+    its images' gradient and the update's direction (1: a perfect match). `raw`: the best of the
+    random starts; `calibrated`: whether the start from them at the prior's intensity won (see
+    `invert`)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     cosine: float
-    restart: int  # which start was kept
+    restart: int  # which start was kept (index `restarts`: the one at the prior's intensity)
+    raw: torch.Tensor
+    calibrated: bool
 
 
 def trainable(model: nn.Module) -> list[torch.Tensor]:
@@ -136,12 +141,22 @@ def invert(
     settings: InversionSettings,
     generator: torch.Generator,
     criterion: nn.Module | None = None,
+    intensity: tuple[float, float] | None = None,
 ) -> Reconstruction:
     """Reconstruct the B = len(labels) images (B, *image_shape) whose gradient at `model`'s weights
     points opposite to `update` (one tensor per trainable parameter: new weights - the weights the
-    site was sent). `model` holds the weights the site trained from; it is not changed. The starts
-    are uniform in the bounds, drawn from `generator`; each runs `settings.iterations` Adam steps on
-    the signed gradient of the objective and is projected back into the bounds after each."""
+    site was sent). `model` holds the weights the site trained from; it is not changed. The
+    `settings.restarts` random starts are drawn from `generator` (uniform in the bounds without a
+    prior); each runs `settings.iterations` Adam steps on the signed gradient of the objective,
+    projected back into the bounds after each; the start with the lowest objective is kept.
+
+    `intensity`: the (mean, std) of an image's pixels in the attacker's data of the same kind. The
+    random starts then draw their pixels from it, and one more start follows: the best random
+    start's images mapped to that mean and spread (`match_intensity`), searched again at a tenth of
+    the learning rate. It is kept when it matches better. A model whose first convolution feeds a
+    normalisation layer (privmed's cnn) gives nearly the same gradient for an image and a brighter
+    or more contrasted copy: the search finds the structure at an arbitrary brightness, and the
+    prior puts it back near the right one."""
     params = trainable(model)
     if len(update) != len(params):
         raise ValueError(f"the model has {len(params)} trainable parameters, the update {len(update)}")
@@ -149,35 +164,68 @@ def invert(
         if u.shape != p.shape:
             raise ValueError(f"an update tensor has shape {tuple(u.shape)}, its parameter {tuple(p.shape)}")
     target = [-u.detach().to(p.dtype) for u, p in zip(update, params)]
-    lo, hi = settings.bounds
     shape = (len(labels), *image_shape)
-    milestones = [int(settings.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     was_training = model.training
     model.eval()  # no layer of privmed's models differs, but a dropout layer would make the match noisy
-    best: tuple[float, torch.Tensor, int] | None = None
     try:
-        for start in range(settings.restarts):
-            x = (lo + (hi - lo) * torch.rand(shape, generator=generator)).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=settings.lr)
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
-            for _ in range(settings.iterations):
-                opt.zero_grad(set_to_none=True)
-                cost = _objective(model, x, labels, target, settings.tv_weight, criterion)
-                (x_grad,) = torch.autograd.grad(cost, [x])
-                x.grad = x_grad.sign()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    x.clamp_(lo, hi)
-            final = float(_objective(model, x.detach(), labels, target, settings.tv_weight, criterion,
-                                     create_graph=False))
-            if best is None or final < best[0]:
-                best = (final, x.detach().clone(), start)
+        found = [_search(model, _start(shape, settings.bounds, intensity, generator), labels, target,
+                         settings, settings.lr, criterion) for _ in range(settings.restarts)]
+        kept = min(range(len(found)), key=lambda i: found[i][0])
+        raw = found[kept][1]
+        if intensity is not None:
+            start = match_intensity(raw, *intensity, bounds=settings.bounds)
+            found.append(_search(model, start, labels, target, settings, settings.lr / 10, criterion))
+            kept = min(range(len(found)), key=lambda i: found[i][0])
     finally:
         model.train(was_training)
-    _, images, kept = best
+    images = found[kept][1]
     cos = 1.0 - float(cosine_distance(gradient(model, images, labels, criterion), target))
-    return Reconstruction(images, labels.clone(), cos, kept)
+    return Reconstruction(images, labels.clone(), cos, kept, raw, kept == settings.restarts)
+
+
+def _search(
+    model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, target: list[torch.Tensor],
+    settings: InversionSettings, lr: float, criterion: nn.Module | None,
+) -> tuple[float, torch.Tensor]:
+    """One start: `settings.iterations` Adam steps from x0 on the objective's signed gradient,
+    the learning rate decayed x0.1 at 3/8, 5/8 and 7/8, boxed after each step. Returns (final
+    objective, images)."""
+    lo, hi = settings.bounds
+    x = x0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    milestones = [int(settings.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+    for _ in range(settings.iterations):
+        opt.zero_grad(set_to_none=True)
+        cost = _objective(model, x, labels, target, settings.tv_weight, criterion)
+        (x_grad,) = torch.autograd.grad(cost, [x])
+        x.grad = x_grad.sign()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.clamp_(lo, hi)
+    x = x.detach()
+    return float(_objective(model, x, labels, target, settings.tv_weight, criterion, create_graph=False)), x
+
+
+def _start(shape: tuple[int, ...], bounds: tuple[float, float], intensity: tuple[float, float] | None,
+           generator: torch.Generator) -> torch.Tensor:
+    """A random start: Gaussian pixels of the prior's mean and spread (Geiping et al. start from
+    N(0, 1) in the data's standardised units), or uniform in the bounds without a prior."""
+    lo, hi = bounds
+    if intensity is None:
+        return lo + (hi - lo) * torch.rand(shape, generator=generator)
+    mean, std = intensity
+    return (mean + std * torch.randn(shape, generator=generator)).clamp(lo, hi)
+
+
+def match_intensity(images: torch.Tensor, mean: float, std: float, bounds: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Each image (B, C, H, W) mapped affinely so that its pixels have mean `mean` and standard
+    deviation `std`, then clipped to `bounds`. A flat image stays flat, at `mean`."""
+    m = images.mean(dim=(1, 2, 3), keepdim=True)
+    s = images.std(dim=(1, 2, 3), keepdim=True)
+    scaled = torch.where(s > 1e-6, (images - m) / s.clamp_min(1e-6) * std, torch.zeros_like(images))
+    return (scaled + mean).clamp(*bounds)
 
 
 def _objective(

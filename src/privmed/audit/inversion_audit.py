@@ -45,20 +45,22 @@ ASSUMES = (
     "it sets the sites' local training (it writes the run config): plain SGD at the run's learning "
     "rate, no augmentation; it knows the batch size and the labels of a batch of several images (a "
     "single image's label it reads off the update, iDLG); it searches by Adam on the images with a "
-    "total-variation prior, from random starts; it does not hold the sites' DP keys"
+    "total-variation prior, from random starts drawn with the brightness and contrast of public images "
+    "of the same kind (the pooled test set's), plus one start from the best of them set to that "
+    "brightness and contrast, keeping the start that matches best; it does not hold the sites' DP keys"
 )
 
 
 def default_settings(batches: list[int], epsilons: list[float]) -> list[Setting]:
     """One local step of one site's update at every batch size, a local epoch at the largest (when
-    it is more than one step), the
-    same steps under DP-SGD at every epsilon, and the secure sum of the sites' single-step updates
-    at the smallest batch size (the easiest for the attacker)."""
+    it is more than one step), the same steps under DP-SGD at every epsilon, and the secure sum of
+    the sites' single-step updates at the smallest batch size (the easiest for the attacker),
+    rebuilt as all the sites' images and as one image."""
     out = [Setting("site", b) for b in batches]
     if max(batches) > EPOCH_BATCH:
         out.append(Setting("site", max(batches), "epoch"))
     out += [Setting("site-dp", b, epsilon=e) for e in epsilons for b in batches]
-    out.append(Setting("secure-sum", min(batches)))
+    out += [Setting("secure-sum", min(batches)), Setting("secure-sum", min(batches), as_one=True)]
     return out
 
 
@@ -117,47 +119,74 @@ def run_inversion(
 
 def _describe(s: Setting) -> dict:
     return {"view": s.view, "sees": SEES[s.view], "batch": s.batch, "local": s.local,
-            "local_steps": s.local_steps, "local_batch": s.local_batch, "epsilon": s.epsilon}
+            "local_steps": s.local_steps, "local_batch": s.local_batch, "epsilon": s.epsilon,
+            "rebuilt_as": "one image" if s.as_one else "all the images trained on"}
 
 
 def _attack_setting(
     maker: UpdateMaker, model: torch.nn.Module, criterion: torch.nn.Module, s: Setting, trials: int,
     attack: inv.InversionSettings, image_shape: tuple[int, ...], seed: int,
 ) -> tuple[dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    lo, hi = attack.bounds
-    psnrs, ssims, floor, cosines, label_hits, n_sites = [], [], [], [], [], 1
-    first = None
+    span = attack.bounds[1] - attack.bounds[0]
+    psnrs, ssims, raw_psnrs, floor, floor_ssim, cosines, calibrated, label_hits = [], [], [], [], [], [], [], []
+    n_sites, first = 1, None
     for trial in range(trials):
         seen = maker.observe(s, trial)
         n_sites = len(seen.sites)
         labels = seen.labels
-        if len(labels) == 1:  # iDLG: the attacker reads the label off the update
+        if len(labels) == 1 or s.as_one:  # iDLG: the attacker reads the label off the update
             labels = torch.tensor([inv.infer_label(model, seen.update)])
-            label_hits.append(int(labels[0] == seen.labels[0]))
+            if len(seen.labels) == 1:
+                label_hits.append(int(labels[0] == seen.labels[0]))
         gen = torch.Generator().manual_seed(derive_seed(seed, "inversion-attack", s.key, trial))
-        rec = inv.invert(model, seen.update, labels, image_shape, attack, gen, criterion)
-        order = inv.match_to_originals(seen.images, rec.images, hi - lo)
-        matched = rec.images[order]
-        psnrs.append(inv.psnr(seen.images, matched, hi - lo))
-        ssims.append(inv.ssim(seen.images, matched, hi - lo))
-        floor.append(inv.psnr(seen.images, maker.mean_image.expand_as(seen.images), hi - lo))
+        rec = inv.invert(model, seen.update, labels, image_shape, attack, gen, criterion, maker.intensity)
+        originals, rebuilt, p, q = _score(seen.images, rec.images, span)
+        psnrs.append(p)
+        ssims.append(q)
+        raw_psnrs.append(_score(seen.images, rec.raw, span)[2])
+        mean_image = maker.mean_image.expand_as(seen.images)
+        floor.append(inv.psnr(seen.images, mean_image, span))
+        floor_ssim.append(inv.ssim(seen.images, mean_image, span))
         cosines.append(rec.cosine)
+        calibrated.append(rec.calibrated)
         if first is None:
-            first = (seen.images.numpy().astype(np.float32), matched.numpy().astype(np.float32), psnrs[-1])
-    p, q, f = np.concatenate(psnrs), np.concatenate(ssims), np.concatenate(floor)
-    entry = {**_describe(s), "sites": n_sites, "images_per_trial": int(len(p) // trials)}
+            first = (originals.numpy().astype(np.float32), rebuilt.numpy().astype(np.float32), p)
+    p, q = np.concatenate(psnrs), np.concatenate(ssims)
+    entry = {**_describe(s), "sites": n_sites, "images_per_trial": int(len(seen.images)),
+             "rebuilt_per_trial": int(len(rec.images))}
     if s.view == "site-dp":
         sigma, clip, _ = maker.noise(s.epsilon)
         entry.update(noise_multiplier=sigma, max_grad_norm=clip)
+    if label_hits or s.as_one:
+        how = "inferred from the update (iDLG)"
+    else:
+        how = "known to the attacker"
     entry.update({
-        "labels": "inferred from the update (iDLG)" if label_hits else "known to the attacker",
+        "labels": how,
         "label_accuracy": float(np.mean(label_hits)) if label_hits else None,
         "psnr": _stats(p), "ssim": _stats(q),
-        "psnr_mean_image": float(np.mean(f)),
+        "psnr_random_starts": _stats(np.concatenate(raw_psnrs)),
+        "prior_start_kept": f"{sum(calibrated)} of {trials} batches",
+        "psnr_mean_image": float(np.mean(np.concatenate(floor))),
+        "ssim_mean_image": float(np.mean(np.concatenate(floor_ssim))),
         "cosine": float(np.mean(cosines)),
         "trials": trials,
     })
     return entry, first
+
+
+def _score(originals: torch.Tensor, rebuilt: torch.Tensor, span: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """(originals, reconstructions, PSNR, SSIM) of a trial: as many reconstructions as originals
+    are paired one to one (linear assignment); fewer (a sum rebuilt as one image) each with the
+    original it is closest to. The originals are returned whole, the reconstructions in their
+    order when paired one to one; PSNR and SSIM are per reconstruction."""
+    if len(rebuilt) == len(originals):
+        rebuilt = rebuilt[inv.match_to_originals(originals, rebuilt, span)]
+        return originals, rebuilt, inv.psnr(originals, rebuilt, span), inv.ssim(originals, rebuilt, span)
+    n, m = len(originals), len(rebuilt)
+    table = inv.psnr(originals.repeat(m, 1, 1, 1), rebuilt.repeat_interleave(n, dim=0), span).reshape(m, n)
+    closest = originals[torch.from_numpy(table.argmax(axis=1))]
+    return originals, rebuilt, table.max(axis=1), inv.ssim(closest, rebuilt, span)
 
 
 def _stats(v: np.ndarray) -> dict:

@@ -75,15 +75,19 @@ class InversionOptions:
     """What the gradient-inversion audit attacks: one site's update with `batches` patients (one
     local step each, and a local epoch at the largest), the same under DP-SGD at each of `epsilons`
     (None: the run's own epsilon when it ran DP-SGD, else 8), and the secure sum of all sites'
-    updates; `trials` batches each; `weights` the model sent ('initial' or 'final')."""
+    updates; `trials` batches each; `weights` the model sent ('initial' or 'final'). `only`: these
+    settings instead (a benchmark's choice)."""
 
     batches: tuple[int, ...] = (1, 4, 8)
     epsilons: tuple[float, ...] | None = None
     trials: int = 2
     weights: str = "initial"
     search: InversionSettings = field(default_factory=InversionSettings)
+    only: tuple[Setting, ...] | None = None
 
     def settings(self, target: Target) -> list[Setting]:
+        if self.only is not None:
+            return list(self.only)
         p = target.config.privacy
         eps = self.epsilons
         if eps is None:

@@ -49,12 +49,15 @@ SECURE_MIN_SITES = 3
 @dataclass(frozen=True)
 class Setting:
     """One update the audit attacks: whose (`view`), how many patients per site (`batch`), how much
-    local training (`local`), and for 'site-dp' the `epsilon` its noise is calibrated to."""
+    local training (`local`), and for 'site-dp' the `epsilon` its noise is calibrated to. A
+    'secure-sum' is rebuilt as all the sites' images together, or with `as_one` as a single image
+    (an attacker who takes the sum for one image's update)."""
 
     view: str
     batch: int
     local: str = "step"
     epsilon: float | None = None
+    as_one: bool = False
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
@@ -65,6 +68,8 @@ class Setting:
             raise ConfigError(f"--batch: {self.batch}; allowed: 1 to 64 patients")
         if (self.view == "site-dp") != (self.epsilon is not None):
             raise ConfigError(f"inversion view '{self.view}': an epsilon goes with 'site-dp' only")
+        if self.as_one and self.view != "secure-sum":
+            raise ConfigError(f"inversion view '{self.view}': rebuilding as one image goes with 'secure-sum' only")
 
     @property
     def local_batch(self) -> int:
@@ -78,7 +83,7 @@ class Setting:
     def key(self) -> str:
         """A name for audit.json and the image file, e.g. 'site-dp-eps8-b1-step'."""
         view = self.view if self.epsilon is None else f"site-dp-eps{self.epsilon:g}"
-        return f"{view}-b{self.batch}-{self.local}"
+        return f"{view}-b{self.batch}-{self.local}" + ("-as-one" if self.as_one else "")
 
 
 @dataclass
@@ -116,6 +121,14 @@ class UpdateMaker:
         knows only the data's distribution would draw (the floor a reconstruction must beat)."""
         pooled = np.concatenate([sd.train.images for sd in self.target.site_data])
         return torch.from_numpy(pooled.mean(axis=0, keepdims=True).astype(np.float32))
+
+    @property
+    def intensity(self) -> tuple[float, float]:
+        """The mean over the pooled test set's images (data of the same kind as the sites', which
+        no site trains on) of each image's pixel mean and of its pixel standard deviation: the
+        attacker's prior on an image's brightness and contrast."""
+        test = self.target.source.test.images
+        return float(test.mean(axis=(1, 2, 3)).mean()), float(test.std(axis=(1, 2, 3)).mean())
 
     def model(self) -> torch.nn.Module:
         """The run's model holding the weights sent (what the attacker differentiates)."""

@@ -296,7 +296,7 @@ def _inversion_figure(run: RunFiles) -> FigureOut | None:
     rows = []
     for key, r in settings.items():
         o, rec, p = (run.inversion_images.get(f"{key}__{part}") for part in ("originals", "reconstructions", "psnr"))
-        if o is None or rec is None or p is None or o.ndim != 4 or not o.shape == rec.shape or p.shape != o.shape[:1]:
+        if o is None or rec is None or p is None or o.ndim != 4 or o.shape[1:] != rec.shape[1:] or p.shape != rec.shape[:1]:
             continue
         rows.append((_inversion_label(key, _dict(r)), o, rec, p))
     if not rows:
@@ -318,7 +318,9 @@ def _inversion_label(key: str, r: dict) -> str:
         view += f" ε {fmt_epsilon(_num(r.get('epsilon')))}"
     batch = _int(r.get("batch"))
     work = "1 step" if r.get("local") == "step" else f"1 epoch ({_int(r.get('local_steps'))} steps)"
-    return f"{view}\nbatch {batch}, {work}"
+    per = f"{batch} per site" if r.get("view") == "secure-sum" else f"batch {batch}"
+    one = ",\nrebuilt as one image" if r.get("rebuilt_as") == "one image" else ""
+    return f"{view}\n{per}, {work}{one}"
 
 
 def _audit_figure(run: RunFiles) -> FigureOut | None:
