@@ -3,9 +3,9 @@
 For each setting (privmed.audit.updates.Setting: whose update, how many patients, how much local
 training, which DP noise) and each of `trials` fresh batches of patients, the sites train as the
 setting says (privmed.audit.updates), and the attacker (privmed.audit.inversion) rebuilds the
-images from the update. Each reconstruction is scored against the image it best matches, by PSNR
-and SSIM; beside them, the PSNR of the site's mean training image, what an attacker who learnt
-nothing from the update could show. Returns audit.json's "inversion" entry, and the first trial's
+images from the update. Each reconstruction is scored against the image it is paired with (or,
+for a sum rebuilt as one image, the one it is closest to), by PSNR and SSIM; beside them, those of
+the sites' mean training image, what an attacker who learnt nothing from the update could show. Returns audit.json's "inversion" entry, and the first trial's
 originals and reconstructions of each setting, for the report's figure.
 """
 
@@ -39,7 +39,7 @@ SEES = {
     "secure-sum": "the coordinator under secure aggregation (SecAgg+): only the weighted mean of all "
                   "sites' updates, the model and the weights it sent; it rebuilds all the sites' "
                   "images together, as one batch (one step's updates from the same weights average "
-                  "to the gradient of all their images)",
+                  "to the gradient of all their images), or takes the sum for one image's update",
 }
 ASSUMES = (
     "it sets the sites' local training (it writes the run config): plain SGD at the run's learning "
@@ -69,8 +69,9 @@ def run_inversion(
     weights: str = "initial", seed: int = 0, progress: Callable[[str], None] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Attack every setting `trials` times. Returns (audit.json's "inversion" entry, the arrays to
-    keep of each setting's first trial: '<setting>__originals' and '<setting>__reconstructions',
-    (n, C, H, W) float32, the reconstructions in the originals' order, and '<setting>__psnr' (n,))."""
+    keep of each setting's first trial: '<setting>__originals' (n, C, H, W) and
+    '<setting>__reconstructions' (m, C, H, W) float32, the reconstructions in the originals' order
+    (m = n, or 1 for a sum rebuilt as one image), and '<setting>__psnr' (m,))."""
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights: '{weights}' (allowed: {', '.join(WEIGHTS)})")
     if trials < 1:

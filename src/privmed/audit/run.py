@@ -1,5 +1,6 @@
-"""`privmed audit RUN_DIR`: attack a finished run's model and write what leaked to audit.json (and
-the run's report, which shows it beside the epsilon the run claims)."""
+"""`privmed audit RUN_DIR`: attack a finished run's model (membership) or the updates its sites
+send (gradient inversion) and write what leaked to audit.json (and the run's report, which shows it
+beside the epsilon the run claims)."""
 
 from __future__ import annotations
 
