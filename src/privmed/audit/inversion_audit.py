@@ -37,9 +37,7 @@ SEES = {
     "site-dp": "the coordinator, white box: one site's DP-SGD update (each patient's gradient clipped, "
                "Gaussian noise added at the site), the model and the weights it sent",
     "secure-sum": "the coordinator under secure aggregation (SecAgg+): only the weighted mean of all "
-                  "sites' updates, the model and the weights it sent; it rebuilds all the sites' "
-                  "images together, as one batch (one step's updates from the same weights average "
-                  "to the gradient of all their images), or takes the sum for one image's update",
+                  "sites' updates, the model and the weights it sent",
 }
 ASSUMES = (
     "it sets the sites' local training (it writes the run config): plain SGD at the run's learning "
@@ -119,6 +117,8 @@ def run_inversion(
 
 
 def _describe(s: Setting) -> dict:
+    # one local step from the same weights: the sites' mean update is the gradient of all their
+    # images together, so the attacker rebuilds them as one batch (or, naively, as one image)
     return {"view": s.view, "sees": SEES[s.view], "batch": s.batch, "local": s.local,
             "local_steps": s.local_steps, "local_batch": s.local_batch, "epsilon": s.epsilon,
             "rebuilt_as": "one image" if s.as_one else "all the images trained on"}

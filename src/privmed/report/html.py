@@ -318,9 +318,10 @@ def _inversion_label(key: str, r: dict) -> str:
         view += f" ε {fmt_epsilon(_num(r.get('epsilon')))}"
     batch = _int(r.get("batch"))
     work = "1 step" if r.get("local") == "step" else f"1 epoch ({_int(r.get('local_steps'))} steps)"
-    per = f"{batch} per site" if r.get("view") == "secure-sum" else f"batch {batch}"
-    one = ",\nrebuilt as one image" if r.get("rebuilt_as") == "one image" else ""
-    return f"{view}\n{per}, {work}{one}"
+    if r.get("view") != "secure-sum":
+        return f"{view}\nbatch {batch}, {work}"
+    rebuilt = "as one image" if r.get("rebuilt_as") == "one image" else "as all sites' images"
+    return f"{view}\n{batch} per site, {work}\nrebuilt {rebuilt}"
 
 
 def _audit_figure(run: RunFiles) -> FigureOut | None:
@@ -823,22 +824,22 @@ def _inversion(inv: dict) -> dict | None:
             rows.append({"setting": label, "sees": r.get("sees", NA), "cells": [f"not run: {r['skipped']}", "", "", "", ""]})
             continue
         p, q = _dict(r.get("psnr")), _dict(r.get("ssim"))
+        labels = "inferred" if str(r.get("labels", "")).startswith("inferred") else "known"
         if r.get("label_accuracy") is not None:
-            labels = f"inferred, {100 * _num(r.get('label_accuracy')):.0f}% right"
-        else:
-            labels = "known"
+            labels += f", {100 * _num(r.get('label_accuracy')):.0f}% right"
         rows.append({"setting": label, "sees": r.get("sees", NA), "cells": [
             f"{_num(p.get('mean')):.1f} ± {_num(p.get('std')):.1f} (best {_num(p.get('max')):.1f})",
             f"{_num(q.get('mean')):.3f} ± {_num(q.get('std')):.3f}",
-            f"{_num(r.get('psnr_mean_image')):.1f}",
+            f"{_num(r.get('psnr_mean_image')):.1f} / {_num(r.get('ssim_mean_image')):.3f}",
             f"{_int(p.get('n'))} ({_int(r.get('trials'))} batches)",
             labels,
         ]})
     search = _dict(inv.get("search"))
     how = (f"{inv.get('assumes', '')}. Model sent: {inv.get('weights_meaning', NA)}. Search: "
-           f"{_int(search.get('iterations'))} iterations x {_int(search.get('restarts'))} starts, "
-           f"total-variation weight {search.get('tv_weight')}. {inv.get('metrics', '')}. Seed "
-           f"{inv.get('seed')}; audited {inv.get('created', NA)}.")
+           f"{_int(search.get('iterations'))} iterations from each of {_int(search.get('restarts'))} "
+           f"random start(s) and one at the data's brightness, total-variation weight "
+           f"{search.get('tv_weight')}. {inv.get('metrics', '')}. Seed {inv.get('seed')}; audited "
+           f"{inv.get('created', NA)}.")
     return {"rows": rows, "how": how}
 
 
