@@ -211,19 +211,35 @@ def _parser() -> argparse.ArgumentParser:
         "ROC-AUC and TPR at 0.1% and 1% FPR with 95% bootstrap intervals, the seeds) and an Audit "
         "section in its report. The "
         "shadow-based attacks train --shadows runs of the run's config (each about as long as the "
-        "run itself).", 88),
+        "run itself). Gradient inversion (--attack inversion) rebuilds a site's training images "
+        "from the update the coordinator sees: one site's plain update at each --batch (one local "
+        "step, and a local epoch at the largest), the same under DP-SGD at each --epsilon, and "
+        "the secure-aggregation sum of the sites' updates; it writes PSNR and SSIM to "
+        "audit.json and the images to RUN_DIR/audit_inversion.npz.", 88),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="attacks:\n" + describe_attacks(),
     )
     aud.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     aud.add_argument("--attack", dest="attacks", action="append", metavar="NAME",
-                     help="an attack to run (repeatable; default: all)")
+                     help="an attack to run (repeatable; default: all the membership attacks)")
     aud.add_argument("--shadows", type=int, default=8, help="shadow runs to train (default 8)")
     aud.add_argument("--candidates", type=int, default=500,
                      help="member and non-member patients to ask about, each (default 500)")
     aud.add_argument("--budget", type=float, metavar="SECONDS",
                      help="stop training shadows after this long (at least one is trained)")
-    aud.add_argument("--seed", type=int, default=0, help="seeds the candidates and the shadow runs")
+    aud.add_argument("--seed", type=int, default=0,
+                     help="seeds the candidates, the shadow runs and the inversion's patients and starts")
+    aud.add_argument("--batch", dest="batches", type=int, action="append", metavar="N",
+                     help="inversion: patients per site in an update attacked (repeatable; default 1, 4, 8)")
+    aud.add_argument("--epsilon", dest="epsilons", type=float, action="append", metavar="EPS",
+                     help="inversion: attack DP-SGD updates with the noise for this epsilon (repeatable; "
+                     "default: the run's epsilon under DP-SGD, else 8)")
+    aud.add_argument("--trials", type=int, default=2, help="inversion: batches attacked per setting (default 2)")
+    aud.add_argument("--iterations", type=int, default=1000,
+                     help="inversion: the attacker's optimisation steps per start (default 1000)")
+    aud.add_argument("--weights", choices=("initial", "final"), default="initial",
+                     help="inversion: the model sent to the sites: the run's initial one, as in round 1 "
+                     "(default), or its final one")
 
     stm = sub.add_parser(
         "statement", help="one hospital's privacy statement: a printable, one-page HTML",
@@ -387,16 +403,25 @@ def _main(argv: list[str] | None) -> int:
         print("privmed privacy: give a subcommand: plan or spent (see privmed privacy --help)", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.command == "audit":
-        from privmed.audit.run import audit, strongest
+        from privmed.audit.inversion import InversionSettings
+        from privmed.audit.run import InversionOptions, audit, strongest
         from privmed.privacy.figures import format_epsilon
 
-        for name, value in (("--shadows", args.shadows), ("--candidates", args.candidates)):
+        for name, value in (("--shadows", args.shadows), ("--candidates", args.candidates),
+                            ("--trials", args.trials), ("--iterations", args.iterations)):
             if value < 1:
                 raise ConfigError(f"{name}: {value}; give a positive number")
         if args.budget is not None and args.budget <= 0:
             raise ConfigError(f"--budget: {args.budget:g}; give a positive number of seconds")
+        inversion = InversionOptions(
+            batches=tuple(args.batches or (1, 4, 8)),
+            epsilons=None if args.epsilons is None else tuple(args.epsilons),
+            trials=args.trials, weights=args.weights,
+            search=InversionSettings(iterations=args.iterations),
+        )
         result = audit(args.run_dir, args.attacks, shadows=args.shadows, candidates=args.candidates,
-                       budget_s=args.budget, seed=args.seed, progress=lambda msg: print(msg, flush=True))
+                       budget_s=args.budget, seed=args.seed, progress=lambda msg: print(msg, flush=True),
+                       inversion=inversion)
         claimed = result["claimed"]
         best = strongest(result)
         if best is not None:
@@ -404,6 +429,11 @@ def _main(argv: list[str] | None) -> int:
             eps = ("no DP guarantee" if claimed["epsilon"] is None  # the ledger's epsilon, rounded up
                    else f"the run claims epsilon {format_epsilon(claimed['epsilon'])}")
             print(f"strongest attack: {name}, ROC-AUC {r['roc_auc']:.3f} ({eps})")
+        if args.attacks and "inversion" in args.attacks:
+            ran = [(k, r) for k, r in result["inversion"]["settings"].items() if "psnr" in r]
+            if ran:
+                k, r = max(ran, key=lambda kr: kr[1]["psnr"]["mean"])
+                print(f"inversion: best PSNR {r['psnr']['mean']:.1f} dB ({k})")
         print(f"audit: {(args.run_dir / 'audit.json').resolve()}")
         return 0
     if args.command == "statement":

@@ -1,7 +1,9 @@
-"""The registered membership attacks: each says what its attacker sees and assumes, and turns the
-target's and the shadows' outputs into one score per candidate (higher: more likely a member).
+"""The registered attacks. Membership attacks (ATTACKS, run by default): each says what its
+attacker sees and assumes, and turns the target's and the shadows' outputs into one score per
+candidate (higher: more likely a member).
 The statistics are in privmed.audit.mia, imported when an attack scores (it loads scipy and
-scikit-learn, which `privmed --help`, built from this registry, does not need)."""
+scikit-learn, which `privmed --help`, built from this registry, does not need). Attacks on the
+sites' updates (UPDATE_ATTACKS: gradient inversion) run when named."""
 
 from __future__ import annotations
 
@@ -89,6 +91,27 @@ ATTACKS: dict[str, Attack] = {
 }
 
 
+@dataclass(frozen=True)
+class UpdateAttack:
+    """An attack on the model updates the sites release during a run rather than on the final
+    model (privmed.audit.inversion_audit); run only when named."""
+
+    name: str
+    title: str
+    sees: str
+
+
+UPDATE_ATTACKS: dict[str, UpdateAttack] = {
+    "inversion": UpdateAttack(
+        "inversion", "Gradient inversion (Geiping et al. 2020): images rebuilt from a site's update",
+        "the coordinator: one site's update (plain or DP-SGD), or under secure aggregation only the "
+        "sum of all sites'",
+    ),
+}
+
+
 def describe_attacks() -> str:
     """One line per attack, for `privmed audit --help`."""
-    return "\n".join(f"  {a.name:<13} {a.title}" for a in ATTACKS.values())
+    lines = [f"  {a.name:<13} {a.title}" for a in ATTACKS.values()]
+    lines += [f"  {a.name:<13} {a.title} (only when named)" for a in UPDATE_ATTACKS.values()]
+    return "\n".join(lines)

@@ -1,12 +1,15 @@
-"""`privmed audit RUN_DIR`: attack a finished run's model and write what leaked to audit.json (and
-the run's report, which shows it beside the epsilon the run claims)."""
+"""`privmed audit RUN_DIR`: attack a finished run's model (membership) or the updates its sites
+send (gradient inversion) and write what leaked to audit.json (and the run's report, which shows it
+beside the epsilon the run claims)."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,8 +18,11 @@ import torch
 
 from privmed import io
 from privmed.audit import mia
-from privmed.audit.attacks import ATTACKS, AttackData
-from privmed.audit.membership import draw_candidates, load_target, logits_of, train_shadows
+from privmed.audit.attacks import ATTACKS, UPDATE_ATTACKS, AttackData
+from privmed.audit.inversion import InversionSettings
+from privmed.audit.inversion_audit import default_settings, run_inversion, write_images
+from privmed.audit.membership import Target, draw_candidates, load_target, logits_of, train_shadows
+from privmed.audit.updates import Setting
 from privmed.errors import ConfigError
 
 AUDIT_FILE = "audit.json"
@@ -25,22 +31,102 @@ AUDIT_FILE = "audit.json"
 def audit(
     run_dir: Path, attacks: list[str] | None = None, *, shadows: int = 8, candidates: int = 500,
     budget_s: float | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
+    inversion: InversionOptions | None = None,
 ) -> dict:
-    """Run `attacks` (default: all) against the run in `run_dir` and write audit.json there.
-    `shadows`: shadow runs for the attacks that need them (fewer when `budget_s` runs out);
-    `candidates`: member and non-member patients asked about (each). Returns what was written."""
+    """Run `attacks` (default: all the membership attacks; 'inversion' when named) against the run
+    in `run_dir` and write audit.json there (what an earlier audit found for the kind of attack not
+    run this time is kept). `shadows`: shadow runs for the attacks that need them (fewer when
+    `budget_s` runs out); `candidates`: member and non-member patients asked about (each);
+    `inversion`: the gradient-inversion settings. Returns what was written."""
     names = list(attacks or ATTACKS)
-    unknown = [n for n in names if n not in ATTACKS]
+    unknown = [n for n in names if n not in ATTACKS and n not in UPDATE_ATTACKS]
     if unknown:
-        raise ConfigError(f"--attack: unknown attack '{unknown[0]}' (allowed: {', '.join(ATTACKS)})")
-    if shadows < 1 and any(ATTACKS[n].needs_shadows for n in names):
-        raise ConfigError(f"--shadows: {shadows}; attacks {', '.join(n for n in names if ATTACKS[n].needs_shadows)} need at least 1")
+        allowed = ", ".join([*ATTACKS, *UPDATE_ATTACKS])
+        raise ConfigError(f"--attack: unknown attack '{unknown[0]}' (allowed: {allowed})")
+    membership = [n for n in names if n in ATTACKS]
+    if shadows < 1 and any(ATTACKS[n].needs_shadows for n in membership):
+        raise ConfigError(f"--shadows: {shadows}; attacks {', '.join(n for n in membership if ATTACKS[n].needs_shadows)} need at least 1")
     say = progress or (lambda _msg: None)
-    start = time.perf_counter()
     run_dir = Path(run_dir)
     target = load_target(run_dir)
+    previous = _previous(run_dir)
+    out = {"run": run_dir.name, "claimed": _claimed(target)}
+    if membership:
+        out.update(_membership(target, membership, shadows, candidates, budget_s, seed, say))
+    else:
+        out.update({k: v for k, v in previous.items() if k not in ("run", "claimed", "inversion")})
+    if "inversion" in names:
+        opts = inversion or InversionOptions()
+        settings = opts.settings(target)
+        out["inversion"], images = run_inversion(target, settings, trials=opts.trials, attack=opts.search,
+                                                 weights=opts.weights, seed=seed, progress=say)
+        write_images(run_dir, images)
+    elif "inversion" in previous:
+        out["inversion"] = previous["inversion"]
+    io.write_json(run_dir / AUDIT_FILE, out)
+    if (run_dir / "report.html").exists():
+        from privmed.report import write_report
+
+        write_report(run_dir)
+    return out
+
+
+@dataclass(frozen=True)
+class InversionOptions:
+    """What the gradient-inversion audit attacks: one site's update with `batches` patients (one
+    local step each, and a local epoch at the largest), the same under DP-SGD at each of `epsilons`
+    (None: the run's own epsilon when it ran DP-SGD, else 8), and the secure sum of all sites'
+    updates; `trials` batches each; `weights` the model sent ('initial' or 'final'). `only`: these
+    settings instead (a benchmark's choice)."""
+
+    batches: tuple[int, ...] = (1, 4, 8)
+    epsilons: tuple[float, ...] | None = None
+    trials: int = 2
+    weights: str = "initial"
+    search: InversionSettings = field(default_factory=InversionSettings)
+    only: tuple[Setting, ...] | None = None
+
+    def settings(self, target: Target) -> list[Setting]:
+        if self.only is not None:
+            return list(self.only)
+        p = target.config.privacy
+        eps = self.epsilons
+        if eps is None:
+            eps = (p.epsilon,) if p.mode == "dp-sgd" and p.epsilon is not None else (8.0,)
+        bad = [e for e in eps if not (0 < e <= 1000)]
+        if bad:
+            raise ConfigError(f"--epsilon: {bad[0]:g}; allowed: above 0, up to 1000")
+        return default_settings(sorted(set(self.batches)), list(dict.fromkeys(eps)))
+
+
+def _previous(run_dir: Path) -> dict:
+    """The audit.json an earlier audit left ({} when there is none, or it cannot be read)."""
+    try:
+        old = json.loads((run_dir / AUDIT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return old if isinstance(old, dict) and old.get("run") == run_dir.name else {}
+
+
+def _claimed(target: Target) -> dict:
+    summary_privacy = target.summary.get("privacy") or {}
+    claimed = {"mode": target.config.privacy.mode, "epsilon": summary_privacy.get("epsilon"),
+               "delta": summary_privacy.get("delta")}
+    if target.config.privacy.mode == "dp-sgd" and claimed["epsilon"] is not None:
+        # per patient at each site; the bound any membership attack on one patient obeys
+        # (rounded up: never below what the claim allows)
+        claimed["max_roc_auc"] = math.ceil(dp_roc_auc_bound(claimed["epsilon"], claimed["delta"] or 0.0) * 1e4) / 1e4
+    return claimed
+
+
+def _membership(
+    target: Target, names: list[str], shadows: int, candidates: int, budget_s: float | None, seed: int,
+    say: Callable[[str], None],
+) -> dict:
+    """The membership attacks' part of audit.json."""
+    start = time.perf_counter()
     if target.config.task == "survival":
-        raise ConfigError(f"{run_dir}: task 'survival' has no class labels; the membership audit needs them")
+        raise ConfigError(f"{target.run_dir}: task 'survival' has no class labels; the membership audit needs them")
     cand = draw_candidates(target, candidates, seed)
     data = AttackData(logits_of(target.model, cand.all_images()), cand.all_labels(), len(cand))
     shadow_info = None
@@ -61,19 +147,10 @@ def audit(
         entry.update(mia.membership_metrics(scores, cand.members, seed=seed))
         results[n] = entry
         say(f"{n}: ROC-AUC {entry['roc_auc']:.3f}")
-    summary_privacy = target.summary.get("privacy") or {}
-    claimed = {"mode": target.config.privacy.mode, "epsilon": summary_privacy.get("epsilon"),
-               "delta": summary_privacy.get("delta")}
-    if target.config.privacy.mode == "dp-sgd" and claimed["epsilon"] is not None:
-        # per patient at each site; the bound any membership attack on one patient obeys
-        # (rounded up: never below what the claim allows)
-        claimed["max_roc_auc"] = math.ceil(dp_roc_auc_bound(claimed["epsilon"], claimed["delta"] or 0.0) * 1e4) / 1e4
-    out = {
-        "run": run_dir.name,
+    return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
         "unit": "patient: a patient's items are included or left out together",
-        "claimed": claimed,
         "candidates": {
             "members": int(cand.members.sum()), "non_members": int((~cand.members).sum()),
             "population": int(len(cand.population_labels)),
@@ -85,12 +162,6 @@ def audit(
         "seconds": round(time.perf_counter() - start, 1),
         "machine": f"{platform.machine()}, torch {torch.__version__}",
     }
-    io.write_json(run_dir / AUDIT_FILE, out)
-    if (run_dir / "report.html").exists():
-        from privmed.report import write_report
-
-        write_report(run_dir)
-    return out
 
 
 def dp_roc_auc_bound(epsilon: float, delta: float = 0.0) -> float:

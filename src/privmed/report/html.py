@@ -70,6 +70,7 @@ SURVIVAL_ROWS = (
 UNITS, UNIT_COUNTS, PRIVATE_MODES, fmt_budget = words.UNITS, words.UNIT_COUNTS, words.PRIVATE_MODES, words.fmt_budget
 COUNTS = ("n", "events")  # metrics that are counts: integers, summed (not averaged) over sites
 PERSONALISED = ("local", "fedbn")  # strategies that keep one model per site
+INVERSION_IMAGES = "audit_inversion.npz"  # privmed.audit.inversion_audit.IMAGES_FILE
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class RunFiles:
     risk: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     audit: dict | None = None  # audit.json (privmed audit), when the run was audited
+    # audit_inversion.npz: per attacked setting, '<setting>__originals' and '__reconstructions'
+    inversion_images: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,19 @@ def read_run(run_dir: Path) -> RunFiles:
     labels, probs, time, risk = _read_predictions(run_dir / "predictions.npz")
     counts = _read_counts(run_dir / "test_counts.npz")
     audit = _read_json(run_dir / "audit.json") if (run_dir / "audit.json").is_file() else None
-    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk, counts, audit)
+    images = _read_arrays(run_dir / INVERSION_IMAGES) if _get(audit, "inversion") else {}
+    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk, counts, audit, images)
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz file ({} when it is missing); RunDirError when it cannot be read."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {key: z[key] for key in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise RunDirError(f"{path}: cannot read ({e})") from None
 
 
 def _read_counts(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -239,8 +254,43 @@ def make_figures(run: RunFiles) -> list[FigureOut]:
     view = task_view(run)
     privacy = _privacy_figure(run)
     predictions = _survival_figures(run) if view.survival else _prediction_figures(run, view)
-    audit = _audit_figure(run)
-    return [_learning_curves(run, view), *([privacy] if privacy else []), *predictions, *([audit] if audit else [])]
+    audits = [f for f in (_audit_figure(run), _inversion_figure(run)) if f is not None]
+    return [_learning_curves(run, view), *([privacy] if privacy else []), *predictions, *audits]
+
+
+def _inversion_figure(run: RunFiles) -> FigureOut | None:
+    """Originals and their gradient-inversion reconstructions, per attacked setting (audit.json and
+    audit_inversion.npz), or None when no inversion audit ran."""
+    settings = _dict(_get(run.audit, "inversion", "settings"))
+    rows = []
+    for key, r in settings.items():
+        o, rec, p = (run.inversion_images.get(f"{key}__{part}") for part in ("originals", "reconstructions", "psnr"))
+        if o is None or rec is None or p is None or o.ndim != 4 or o.shape[1:] != rec.shape[1:] or p.shape != rec.shape[:1]:
+            continue
+        rows.append((_inversion_label(key, _dict(r)), o, rec, p))
+    if not rows:
+        return None
+    caption = (
+        "Gradient inversion (privmed audit --attack inversion): for each update the coordinator saw, "
+        "the training images of the first batch attacked (top) and what the attacker rebuilt from "
+        "the update alone (below), with each reconstruction's PSNR against its original. Above about "
+        "18 dB an image is recognisable; the table in the Audit section gives the means over all "
+        "batches attacked."
+    )
+    return FigureOut("audit_inversion", "Audit: gradient inversion", caption, png=plots.inversion_examples(rows))
+
+
+def _inversion_label(key: str, r: dict) -> str:
+    """A setting in words, short enough to label a row of images."""
+    view = {"site": "one site", "site-dp": "one site, DP-SGD", "secure-sum": "secure sum"}.get(r.get("view"), key)
+    if r.get("epsilon") is not None:
+        view += f" ε {fmt_epsilon(_num(r.get('epsilon')))}"
+    batch = _int(r.get("batch"))
+    work = "1 step" if r.get("local") == "step" else f"1 epoch ({_int(r.get('local_steps'))} steps)"
+    if r.get("view") != "secure-sum":
+        return f"{view}\nbatch {batch}, {work}"
+    rebuilt = "as one image" if r.get("rebuilt_as") == "one image" else "as all sites' images"
+    return f"{view}\n{batch} per site, {work}\nrebuilt {rebuilt}"
 
 
 def _audit_figure(run: RunFiles) -> FigureOut | None:
@@ -673,11 +723,41 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
 
 
 def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
-    """The Audit section from audit.json: one row per attack (what it sees, ROC-AUC and TPR at low
-    FPR with their 95% intervals), beside the epsilon the run claims."""
+    """The Audit section from audit.json: the epsilon the run claims; the membership attacks, one
+    row per attack (what it sees, ROC-AUC and TPR at low FPR with their 95% intervals), when they
+    ran; and gradient inversion, one row per update attacked (PSNR and SSIM), when it ran."""
     a = run.audit
     if not a:
         return None
+    membership = _membership_rows(a) if "attacks" in a else None
+    claimed = _dict(a.get("claimed"))
+    eps = _num(claimed.get("epsilon"))
+    bound = _num(claimed.get("max_roc_auc"))
+    if eps is None:
+        claim = "The run claims no differential-privacy guarantee: nothing bounds what these attacks find."
+    else:
+        unit = _unit_words(_get(run.summary, "privacy", "unit"), view)[1]
+        claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')}"
+        claim += f"; its unit of privacy is {unit}." if unit else "."
+        if claimed.get("mode") == "central":
+            claim += " Central DP protects a whole site, so it bounds a site's membership, not a patient's."
+        if bound is not None and membership is not None:
+            # Rounded up: a bound printed below its value would claim more than the epsilon backs.
+            claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by "
+                      f"{fmt_bound(bound)}; an audit finds what a given attacker "
+                      "reaches, a lower bound on the leak.")
+    setting = None
+    if membership is not None:
+        cand, sh = _dict(a.get("candidates")), _dict(a.get("shadows"))
+        setting = (f"{_int(cand.get('members'))} training patients and {_int(cand.get('non_members'))} "
+                   f"patients no site trained on ({cand.get('drawn_from', '')}); seed {a.get('seed')}")
+        if sh:
+            setting += f"; {_int(sh.get('trained'))} shadow runs ({fmt_seconds(sh.get('seconds'))})"
+    return {"rows": membership, "claim": claim, "setting": setting, "created": a.get("created", NA),
+            "inversion": _inversion(_dict(a.get("inversion")))}
+
+
+def _membership_rows(a: dict) -> list[dict]:
     rows = []
     for name, r in _dict(a.get("attacks")).items():
         r = _dict(r)
@@ -697,28 +777,39 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
             f"{_num(r.get('roc_auc')):.3f}" + _ci(r.get("roc_auc_ci")),
             rate("0.001"), rate("0.01"), f"{_num(r.get('balanced_accuracy')):.3f}",
         ]})
-    claimed = _dict(a.get("claimed"))
-    eps = _num(claimed.get("epsilon"))
-    bound = _num(claimed.get("max_roc_auc"))
-    if eps is None:
-        claim = "The run claims no differential-privacy guarantee: nothing bounds what these attacks find."
-    else:
-        unit = _unit_words(_get(run.summary, "privacy", "unit"), view)[1]
-        claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')}"
-        claim += f"; its unit of privacy is {unit}." if unit else "."
-        if claimed.get("mode") == "central":
-            claim += " Central DP protects a whole site, so it bounds a site's membership, not a patient's."
-        if bound is not None:
-            # Rounded up: a bound printed below its value would claim more than the epsilon backs.
-            claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by "
-                      f"{fmt_bound(bound)}; an audit finds what a given attacker "
-                      "reaches, a lower bound on the leak.")
-    cand, sh = _dict(a.get("candidates")), _dict(a.get("shadows"))
-    setting = (f"{_int(cand.get('members'))} training patients and {_int(cand.get('non_members'))} "
-               f"patients no site trained on ({cand.get('drawn_from', '')}); seed {a.get('seed')}")
-    if sh:
-        setting += f"; {_int(sh.get('trained'))} shadow runs ({fmt_seconds(sh.get('seconds'))})"
-    return {"rows": rows, "claim": claim, "setting": setting, "created": a.get("created", NA)}
+    return rows
+
+
+def _inversion(inv: dict) -> dict | None:
+    """The gradient-inversion table: per update attacked, what the attacker saw, the local work,
+    PSNR and SSIM (mean ± sd, best PSNR) and the PSNR of the data's mean image beside them."""
+    if not inv:
+        return None
+    rows = []
+    for key, r in _dict(inv.get("settings")).items():
+        r = _dict(r)
+        label = _inversion_label(key, r).replace("\n", ", ")
+        if "skipped" in r:
+            rows.append({"setting": label, "sees": r.get("sees", NA), "cells": [f"not run: {r['skipped']}", "", "", "", ""]})
+            continue
+        p, q = _dict(r.get("psnr")), _dict(r.get("ssim"))
+        labels = "inferred" if str(r.get("labels", "")).startswith("inferred") else "known"
+        if r.get("label_accuracy") is not None:
+            labels += f", {100 * _num(r.get('label_accuracy')):.0f}% right"
+        rows.append({"setting": label, "sees": r.get("sees", NA), "cells": [
+            f"{_num(p.get('mean')):.1f} ± {_num(p.get('std')):.1f} (best {_num(p.get('max')):.1f})",
+            f"{_num(q.get('mean')):.3f} ± {_num(q.get('std')):.3f}",
+            f"{_num(r.get('psnr_mean_image')):.1f} / {_num(r.get('ssim_mean_image')):.3f}",
+            f"{_int(p.get('n'))} ({_int(r.get('trials'))} batches)",
+            labels,
+        ]})
+    search = _dict(inv.get("search"))
+    how = (f"{inv.get('assumes', '')}. Model sent: {inv.get('weights_meaning', NA)}. Search: "
+           f"{_int(search.get('iterations'))} iterations from each of {_int(search.get('restarts'))} "
+           f"random start(s) and one at the data's brightness, total-variation weight "
+           f"{search.get('tv_weight')}. {inv.get('metrics', '')}. Seed {inv.get('seed')}; audited "
+           f"{inv.get('created', NA)}.")
+    return {"rows": rows, "how": how}
 
 
 def _overview(run: RunFiles) -> list[tuple[str, str]]:

@@ -177,6 +177,35 @@ def membership_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], n
     return _png(fig)
 
 
+def inversion_examples(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], max_images: int = 8) -> bytes:
+    """Originals above their reconstructions, one pair of image rows per attacked setting. `rows`:
+    (label, originals (n, C, H, W), reconstructions (n, C, H, W) in the originals' order, PSNR (n,)
+    in dB), images in [0, 1], C 1 (grey) or 3 (RGB); at most `max_images` of each row are drawn."""
+    width = max(min(len(o), max_images) for _, o, _, _ in rows)
+    fig = _figure((max(6.4, 2.2 + 0.9 * width), 0.5 + 1.9 * len(rows)))
+    grid = fig.subplots(2 * len(rows), width, squeeze=False)
+    for r, (label, originals, recs, psnr) in enumerate(rows):
+        for k, (kind, images) in enumerate((("original", originals), ("rebuilt", recs))):
+            for j in range(width):
+                ax = grid[2 * r + k][j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j >= min(len(images), max_images):
+                    ax.axis("off")
+                    continue
+                img = np.clip(np.asarray(images[j], dtype=np.float64), 0.0, 1.0)
+                if img.shape[0] == 1:
+                    ax.imshow(img[0], cmap="gray", vmin=0.0, vmax=1.0)
+                else:
+                    ax.imshow(np.transpose(img[:3], (1, 2, 0)))
+                if k == 1:
+                    ax.set_xlabel(f"{psnr[j]:.1f} dB", fontsize=TICK_SIZE - 1, labelpad=1)
+            text = f"{label}\n{kind}" if k == 0 else kind
+            grid[2 * r + k][0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=LEGEND_SIZE)
+    fig.suptitle("Gradient inversion: originals, and what the attacker rebuilt (PSNR)", fontsize=TITLE_SIZE)
+    return _png(fig)
+
+
 def calibration(
     probs_by_model: Mapping[str, np.ndarray], labels: np.ndarray, n_bins: int = 15,
     items: str = "images",
