@@ -67,3 +67,23 @@ def test_only_a_binary_feature_of_the_data_can_be_asked_for():
     images.facts = SimpleNamespace(feature_names=(), tabular=False)
     with pytest.raises(ConfigError, match="needs tabular data with named features"):
         pick_attribute(images, None)
+
+
+HEART = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uci-heart-disease"
+
+
+@pytest.mark.skipif(not HEART.is_dir(), reason=f"needs the UCI Heart Disease files in {HEART}")
+def test_privmed_audit_infers_sex_on_heart_disease_and_reports_it(tmp_path, capsys):
+    import json
+
+    import privmed
+    from privmed.cli import main
+
+    privmed.run({"data": {"source": "heart-disease", "root": str(HEART)}, "federation": {"rounds": 3}}, tmp_path / "run")
+    assert main(["audit", str(tmp_path / "run"), "--attack", "attribute"]) == 0
+    assert "attribute 'sex':" in capsys.readouterr().out
+    a = json.loads((tmp_path / "run" / "audit.json").read_text())["attribute"]
+    assert a["attribute"] == "sex" and a["members"]["attack"]["n"] + a["non_members"]["attack"]["n"] > 600
+    assert "Attribute inference: guessing sex" in (tmp_path / "run" / "report.html").read_text()
+    assert main(["audit", str(tmp_path / "run"), "--attack", "attribute", "--attribute", "age"]) == 2
+    assert "--attribute: 'age' is not binary" in capsys.readouterr().err

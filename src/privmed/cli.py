@@ -215,7 +215,11 @@ def _parser() -> argparse.ArgumentParser:
         "from the update the coordinator sees: one site's plain update at each --batch (one local "
         "step, and a local epoch at the largest), the same under DP-SGD at each --epsilon, and "
         "the secure-aggregation sum of the sites' updates; it writes PSNR and SSIM to "
-        "audit.json and the images to RUN_DIR/audit_inversion.npz.", 88),
+        "audit.json and the images to RUN_DIR/audit_inversion.npz. Gradient canaries (--attack "
+        "canaries) train the run's config once more with --canaries canary patients at one site and "
+        "give a lower bound on epsilon at 95% confidence, which a DP run's claim must not be below. "
+        "Attribute inference (--attack attribute, tabular data) guesses a binary feature of each "
+        "patient from the model, against the population's guess.", 88),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="attacks:\n" + describe_attacks(),
     )
@@ -237,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--trials", type=int, default=2, help="inversion: batches attacked per setting (default 2)")
     aud.add_argument("--iterations", type=int, default=1000,
                      help="inversion: the attacker's optimisation steps per start (default 1000)")
+    aud.add_argument("--canaries", type=int, default=1000, metavar="M",
+                     help="canaries: gradient canaries added to one site (default 1000)")
+    aud.add_argument("--site", metavar="NAME", help="canaries: the site they join (default: the first)")
+    aud.add_argument("--attribute", metavar="FEATURE",
+                     help="attribute: the binary feature to infer (default: sex, else the first binary one)")
     aud.add_argument("--weights", choices=("initial", "final"), default="initial",
                      help="inversion: the model sent to the sites: the run's initial one, as in round 1 "
                      "(default), or its final one")
@@ -408,7 +417,8 @@ def _main(argv: list[str] | None) -> int:
         from privmed.privacy.figures import format_epsilon
 
         for name, value in (("--shadows", args.shadows), ("--candidates", args.candidates),
-                            ("--trials", args.trials), ("--iterations", args.iterations)):
+                            ("--trials", args.trials), ("--iterations", args.iterations),
+                            ("--canaries", args.canaries)):
             if value < 1:
                 raise ConfigError(f"{name}: {value}; give a positive number")
         if args.budget is not None and args.budget <= 0:
@@ -421,7 +431,7 @@ def _main(argv: list[str] | None) -> int:
         )
         result = audit(args.run_dir, args.attacks, shadows=args.shadows, candidates=args.candidates,
                        budget_s=args.budget, seed=args.seed, progress=lambda msg: print(msg, flush=True),
-                       inversion=inversion)
+                       inversion=inversion, canaries=args.canaries, site=args.site, attribute=args.attribute)
         claimed = result["claimed"]
         best = strongest(result)
         if best is not None:
@@ -434,6 +444,14 @@ def _main(argv: list[str] | None) -> int:
             if ran:
                 k, r = max(ran, key=lambda kr: kr[1]["psnr"]["mean"])
                 print(f"inversion: best PSNR {r['psnr']['mean']:.1f} dB ({k})")
+        if args.attacks and "canaries" in args.attacks:
+            c = result["canaries"]
+            print(f"canaries: epsilon >= {c['epsilon_lower']:.3f} at {100 * c['confidence']:.0f}% confidence "
+                  f"({c['correct']} of {c['guesses']} guesses right)")
+        if args.attacks and "attribute" in args.attacks:
+            a = result["attribute"]["members"]
+            print(f"attribute '{result['attribute']['attribute']}': {100 * a['attack']['accuracy']:.1f}% of "
+                  f"training patients guessed right, against {100 * a['baseline']['accuracy']:.1f}% from the population")
         print(f"audit: {(args.run_dir / 'audit.json').resolve()}")
         return 0
     if args.command == "statement":

@@ -3,7 +3,8 @@ attacker sees and assumes, and turns the target's and the shadows' outputs into 
 candidate (higher: more likely a member).
 The statistics are in privmed.audit.mia, imported when an attack scores (it loads scipy and
 scikit-learn, which `privmed --help`, built from this registry, does not need). Attacks on the
-sites' updates (UPDATE_ATTACKS: gradient inversion) run when named."""
+sites' updates (UPDATE_ATTACKS: gradient inversion, gradient canaries), and attribute inference
+(tabular data only), run when named."""
 
 from __future__ import annotations
 
@@ -106,6 +107,14 @@ UPDATE_ATTACKS: dict[str, UpdateAttack] = {
         "inversion", "Gradient inversion (Geiping et al. 2020): images rebuilt from a site's update",
         "the coordinator: one site's update (plain or DP-SGD), or under secure aggregation only the "
         "sum of all sites'",
+    ),
+    "canaries": UpdateAttack(
+        "canaries", "Gradient canaries: a lower bound on epsilon from one run (Steinke et al. 2023)",
+        "the coordinator: one site's update every round (white box)",
+    ),
+    "attribute": UpdateAttack(  # on the final model, but tabular only: run when named
+        "attribute", "Attribute inference on a tabular model (Fredrikson et al. 2014)",
+        "the final shared model, as a black box",
     ),
 }
 

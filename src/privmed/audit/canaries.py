@@ -110,11 +110,14 @@ def canary_audit(target: Target, m: int = 1000, seed: int = 0, site: str | None 
     run_in_process(exp)
     privacy = target.summary.get("privacy") or {}
     delta = privacy.get("delta") or 0.0
+    sites = privacy.get("sites") if isinstance(privacy.get("sites"), dict) else {}
+    claimed = sites.get(site, privacy.get("epsilon"))  # the site's own epsilon, what a canary there has
     stats = audit_from_scores(-moved, canaries.included, delta=delta, beta=beta, seed=seed)
     return {
         "title": TITLE, "sees": SEES, "assumes": ASSUMES, "site": site, "canaries": m,
         "included": int(canaries.included.sum()), "clip": cfg.privacy.max_grad_norm,
         "epsilon_lower": stats["epsilon_lower"], "confidence": 1 - beta, "delta": delta,
+        "claimed_epsilon": claimed,
         "guesses": stats["r"], "correct": stats["v"],
         "seconds": round(time.perf_counter() - start, 1),
     }

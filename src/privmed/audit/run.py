@@ -19,6 +19,8 @@ import torch
 from privmed import io
 from privmed.audit import mia
 from privmed.audit.attacks import ATTACKS, UPDATE_ATTACKS, AttackData
+from privmed.audit.attribute import attribute_audit
+from privmed.audit.canaries import canary_audit
 from privmed.audit.inversion import InversionSettings
 from privmed.audit.inversion_audit import default_settings, run_inversion, write_images
 from privmed.audit.membership import Target, draw_candidates, load_target, logits_of, train_shadows
@@ -31,13 +33,16 @@ AUDIT_FILE = "audit.json"
 def audit(
     run_dir: Path, attacks: list[str] | None = None, *, shadows: int = 8, candidates: int = 500,
     budget_s: float | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
-    inversion: InversionOptions | None = None,
+    inversion: InversionOptions | None = None, canaries: int = 1000, site: str | None = None,
+    attribute: str | None = None,
 ) -> dict:
     """Run `attacks` (default: all the membership attacks; 'inversion' when named) against the run
     in `run_dir` and write audit.json there (what an earlier audit found for the kind of attack not
     run this time is kept). `shadows`: shadow runs for the attacks that need them (fewer when
     `budget_s` runs out); `candidates`: member and non-member patients asked about (each);
-    `inversion`: the gradient-inversion settings. Returns what was written."""
+    `inversion`: the gradient-inversion settings; `canaries`, `site`: how many gradient canaries,
+    at which site (default: the first); `attribute`: the feature attribute inference guesses
+    (default: sex, or the first binary one). Returns what was written."""
     names = list(attacks or ATTACKS)
     unknown = [n for n in names if n not in ATTACKS and n not in UPDATE_ATTACKS]
     if unknown:
@@ -54,7 +59,17 @@ def audit(
     if membership:
         out.update(_membership(target, membership, shadows, candidates, budget_s, seed, say))
     else:
-        out.update({k: v for k, v in previous.items() if k not in ("run", "claimed", "inversion")})
+        out.update({k: v for k, v in previous.items() if k not in ("run", "claimed", *UPDATE_ATTACKS)})
+    if "canaries" in names:
+        say(f"training the run again with {canaries} gradient canaries")
+        out["canaries"] = canary_audit(target, m=canaries, seed=seed, site=site)
+        say(f"canaries: epsilon >= {out['canaries']['epsilon_lower']:.3f} at 95% confidence")
+    elif "canaries" in previous:
+        out["canaries"] = previous["canaries"]
+    if "attribute" in names:
+        out["attribute"] = attribute_audit(target, attribute)
+    elif "attribute" in previous:
+        out["attribute"] = previous["attribute"]
     if "inversion" in names:
         opts = inversion or InversionOptions()
         settings = opts.settings(target)

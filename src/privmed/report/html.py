@@ -754,7 +754,45 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
         if sh:
             setting += f"; {_int(sh.get('trained'))} shadow runs ({fmt_seconds(sh.get('seconds'))})"
     return {"rows": membership, "claim": claim, "setting": setting, "created": a.get("created", NA),
-            "inversion": _inversion(_dict(a.get("inversion")))}
+            "inversion": _inversion(_dict(a.get("inversion"))), "canaries": _canaries(_dict(a.get("canaries"))),
+            "attribute": _attribute(_dict(a.get("attribute")))}
+
+
+def _canaries(c: dict) -> str | None:
+    """The gradient-canary audit in a sentence: the lower bound beside the site's claimed epsilon."""
+    if not c:
+        return None
+    claimed = _num(c.get("claimed_epsilon"))
+    lower = _num(c.get("epsilon_lower"))
+    text = (f"{_int(c.get('canaries'))} canary patients joined site {c.get('site')} "
+            f"({_int(c.get('included'))} of them trained), each a gradient of norm {c.get('clip')} on one "
+            f"coordinate; the attacker ({c.get('sees')}) guessed {_int(c.get('correct'))} of "
+            f"{_int(c.get('guesses'))} right. Epsilon is at least {math.floor(lower * 1000) / 1000:.3f} at "
+            f"{100 * _num(c.get('confidence')):.0f}% confidence")
+    if claimed is None:
+        return text + ": the run claims no guarantee, and this is what one run's canaries prove leaks."
+    verdict = "within" if lower <= claimed else "ABOVE"
+    return (text + f", {verdict} the site's claimed epsilon {fmt_epsilon(claimed)}"
+            + (" (a lower bound from one run: it shows the claim is not contradicted, not that it is tight)."
+               if lower <= claimed else ": the claim does not hold."))
+
+
+def _attribute(a: dict) -> dict | None:
+    """Attribute inference: per group, the attack's and the population's accuracy (95% CI)."""
+    if not a:
+        return None
+
+    def pct(r: dict) -> str:
+        r = _dict(r)
+        if r.get("accuracy") is None:
+            return NA
+        return f"{100 * _num(r['accuracy']):.1f}%" + _ci(r.get("ci"), percent=True)
+
+    rows = [{"group": label, "n": _int(_dict(_dict(a.get(key)).get("attack")).get("n")),
+             "attack": pct(_dict(a.get(key)).get("attack")), "baseline": pct(_dict(a.get(key)).get("baseline"))}
+            for key, label in (("members", "training patients"), ("non_members", "test patients"))]
+    return {"rows": rows, "attribute": a.get("attribute"), "title": a.get("title"), "assumes": a.get("assumes"),
+            "share": _num(a.get("population_share"))}
 
 
 def _membership_rows(a: dict) -> list[dict]:
