@@ -115,3 +115,7 @@ def test_privmed_audit_runs_the_canaries_and_the_report_states_the_bound(tmp_pat
     assert main(["audit", str(tmp_path / "run"), "--attack", "loss", "--candidates", "20"]) == 0
     assert json.loads((tmp_path / "run" / "audit.json").read_text())["canaries"] == saved
     assert main(["audit", str(tmp_path / "run"), "--attack", "canaries", "--canaries", "0"]) == 2
+    # and the site's privacy statement says what the canaries found
+    assert main(["statement", str(tmp_path / "run"), "--site", "site-2"]) == 0
+    page = (tmp_path / "run" / "statement-site-2.html").read_text()
+    assert "Canary patients added at this site" in page and "the run claims no guarantee" in page

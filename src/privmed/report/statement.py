@@ -436,9 +436,44 @@ def _audit(f: StatementFiles, g: dict) -> dict:
     last = max((t for t in (utc_time(r.get("finished")) for r in f.metrics) if t is not None), default=None)
     stale = created is not None and last is not None and created < last
     return {"run": True, "rows": rows, "sees": sees.pop() if len(sees) == 1 else None, "claim": claim,
-            "shared": shared, "sharing": sharing,
+            "shared": shared, "sharing": sharing, "others": _other_findings(a, f.site),
             "setting": setting, "created": f"{fmt_day(created)} {fmt_clock(created)} UTC" if created else NA,
             "stale": stale}
+
+
+def _other_findings(a: dict, site: str) -> list[str]:
+    """One plain sentence for each attack beyond membership that audit.json holds: gradient
+    canaries (a lower bound on epsilon), gradient inversion (images rebuilt from updates), attribute
+    inference."""
+    out = []
+    c = as_dict(a.get("canaries"))
+    if c:
+        lower, claimed = num(c.get("epsilon_lower")), num(c.get("claimed_epsilon"))
+        where = "at this site" if c.get("site") == site else f"at site {c.get('site')}"
+        text = (f"Canary patients added {where} (a test of the guarantee itself): epsilon is at least "
+                f"{math.floor(lower * 1000) / 1000:.3f} at {100 * num(c.get('confidence')):.0f}% confidence")
+        if claimed is None:
+            text += "; the run claims no guarantee."
+        elif lower <= claimed:
+            text += f", consistent with the claimed {fmt_epsilon(claimed)}."
+        else:
+            text += f", ABOVE the claimed {fmt_epsilon(claimed)}: the claim does not hold."
+        out.append(text)
+    inv = as_dict(as_dict(a.get("inversion")).get("settings"))
+    ran = {k: as_dict(r) for k, r in inv.items() if "psnr" in as_dict(r)}
+    if ran:
+        k, r = max(ran.items(), key=lambda kr: num(as_dict(kr[1]["psnr"]).get("mean")) or 0.0)
+        out.append(f"Images rebuilt from a site's update by the coordinator (gradient inversion): at best "
+                   f"PSNR {num(as_dict(r['psnr']).get('mean')):.1f} dB, SSIM {num(as_dict(r.get('ssim')).get('mean')):.2f} "
+                   f"({r.get('sees', k)}; the data's mean image scores {num(r.get('psnr_mean_image')):.1f} dB).")
+    at = as_dict(a.get("attribute"))
+    if at:
+        m = as_dict(as_dict(at.get("members")).get("attack")), as_dict(as_dict(at.get("members")).get("baseline"))
+        if num(m[0].get("accuracy")) is not None:
+            out.append(f"Guessing each training patient's {at.get('attribute')} from the model: right for "
+                       f"{100 * num(m[0]['accuracy']):.1f}%, against {100 * num(m[1].get('accuracy')):.1f}% "
+                       "by guessing the commoner value.")
+    return out
 
 
 def _shared_assumption(assumes: dict[str, str]) -> tuple[str, list[str]]:
