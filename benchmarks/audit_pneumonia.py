@@ -1,6 +1,7 @@
 """Benchmark: membership inference against PneumoniaMNIST models, with and without DP-SGD.
 
     .venv/bin/python benchmarks/audit_pneumonia.py [--shadows 6] [--candidates 500] [--workers 2] [--reuse-runs]
+        [--non-members test|validation] [--targets "epsilon 1" ...]
 
 Three runs of the same federation (PneumoniaMNIST 28 px, 3 sites, Dirichlet 0.5, fedavg): the
 defaults without privacy (20 rounds x 1 local epoch: the first config a user writes), and DP-SGD at
@@ -43,7 +44,7 @@ def config(epsilon: float | None) -> dict:
 
 
 def _one(job: tuple) -> tuple[str, dict, float]:
-    label, epsilon, shadows, candidates, out_root, reuse = job
+    label, epsilon, shadows, candidates, out_root, reuse, non_members = job
     torch.set_num_threads(1)
     import shutil
 
@@ -57,9 +58,10 @@ def _one(job: tuple) -> tuple[str, dict, float]:
         if out.exists():
             shutil.rmtree(out)
         privmed.run(cfg, out)
-    result = audit(out, shadows=shadows, candidates=candidates, seed=0,
+    result = audit(out, shadows=shadows, candidates=candidates, seed=0, non_members=non_members,
                    progress=lambda msg: print(f"{label}: {msg}", flush=True))
-    shutil.copyfile(out / "audit.json", out_root / f"{cfg['name']}.json")
+    suffix = "" if non_members == "test" else f"-{non_members}"
+    shutil.copyfile(out / "audit.json", out_root / f"{cfg['name']}{suffix}.json")
     return label, result, time.perf_counter() - start
 
 
@@ -71,8 +73,8 @@ def table(results: dict[str, dict], minutes: float) -> str:
     lines = [
         "# Membership inference: PneumoniaMNIST, 3 sites, Dirichlet 0.5, fedavg",
         "",
-        "`privmed audit` against each run's selected model. Non-members: patients of the official test "
-        "set; members: as many training patients of the sites, with the same labels. ROC-AUC and the share of members "
+        "`privmed audit` against each run's selected model. "
+        + next(iter(results.values()))["candidates"]["drawn_from"].capitalize() + ". ROC-AUC and the share of members "
         "found at 0.1% and 1% false positives, with 95% bootstrap intervals; 'bound': the highest "
         "ROC-AUC any attack can reach against the claimed epsilon.",
         "",
@@ -110,6 +112,9 @@ def main() -> None:
     ap.add_argument("--shadows", type=int, default=6)
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--non-members", choices=("test", "validation"), default="test",
+                    help="non-members from the official test set, or from half the sites' validation patients")
+    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     ap.add_argument("--reuse-runs", action="store_true",
                     help="audit the runs a previous call left in runs/audit-benchmark (same configs)")
     args = ap.parse_args()
@@ -118,11 +123,13 @@ def main() -> None:
     out_root = RESULTS / "audit"
     out_root.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    jobs = [(label, eps, args.shadows, args.candidates, out_root, args.reuse_runs) for label, eps in TARGETS.items()]
+    jobs = [(label, TARGETS[label], args.shadows, args.candidates, out_root, args.reuse_runs, args.non_members)
+            for label in args.targets]
     with ProcessPoolExecutor(args.workers) as ex:
         done = {label: result for label, result, _ in ex.map(_one, jobs)}
-    text = table({label: done[label] for label in TARGETS}, (time.time() - start) / 60)
-    io.write_text(RESULTS / "audit_pneumonia.md", text)
+    text = table({label: done[label] for label in args.targets}, (time.time() - start) / 60)
+    suffix = "" if args.non_members == "test" else f"_{args.non_members}"
+    io.write_text(RESULTS / f"audit_pneumonia{suffix}.md", text)
     print(text)
 
 

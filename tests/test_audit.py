@@ -60,10 +60,19 @@ def test_an_overfit_model_gives_its_members_away_and_the_report_says_so(overfit_
     assert "no differential-privacy guarantee" in html
 
 
-def test_shadow_runs_include_and_leave_out_whole_patients(overfit_run):
+@pytest.mark.parametrize("non_members", ["test", "validation"])
+def test_shadow_runs_include_and_leave_out_whole_patients(overfit_run, non_members):
     target = load_target(overfit_run)
-    cand = draw_candidates(target, 20, seed=1)
-    assert cand.members.sum() == (~cand.members).sum() == 20
+    cand = draw_candidates(target, 20, seed=1, non_members=non_members)
+    if non_members == "test":
+        assert cand.members.sum() == (~cand.members).sum() == 20
+    else:  # half the validation patients, label-matched: non-members from the training split
+        assert cand.members.sum() == (~cand.members).sum() >= 10
+        val = {row.tobytes() for sd in target.site_data for row in sd.val.images.reshape(len(sd.val), -1)}
+        outside = [cand.images[k].reshape(-1).tobytes() for k in np.flatnonzero(~cand.members)]
+        assert all(x in val for x in outside)
+        population = {row.tobytes() for row in cand.population_images.reshape(len(cand.population_images), -1)}
+        assert not population & set(outside)  # the attacker's population sample is not asked about
     # members are matched to the non-members' labels: prevalence cannot pass for membership
     assert np.array_equal(np.bincount(cand.labels[cand.members], minlength=2),
                           np.bincount(cand.labels[~cand.members], minlength=2))

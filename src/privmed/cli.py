@@ -241,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--trials", type=int, default=2, help="inversion: batches attacked per setting (default 2)")
     aud.add_argument("--iterations", type=int, default=1000,
                      help="inversion: the attacker's optimisation steps per start (default 1000)")
+    aud.add_argument("--non-members", choices=("test", "validation"), default="test",
+                     help="membership: non-members from the pooled test set, or from half of the sites' "
+                     "validation patients (the training split's distribution; default test)")
     aud.add_argument("--canaries", type=int, default=1000, metavar="M",
                      help="canaries: gradient canaries added to one site (default 1000)")
     aud.add_argument("--site", metavar="NAME", help="canaries: the site they join (default: the first)")
@@ -431,7 +434,8 @@ def _main(argv: list[str] | None) -> int:
         )
         result = audit(args.run_dir, args.attacks, shadows=args.shadows, candidates=args.candidates,
                        budget_s=args.budget, seed=args.seed, progress=lambda msg: print(msg, flush=True),
-                       inversion=inversion, canaries=args.canaries, site=args.site, attribute=args.attribute)
+                       inversion=inversion, canaries=args.canaries, site=args.site, attribute=args.attribute,
+                       non_members=args.non_members)
         claimed = result["claimed"]
         best = strongest(result)
         if best is not None:

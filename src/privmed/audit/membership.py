@@ -52,6 +52,9 @@ class Candidates:
     # trained on; never in a shadow run either
     population_images: np.ndarray
     population_labels: np.ndarray
+    # where the non-members' item_groups point: the pooled test set, or the part of the sites'
+    # validation data set aside for them
+    outside: ImageSet | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -120,21 +123,43 @@ def load_target(run_dir: Path) -> Target:
     return Target(run_dir, cfg, model, source, site_data, DataFacts.of(source, cfg.data.source), summary)
 
 
-def draw_candidates(target: Target, n_per_side: int, seed: int, n_population: int = 500) -> Candidates:
-    """Up to `n_per_side` non-member patients (from the pooled test set) and as many member patients
-    (from every site's training patients together) with the same number of each label, at random
-    under `seed`; and up to `n_population` items of the sites' validation data as the attacker's
-    population sample. Matching the labels keeps a difference in prevalence between the training
-    and test splits (PneumoniaMNIST: 74% against 62.5% pneumonia) from passing for membership: a
-    model calibrated to its training prevalence has a lower loss on the commoner label."""
+NON_MEMBERS = ("test", "validation")
+
+
+def draw_candidates(
+    target: Target, n_per_side: int, seed: int, n_population: int = 500, non_members: str = "test",
+) -> Candidates:
+    """Up to `n_per_side` non-member patients and as many member patients (from every site's
+    training patients together) with the same number of each label, at random under `seed`; and
+    up to `n_population` items of the sites' validation data as the attacker's population sample.
+    Matching the labels keeps a difference in prevalence between the training and test splits
+    (PneumoniaMNIST: 74% against 62.5% pneumonia) from passing for membership: a model calibrated
+    to its training prevalence has a lower loss on the commoner label.
+
+    `non_members`: 'test', patients of the pooled test set; or 'validation', patients of the sites'
+    validation data (half of its patients, the other half the population sample): drawn from the
+    training split's distribution, so that a test split collected apart from the training split
+    cannot pass for membership. Validation patients chose the model's round without privacy
+    (best-validation), a small influence; under DP the last round is kept and they had none."""
+    if non_members not in NON_MEMBERS:
+        raise ConfigError(f"--non-members: '{non_members}' (allowed: {', '.join(NON_MEMBERS)})")
     rng = np.random.default_rng([seed, 0xA0D17])
     members = []  # (site index, item indices of one patient)
     for i, sd in enumerate(target.site_data):
         members += [(i, g) for g in _patient_groups(sd.train)]
-    outside = [(-1, g) for g in _patient_groups(target.source.test)]
+    val = ImageSet.concat([sd.val for sd in target.site_data])
+    if non_members == "test":
+        source, population = target.source.test, val
+    else:
+        groups = _patient_groups(val)
+        half = rng.permutation(len(groups))
+        cut = len(groups) // 2
+        source = val.subset(np.sort(np.concatenate([groups[j] for j in half[:cut]] or [np.zeros(0, int)])))
+        population = val.subset(np.sort(np.concatenate([groups[j] for j in half[cut:]] or [np.zeros(0, int)])))
+    outside = [(-1, g) for g in _patient_groups(source)]
 
     def label(site: int, g: np.ndarray) -> int:
-        data = target.source.test if site < 0 else target.site_data[site].train
+        data = source if site < 0 else target.site_data[site].train
         return int(data.labels[g[0]])
 
     member_label = np.asarray([label(*m) for m in members])
@@ -154,16 +179,16 @@ def draw_candidates(target: Target, n_per_side: int, seed: int, n_population: in
     picked = picked_in + picked_out
     images, labels = [], []
     for site, g in picked:
-        data = target.source.test if site < 0 else target.site_data[site].train
+        data = source if site < 0 else target.site_data[site].train
         images.append(data.images[g[0]])
         labels.append(data.labels[g[0]])
-    val = ImageSet.concat([sd.val for sd in target.site_data])
-    pop = rng.choice(len(val), min(n_population, len(val)), replace=False)
+    pop = rng.choice(len(population), min(n_population, len(population)), replace=False)
     return Candidates(
         images=np.stack(images), labels=np.asarray(labels, dtype=np.int64),
         members=np.asarray([s >= 0 for s, _ in picked]), site=np.asarray([s for s, _ in picked]),
         item_groups=[g for _, g in picked],
-        population_images=val.images[pop], population_labels=val.labels[pop],
+        population_images=population.images[pop], population_labels=population.labels[pop],
+        outside=source,
     )
 
 
@@ -201,7 +226,8 @@ def shadow_sites(target: Target, cand: Candidates, include: np.ndarray, rng: np.
     for i, sd in enumerate(target.site_data):
         parts = [sd.train.subset(np.flatnonzero(~drop[i]))]
         if joins[i]:
-            parts.append(target.source.test.subset(np.concatenate(joins[i])))
+            outside = cand.outside if cand.outside is not None else target.source.test
+            parts.append(outside.subset(np.concatenate(joins[i])))
         train = ImageSet.concat(parts) if len(parts) > 1 else parts[0]
         if train.site is not None:  # the joined test items belong to this site now
             train = replace(train, site=np.full(len(train), sd.name, dtype=object))

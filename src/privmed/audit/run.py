@@ -34,7 +34,7 @@ def audit(
     run_dir: Path, attacks: list[str] | None = None, *, shadows: int = 8, candidates: int = 500,
     budget_s: float | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
     inversion: InversionOptions | None = None, canaries: int = 1000, site: str | None = None,
-    attribute: str | None = None,
+    attribute: str | None = None, non_members: str = "test",
 ) -> dict:
     """Run `attacks` (default: all the membership attacks; 'inversion' when named) against the run
     in `run_dir` and write audit.json there (what an earlier audit found for the kind of attack not
@@ -42,7 +42,8 @@ def audit(
     `budget_s` runs out); `candidates`: member and non-member patients asked about (each);
     `inversion`: the gradient-inversion settings; `canaries`, `site`: how many gradient canaries,
     at which site (default: the first); `attribute`: the feature attribute inference guesses
-    (default: sex, or the first binary one). Returns what was written."""
+    (default: sex, or the first binary one); `non_members`: where membership's non-members come
+    from ('test' or 'validation', see draw_candidates). Returns what was written."""
     names = list(attacks or ATTACKS)
     unknown = [n for n in names if n not in ATTACKS and n not in UPDATE_ATTACKS]
     if unknown:
@@ -57,7 +58,7 @@ def audit(
     previous = _previous(run_dir)
     out = {"run": run_dir.name, "claimed": _claimed(target)}
     if membership:
-        out.update(_membership(target, membership, shadows, candidates, budget_s, seed, say))
+        out.update(_membership(target, membership, shadows, candidates, budget_s, seed, say, non_members))
     else:
         out.update({k: v for k, v in previous.items() if k not in ("run", "claimed", *UPDATE_ATTACKS)})
     if "canaries" in names:
@@ -136,13 +137,13 @@ def _claimed(target: Target) -> dict:
 
 def _membership(
     target: Target, names: list[str], shadows: int, candidates: int, budget_s: float | None, seed: int,
-    say: Callable[[str], None],
+    say: Callable[[str], None], non_members: str = "test",
 ) -> dict:
     """The membership attacks' part of audit.json."""
     start = time.perf_counter()
     if target.config.task == "survival":
         raise ConfigError(f"{target.run_dir}: task 'survival' has no class labels; the membership audit needs them")
-    cand = draw_candidates(target, candidates, seed)
+    cand = draw_candidates(target, candidates, seed, non_members=non_members)
     data = AttackData(logits_of(target.model, cand.all_images()), cand.all_labels(), len(cand))
     shadow_info = None
     if any(ATTACKS[n].needs_shadows for n in names):
@@ -169,8 +170,12 @@ def _membership(
         "candidates": {
             "members": int(cand.members.sum()), "non_members": int((~cand.members).sum()),
             "population": int(len(cand.population_labels)),
-            "drawn_from": "non-members: the pooled test patients; members: the sites' training "
-                          "patients, as many of each label; population: the sites' validation items",
+            "drawn_from": (
+                "non-members: the pooled test patients; members: the sites' training patients, as "
+                "many of each label; population: the sites' validation items" if non_members == "test"
+                else "non-members: half of the sites' validation patients (the training split's "
+                "distribution); members: the sites' training patients, as many of each label; "
+                "population: the other half of the validation patients"),
         },
         "shadows": shadow_info,
         "attacks": results,
