@@ -15,7 +15,6 @@ import argparse
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import torch
 
