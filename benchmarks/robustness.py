@@ -65,11 +65,13 @@ def _one(job: tuple) -> tuple[tuple, float | str, float]:
     key, cfg = job
     torch.set_num_threads(1)
     import privmed
-    from privmed.errors import PrivmedError
+    from privmed.errors import PrivmedError, TrainingDiverged
 
     start = time.perf_counter()
     try:
         auc = privmed.run(cfg, None).summary["test"]["auc"]
+    except TrainingDiverged as e:  # the attack blew the model up
+        auc = f"diverged: {e}"
     except PrivmedError as e:  # a combination the config refuses: the table says why
         auc = str(e).split(": ", 1)[-1]
     return key, auc, time.perf_counter() - start
@@ -77,7 +79,7 @@ def _one(job: tuple) -> tuple[tuple, float | str, float]:
 
 def _cell(values: list) -> str:
     if isinstance(values[0], str):
-        return "refused"
+        return "diverged" if values[0].startswith("diverged") else "refused"
     return f"{statistics.mean(values):.3f}"
 
 

@@ -213,3 +213,18 @@ def test_the_report_says_which_rule_aggregated_and_who_attacked(tmp_path, one_th
     html = (tmp_path / "run" / "report.html").read_text()
     assert "aggregated by trimmed-mean (withstands 1 malicious sites)" in html
     assert "sign-flip ×10 by site-2" in html
+
+
+def test_a_model_blown_up_by_a_malicious_site_stops_the_run_with_one_line(tmp_path, one_thread, capsys):
+    from privmed.cli import main
+
+    cfg = tiny_config(sites__count=5, federation__rounds=4, attack__kind="sign-flip", attack__sites=2,
+                      attack__scale=1e6, training__optimizer="sgd", training__lr=0.1)
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "are not finite numbers (training diverged)" in err and "Traceback" not in err
+    assert err.startswith("privmed: error: round ")
+    assert len(err.strip().splitlines()) == 1, err

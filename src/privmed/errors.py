@@ -16,6 +16,13 @@ class DataError(PrivmedError):
     """A data file is missing, corrupt or inconsistent."""
 
 
+class TrainingDiverged(PrivmedError):
+    """A round left a model whose weights or outputs are not finite numbers."""
+
+    ADVICE = ("every completed round is in the run directory. Lower training.lr or federation.server_lr, "
+              "or, if a site may send bad updates, choose a robust federation.aggregator")
+
+
 class RunDirError(PrivmedError):
     """The output directory cannot be used (it holds another run, or nothing to resume)."""
 

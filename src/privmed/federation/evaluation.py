@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privmed.errors import TrainingDiverged
 from privmed.federation.experiment import Experiment
 from privmed.federation.site import predict
 from privmed.federation.strategies import GLOBAL, State, Weights
@@ -88,14 +89,22 @@ class Evaluator:
         if data is None or len(data) == 0:
             return {}, {}, None
         pred = self.predict(weights, data.images)
+        if not np.all(np.isfinite(pred)):
+            raise TrainingDiverged(
+                "the model's outputs on the public test set are not finite numbers (training "
+                f"diverged); {TrainingDiverged.ADVICE}"
+            )
         return self.task.metrics(pred, data), self.task.counts(pred, data), pred
 
     # ------------------------------------------------------------------ at the sites
     def evaluate(self, models: State, rnd: int = 0, run: str = "") -> tuple[dict, dict[str, float]]:
         """(metrics row fields, selection score per model key) for the models in `models`."""
-        if GLOBAL in models:
-            return self._evaluate_global(models[GLOBAL], rnd, run)
-        return self._evaluate_local({k: models[k] for k in model_keys(models)}, rnd, run)
+        try:
+            if GLOBAL in models:
+                return self._evaluate_global(models[GLOBAL], rnd, run)
+            return self._evaluate_local({k: models[k] for k in model_keys(models)}, rnd, run)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"round {rnd}: {e}") from None
 
     def pooled_test(self, key: str, weights: Weights, rnd: int, run: str) -> tuple[dict, dict, np.ndarray | None]:
         """(metrics, counts, predictions or None) of one model on the pooled test data: the public

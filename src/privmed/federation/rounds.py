@@ -9,8 +9,10 @@ import time
 import warnings
 from dataclasses import replace
 
+import numpy as np
 from tqdm import tqdm
 
+from privmed.errors import TrainingDiverged
 from privmed.federation.experiment import Experiment
 from privmed.federation.strategies import State
 from privmed.federation.transport import Sites, StageFailed, required_sites
@@ -67,10 +69,24 @@ def train_round(
             models = strategy.aggregate_secure(models, outcome.secure, rnd)
         else:
             models = strategy.aggregate(models, outcome.updates, rnd)
+    _check_finite(models, rnd)
     info = {"train_loss": losses, "sample_gradient_steps": steps, "train_seconds": train_s}
     if dropped:
         info["dropped"] = dropped
     return models, info, releases
+
+
+def _check_finite(models: State, rnd: int) -> None:
+    """TrainingDiverged when a round left a model (not the strategy's bookkeeping) with a weight
+    that is not a finite number: scoring it would only fail later, with a worse message."""
+    for key, weights in models.items():
+        if key.startswith("_"):
+            continue
+        if not all(np.all(np.isfinite(w)) for w in weights if np.issubdtype(np.asarray(w).dtype, np.floating)):
+            raise TrainingDiverged(
+                f"round {rnd}: model '{key}' has weights that are not finite numbers (training "
+                f"diverged); {TrainingDiverged.ADVICE}"
+            )
 
 
 def train_round_retrying(

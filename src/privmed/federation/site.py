@@ -20,6 +20,7 @@ from torch import nn
 from privmed.config import TrainingConfig
 from privmed.data.base import ImageSet
 from privmed.data.sites import SiteData
+from privmed.errors import TrainingDiverged
 from privmed.federation.strategies import SiteUpdate, TrainTask, Weights
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import dp_train, make_optimizer
@@ -320,6 +321,11 @@ class Site:
         if data is None or len(data) == 0:
             return {}, {}
         pred = self.predict(weights, data.images)
+        if not np.all(np.isfinite(pred)):
+            raise TrainingDiverged(
+                f"site '{self.name}': the model's outputs on its {split} data are not finite numbers "
+                f"(training diverged); {TrainingDiverged.ADVICE}"
+            )
         return self.task.metrics(pred, data), self.task.counts(pred, data)
 
 
