@@ -41,7 +41,6 @@ def test_an_included_canary_adds_its_clipped_gradient_over_the_divisor_and_nothi
     for k, f, inc in zip(c.param, c.flat, c.included):
         want[offsets[k] + f] = 2.0 / 4.0 if inc else 0.0
     assert np.array_equal(got, want)
-    assert np.linalg.norm(want[want > 0][:1] * 4.0) == pytest.approx(2.0)  # one canary: norm C before the divisor
     c(params, rate=0.0, divisor=4.0)  # in no batch: nothing changes
     assert np.array_equal(torch.cat([p.grad.view(-1) for p in params]).numpy(), want)
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from privmed.config import ATTACKS, MODEL_ATTACKS
+from privmed.config import ATTACKS, MODEL_ATTACKS, AttackConfig
 from privmed.data.sites import SiteData
 from privmed.federation.site import derive_seed
-from privmed.federation.strategies import SiteUpdate, TrainTask, Weights, _is_float
+from privmed.federation.strategies import SiteUpdate, TrainTask, Weights, _is_float, contribution
 
 
 
@@ -39,10 +39,6 @@ def little_is_enough_z(n: int, f: int) -> float:
 
     s = math.floor(n / 2 + 1) - f
     return float(norm.ppf((n - s) / n))
-
-
-def _delta(sent: Weights, trained: Weights) -> Weights:
-    return [np.asarray(y, np.float64) - np.asarray(x, np.float64) for x, y in zip(sent, trained, strict=True)]
 
 
 def _apply(sent: Weights, delta: Weights) -> Weights:
@@ -77,7 +73,7 @@ class Adversary:
         if self.kind not in MODEL_ATTACKS or not any(u.site in self.sites for u in updates):
             return updates
         sent = {t.site: t.weights for t in tasks}
-        deltas = {u.site: _delta(sent[u.site], u.weights) for u in updates}
+        deltas = {u.site: contribution(sent[u.site], u.weights) for u in updates}
         if self.kind == "little-is-enough":
             stack = [np.stack([deltas[u.site][j] for u in updates]) for j in range(len(updates[0].weights))]
             f = sum(u.site in self.sites for u in updates)
@@ -104,6 +100,13 @@ class Adversary:
             new = [n if _is_float(w) else a for n, a, w in zip(new, d, u.weights)]
             out.append(replace(u, weights=_apply(sent[u.site], new)))
         return out
+
+
+def adversary_for(attack: AttackConfig, names: list[str], seed: int) -> Adversary | None:
+    """The config's `attack` over the run's site `names` (None when there is none)."""
+    if attack.kind == "none":
+        return None
+    return Adversary(attack.kind, malicious_sites(attack.sites, names), attack.scale, seed)
 
 
 def malicious_sites(spec: int | list[str], names: list[str]) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from torch import nn
 from privmed.config import RunConfig, SiteConfig, SitesConfig, validate_config
 from privmed.data import ImageSet, SourceData, load_source
 from privmed.data.sites import SiteData, own_site, pooled_site, split_into_sites
-from privmed.federation.adversary import Adversary, malicious_sites
+from privmed.federation.adversary import Adversary, adversary_for
 from privmed.federation.client import GuardPolicy
 from privmed.federation.facts import DataFacts, SiteProfile, reference_label_shares
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
@@ -116,10 +116,7 @@ class Experiment:
     @property
     def adversary(self) -> Adversary | None:
         """The simulated malicious sites (config `attack`), or None."""
-        a = self.config.attack
-        if a.kind == "none":
-            return None
-        return Adversary(a.kind, malicious_sites(a.sites, self.site_names), a.scale, self.config.seed)
+        return adversary_for(self.config.attack, self.site_names, self.config.seed)
 
     @property
     def trainer_names(self) -> list[str]:
@@ -176,9 +173,9 @@ def experiment_from_sites(
 
     plan = plan_experiment(cfg, facts, [SiteProfile.of(sd) for sd in site_data], pooled=pooled_profile, noise=noise)
     train_on = [pooled] if plan.strategy.pools_data else site_data
-    exp = Experiment(plan, None, site_data)
-    if exp.adversary is not None:  # label-flip: the malicious sites train on corrupted labels
-        train_on = [exp.adversary.poison(sd, plan.data.n_classes) for sd in train_on]
+    adversary = adversary_for(cfg.attack, [sd.name for sd in site_data], cfg.seed)
+    if adversary is not None:  # label-flip: the malicious sites train on corrupted labels
+        train_on = [adversary.poison(sd, plan.data.n_classes) for sd in train_on]
     trainers = {sd.name: build_site(plan, sd) for sd in train_on}
     # the sites' own test data makes the pooled test figure; a source's test split that no site
     # owns (a benchmark's official test set) is public, and the coordinator scores it itself

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from privmed.config import AGGREGATORS, aggregator_min_sites
-from privmed.federation.strategies import GLOBAL, SiteUpdate, State, Weights, _is_float, weighted_mean
+from privmed.federation.strategies import GLOBAL, SiteUpdate, State, Weights, _is_float, contribution, weighted_mean
 
 if TYPE_CHECKING:
     from privmed.federation.strategies import Strategy
@@ -99,8 +99,7 @@ class RobustAggregation:
 
     def aggregate(self, state: State, updates: list[SiteUpdate], rnd: int) -> State:
         x = state[GLOBAL]
-        deltas = [[np.asarray(y, dtype=np.float64) - np.asarray(a, dtype=np.float64) for a, y in
-                   zip(x, u.weights, strict=True)] for u in updates]
+        deltas = [contribution(x, u.weights) for u in updates]
         counts = [u.n_samples for u in updates]
         robust = combine(self.rule, deltas, counts, byzantine=self.byzantine, clip=self.clip)
         mean = weighted_mean(deltas, counts)

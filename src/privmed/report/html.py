@@ -34,6 +34,7 @@ from privmed.report.words import (
     ACCOUNTANTS,
     NA,
     fmt_bound,
+    fmt_lower_bound,
     fmt_epsilon,
     fmt_number,
     fmt_seconds,
@@ -767,7 +768,7 @@ def _canaries(c: dict) -> str | None:
     text = (f"{_int(c.get('canaries'))} canary patients joined site {c.get('site')} "
             f"({_int(c.get('included'))} of them trained), each a gradient of norm {c.get('clip')} on one "
             f"coordinate; the attacker ({c.get('sees')}) guessed {_int(c.get('correct'))} of "
-            f"{_int(c.get('guesses'))} right. Epsilon is at least {math.floor(lower * 1000) / 1000:.3f} at "
+            f"{_int(c.get('guesses'))} right. Epsilon is at least {fmt_lower_bound(lower)} at "
             f"{100 * _num(c.get('confidence')):.0f}% confidence")
     if claimed is None:
         return text + ": the run claims no guarantee, and this is what one run's canaries prove leaks."

@@ -38,6 +38,7 @@ from privmed.report.words import (
     as_int,
     ci_text,
     fmt_bound,
+    fmt_lower_bound,
     fmt_budget,
     fmt_clock,
     fmt_day,
@@ -451,7 +452,7 @@ def _other_findings(a: dict, site: str) -> list[str]:
         lower, claimed = num(c.get("epsilon_lower")), num(c.get("claimed_epsilon"))
         where = "at this site" if c.get("site") == site else f"at site {c.get('site')}"
         text = (f"Canary patients added {where} (a test of the guarantee itself): epsilon is at least "
-                f"{math.floor(lower * 1000) / 1000:.3f} at {100 * num(c.get('confidence')):.0f}% confidence")
+                f"{fmt_lower_bound(lower)} at {100 * num(c.get('confidence')):.0f}% confidence")
         if claimed is None:
             text += "; the run claims no guarantee."
         elif lower <= claimed:

@@ -139,6 +139,16 @@ def fmt_budget(value: Any) -> str:
     return NA if x is None or x <= 0 else format_budget(x)
 
 
+def fmt_lower_bound(value: Any, decimals: int = 3) -> str:
+    """A lower bound (the canaries' epsilon) rounded DOWN to `decimals` decimals: printed above its
+    value it would claim a larger leak than the audit proved."""
+    x = num(value)
+    if x is None:
+        return NA
+    scale = 10**decimals
+    return f"{math.floor(x * scale + 1e-9) / scale:.{decimals}f}"
+
+
 def fmt_bound(value: Any, decimals: int = 3) -> str:
     """An upper bound (an attack's highest possible ROC-AUC) rounded UP to `decimals` decimals
     ("0.982"): printed below its value it would claim more than the epsilon backs."""
