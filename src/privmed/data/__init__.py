@@ -1,7 +1,8 @@
-"""Data sources: each turns the `data` config into a SourceData of float32 (N, C, H, W) images.
+"""Data sources: each turns the `data` config into a SourceData of float32 (N, C, H, W) images (or
+(N, C, D, H, W) volumes: the 3D MedMNIST sets).
 
     load_source(cfg.data, cfg.sites, cfg.seed) -> SourceData
-Sources: "medmnist" (official .npz files), "image-folder" (PNG/JPEG class folders), "dicom" (files
+Sources: "medmnist" (official .npz files, 2D and 3D), "image-folder" (PNG/JPEG class folders), "dicom" (files
 listed in a CSV), "phantom" (synthetic), and the tabular "heart-disease" (UCI, as FLamby's
 Fed-Heart-Disease) and "tcga-brca" (survival, as FLamby's Fed-TCGA-BRCA), whose float32 (N, D)
 features take the place of images. Bad input raises privmed.errors.DataError.
