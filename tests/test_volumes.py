@@ -51,16 +51,21 @@ def _only_the_file(root: Path, **sections) -> dict:
 # --------------------------------------------------------------------------- config defaults
 
 
-def test_a_3d_set_gets_a_3d_model_by_default():
+def test_a_3d_set_gets_a_3d_model_and_its_defaults():
     cfg = validate_config(_only_the_file(Path("data")))
     assert cfg.model.name == "cnn3d" and cfg.federation.strategy == "fedavg"
-    named = validate_config(_only_the_file(Path("data"), model={"name": "resnet18-3d"}))
+    assert (cfg.training.lr, cfg.federation.local_epochs, cfg.training.optimizer) == (0.05, 3, "sgd")
+    named = validate_config(_only_the_file(Path("data"), model={"name": "resnet18-3d"},
+                                           training={"optimizer": "adam"}, federation={"local_steps": 5}))
     assert named.model.name == "resnet18-3d"
+    assert (named.training.lr, named.federation.local_epochs) == (0.01, 1)  # the generic ones
     dp = validate_config(_only_the_file(Path("data"), privacy={"mode": "dp-sgd", "epsilon": 8}))
-    assert dp.model.name == "cnn3d" and dp.training.batch_size == 256  # the other DP defaults hold
+    assert dp.model.name == "cnn3d"  # not the 2D dpcnn; the other DP defaults hold
+    assert (dp.training.batch_size, dp.training.lr, dp.federation.local_steps) == (256, 0.5, 1)
     flat = _only_the_file(Path("data"))
     flat["data"]["name"] = "pneumoniamnist"
-    assert validate_config(flat).model.name == "cnn"
+    flat = validate_config(flat)
+    assert (flat.model.name, flat.training.lr, flat.federation.local_epochs) == ("cnn", 0.01, 1)
 
 
 def test_shipped_config_names_only_the_file():
@@ -97,8 +102,8 @@ def test_a_model_of_the_other_kind_is_refused(tmp_path, cfg, words):
 def test_fedavg_on_generated_volumes_writes_a_report(tmp_path, one_thread):
     root = _tiny_vessels(tmp_path / "data")
     out = tmp_path / "run"
-    cfg = _only_the_file(root, model={"width": 4}, federation={"rounds": 2},
-                         training={"batch_size": 16, "lr": 0.05})
+    cfg = _only_the_file(root, model={"width": 4}, federation={"rounds": 2, "local_epochs": 1},
+                         training={"batch_size": 16})
     s = privmed.run(cfg, out=out).summary
     assert s["rounds_completed"] == 2 and s["strategy"] == "fedavg"
     assert s["model"]["name"] == "cnn3d" and s["data"]["image_shape"] == [1, 28, 28, 28]
