@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 import privmed
 from privmed.config import load_config, validate_config
-from privmed.errors import ConfigError
+from privmed.errors import ConfigError, PrivmedError
+from privmed.federation.facts import DataFacts
 from privmed.federation.site import random_shift
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +95,16 @@ def test_a_model_of_the_other_kind_is_refused(tmp_path, cfg, words):
         privmed.run(raw)
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_hospitals_with_images_and_volumes_do_not_agree():
+    def facts(shape):
+        return DataFacts(1, 28, 2, False, "medmnist", ("vessel", "aneurysm"), (), shape)
+
+    assert DataFacts.agreed({"a": facts((1, 28, 28, 28)), "b": facts((1, 28, 28, 28))}).spatial_dims == 3
+    assert DataFacts.agreed({"a": facts((1, 28, 28)), "b": facts((1, 28, 32))}).spatial_dims == 2
+    with pytest.raises(PrivmedError, match="site 'b' holds data with spatial_dims 2, but site 'a' has 3"):
+        DataFacts.agreed({"a": facts((1, 28, 28, 28)), "b": facts((1, 28, 28))})
 
 
 # --------------------------------------------------------------------------- runs

@@ -14,8 +14,10 @@ from privmed.errors import PrivmedError
 from privmed.federation.site import n_patients
 
 # what every site's data must agree on for one model to serve them all
+# (spatial_dims: images and volumes of one side do not mix; image sides other than the first may
+# differ, as before, since the image models pool adaptively)
 SHAPE_FIELDS = ("in_channels", "image_size", "n_classes", "tabular", "class_names", "feature_names",
-                "image_shape")
+                "spatial_dims")
 
 
 @dataclass(frozen=True)
