@@ -344,13 +344,10 @@ def _print_summary(s: dict, out: Path) -> int:
 
 
 def _scores(m: dict) -> str:
-    """'AUC 0.912, accuracy 0.850' or 'C-index 0.781' from a metrics dict."""
-    def fmt(x) -> str:
-        return "n/a" if x is None or x != x else f"{x:.3f}"
+    """'AUC 0.912, accuracy 0.850', 'C-index 0.781', 'Dice ...' from a metrics dict."""
+    from privmed.tasks.names import scores_text
 
-    if "c_index" in m:
-        return f"C-index {fmt(m['c_index'])}"
-    return f"AUC {fmt(m.get('auc'))}, accuracy {fmt(m.get('accuracy'))}"
+    return scores_text(m)
 
 
 def _main(argv: list[str] | None) -> int:

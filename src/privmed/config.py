@@ -22,6 +22,13 @@ MEDMNIST_SIZES = (28, 64, 128, 224)
 TABULAR_SOURCES = ("heart-disease", "tcga-brca")
 SOURCE_TASK = {"heart-disease": "tabular-classification", "tcga-brca": "survival"}
 SOURCE_SITES = {"heart-disease": 4, "tcga-brca": 6}  # their natural sites (hospitals, regions)
+# Dense tasks (a target image per item) and the sources that hold data for them; the first task
+# listed is a source's default. The phantom makes volumes for them when the task asks.
+DENSE_TASKS = ("segmentation", "reconstruction")
+SOURCE_TASKS = {"ixi": DENSE_TASKS, "nifti": ("segmentation",),
+                "phantom": ("classification",) + DENSE_TASKS}
+# Each dense task's model where the config names none (privmed.models).
+TASK_MODEL = {"segmentation": "unet", "reconstruction": "cascade"}
 STRATEGIES = (
     "fedavg", "fedprox", "scaffold", "fedadam", "fedyogi", "fedadagrad", "fedbn", "cyclic", "local",
     "pooled",
@@ -61,9 +68,9 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["medmnist", "image-folder", "dicom", "phantom", "heart-disease", "tcga-brca", "sites"] = (
-        "phantom"
-    )
+    source: Literal[
+        "medmnist", "image-folder", "dicom", "phantom", "heart-disease", "tcga-brca", "ixi", "nifti", "sites"
+    ] = "phantom"
     name: str | None = Field(None, description="medmnist: which file, e.g. pneumoniamnist")
     root: Path | None = Field(None, description="folder holding the data")
     size: int | None = Field(
@@ -85,6 +92,17 @@ class DataConfig(_Section):
     )
     download: bool = Field(True, description="medmnist: download a missing file")
     samples_per_site: int = Field(600, ge=20, le=100_000, description="phantom: images per site")
+    volumes_per_site: int = Field(
+        6, ge=2, le=1000,
+        description="phantom, for segmentation and reconstruction: volumes (patients) per site",
+    )
+    subjects: list[str] | None = Field(
+        None, description="ixi: which subjects to read (default: every one in the folder)"
+    )
+    test_subjects: int = Field(
+        3, ge=1, le=1000,
+        description="ixi, nifti: subjects held out as the public test set (by subject, never split)",
+    )
     standardize: Literal["auto", "none", "per-site"] = Field(
         "auto",
         description="tabular sources: 'per-site' scales each feature by its mean and standard "
@@ -109,10 +127,12 @@ class DataConfig(_Section):
                 raise ValueError(
                     f"data.size: {self.size} is not a MedMNIST size; allowed: 28, 64, 128, 224"
                 )
-        if self.source in TABULAR_SOURCES + ("medmnist", "image-folder", "dicom") and self.root is None:
+        if self.source in TABULAR_SOURCES + ("medmnist", "image-folder", "dicom", "ixi") and self.root is None:
             raise ValueError(f"data.root is required for source '{self.source}'")
         if self.source == "dicom" and self.csv is None:
             raise ValueError("data.csv is required for source 'dicom' (columns file, label[, site, patient])")
+        if self.source == "nifti" and self.csv is None:
+            raise ValueError("data.csv is required for source 'nifti' (columns image, mask[, site, patient])")
         return self
 
 
@@ -400,10 +420,11 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     name: str | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    task: Literal["classification", "tabular-classification", "survival"] = Field(
+    task: Literal["classification", "tabular-classification", "survival", "segmentation", "reconstruction"] = Field(
         "classification",
         description="classification (images), tabular-classification, survival (Cox model, "
-        "concordance index); default: the data source's task",
+        "concordance index), segmentation (a class per pixel: Dice, HD95), reconstruction (MRI "
+        "from undersampled k-space: PSNR, SSIM); default: the data source's task",
     )
     data: DataConfig = DataConfig()
     sites: SitesConfig = SitesConfig()
@@ -441,6 +462,26 @@ class RunConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """A source that holds data for dense tasks only (ixi, nifti) sets the task unless given,
+        and a dense task sets its model (TASK_MODEL) unless the config names one."""
+        if not isinstance(data, dict):
+            return data
+        source = data.get("data", {}).get("source") if isinstance(data.get("data"), dict) else None
+        task = data.get("task")
+        if task is None and source in SOURCE_TASKS and SOURCE_TASKS[source][0] in DENSE_TASKS:
+            task = SOURCE_TASKS[source][0]
+        if task not in TASK_MODEL:
+            return data
+        data = copy.deepcopy(data)
+        data["task"] = task
+        model = data.setdefault("model", {})
+        if isinstance(model, dict):
+            model.setdefault("name", TASK_MODEL[task])
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _strategy_defaults(cls, data: Any) -> Any:
         """Keys the config leaves out that a strategy needs otherwise: SCAFFOLD's control variates
         assume plain local SGD, so under `scaffold` training.optimizer defaults to sgd and
@@ -470,7 +511,12 @@ class RunConfig(_Section):
     def _check_task(self) -> "RunConfig":
         source, task = self.data.source, self.task
         wanted = SOURCE_TASK.get(source, "classification")
-        if task != wanted and source != "sites":  # the sites' data: the task says what it is
+        if source in SOURCE_TASKS and task not in SOURCE_TASKS[source]:
+            raise ValueError(
+                f"task: '{task}' does not fit data.source '{source}', which holds data for "
+                f"{', '.join(SOURCE_TASKS[source])}"
+            )
+        if task != wanted and source not in ("sites", *SOURCE_TASKS):  # sites: the task says what it is
             raise ValueError(
                 f"task: '{task}' does not fit data.source '{source}', which holds data for "
                 f"'{wanted}'; set task: {wanted} (or leave task out)"

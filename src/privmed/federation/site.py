@@ -136,7 +136,7 @@ class Site:
         (binary tables) the shift is the difference of the log prior odds. None when off (auto:
         off under DP-SGD, and for survival)."""
         choice = self.training.logit_adjustment
-        if choice == "off" or self.task.name == "survival" or (choice == "auto" and self.dp is not None):
+        if choice == "off" or self.task.name == "survival" or self.task.dense or (choice == "auto" and self.dp is not None):
             return None
         with torch.no_grad():  # the number of logits, from one item in eval mode
             self.model.eval()
@@ -172,7 +172,8 @@ class Site:
             derive_seed(self.seed, purpose, rnd, self.name)
         )
         images = self._x.ndim == 4
-        max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment and images else 0
+        augment = self.training.augment and images and self.task.augment
+        max_shift = max(1, self._x.shape[-1] // 14) if augment else 0
         adjust = self._with_audit_hook(self._gradient_adjustment(task))
         if self.dp is not None:
             return self._train_dp(task, gen, max_shift, start, adjust)

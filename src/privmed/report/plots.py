@@ -368,6 +368,59 @@ def tuning_trials(trials: Sequence[int], scores: Sequence[float | None], label: 
     return _png(fig)
 
 
+def dense_examples(
+    inputs: np.ndarray, preds: Mapping[str, np.ndarray], targets: np.ndarray, task: str,
+    class_names: Sequence[str] = (),
+) -> bytes:
+    """One row per example: the input, each model's prediction, the target.
+    segmentation: `inputs` (n, C, H, W) in [0, 1], predictions and `targets` (n, H, W) class maps,
+    drawn as colours over the image; reconstruction: `inputs` (n, 1, H, W) the zero-filled images,
+    predictions and `targets` (n, 1, H, W) images, each panel titled with its PSNR (dB, data range
+    the target's maximum)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    n, names = len(targets), list(preds)
+    cols = 2 + len(names)
+    fig = _figure((1.9 * cols + 0.6, 0.4 + 1.9 * n))
+    grid = fig.subplots(n, cols, squeeze=False)
+    tab = colormaps["tab10"]
+    k = max(len(class_names), int(max(np.max(targets, initial=0), *(np.max(p, initial=0) for p in preds.values()))) + 1)
+    overlay = ListedColormap([(0, 0, 0, 0)] + [(*tab(i % 10)[:3], 0.45) for i in range(k - 1)])
+
+    def grey(v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        return v[0] if v.ndim == 3 else v
+
+    for r in range(n):
+        base = grey(inputs[r])
+        panels = [("input" if task == "segmentation" else "zero-filled", None)]
+        panels += [(name, preds[name][r]) for name in names] + [("target", targets[r])]
+        for c, (title, value) in enumerate(panels):
+            ax = grid[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if task == "segmentation":
+                ax.imshow(base, cmap="gray", vmin=0.0, vmax=1.0)
+                if value is not None:
+                    ax.imshow(np.asarray(value), cmap=overlay, vmin=0, vmax=k - 1, interpolation="nearest")
+            else:
+                img = base if value is None else grey(value)
+                top = float(np.max(grey(targets[r]))) or 1.0
+                ax.imshow(img, cmap="gray", vmin=0.0, vmax=top)
+                if c < cols - 1:
+                    mse = float(np.mean((img - grey(targets[r])) ** 2))
+                    title = f"{title}\n{10 * np.log10(top ** 2 / mse):.1f} dB" if mse > 0 else title
+            if r == 0 or task != "segmentation":
+                ax.set_title(title, fontsize=LEGEND_SIZE)
+    if task == "segmentation" and len(class_names) > 1:
+        from matplotlib.patches import Patch
+
+        fig.legend(handles=[Patch(color=tab(i % 10), label=c) for i, c in enumerate(class_names[1:])],
+                   loc="outside lower center", ncols=len(class_names) - 1, fontsize=LEGEND_SIZE)
+    return _png(fig)
+
+
 def _figure(size: tuple[float, float]) -> Figure:
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
