@@ -103,6 +103,15 @@ class DataConfig(_Section):
         3, ge=1, le=1000,
         description="ixi, nifti: subjects held out as the public test set (by subject, never split)",
     )
+    class_names: list[str] | None = Field(
+        None, description="nifti: the mask's classes, background first (default: class 1, class 2, ...)"
+    )
+    window: tuple[float, float] | None = Field(
+        None, description="nifti: CT intensity window [low, high] in HU, scaled to [0, 1]"
+    )
+    min_foreground: float = Field(
+        0.0, ge=0, lt=1, description="nifti: keep only slices whose mask covers at least this share"
+    )
     standardize: Literal["auto", "none", "per-site"] = Field(
         "auto",
         description="tabular sources: 'per-site' scales each feature by its mean and standard "
@@ -131,6 +140,8 @@ class DataConfig(_Section):
             raise ValueError(f"data.root is required for source '{self.source}'")
         if self.source == "dicom" and self.csv is None:
             raise ValueError("data.csv is required for source 'dicom' (columns file, label[, site, patient])")
+        if self.window is not None and not self.window[0] < self.window[1]:
+            raise ValueError(f"data.window: [{self.window[0]:g}, {self.window[1]:g}] must be [low, high] with low < high")
         if self.source == "nifti" and self.csv is None:
             raise ValueError("data.csv is required for source 'nifti' (columns image, mask[, site, patient])")
         return self
@@ -515,6 +526,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"task: '{task}' does not fit data.source '{source}', which holds data for "
                 f"{', '.join(SOURCE_TASKS[source])}"
+            )
+        if task in DENSE_TASKS and self.sites.partition in ("dirichlet",):
+            raise ValueError(
+                f"sites.partition: 'dirichlet' deals items by their class, and task '{task}' has no "
+                "class per item; use natural, iid or quantity"
             )
         if task != wanted and source not in ("sites", *SOURCE_TASKS):  # sites: the task says what it is
             raise ValueError(

@@ -3,7 +3,8 @@
     load_source(cfg.data, cfg.sites, cfg.seed) -> SourceData
 Sources: "medmnist" (official .npz files), "image-folder" (PNG/JPEG class folders), "dicom" (files
 listed in a CSV), "phantom" (synthetic; volumes with masks for the dense tasks), "ixi" (IXI T1
-brain volumes with label maps, for segmentation and reconstruction), and the tabular "heart-disease" (UCI, as FLamby's
+brain volumes with label maps, for segmentation and reconstruction), "nifti" (volumes and masks
+listed in a CSV), and the tabular "heart-disease" (UCI, as FLamby's
 Fed-Heart-Disease) and "tcga-brca" (survival, as FLamby's Fed-TCGA-BRCA), whose float32 (N, D)
 features take the place of images. Bad input raises privmed.errors.DataError.
 """
@@ -45,6 +46,10 @@ def load_source(data: DataConfig, sites: SitesConfig, seed: int, task: str = "cl
         from privmed.data.phantom import load_phantom
 
         return load_phantom(data, sites, seed)
+    if data.source == "nifti":
+        from privmed.data.nifti import load_nifti
+
+        return _for_task(load_nifti(data, sites, seed), task, sites, seed)
     if data.source == "ixi":
         from privmed.data.ixi import load_ixi
 
@@ -59,7 +64,7 @@ def load_source(data: DataConfig, sites: SitesConfig, seed: int, task: str = "cl
         return load_tcga_brca(data)
     raise DataError(
         f"data.source: unknown source '{data.source}' (known: medmnist, image-folder, dicom, "
-        "phantom, heart-disease, tcga-brca, ixi)"
+        "phantom, heart-disease, tcga-brca, ixi, nifti)"
     )
 
 

@@ -11,7 +11,7 @@ Segmentation classes, merged from the label map (`CLASSES`):
 - 0 background. "Whole brain" is classes 1 and 2 together: the metrics' `dice_foreground`.
 
 Items are axial slices (along the S axis) that cross the brain (brain covers >= 2% of the slice),
-each 128 x 96 px (the 120 x 90 slice centre-padded), intensities / the volume's 99.5th percentile.
+each 112 x 80 px (the 120 x 90 slice centre-cropped; the brain lies within it), intensities / the volume's 99.5th percentile.
 A subject is a patient; `data.test_subjects` subjects (drawn by the seed) are the public test set,
 the rest are dealt to the sites in turn (the `site` column; `sites.partition: natural` keeps it).
 """
@@ -30,7 +30,7 @@ from privmed.errors import DataError
 CLASS_NAMES = ["background", "tissue", "ventricles"]
 VENTRICLES = (4, 11, 49, 50, 51, 52)
 SLICE_AXIS = 1  # S: axial slices
-SLICE_SHAPE = (128, 96)
+SLICE_SHAPE = (112, 80)  # the 120 x 90 slice centre-cropped: the brain lies within it
 MIN_BRAIN = 0.02
 CITATION = "IXI dataset (brain-development.org/ixi-dataset), CC BY-SA 3.0; labels: DLMUSE"
 

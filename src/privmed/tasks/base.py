@@ -33,7 +33,6 @@ from torch import nn
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import ConfigError, unknown_name
 from privmed.tasks.classification import classification_metrics
-from privmed.tasks.names import METRIC_LABELS, metric_label, scores_text  # noqa: F401 (re-exported)
 from privmed.tasks.counts import (
     classification_counts,
     classification_metrics_from_counts,

@@ -10,7 +10,8 @@ How the figures are made, so that they mean the same at every site and pooled:
   the target of a volume gives no figure for it. The headline `dice` is the mean over foreground
   classes of each class's mean over volumes.
 - The 95% Hausdorff distance, per slice where the class is in both the prediction and the target
-  (MONAI's HausdorffDistanceMetric, percentile 95, 2D), averaged over those slices: in pixels, or in
+  (MONAI's HausdorffDistanceMetric's definition, percentile 95, 2D; computed for all slices at once,
+  see hd95_per_slice), averaged over those slices: in pixels, or in
   mm where the source gives the pixel side. A slice-wise figure, because a site's slices need not
   come in the volume's order.
 - `dice_foreground`: the Dice of every foreground class together (IXI: the whole brain), per volume.
@@ -66,7 +67,41 @@ def _one_hot(mask: np.ndarray, k: int) -> torch.Tensor:
 
 def hd95_per_slice(pred: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
     """(N, K-1) 95% Hausdorff distance (pixels) of each foreground class per slice, NaN where the
-    class is missing from the prediction or the target (MONAI's metric, 2D, Euclidean)."""
+    class is missing from the prediction or the target.
+
+    MONAI's HausdorffDistanceMetric (percentile 95, Euclidean) computes the same figure one slice
+    and class at a time, which costs seconds per evaluation; this does every slice at once with
+    scipy: edges are a mask less its erosion (4-connected, as scipy's default and MONAI's), each
+    edge pixel's distance to the other mask's nearest edge pixel comes from one Euclidean distance
+    transform, and the figure is the larger of the two directions' 95th percentiles. The tests hold
+    it to MONAI's."""
+    from scipy import ndimage
+
+    out = np.full((len(pred), k - 1), np.nan)
+    cross = np.zeros((3, 3, 3), dtype=bool)
+    cross[1] = ndimage.generate_binary_structure(2, 1)  # in-plane neighbours only
+    far = 1e6  # a sampling step across slices that no in-plane distance reaches
+    for c in range(1, k):
+        p, t = pred == c, target == c
+        both = p.reshape(len(p), -1).any(1) & t.reshape(len(t), -1).any(1)
+        if not both.any():
+            continue
+        p, t = p[both], t[both]
+        edge_p = p ^ ndimage.binary_erosion(p, cross)
+        edge_t = t ^ ndimage.binary_erosion(t, cross)
+        to_t = ndimage.distance_transform_edt(~edge_t, sampling=(far, 1, 1))
+        to_p = ndimage.distance_transform_edt(~edge_p, sampling=(far, 1, 1))
+        rows = np.flatnonzero(both)
+        for i in range(len(rows)):
+            a = np.percentile(to_t[i][edge_p[i]], 95)
+            b = np.percentile(to_p[i][edge_t[i]], 95)
+            out[rows[i], c - 1] = max(a, b)
+    return out
+
+
+def hd95_monai(pred: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
+    """hd95_per_slice as MONAI's HausdorffDistanceMetric computes it, slice by slice (the reference
+    the tests hold the fast one to)."""
     from monai.metrics import HausdorffDistanceMetric
 
     p, t = _one_hot(pred, k), _one_hot(target, k)
