@@ -291,3 +291,14 @@ def test_the_fast_hd95_equals_monais():
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
     np.testing.assert_allclose(fast[~np.isnan(fast)], ref[~np.isnan(ref)], atol=1e-4)
     assert np.nanmax(fast) > 1
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "cyclic", "local", "pooled", "fedbn", "scaffold", "fedadam"])
+def test_every_strategy_segments(strategy):
+    """One round of each strategy on tiny volumes: it runs, and scores Dice on the test volumes."""
+    cfg = {**SMALL, "data": {"source": "phantom", "volumes_per_site": 4, "size": 16},
+           "federation": {"strategy": strategy, "rounds": 1}}
+    if strategy == "scaffold":
+        cfg["training"] = {"batch_size": 16}
+    test = privmed.run(cfg, report=False).summary["test"]
+    assert 0.0 <= test["dice"] <= 1.0 and test["volumes"] == 3
