@@ -363,6 +363,14 @@ SOURCE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "tcga-brca": {"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.1}},
 }
 
+# A dense task's training defaults, where the config is silent (the learning rate goes with the
+# default optimizer: a config naming its optimizer keeps the generic one). Segmentation, phantom
+# volumes, fedavg 8 rounds: batch 16 at lr 0.05 reached Dice 0.886 (ventricles 0.802), the generic
+# batch 64 at lr 0.01 0.632 (0.358), Adam at 1e-3 0.829 (0.699).
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "segmentation": {"training": {"batch_size": 16, "lr": 0.05}},
+}
+
 # What a strategy needs where the config is silent (see RunConfig._strategy_defaults).
 STRATEGY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "scaffold": {"training": {"optimizer": "sgd", "momentum": 0.0}},
@@ -489,7 +497,7 @@ class RunConfig(_Section):
         model = data.setdefault("model", {})
         if isinstance(model, dict):
             model.setdefault("name", TASK_MODEL[task])
-        return data
+        return _fill_defaults(data, TASK_DEFAULTS.get(task, {}), unless={"lr": "optimizer"})
 
     @model_validator(mode="before")
     @classmethod
