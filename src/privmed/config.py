@@ -103,6 +103,13 @@ class DataConfig(_Section):
         3, ge=1, le=1000,
         description="ixi, nifti: subjects held out as the public test set (by subject, never split)",
     )
+    acceleration: float = Field(
+        4.0, gt=1, le=16, description="reconstruction: k-space undersampling factor of every scanner "
+        "(4: a quarter of the phase-encode lines) and of the test set's"
+    )
+    accelerations: list[float] | None = Field(
+        None, description="reconstruction: one acceleration per site (cycled), instead of data.acceleration"
+    )
     class_names: list[str] | None = Field(
         None, description="nifti: the mask's classes, background first (default: class 1, class 2, ...)"
     )
@@ -369,6 +376,7 @@ SOURCE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # batch 64 at lr 0.01 0.632 (0.358), Adam at 1e-3 0.829 (0.699).
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "segmentation": {"training": {"batch_size": 16, "lr": 0.05}},
+    "reconstruction": {"training": {"batch_size": 16, "optimizer": "adam", "lr": 1e-3}},
 }
 
 # What a strategy needs where the config is silent (see RunConfig._strategy_defaults).

@@ -42,18 +42,19 @@ def load_source(data: DataConfig, sites: SitesConfig, seed: int, task: str = "cl
         if task in ("segmentation", "reconstruction"):
             from privmed.data.phantom_volumes import load_phantom_volumes
 
-            return _for_task(load_phantom_volumes(data, sites, seed), task, sites, seed)
+            volumes = load_phantom_volumes(data, sites, seed, noise=task != "reconstruction")
+            return _for_task(volumes, task, sites, seed, data)
         from privmed.data.phantom import load_phantom
 
         return load_phantom(data, sites, seed)
     if data.source == "nifti":
         from privmed.data.nifti import load_nifti
 
-        return _for_task(load_nifti(data, sites, seed), task, sites, seed)
+        return _for_task(load_nifti(data, sites, seed), task, sites, seed, data)
     if data.source == "ixi":
         from privmed.data.ixi import load_ixi
 
-        return _for_task(load_ixi(data, sites, seed), task, sites, seed)
+        return _for_task(load_ixi(data, sites, seed), task, sites, seed, data)
     if data.source == "heart-disease":
         from privmed.data.heart_disease import load_heart_disease
 
@@ -68,11 +69,11 @@ def load_source(data: DataConfig, sites: SitesConfig, seed: int, task: str = "cl
     )
 
 
-def _for_task(source: SourceData, task: str, sites: SitesConfig, seed: int) -> SourceData:
+def _for_task(source: SourceData, task: str, sites: SitesConfig, seed: int, data: DataConfig) -> SourceData:
     """Volumes with masks as `task` uses them: as they are for segmentation; for reconstruction,
     each site's scanner's undersampled k-space of the slices (privmed.data.recon)."""
     if task != "reconstruction":
         return source
     from privmed.data.recon import as_reconstruction
 
-    return as_reconstruction(source, sites, seed)
+    return as_reconstruction(source, sites, seed, data)

@@ -73,18 +73,20 @@ def _volume(slices: int, size: int, rng: np.random.Generator) -> tuple[np.ndarra
     return img.astype(np.float32), mask
 
 
-def load_phantom_volumes(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
+def load_phantom_volumes(data: DataConfig, sites: SitesConfig, seed: int, noise: bool = True) -> SourceData:
     """Segmentation phantom: per site, data.volumes_per_site volumes of SLICES slices (its scanner,
     privmed.data.phantom.site_scanner), and a quarter as many (at least 1) test volumes from each
-    scanner that go to a public test set (no site holds them: the report can show them)."""
+    scanner that go to a public test set (no site holds them: the report can show them).
+    `noise` False: the scanners' renderings without their image noise (reconstruction adds its
+    noise in k-space)."""
     size = data.size or DEFAULT_SIZE
     n_train = data.volumes_per_site
     n_test = max(1, round(0.25 * n_train))
     trains, tests = [], []
     for i, name in enumerate(sites.site_names()):
         rng = np.random.default_rng([seed, _VOLUME_STREAM, i])
-        images, masks, _ = make_volumes(n_train + n_test, SLICES, size, site_scanner(i, seed), rng)
-        images = set_channels(images, data.channels)
+        images, masks, clean = make_volumes(n_train + n_test, SLICES, size, site_scanner(i, seed), rng)
+        images = set_channels(images if noise else clean, data.channels)
         n = len(images)
         patient = np.repeat([f"{name}-{k:04d}" for k in range(n_train + n_test)], SLICES)
         full = ImageSet(images=images, labels=np.zeros(n, np.int64), site=np.full(n, name),

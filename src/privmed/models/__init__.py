@@ -22,6 +22,7 @@ from privmed.models.cnn import SmallCNN
 from privmed.models.dpcnn import TemperedSigmoidCNN
 from privmed.models.resnet import resnet18
 from privmed.models.tabular import linear, mlp
+from privmed.models.cascade import cascade
 from privmed.models.unet import unet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -31,12 +32,13 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "linear": linear,
     "mlp": mlp,
     "unet": unet,
+    "cascade": cascade,
 }
 
 # Models that take (N, D) feature tables rather than images.
 TABULAR_MODELS = frozenset({"linear", "mlp"})
 # Models whose output is an image (N, K, H, W): the dense tasks' (segmentation, reconstruction).
-DENSE_MODELS = frozenset({"unet"})
+DENSE_MODELS = frozenset({"unet", "cascade"})
 
 # Normalisation layers, whose state FedBN keeps at each site.
 _NORM_LAYERS: tuple[type[nn.Module], ...] = (

@@ -44,8 +44,8 @@ def learning_curves(
     """Two panels over `rounds` (R,): validation AUC per site plus pooled validation and pooled test
     AUC (legend entries `val_label`, `test_label`), with the selected round marked; below, the
     training loss per site. Every series is (R,) floats aligned with `rounds`, NaN (or None) where a
-    round has no value. The top panel's metric is any score in [0, 1] where higher is better (its
-    axis: `metric_label`, e.g. "validation C-index"); `mean_test_auc`, when given, adds the mean over
+    round has no value. The top panel's metric is any score where higher is better (its axis:
+    `metric_label`, e.g. "validation C-index"; a score in [0, 1] gets an axis up to 1); `mean_test_auc`, when given, adds the mean over
     sites of their own test scores (`mean_test_label`). A pooled line with no value at all is left
     out of the legend."""
     many = len(val_auc_by_site) > 6  # legend goes outside the axes: widen the figure for it
@@ -75,9 +75,11 @@ def learning_curves(
         ax_auc.plot([], [], color="tab:red", lw=1, ls=":", label=f"selected round ({best_round})")
     ax_auc.set_ylabel(metric_label, fontsize=LABEL_SIZE)
     ax_auc.set_title(title, fontsize=TITLE_SIZE)
-    lo = _finite_min([val_auc_by_site.values(), [pooled_val_auc, pooled_test_auc, mean_test_auc or []]])
-    if lo is not None:
+    groups = [val_auc_by_site.values(), [pooled_val_auc, pooled_test_auc, mean_test_auc or []]]
+    lo, hi = _finite_min(groups), _finite_max(groups)
+    if lo is not None and hi is not None and hi <= 1.0:  # a score in [0, 1] (AUC, C-index, Dice)
         ax_auc.set_ylim(max(0.0, min(lo, 0.9) - 0.03), 1.01)
+    # any other score (PSNR in dB) keeps matplotlib's limits around its values
     if not many:  # wherever it hides the fewest points (C-index curves sit low, AUC curves high)
         ax_auc.legend(fontsize=LEGEND_SIZE, loc="best")
     else:  # too many to fit inside without hiding the curves; constrained layout makes room

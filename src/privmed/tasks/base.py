@@ -271,8 +271,74 @@ class Segmentation:
         return task
 
 
-Task = Classification | Survival | Segmentation
-_TASKS = {t.name: t for t in (Classification(), TabularClassification(), Survival(), Segmentation())}
+class Reconstruction:
+    """An image from undersampled k-space: packed k-space (B, 3, H, W) in, (B, 1, H, W) magnitude
+    out, L1 loss per item (tasks/reconstruction.py, tasks/recon_metrics.py)."""
+
+    name = "reconstruction"
+    headline = "psnr"
+    prediction = "image"
+    per_sample = True
+    dense = True
+    augment = False  # a shift of k-space is a phase ramp, not a shift of the image
+
+    def n_outputs(self, source: SourceData) -> int:
+        return 1
+
+    def targets(self, data: ImageSet) -> torch.Tensor:
+        return torch.from_numpy(_dense_target(data, self.name).astype(np.float32))
+
+    def criterion(self) -> nn.Module:
+        from privmed.tasks.recon_metrics import ReconLoss
+
+        return ReconLoss("l1")
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def stored(self, pred: np.ndarray, target: bool = False) -> np.ndarray:
+        """Images as float16 (their [0, 1] range needs no more)."""
+        return pred.astype(np.float16)
+
+    def counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+        from privmed.tasks.reconstruction import reconstruction_counts
+
+        if len(data) == 0:
+            return {}
+        return reconstruction_counts(pred, _dense_target(data, self.name), data.images, data.patient_ids())
+
+    def metrics_from_counts(self, c: dict) -> dict:
+        from privmed.tasks.reconstruction import reconstruction_metrics_from_counts
+
+        return reconstruction_metrics_from_counts(c) if c else {}
+
+    def metrics(self, pred: np.ndarray, data: ImageSet) -> dict:
+        return self.metrics_from_counts(self.counts(pred, data))
+
+    def selection_score(self, metrics: dict) -> float:
+        if not metrics:
+            return math.nan
+        return metrics["psnr"] if not math.isnan(metrics["psnr"]) else -metrics["loss"]
+
+    def examples(self, data: ImageSet, k: int = 4) -> np.ndarray:
+        """The middle slice of each of the first `k` patients."""
+        patients = data.patient_ids()
+        out = []
+        for p in list(dict.fromkeys(patients.tolist()))[:k]:
+            rows = np.flatnonzero(patients == p)
+            out.append(rows[len(rows) // 2])
+        return np.asarray(out, dtype=np.int64)
+
+    def shown_input(self, images: np.ndarray) -> np.ndarray:
+        """The zero-filled reconstruction of the packed k-space: what the measurement alone gives."""
+        from privmed.tasks.reconstruction import zero_filled_images
+
+        return zero_filled_images(images)
+
+
+Task = Classification | Survival | Segmentation | Reconstruction
+_TASKS = {t.name: t for t in (Classification(), TabularClassification(), Survival(), Segmentation(),
+                              Reconstruction())}
 
 
 def get_task(name: str, data: object | None = None) -> Task:

@@ -21,5 +21,6 @@ def scores_text(m: dict) -> str:
     if "dice" in m:
         return f"Dice {fmt(m['dice'])} (all foreground {fmt(m.get('dice_foreground'))}), HD95 {fmt(m.get('hd95'), 1)}"
     if "psnr" in m:
-        return f"PSNR {fmt(m['psnr'], 2)} dB, SSIM {fmt(m.get('ssim'))}"
+        return (f"PSNR {fmt(m['psnr'], 2)} dB, SSIM {fmt(m.get('ssim'))} (zero-filled: "
+                f"{fmt(m.get('psnr_zero_filled'), 2)} dB, {fmt(m.get('ssim_zero_filled'))})")
     return f"AUC {fmt(m.get('auc'))}, accuracy {fmt(m.get('accuracy'))}"
