@@ -41,10 +41,10 @@ PUBLISHED = {"segmentation": "FLamby Fed-IXI (IXI-Tiny, whole brain): pooled 0.9
              "reconstruction": "Schlemper et al. 2017 (cardiac, not IXI): D5-C5 at 6x beats zero-filling by about 10 dB"}
 
 
-def config(task: str, row: str, rounds: int, seed: int, extra: dict) -> dict:
+def config(task: str, row: str, rounds: int, seed: int, extra: dict, data: Path = DATA) -> dict:
     over = ROWS[row]
     cfg = {"name": f"ixi-{task}-{row.split(',')[0]}-s{seed}", "seed": seed, "task": task,
-           "data": {"source": "ixi", "root": str(DATA), "val_fraction": 0.0},
+           "data": {"source": "ixi", "root": str(data), "val_fraction": 0.0},
            "sites": {"count": 3, "partition": "natural"},
            "federation": {"rounds": rounds, "local_epochs": 1, **over["federation"]}}
     if "privacy" in over:
@@ -61,8 +61,13 @@ def _one(job: tuple) -> tuple[str, dict, float]:
 
     start = time.perf_counter()
     s = privmed.run(cfg, RESULTS.parent.parent / "runs" / "ixi-benchmark" / cfg["name"]).summary
-    out = {"test": s["test"], "epsilon": (s.get("privacy") or {}).get("epsilon")}
+    out = {"test": s["test"], "epsilon": (s.get("privacy") or {}).get("epsilon"), "machine": _machine()}
     return key, out, time.perf_counter() - start
+
+
+def _machine() -> str:
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, torch {torch.__version__}{gpu}"
 
 
 def main() -> None:
@@ -72,20 +77,28 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rows", nargs="*", default=list(ROWS), help="which rows (default: all)")
+    ap.add_argument("--data", type=Path, default=DATA, help="the IXI folder (default: ../shared/data/ixi-t1)")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                    help="config keys for every run, e.g. model.width=8")
+                    help="config keys for every run, e.g. model.width=8 training.device=cuda")
     args = ap.parse_args()
     extra: dict = {}
     for item in args.set:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        extra.setdefault(section, {})[name] = json.loads(value) if value[:1] in "0123456789[{-tf" else value
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a word: auto, cuda, ...
+        extra.setdefault(section, {})[name] = parsed
     cache_file = RESULTS / f"ixi_{args.task}.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     jobs = [(f"{row}|{args.rounds}|{args.seed}|{json.dumps(extra, sort_keys=True)}",
-             config(args.task, row, args.rounds, args.seed, extra)) for row in args.rows]
+             config(args.task, row, args.rounds, args.seed, extra, args.data)) for row in args.rows]
     todo = [j for j in jobs if j[0] not in cache]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    import multiprocessing
+
+    # spawn: a forked child cannot use CUDA that its parent touched
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for key, out, seconds in pool.map(_one, todo):
             cache[key] = {**out, "seconds": round(seconds)}
             cache_file.write_text(json.dumps(cache, indent=1))
@@ -118,7 +131,8 @@ def write_table(task: str, rows: list[tuple[str, dict]], args: argparse.Namespac
             f"{args.rounds} rounds x 1 local epoch (pooled: {args.rounds} epochs); the last round's model; "
             "test figures per held-out volume, averaged.\n\n" + head + "\n".join(lines) +
             f"\n\nPublished: {PUBLISHED[task]}.\n\n"
-            f"Machine: {platform.machine()}, torch {torch.__version__}, one thread per run, {args.workers} runs at a time.\n")
+            f"Machine: {'; '.join(sorted({r.get('machine') or 'not recorded' for _, r in rows}))}; one CPU "
+            "thread per run.\n")
     out = RESULTS / f"ixi_{task}.md"
     out.write_text(text)
     print(text)

@@ -99,6 +99,9 @@ class DataConfig(_Section):
     subjects: list[str] | None = Field(
         None, description="ixi: which subjects to read (default: every one in the folder)"
     )
+    slice_step: int = Field(
+        1, ge=1, le=16, description="ixi: keep every n-th slice of each volume (2: half the slices, 4 mm apart)"
+    )
     test_subjects: int = Field(
         3, ge=1, le=1000,
         description="ixi, nifti: subjects held out as the public test set (by subject, never split)",
@@ -312,6 +315,12 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, lt=1)
     augment: bool = Field(True, description="random flips/shifts of training images")
     eval_batch_size: int = Field(512, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu",
+        description="where sites train and score: cpu (the default; bit-for-bit reproducible), "
+        "cuda (a GPU; not with privacy.mode dp-sgd yet), auto (cuda when there is one and the run "
+        "is not dp-sgd, else cpu)",
+    )
     logit_adjustment: Literal["auto", "on", "off"] = Field(
         "auto",
         description="label skew: each site trains with its logits shifted by the log of its own "
@@ -559,6 +568,12 @@ class RunConfig(_Section):
                 f"federation.strategy 'scaffold' needs plain local SGD (its control variates are "
                 f"(start - end) / (steps x lr)): set training.optimizer: sgd and training.momentum: 0 "
                 f"(got {self.training.optimizer}, momentum {self.training.momentum:g})"
+            )
+        if self.training.device == "cuda" and self.privacy.mode == "dp-sgd":
+            raise ValueError(
+                "training.device: 'cuda' with privacy.mode 'dp-sgd': a site's DP noise and sampling "
+                "come from its secret key through a CPU generator, which a GPU step cannot use yet; "
+                "use device cpu (or auto) for DP-SGD runs"
             )
         if fed.finetune_steps and fed.strategy in ("local", "pooled"):
             raise ValueError(

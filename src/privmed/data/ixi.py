@@ -12,7 +12,7 @@ Segmentation classes, merged from the label map (`CLASSES`):
 
 Items are axial slices (along the S axis) that cross the brain (brain covers >= 2% of the slice),
 each 112 x 80 px (the 120 x 90 slice centre-cropped; the brain lies within it), intensities / the volume's 99.5th percentile.
-A subject is a patient; `data.test_subjects` subjects (drawn by the seed) are the public test set,
+`data.slice_step` n keeps every n-th of those slices. A subject is a patient; `data.test_subjects` subjects (drawn by the seed) are the public test set,
 the rest are dealt to the sites in turn (the `site` column; `sites.partition: natural` keeps it).
 """
 
@@ -53,9 +53,9 @@ def subjects_in(root: Path) -> list[tuple[str, Path, Path]]:
     return out
 
 
-def load_subject(image: Path, label: Path) -> tuple[np.ndarray, np.ndarray, float]:
+def load_subject(image: Path, label: Path, step: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
     """(slices (S, 1, H, W) float32 in [0, 1], class maps (S, H, W) int64, pixel side in mm) of
-    one subject's slices that cross the brain."""
+    every `step`-th of one subject's slices that cross the brain."""
     vol, spacing = read_volume(image)
     lab, _ = read_volume(label)
     if lab.shape != vol.shape:
@@ -63,7 +63,7 @@ def load_subject(image: Path, label: Path) -> tuple[np.ndarray, np.ndarray, floa
     classes = remap(np.rint(lab).astype(np.int64), {1: tuple(np.unique(lab[lab > 0]).astype(int)), 2: VENTRICLES})
     img = axial(normalise(vol), SLICE_AXIS, SLICE_SHAPE)
     mask = axial(classes, SLICE_AXIS, SLICE_SHAPE)
-    keep = slices_with(mask > 0, MIN_BRAIN)
+    keep = slices_with(mask > 0, MIN_BRAIN)[::step]
     return img[keep][:, None], mask[keep], spacing
 
 
@@ -85,7 +85,7 @@ def load_ixi(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
     site_of = {s: names[i % len(names)] for i, s in enumerate(train_ids)}
     train, test, spacing = [], [], None
     for subject, image, label in found:
-        img, mask, spacing = load_subject(image, label)
+        img, mask, spacing = load_subject(image, label, data.slice_step)
         n = len(img)
         part = ImageSet(images=img, labels=np.zeros(n, np.int64),
                         site=np.full(n, site_of.get(subject, "test")), patient=np.full(n, subject), target=mask)
