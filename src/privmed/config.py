@@ -385,7 +385,7 @@ SOURCE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # batch 64 at lr 0.01 0.632 (0.358), Adam at 1e-3 0.829 (0.699).
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "segmentation": {"training": {"batch_size": 16, "lr": 0.05}},
-    "reconstruction": {"training": {"batch_size": 16, "optimizer": "adam", "lr": 1e-3}},
+    "reconstruction": {"training": {"batch_size": 4, "optimizer": "adam", "lr": 1e-3}},
 }
 
 # What a strategy needs where the config is silent (see RunConfig._strategy_defaults).
