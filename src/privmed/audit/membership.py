@@ -118,7 +118,7 @@ def load_target(run_dir: Path) -> Target:
     model = build_model(**args)
     model.load_state_dict(state)
     model.eval()
-    source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
+    source = load_source(cfg.data, cfg.sites, seed=cfg.seed, task=cfg.task)
     site_data = split_into_sites(source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
     return Target(run_dir, cfg, model, source, site_data, DataFacts.of(source, cfg.data.source), summary)
 

@@ -2,8 +2,10 @@
 (N, C, D, H, W) volumes: the 3D MedMNIST sets).
 
     load_source(cfg.data, cfg.sites, cfg.seed) -> SourceData
-Sources: "medmnist" (official .npz files, 2D and 3D), "image-folder" (PNG/JPEG class folders), "dicom" (files
-listed in a CSV), "phantom" (synthetic), and the tabular "heart-disease" (UCI, as FLamby's
+Sources: "medmnist" (official .npz files, 2D and 3D), "image-folder" (PNG/JPEG class folders),
+"dicom" (files listed in a CSV), "phantom" (synthetic; volumes with masks for the dense tasks), "ixi"
+(IXI T1 brain volumes with label maps, for segmentation and reconstruction), "nifti" (volumes and
+masks listed in a CSV), and the tabular "heart-disease" (UCI, as FLamby's
 Fed-Heart-Disease) and "tcga-brca" (survival, as FLamby's Fed-TCGA-BRCA), whose float32 (N, D)
 features take the place of images. Bad input raises privmed.errors.DataError.
 """
@@ -17,8 +19,9 @@ from privmed.errors import DataError
 __all__ = ["ImageSet", "SourceData", "load_source"]
 
 
-def load_source(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
-    """The pooled train / test (and official val) sets of the configured source.
+def load_source(data: DataConfig, sites: SitesConfig, seed: int, task: str = "classification") -> SourceData:
+    """The pooled train / test (and official val) sets of the configured source, for `task` (the
+    phantom makes volumes with masks for the dense tasks).
 
     Deterministic: the same config and seed give identical arrays.
     """
@@ -37,9 +40,22 @@ def load_source(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
 
         return load_dicom(data, seed)
     if data.source == "phantom":
+        if task in ("segmentation", "reconstruction"):
+            from privmed.data.phantom_volumes import load_phantom_volumes
+
+            volumes = load_phantom_volumes(data, sites, seed, noise=task != "reconstruction")
+            return _for_task(volumes, task, sites, seed, data)
         from privmed.data.phantom import load_phantom
 
         return load_phantom(data, sites, seed)
+    if data.source == "nifti":
+        from privmed.data.nifti import load_nifti
+
+        return _for_task(load_nifti(data, sites, seed), task, sites, seed, data)
+    if data.source == "ixi":
+        from privmed.data.ixi import load_ixi
+
+        return _for_task(load_ixi(data, sites, seed), task, sites, seed, data)
     if data.source == "heart-disease":
         from privmed.data.heart_disease import load_heart_disease
 
@@ -50,5 +66,15 @@ def load_source(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
         return load_tcga_brca(data)
     raise DataError(
         f"data.source: unknown source '{data.source}' (known: medmnist, image-folder, dicom, "
-        "phantom, heart-disease, tcga-brca)"
+        "phantom, heart-disease, tcga-brca, ixi, nifti)"
     )
+
+
+def _for_task(source: SourceData, task: str, sites: SitesConfig, seed: int, data: DataConfig) -> SourceData:
+    """Volumes with masks as `task` uses them: as they are for segmentation; for reconstruction,
+    each site's scanner's undersampled k-space of the slices (privmed.data.recon)."""
+    if task != "reconstruction":
+        return source
+    from privmed.data.recon import as_reconstruction
+
+    return as_reconstruction(source, sites, seed, data)

@@ -5,6 +5,11 @@ sources give float32 features (N, D) in the same field. Labels are int64 (N,): t
 (1: the event was observed at `time`, 0: censored at `time`). A source may also say, per item, which
 site (hospital) it came from and which patient it belongs to: the privacy unit is the patient, so
 splits never separate one patient's items.
+
+Dense tasks (segmentation, reconstruction) also carry a `target` per item: a class map (N, H, W)
+int64 for segmentation, the image to reconstruct (N, 1, H, W) float32 for reconstruction. Their
+`labels` are then all 0 (no class per item), and a volume's slices are one patient's items, in the
+order of the volume.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class ImageSet:
     site: np.ndarray | None = None  # (N,) str: the site each item comes from, if known
     patient: np.ndarray | None = None  # (N,) str: patient ids, if known
     time: np.ndarray | None = None  # (N,) float64 survival: time to the event or to censoring
+    target: np.ndarray | None = None  # (N, ...) dense targets: class maps or images to reconstruct
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -29,7 +35,7 @@ class ImageSet:
                 f"images {self.images.shape} do not match {n} labels as (N, C, H, W), "
                 "(N, C, D, H, W) or (N, D)"
             )
-        for name in ("site", "patient", "time"):
+        for name in ("site", "patient", "time", "target"):
             col = getattr(self, name)
             if col is not None and len(col) != n:
                 raise ValueError(f"{name} has {len(col)} entries for {n} items")
@@ -45,6 +51,7 @@ class ImageSet:
             site=None if self.site is None else self.site[idx],
             patient=None if self.patient is None else self.patient[idx],
             time=None if self.time is None else self.time[idx],
+            target=None if self.target is None else self.target[idx],
         )
 
     def patient_ids(self) -> np.ndarray:
@@ -65,6 +72,7 @@ class ImageSet:
             site=cat("site"),
             patient=cat("patient"),
             time=cat("time"),
+            target=cat("target"),
         )
 
 
@@ -81,6 +89,7 @@ class SourceData:
     citation: str = ""  # license / source to cite in the report
     files: list[str] = field(default_factory=list)  # files read, for the record
     feature_names: list[str] = field(default_factory=list)  # tabular: one name per column of D
+    spacing_mm: float | None = None  # dense tasks: the pixel side in mm, when known (HD95 in mm)
 
     @property
     def tabular(self) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 
 from privmed.errors import TrainingDiverged
 from privmed.federation.experiment import Experiment
-from privmed.federation.site import predict
+from privmed.federation.site import predict, resolve_device
 from privmed.federation.strategies import GLOBAL, State, Weights
 from privmed.federation.transport import Sites
 from privmed.tasks.counts import merge_counts
@@ -75,7 +75,8 @@ class Evaluator:
     def __init__(self, exp: Experiment, sites: Sites):
         self.exp, self.sites = exp, sites
         self.task = exp.task
-        self.model = exp.model_factory()
+        cfg = exp.config
+        self.model = exp.model_factory().to(resolve_device(cfg.training, cfg.privacy.mode == "dp-sgd"))
         self.bs = exp.config.training.eval_batch_size
 
     # ------------------------------------------------------------------ the public test set

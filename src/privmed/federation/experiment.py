@@ -19,7 +19,9 @@ from privmed.federation.facts import DataFacts, SiteProfile, reference_label_sha
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError, PrivmedError
-from privmed.models import build_model, check_model_name, models_for, norm_state_mask, spatial_dims
+from privmed.models import (
+    DENSE_MODELS, build_model, check_model_name, models_for, norm_state_mask, spatial_dims,
+)
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import validate_model
 from privmed.privacy.plan import PrivacyPlan, SiteFacts, make_plan
@@ -197,7 +199,7 @@ def simulated_sites(
             "(each hospital joins with its own site config), or simulate them here with "
             "--hospital SITE_CONFIG for each"
         )
-    source = load_source(cfg.data, cfg.sites, seed=cfg.seed)
+    source = load_source(cfg.data, cfg.sites, seed=cfg.seed, task=cfg.task)
     site_data = split_into_sites(source, cfg.sites, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
     return source, site_data, DataFacts.of(source, cfg.data.source)
 
@@ -224,7 +226,7 @@ def remote_experiment(
     plan = plan_experiment(cfg, facts, profiles, noise=noise)
     public_test = None
     if cfg.data.source != "sites" and not all(p.n_test for p in profiles):
-        public_test = load_source(cfg.data, cfg.sites, seed=cfg.seed).test
+        public_test = load_source(cfg.data, cfg.sites, seed=cfg.seed, task=cfg.task).test
     return Experiment(plan, public_test)
 
 
@@ -271,8 +273,9 @@ def plan_experiment(
     initial weights from the seed), the strategy and the privacy plan over the sites' counts.
     `pooled`: the pooled site's profile, for strategies that pool the data (a simulation only)."""
     check_model_name(cfg.model.name)
-    task = get_task(cfg.task)
-    _check_model_fits_data(cfg.model.name, data)
+    task = get_task(cfg.task, data)
+    _check_model_fits_data(cfg.model.name, data, task)
+    _check_model_fits_task(cfg.model.name, task)
     if cfg.federation.model_selection == "best-validation" and not any(p.n_val for p in sites):
         raise ConfigError(
             "federation.model_selection: 'best-validation' needs validation data, and "
@@ -303,7 +306,7 @@ def plan_experiment(
             strategy = DPFedAvg(cfg.privacy.max_grad_norm, sigma, len(sites))
             if cfg.federation.secure_aggregation:
                 strategy.rounding_bound = _secagg_rounding_bound(cfg, initial)
-    shares = None if task.name == "survival" else reference_label_shares(sites, data.n_classes)
+    shares = None if task.name == "survival" or task.dense else reference_label_shares(sites, data.n_classes)
     return Plan(cfg, task, data, sites, trainers, strategy, model_factory, initial, steps, privacy, shares)
 
 
@@ -351,7 +354,7 @@ def site_from_setup(setup: SiteSetup, sd: SiteData, own: DataFacts) -> Site:
         DataFacts.agreed({"the run": data, sd.name: own})
     except PrivmedError as e:
         raise ConfigError(str(e)) from None
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, data)
     dp = None
     if cfg.privacy.mode == "dp-sgd":
         if setup.release is None:
@@ -385,18 +388,29 @@ def _secagg_rounding_bound(cfg: RunConfig, weights: Weights) -> float:
     return bound
 
 
+def _check_model_fits_task(model: str, task: Task) -> None:
+    """A dense task needs a model whose output is an image, and the other tasks one whose is not."""
+    if task.dense and model not in DENSE_MODELS:
+        raise ConfigError(f"model.name: '{model}' outputs one prediction per item, and task '{task.name}' "
+                          f"needs one per pixel; use one of: {', '.join(sorted(DENSE_MODELS))}")
+    if not task.dense and model in DENSE_MODELS:
+        raise ConfigError(f"model.name: '{model}' outputs an image, and task '{task.name}' needs one "
+                          "prediction per item; use an image or tabular model (cnn, resnet18, linear, ...)")
+
+
 _KINDS = {0: "a feature table", 2: "images", 3: "3-D volumes"}
 
 
-def _check_model_fits_data(model: str, data: DataFacts) -> None:
+def _check_model_fits_data(model: str, data: DataFacts, task: Task) -> None:
     """ConfigError when model.name takes another kind of data (table, images, volumes) than the
-    source holds, naming the models that fit."""
+    source holds, naming the models that fit the data and the task."""
     takes, holds = spatial_dims(model), data.spatial_dims
     if takes != holds:
         shape = "" if data.tabular else f" ({'x'.join(str(s) for s in data.image_shape)})"
+        fits = [m for m in models_for(holds) if (m in DENSE_MODELS) == task.dense]
         raise ConfigError(
             f"model.name: '{model}' takes {_KINDS[takes]}, and data.source '{data.source}' holds "
-            f"{_KINDS.get(holds, f'{holds}-D data')}{shape}; use one of: {', '.join(models_for(holds))}"
+            f"{_KINDS.get(holds, f'{holds}-D data')}{shape}; use one of: {', '.join(fits)}"
         )
 
 

@@ -37,6 +37,7 @@ class DataFacts:
     synthetic: bool = False
     description: str = ""
     citation: str = ""
+    spacing_mm: float | None = None  # dense tasks: the pixel side, when the source knows it
 
     @property
     def spatial_dims(self) -> int:
@@ -51,7 +52,7 @@ class DataFacts:
             source.in_channels, source.image_size, source.n_classes, source.tabular, name,
             tuple(source.class_names), tuple(source.feature_names),
             tuple(int(s) for s in source.train.images.shape[1:]),
-            source.synthetic, source.description, source.citation,
+            source.synthetic, source.description, source.citation, source.spacing_mm,
         )
 
     def to_dict(self) -> dict:
@@ -102,7 +103,8 @@ class SiteProfile:
 
     @classmethod
     def of(cls, sd: SiteData) -> SiteProfile:
-        counts = () if sd.val.time is not None else tuple(int(c) for c in np.bincount(sd.val.labels))
+        dense = sd.val.target is not None or sd.train.target is not None
+        counts = () if sd.val.time is not None or dense else tuple(int(c) for c in np.bincount(sd.val.labels))
         return cls(sd.name, len(sd.train), n_patients(sd.train), sd.train.patient is not None,
                    len(sd.val), 0 if sd.test is None else len(sd.test), counts)
 

@@ -34,6 +34,7 @@ from privmed.federation.strategies import DPFedAvg
 from privmed.federation.summary import RunResult, finish
 from privmed.federation.transport import InProcessSites, Sites
 from privmed.privacy.ledger import LEDGER_FILE, BudgetExceeded
+from privmed.tasks.names import metric_label
 from privmed.privacy.secret import SecretKey
 
 __all__ = ["RoundFailed", "RunResult", "run_in_process"]
@@ -165,7 +166,7 @@ def _utc_now() -> str:
 def _progress(exp: Experiment, row: dict) -> str:
     """The progress bar's note: the headline metric on validation and test data."""
     metric = exp.task.headline
-    label = {"auc": "AUC", "c_index": "C-index"}.get(metric, metric)
+    label = metric_label(metric)
     parts = [] if not row["val"] else [f"val {label} {_fmt(row['val'][metric])}"]
     if row["test"]:
         parts.append(f"test {label} {_fmt(row['test'][metric])}")

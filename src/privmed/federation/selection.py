@@ -7,6 +7,7 @@ from privmed.federation.evaluation import SELECTION, SELECTION_LAST, SELECTION_L
 from privmed.federation.experiment import Experiment
 from privmed.federation.run_state import Best, RunState
 from privmed.federation.strategies import GLOBAL, State
+from privmed.tasks.names import metric_label
 
 
 def selects_last(exp: Experiment) -> bool:
@@ -20,7 +21,7 @@ def selection_text(exp: Experiment, local: bool) -> str:
     """How the run's result was chosen, in words."""
     if selects_last(exp):
         return SELECTION_LAST
-    metric = {"auc": "AUC", "c_index": "concordance index"}.get(exp.task.headline, exp.task.headline)
+    metric = {"c_index": "concordance index"}.get(exp.task.headline, metric_label(exp.task.headline))
     return (SELECTION_LOCAL if local else SELECTION).format(metric=metric)
 
 

@@ -20,11 +20,24 @@ from torch import nn
 from privmed.config import TrainingConfig
 from privmed.data.base import ImageSet
 from privmed.data.sites import SiteData
-from privmed.errors import TrainingDiverged
+from privmed.errors import ConfigError, TrainingDiverged
 from privmed.federation.strategies import SiteUpdate, TrainTask, Weights
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import dp_train, make_optimizer
 from privmed.tasks.base import Task, get_task
+
+
+def resolve_device(training: TrainingConfig, private: bool = False) -> torch.device:
+    """training.device as a torch device: auto is cuda when a GPU is there and the site does not
+    train with DP-SGD (whose noise comes from a CPU generator), else cpu. ConfigError for cuda
+    without a GPU."""
+    choice = training.device
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() and not private else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device: 'cuda', but torch sees no GPU here (this torch is "
+                          f"{torch.__version__}); use cpu or auto")
+    return torch.device(choice)
 
 
 def get_weights(model: nn.Module) -> Weights:
@@ -114,7 +127,8 @@ class Site:
         self.local_steps = local_steps
         self.seed = seed
         self.task = task if task is not None else get_task("classification")
-        self.model = model_factory()
+        self.device = resolve_device(training, private=dp is not None)
+        self.model = model_factory().to(self.device)
         self.criterion = self.task.criterion()
         self._x = torch.from_numpy(data.train.images)
         self._y = self.task.targets(data.train)
@@ -141,7 +155,7 @@ class Site:
         (binary tables) the shift is the difference of the log prior odds. None when off (auto:
         off under DP-SGD, and for survival)."""
         choice = self.training.logit_adjustment
-        if choice == "off" or self.task.name == "survival" or (choice == "auto" and self.dp is not None):
+        if choice == "off" or self.task.name == "survival" or self.task.dense or (choice == "auto" and self.dp is not None):
             return None
         with torch.no_grad():  # the number of logits, from one item in eval mode
             self.model.eval()
@@ -177,19 +191,21 @@ class Site:
             derive_seed(self.seed, purpose, rnd, self.name)
         )
         images = self._x.ndim in (4, 5)  # images or volumes, not feature tables
-        max_shift = max(1, self._x.shape[-1] // 14) if self.training.augment and images else 0
+        augment = self.training.augment and images and self.task.augment
+        max_shift = max(1, self._x.shape[-1] // 14) if augment else 0
         adjust = self._with_audit_hook(self._gradient_adjustment(task))
         if self.dp is not None:
             return self._train_dp(task, gen, max_shift, start, adjust)
         t = self.training
         opt = make_optimizer(self.model, t.optimizer, t.lr, t.momentum, t.weight_decay)
         total_loss, samples, n_steps = 0.0, 0, 0
+        dev = self.device
         for idx in self._batches(gen, steps):
-            xb = random_shift(self._x[idx], max_shift, gen)
+            xb = random_shift(self._x[idx], max_shift, gen).to(dev)
             out = self.model(xb)
             if self._logit_shift is not None:
-                out = out + self._logit_shift
-            loss = self.criterion(out, self._y[idx])
+                out = out + self._logit_shift.to(dev)
+            loss = self.criterion(out, self._y[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if adjust is not None:
@@ -217,10 +233,11 @@ class Site:
         weights the site was sent and its own previous updates, never on this step's data."""
         if not task.prox_mu and task.correction is None:
             return None
-        anchor = [torch.from_numpy(np.asarray(task.weights[i])) for i, _ in self._params]
+        dev = self.device
+        anchor = [torch.from_numpy(np.asarray(task.weights[i])).to(dev) for i, _ in self._params]
         corr = (
             None if task.correction is None
-            else [torch.as_tensor(np.asarray(task.correction[i])) for i, _ in self._params]
+            else [torch.as_tensor(np.asarray(task.correction[i])).to(dev) for i, _ in self._params]
         )
         mu = float(task.prox_mu)
 
@@ -343,8 +360,9 @@ def predict(
     task = task if task is not None else get_task("classification")
     set_weights(model, weights)
     model.eval()
+    dev = next(model.parameters()).device
     x = torch.from_numpy(images)
-    out = [task.predict(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    out = [task.predict(model(x[i : i + batch_size].to(dev))).cpu() for i in range(0, len(x), batch_size)]
     if not out:
         return np.zeros((0,), dtype=np.float64)
     return torch.cat(out).numpy().astype(np.float64)

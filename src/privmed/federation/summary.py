@@ -68,6 +68,10 @@ def _selected(exp: Experiment, state: RunState, evaluator: Evaluator, run: str) 
         predictions = {"labels": public.labels}
         if public.time is not None:
             predictions["time"] = public.time
+        if task.dense:  # a few test slices for the report's pictures (the test set is public)
+            idx = task.examples(public)
+            predictions.update(example_index=idx, example_input=task.shown_input(public.images[idx]),
+                               example_target=task.stored(public.target[idx], target=True))
     site_rows = {p.name: {"n_train": p.n_train, "n_val": p.n_val, "n_test": p.n_test} for p in exp.plan.sites}
     models: dict[str, nn.Module] = {}
     rounds: dict[str, int] = {}
@@ -76,7 +80,7 @@ def _selected(exp: Experiment, state: RunState, evaluator: Evaluator, run: str) 
     for key, best in state.best.items():
         test[key], counts[key], pred = evaluator.pooled_test(key, best.weights, state.round, run)
         if predictions is not None and pred is not None:
-            predictions[f"{task.prediction}:{key}"] = pred.astype(np.float32)
+            predictions[f"{task.prediction}:{key}"] = task.stored(pred)
         model = exp.model_factory()
         set_weights(model, best.weights)
         models[key] = model.eval()

@@ -27,6 +27,8 @@ from privmed.models.cnn import SmallCNN, small_cnn_3d
 from privmed.models.dpcnn import TemperedSigmoidCNN
 from privmed.models.resnet import resnet18, resnet18_3d
 from privmed.models.tabular import linear, mlp
+from privmed.models.cascade import cascade
+from privmed.models.unet import unet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
@@ -36,12 +38,16 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18-3d": resnet18_3d,
     "linear": linear,
     "mlp": mlp,
+    "unet": unet,
+    "cascade": cascade,
 }
 
 # Models that take (N, D) feature tables rather than images.
 TABULAR_MODELS = frozenset({"linear", "mlp"})
 # Models that take (N, C, D, H, W) volumes.
 VOLUME_MODELS = frozenset({"cnn3d", "resnet18-3d"})
+# Models whose output is an image (N, K, H, W): the dense tasks' (segmentation, reconstruction).
+DENSE_MODELS = frozenset({"unet", "cascade"})
 
 # Normalisation layers, whose state FedBN keeps at each site.
 _NORM_LAYERS: tuple[type[nn.Module], ...] = (

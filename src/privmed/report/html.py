@@ -27,6 +27,7 @@ import yaml
 from privmed.errors import RunDirError
 from privmed.io import write_bytes, write_text
 from privmed.report import plots, words
+from privmed.tasks.names import metric_label
 from privmed.report.readers import read_json as _read_json
 from privmed.report.readers import read_jsonl as _read_jsonl
 from privmed.report.readers import read_yaml as _read_yaml
@@ -66,10 +67,31 @@ SURVIVAL_ROWS = (
     ("events", "Events"),
     ("n", None),
 )
+DENSE_ROWS = {
+    "segmentation": (
+        ("dice", "Dice (mean over classes, per volume)"),
+        ("dice_foreground", "Dice, all foreground classes together"),
+        ("hd95", "HD95"),
+        ("loss", "Loss (pixel cross-entropy)"),
+        ("volumes", "Volumes (patients)"),
+        ("n", None),
+    ),
+    "reconstruction": (
+        ("psnr", "PSNR (dB)"),
+        ("ssim", "SSIM"),
+        ("nmse", "NMSE"),
+        ("psnr_zero_filled", "PSNR of zero-filling (dB)"),
+        ("ssim_zero_filled", "SSIM of zero-filling"),
+        ("nmse_zero_filled", "NMSE of zero-filling"),
+        ("loss", "Loss (L1)"),
+        ("volumes", "Volumes (patients)"),
+        ("n", None),
+    ),
+}
 # the report's privacy wording lives in privmed.report.words (shared with the privacy statement);
 # these are the names older callers import from here
 UNITS, UNIT_COUNTS, PRIVATE_MODES, fmt_budget = words.UNITS, words.UNIT_COUNTS, words.PRIVATE_MODES, words.fmt_budget
-COUNTS = ("n", "events")  # metrics that are counts: integers, summed (not averaged) over sites
+COUNTS = ("n", "events", "volumes")  # metrics that are counts: integers, summed (not averaged) over sites
 PERSONALISED = ("local", "fedbn")  # strategies that keep one model per site
 INVERSION_IMAGES = "audit_inversion.npz"  # privmed.audit.inversion_audit.IMAGES_FILE
 
@@ -102,32 +124,65 @@ class RunFiles:
 class TaskView:
     """What the report needs to know about the run's task to word and draw it."""
 
-    task: str  # "classification", "tabular-classification" or "survival"
+    task: str  # "classification", "tabular-classification", "survival", "segmentation", "reconstruction"
     tabular: bool  # a feature table, not images
     personalised: bool  # one model per site (local, fedbn), no shared model
+    class_names: tuple[str, ...] = ()  # segmentation: the classes, background first
+    spacing_mm: float | None = None  # segmentation: the pixel side (HD95 in mm), when known
 
     @property
     def survival(self) -> bool:
         return self.task == "survival"
 
     @property
+    def dense(self) -> bool:
+        """A target image per item (segmentation, reconstruction): no ROC, no calibration."""
+        return self.task in DENSE_ROWS
+
+    @property
     def metric(self) -> str:
         """The headline metric's key in the score dicts."""
-        return "c_index" if self.survival else "auc"
+        return {"survival": "c_index", "segmentation": "dice", "reconstruction": "psnr"}.get(self.task, "auc")
 
     @property
     def metric_label(self) -> str:
-        return "C-index" if self.survival else "AUC"
+        return metric_label(self.metric)
 
     @property
     def items(self) -> str:
         """What one test item is, plural: what the report counts."""
-        return "patients" if self.tabular else "images"
+        return "patients" if self.tabular else "slices" if self.dense else "images"
 
     @property
     def metric_rows(self) -> tuple[tuple[str, str], ...]:
-        rows = SURVIVAL_ROWS if self.survival else CLASSIFICATION_ROWS
+        rows = SURVIVAL_ROWS if self.survival else DENSE_ROWS.get(self.task, CLASSIFICATION_ROWS)
+        if self.task == "segmentation":
+            hd = "mm" if self.spacing_mm else "pixels"
+            per_class = [(f"dice_{c}", f"Dice, {c}") for c in self.class_names[1:]]
+            per_class += [(f"hd95_{c}", f"HD95 ({hd}), {c}") for c in self.class_names[1:]]
+            rows = rows[:2] + tuple(per_class) + rows[2:]
+            rows = tuple((k, f"HD95 ({hd}, 95% Hausdorff, mean over classes)" if k == "hd95" else v)
+                         for k, v in rows)
         return tuple((key, label or self.items.capitalize()) for key, label in rows)
+
+    def site_columns(self) -> tuple[list, dict]:
+        """The sites table's validation columns, and its columns per scored part."""
+        m, label = self.metric, self.metric_label
+        second = {"survival": None, "segmentation": ("hd95", "HD95"), "reconstruction": ("ssim", "SSIM")}.get(
+            self.task, ("accuracy", "accuracy"))
+        names = {"test": "Own-test", "test_pooled": "Pooled-test", "test_finetuned": "Own-test"}
+        after = {"test_finetuned": " after fine-tuning"}
+        val = [(f"val.{m}", f"Validation {label}")] + ([(f"val.{second[0]}", f"Validation {second[1]}")]
+                                                        if second else [])
+        per_part = {}
+        for part, name in names.items():
+            cols = [(f"{part}.{m}", f"{name} {label}{after.get(part, '')}")]
+            if second:
+                cols.append((f"{part}.{second[0]}", f"{name} {second[1]}{after.get(part, '')}"))
+            elif part == "test":
+                cols.append(("test.events", "Own-test events"))
+            per_part[part] = cols
+        return val, per_part
 
 
 @dataclass(frozen=True)
@@ -167,7 +222,9 @@ def task_view(run: RunFiles) -> TaskView:
     strategy = s.get("strategy") or _get(run.config, "federation", "strategy")
     personalised = strategy in PERSONALISED or any(
         isinstance(_dict(v).get("test_pooled"), dict) for v in _dict(s.get("sites")).values())
-    return TaskView(task, tabular, personalised)
+    names = data.get("class_names") if task == "segmentation" else None
+    spacing = _num(data.get("spacing_mm"))
+    return TaskView(task, tabular, personalised, tuple(str(n) for n in names or ()), spacing)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -254,7 +311,10 @@ def _read_predictions(
 def make_figures(run: RunFiles) -> list[FigureOut]:
     view = task_view(run)
     privacy = _privacy_figure(run)
-    predictions = _survival_figures(run) if view.survival else _prediction_figures(run, view)
+    if view.dense:
+        predictions = _dense_figures(run, view)
+    else:
+        predictions = _survival_figures(run) if view.survival else _prediction_figures(run, view)
     audits = [f for f in (_audit_figure(run), _inversion_figure(run)) if f is not None]
     return [_learning_curves(run, view), *([privacy] if privacy else []), *predictions, *audits]
 
@@ -484,6 +544,33 @@ def _prediction_figures(run: RunFiles, view: TaskView | None = None) -> list[Fig
 
 
 NO_FINITE = "Not drawn: no model has finite test probabilities (training diverged?)."
+EXAMPLES_TITLE = "Examples from the test set: input, prediction and target"
+
+
+def _dense_figures(run: RunFiles, view: TaskView) -> list[FigureOut]:
+    """Input, each model's prediction and the target, side by side, for the few test slices the
+    run kept (predictions.npz: example_input, example_target, example_index and the models'
+    predictions of every test slice)."""
+    arrays = _read_arrays(run.path / "predictions.npz")
+    inputs, targets, index = (arrays.get(k) for k in ("example_input", "example_target", "example_index"))
+    prefix = "mask:" if view.task == "segmentation" else "image:"
+    preds = {k.removeprefix(prefix): v[index] for k, v in arrays.items()
+             if k.startswith(prefix) and index is not None and v.ndim >= 3 and len(v) > int(index.max(initial=0))}
+    if view.task == "segmentation":
+        caption = ("Each row is one test slice (of a different patient where the test set has several): "
+                   "the image, then each model's predicted classes, then the reference mask. Colours: "
+                   + ", ".join(f"{c}" for c in view.class_names[1:]) + " over the image.")
+    else:
+        caption = ("Each row is one test slice: the zero-filled reconstruction from the undersampled "
+                   "k-space (what the scanner's measurement gives without a model), then each model's "
+                   "reconstruction, then the fully sampled image. PSNR against the fully sampled image "
+                   "is in each panel's title.")
+    if inputs is None or targets is None or index is None or not preds:
+        return [FigureOut("examples", EXAMPLES_TITLE, caption, note=(
+            "Not drawn: the run kept no test examples (a run whose test data is held by the sites: "
+            "no slice leaves a site)."))]
+    png = plots.dense_examples(inputs, preds, targets, view.task, list(view.class_names))
+    return [FigureOut("examples", EXAMPLES_TITLE, caption, png=png)]
 
 
 def _finite_models(by_model: dict, finite) -> tuple[dict, str]:
@@ -980,18 +1067,7 @@ def _sites_table(run: RunFiles, view: TaskView | None = None) -> dict:
     sites = _dict(s.get("sites"))
     columns = [("n_train", f"Train {view.items}"), ("n_val", f"Validation {view.items}"),
                ("n_test", f"Own test {view.items}")]
-    if view.survival:
-        val = [("val.c_index", "Validation C-index")]
-        per_part = {"test": [("test.c_index", "Own-test C-index"), ("test.events", "Own-test events")],
-                    "test_pooled": [("test_pooled.c_index", "Pooled-test C-index")],
-                    "test_finetuned": [("test_finetuned.c_index", "Own-test C-index after fine-tuning")]}
-    else:
-        val = [("val.auc", "Validation AUC"), ("val.accuracy", "Validation accuracy")]
-        per_part = {"test": [("test.auc", "Own-test AUC"), ("test.accuracy", "Own-test accuracy")],
-                    "test_pooled": [("test_pooled.auc", "Pooled-test AUC"),
-                                    ("test_pooled.accuracy", "Pooled-test accuracy")],
-                    "test_finetuned": [("test_finetuned.auc", "Own-test AUC after fine-tuning"),
-                                       ("test_finetuned.accuracy", "Own-test accuracy after fine-tuning")]}
+    val, per_part = view.site_columns()
     if not _no_validation(run):
         columns += val
     for part, cols in per_part.items():
@@ -1082,6 +1158,10 @@ def fmt_metric(name: str, value: Any) -> str:
         return f"{100 * x:.1f}%"
     if name in COUNTS:
         return _int(x)
+    if name.startswith(("hd95", "psnr")):
+        return f"{x:.2f}"
+    if name.startswith("nmse"):
+        return f"{x:.4f}"
     return f"{x:.3f}"
 
 

@@ -44,8 +44,8 @@ def learning_curves(
     """Two panels over `rounds` (R,): validation AUC per site plus pooled validation and pooled test
     AUC (legend entries `val_label`, `test_label`), with the selected round marked; below, the
     training loss per site. Every series is (R,) floats aligned with `rounds`, NaN (or None) where a
-    round has no value. The top panel's metric is any score in [0, 1] where higher is better (its
-    axis: `metric_label`, e.g. "validation C-index"); `mean_test_auc`, when given, adds the mean over
+    round has no value. The top panel's metric is any score where higher is better (its axis:
+    `metric_label`, e.g. "validation C-index"; a score in [0, 1] gets an axis up to 1); `mean_test_auc`, when given, adds the mean over
     sites of their own test scores (`mean_test_label`). A pooled line with no value at all is left
     out of the legend."""
     many = len(val_auc_by_site) > 6  # legend goes outside the axes: widen the figure for it
@@ -75,9 +75,11 @@ def learning_curves(
         ax_auc.plot([], [], color="tab:red", lw=1, ls=":", label=f"selected round ({best_round})")
     ax_auc.set_ylabel(metric_label, fontsize=LABEL_SIZE)
     ax_auc.set_title(title, fontsize=TITLE_SIZE)
-    lo = _finite_min([val_auc_by_site.values(), [pooled_val_auc, pooled_test_auc, mean_test_auc or []]])
-    if lo is not None:
+    groups = [val_auc_by_site.values(), [pooled_val_auc, pooled_test_auc, mean_test_auc or []]]
+    lo, hi = _finite_min(groups), _finite_max(groups)
+    if lo is not None and hi is not None and hi <= 1.0:  # a score in [0, 1] (AUC, C-index, Dice)
         ax_auc.set_ylim(max(0.0, min(lo, 0.9) - 0.03), 1.01)
+    # any other score (PSNR in dB) keeps matplotlib's limits around its values
     if not many:  # wherever it hides the fewest points (C-index curves sit low, AUC curves high)
         ax_auc.legend(fontsize=LEGEND_SIZE, loc="best")
     else:  # too many to fit inside without hiding the curves; constrained layout makes room
@@ -365,6 +367,59 @@ def tuning_trials(trials: Sequence[int], scores: Sequence[float | None], label: 
     ax.tick_params(labelsize=TICK_SIZE)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=LEGEND_SIZE, loc="best")
+    return _png(fig)
+
+
+def dense_examples(
+    inputs: np.ndarray, preds: Mapping[str, np.ndarray], targets: np.ndarray, task: str,
+    class_names: Sequence[str] = (),
+) -> bytes:
+    """One row per example: the input, each model's prediction, the target.
+    segmentation: `inputs` (n, C, H, W) in [0, 1], predictions and `targets` (n, H, W) class maps,
+    drawn as colours over the image; reconstruction: `inputs` (n, 1, H, W) the zero-filled images,
+    predictions and `targets` (n, 1, H, W) images, each panel titled with its PSNR (dB, data range
+    the target's maximum)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    n, names = len(targets), list(preds)
+    cols = 2 + len(names)
+    fig = _figure((1.9 * cols + 0.6, 0.4 + 1.9 * n))
+    grid = fig.subplots(n, cols, squeeze=False)
+    tab = colormaps["tab10"]
+    k = max(len(class_names), int(max(np.max(targets, initial=0), *(np.max(p, initial=0) for p in preds.values()))) + 1)
+    overlay = ListedColormap([(0, 0, 0, 0)] + [(*tab(i % 10)[:3], 0.45) for i in range(k - 1)])
+
+    def grey(v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        return v[0] if v.ndim == 3 else v
+
+    for r in range(n):
+        base = grey(inputs[r])
+        panels = [("input" if task == "segmentation" else "zero-filled", None)]
+        panels += [(name, preds[name][r]) for name in names] + [("target", targets[r])]
+        for c, (title, value) in enumerate(panels):
+            ax = grid[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if task == "segmentation":
+                ax.imshow(base, cmap="gray", vmin=0.0, vmax=1.0)
+                if value is not None:
+                    ax.imshow(np.asarray(value), cmap=overlay, vmin=0, vmax=k - 1, interpolation="nearest")
+            else:
+                img = base if value is None else grey(value)
+                top = float(np.max(grey(targets[r]))) or 1.0
+                ax.imshow(img, cmap="gray", vmin=0.0, vmax=top)
+                if c < cols - 1:
+                    mse = float(np.mean((img - grey(targets[r])) ** 2))
+                    title = f"{title}\n{10 * np.log10(top ** 2 / mse):.1f} dB" if mse > 0 else title
+            if r == 0 or task != "segmentation":
+                ax.set_title(title, fontsize=LEGEND_SIZE)
+    if task == "segmentation" and len(class_names) > 1:
+        from matplotlib.patches import Patch
+
+        fig.legend(handles=[Patch(color=tab(i % 10), label=c) for i, c in enumerate(class_names[1:])],
+                   loc="outside lower center", ncols=len(class_names) - 1, fontsize=LEGEND_SIZE)
     return _png(fig)
 
 

@@ -11,7 +11,14 @@ means (predictions), and how predictions are scored.
 
 Tasks: "classification" (images, K classes), "tabular-classification" (feature tables; a binary
 label is one logit, logistic regression as FLamby does), "survival" (one risk score per patient,
-Cox partial likelihood, concordance index).
+Cox partial likelihood, concordance index), "segmentation" (a class per pixel, Dice plus
+cross-entropy; tasks/segmentation.py) and "reconstruction" (an image from undersampled k-space;
+tasks/reconstruction.py). The last two are dense: their targets are `ImageSet.target`, not labels.
+
+A task's attributes the rest of privmed reads: `headline` (the metric bars and tables lead with),
+`prediction` (predictions.npz key prefix), `per_sample` (DP-SGD applies), `dense` (targets are
+images; no class per item, so no label shares, logit adjustment or label-based partition), and
+`augment` (whether the random-shift augmentation may move the input alone).
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ from privmed.tasks.counts import (
 
 
 REDUCTIONS = ("mean", "sum", "none")
-
 
 class ClassificationLoss(nn.Module):
     """Cross-entropy (nats) on (B, K) logits and (B,) int64 labels; with one logit (B, 1), binary
@@ -75,6 +81,12 @@ class Classification:
     headline = "auc"  # the metric progress bars and tables lead with
     prediction = "probs"  # predictions.npz key prefix
     per_sample = True  # the loss is a mean of per-patient terms: DP-SGD applies
+    dense = False
+    augment = True
+
+    def stored(self, pred: np.ndarray, target: bool = False) -> np.ndarray:
+        """What predictions.npz keeps of predictions `pred`."""
+        return pred.astype(np.float32)
 
     def n_outputs(self, source: SourceData) -> int:
         return source.n_classes
@@ -122,6 +134,11 @@ class Survival:
     headline = "c_index"
     prediction = "risk"
     per_sample = False  # the Cox partial likelihood couples the patients at risk
+    dense = False
+    augment = False
+
+    def stored(self, pred: np.ndarray, target: bool = False) -> np.ndarray:
+        return pred.astype(np.float32)
 
     def n_outputs(self, source: SourceData) -> int:
         return 1
@@ -166,11 +183,169 @@ class Survival:
         return c if not math.isnan(c) else -metrics["loss"]
 
 
-Task = Classification | Survival
-_TASKS = {t.name: t for t in (Classification(), TabularClassification(), Survival())}
+def _dense_target(data: ImageSet, task: str) -> np.ndarray:
+    if data.target is None:
+        raise ConfigError(f"task: '{task}' needs a target image per item, and this data has none "
+                          "(sources with them: ixi, nifti, phantom with data.volumes)")
+    return data.target
 
 
-def get_task(name: str) -> Task:
+class Segmentation:
+    """A class per pixel: (B, K, H, W) logits against (B, H, W) class maps (tasks/segmentation.py)."""
+
+    name = "segmentation"
+    headline = "dice"
+    prediction = "mask"
+    per_sample = True
+    dense = True
+    augment = False  # a shift would move the image and not its mask
+
+    def __init__(self) -> None:
+        self.class_names: tuple[str, ...] = ()
+        self.spacing_mm: float | None = None
+
+    def n_outputs(self, source: SourceData) -> int:
+        return source.n_classes
+
+    def targets(self, data: ImageSet) -> torch.Tensor:
+        return torch.from_numpy(_dense_target(data, self.name).astype(np.int64))
+
+    def criterion(self) -> nn.Module:
+        from privmed.tasks.segmentation import DiceCELoss
+
+        return DiceCELoss()
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        return F.softmax(out, dim=1)
+
+    def stored(self, pred: np.ndarray, target: bool = False) -> np.ndarray:
+        """The predicted class map (N, H, W) uint8, not the (N, K, H, W) probabilities; a target
+        (`target` True, already a class map) as uint8."""
+        return (pred if target else pred.argmax(axis=1)).astype(np.uint8)
+
+    def examples(self, data: ImageSet, k: int = 4) -> np.ndarray:
+        """Up to `k` item indices to show: of each of the first `k` patients, the slice where the
+        last class (the smallest structure: ventricles) covers most."""
+        target = _dense_target(data, self.name)
+        patients = data.patient_ids()
+        cover = (target == target.max(initial=0)).reshape(len(target), -1).sum(axis=1)
+        out = []
+        for p in list(dict.fromkeys(patients.tolist()))[:k]:
+            rows = np.flatnonzero(patients == p)
+            out.append(rows[np.argmax(cover[rows])])
+        return np.asarray(out, dtype=np.int64)
+
+    def shown_input(self, images: np.ndarray) -> np.ndarray:
+        """What the report draws of input `images`: the images themselves."""
+        return images.astype(np.float32)
+
+    def counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+        from privmed.tasks.segmentation import segmentation_counts
+
+        if len(data) == 0:
+            return {}
+        return segmentation_counts(pred, _dense_target(data, self.name), data.patient_ids())
+
+    def metrics_from_counts(self, c: dict) -> dict:
+        from privmed.tasks.segmentation import segmentation_metrics_from_counts
+
+        if not c:
+            return {}
+        names = self.class_names or ("background", *(f"class{i}" for i in range(1, len(c["dice_sum"]) + 1)))
+        return segmentation_metrics_from_counts(c, names, self.spacing_mm)
+
+    def metrics(self, pred: np.ndarray, data: ImageSet) -> dict:
+        return self.metrics_from_counts(self.counts(pred, data))
+
+    def selection_score(self, metrics: dict) -> float:
+        if not metrics:
+            return math.nan
+        return metrics["dice"] if not math.isnan(metrics["dice"]) else -metrics["loss"]
+
+    def for_data(self, data: object) -> "Segmentation":
+        """A copy that names `data`'s classes in its metrics and gives HD95 in mm where `data`
+        (DataFacts or SourceData) knows the pixel side."""
+        task = type(self)()
+        task.class_names = tuple(getattr(data, "class_names", ()) or ())
+        task.spacing_mm = getattr(data, "spacing_mm", None)
+        return task
+
+
+class Reconstruction:
+    """An image from undersampled k-space: packed k-space (B, 3, H, W) in, (B, 1, H, W) magnitude
+    out, L1 loss per item (tasks/reconstruction.py, tasks/recon_metrics.py)."""
+
+    name = "reconstruction"
+    headline = "psnr"
+    prediction = "image"
+    per_sample = True
+    dense = True
+    augment = False  # a shift of k-space is a phase ramp, not a shift of the image
+
+    def n_outputs(self, source: SourceData) -> int:
+        return 1
+
+    def targets(self, data: ImageSet) -> torch.Tensor:
+        return torch.from_numpy(_dense_target(data, self.name).astype(np.float32))
+
+    def criterion(self) -> nn.Module:
+        from privmed.tasks.recon_metrics import ReconLoss
+
+        return ReconLoss("l1")
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def stored(self, pred: np.ndarray, target: bool = False) -> np.ndarray:
+        """Images as float16 (their [0, 1] range needs no more)."""
+        return pred.astype(np.float16)
+
+    def counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+        from privmed.tasks.reconstruction import reconstruction_counts
+
+        if len(data) == 0:
+            return {}
+        return reconstruction_counts(pred, _dense_target(data, self.name), data.images, data.patient_ids())
+
+    def metrics_from_counts(self, c: dict) -> dict:
+        from privmed.tasks.reconstruction import reconstruction_metrics_from_counts
+
+        return reconstruction_metrics_from_counts(c) if c else {}
+
+    def metrics(self, pred: np.ndarray, data: ImageSet) -> dict:
+        return self.metrics_from_counts(self.counts(pred, data))
+
+    def selection_score(self, metrics: dict) -> float:
+        if not metrics:
+            return math.nan
+        return metrics["psnr"] if not math.isnan(metrics["psnr"]) else -metrics["loss"]
+
+    def examples(self, data: ImageSet, k: int = 4) -> np.ndarray:
+        """The middle slice of each of the first `k` patients."""
+        patients = data.patient_ids()
+        out = []
+        for p in list(dict.fromkeys(patients.tolist()))[:k]:
+            rows = np.flatnonzero(patients == p)
+            out.append(rows[len(rows) // 2])
+        return np.asarray(out, dtype=np.int64)
+
+    def shown_input(self, images: np.ndarray) -> np.ndarray:
+        """The zero-filled reconstruction of the packed k-space: what the measurement alone gives."""
+        from privmed.tasks.reconstruction import zero_filled_images
+
+        return zero_filled_images(images)
+
+
+Task = Classification | Survival | Segmentation | Reconstruction
+_TASKS = {t.name: t for t in (Classification(), TabularClassification(), Survival(), Segmentation(),
+                              Reconstruction())}
+
+
+def get_task(name: str, data: object | None = None) -> Task:
+    """The task `name`; given the data's facts (DataFacts or SourceData), one whose metrics name
+    its classes (segmentation)."""
     if name not in _TASKS:
         raise ConfigError(unknown_name("task", "task", name, _TASKS))
-    return _TASKS[name]
+    task = _TASKS[name]
+    for_data = getattr(task, "for_data", None)
+    return for_data(data) if for_data is not None and data is not None else task

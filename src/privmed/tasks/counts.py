@@ -329,8 +329,35 @@ def merge_counts(parts: list[Counts]) -> Counts:
     return {key: np.asarray(np.sum([np.asarray(p[key]) for p in parts], axis=0)) for key in first}
 
 
+# The dense tasks' counts (privmed.tasks.segmentation, privmed.tasks.reconstruction): sums over
+# volumes or slices, and how many; each *_sum has the shape of its *_n.
+SEGMENTATION_KEYS = ("dice_sum", "dice_n", "fg_dice_sum", "fg_dice_n", "hd95_sum", "hd95_n", "loss_sum", "n", "volumes")
+RECONSTRUCTION_KEYS = ("psnr_sum", "ssim_sum", "nmse_sum", "psnr_zf_sum", "ssim_zf_sum", "nmse_zf_sum",
+                       "loss_sum", "n", "volumes")
+_DENSE = {"dice_sum": SEGMENTATION_KEYS, "psnr_sum": RECONSTRUCTION_KEYS}
+
+
+def _check_dense(c: Counts, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in c]
+    if missing:
+        raise ValueError(f"counts lack {', '.join(missing)} (have: {', '.join(sorted(c)) or 'none'})")
+    for key in keys:
+        n_key = key[: -len("_sum")] + "_n"
+        if n_key in c:  # a per-class sum: the shape of its count
+            want = np.shape(c[n_key])
+        elif key.endswith("_n") and key[:-2] + "_sum" in c:
+            continue
+        else:
+            want = ()
+        if np.shape(c[key]) != want:
+            raise ValueError(f"counts: '{key}' has shape {np.shape(c[key])}, expected {want}")
+
+
 def check_counts(c: Counts) -> None:
     """ValueError saying what is wrong when `c` is not one task's counts with consistent shapes."""
+    dense = next((keys for key, keys in _DENSE.items() if key in c), None)
+    if dense is not None:
+        return _check_dense(c, dense)
     keys = CLASSIFICATION_KEYS if "score_hist" in c else SURVIVAL_KEYS
     missing = [k for k in keys if k not in c]
     if missing:

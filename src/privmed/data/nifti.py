@@ -1,0 +1,91 @@
+"""NIfTI volumes with masks, listed in a CSV: the segmentation source for a hospital's own scans.
+
+    data.csv (paths relative to data.root, or to the CSV's folder without data.root):
+        file,mask,site,patient,split
+        ct/001.nii.gz,ct/001_mask.nii.gz,hospital-a,001,
+        ct/002.nii.gz,ct/002_mask.nii.gz,hospital-a,002,test
+
+- `file` and `mask` are required: an image volume and its integer mask (0 background, 1..K-1 the
+  classes; `data.class_names` names them, background first). `site`, `patient` (default: the
+  file's name) and `split` ("test" holds the volume out as the public test set; otherwise the
+  last `data.test_subjects` patients in the file are) are optional.
+- Items are slices along the volume's last axis (axial for RAS/LPS files), centre-padded or cropped
+  to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
+  with no mask at all are kept only when `data.min_foreground` is 0.
+- Intensities: CT (HU) with `data.window: [low, high]` is clipped to the window and scaled to
+  [0, 1]; anything else is divided by its 99.5th percentile (privmed.data.volumes.normalise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from privmed.config import DataConfig, SitesConfig
+from privmed.data._csv import read_index
+from privmed.data.base import ImageSet, SourceData
+from privmed.data.volumes import axial, normalise, read_volume, slices_with
+from privmed.errors import DataError
+
+
+def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
+    csv = Path(data.csv)
+    rows = read_index(csv, ("file", "mask"), ("site", "patient", "split"))
+    root = Path(data.root) if data.root is not None else csv.parent
+    vols = [_read_pair(root, r) for r in rows]
+    side = data.size or int(np.ceil(max(max(v.shape[:2]) for v, _, _ in vols) / 16) * 16)
+    k = max(int(m.max()) for _, m, _ in vols) + 1
+    names = list(data.class_names) if data.class_names else ["background", *(f"class {i}" for i in range(1, k))]
+    if len(names) < k:
+        raise DataError(f"data.class_names: {len(names)} names, but the masks hold classes up to {k - 1} "
+                        "(name the background first)")
+    patients = [r.get("patient") or Path(r["file"]).name.split(".")[0] for r in rows]
+    test = {p for r, p in zip(rows, patients) if r.get("split", "").lower() == "test"}
+    if not test:
+        ordered = list(dict.fromkeys(patients))
+        if data.test_subjects >= len(ordered):
+            raise DataError(f"data.test_subjects: {data.test_subjects} leaves no patient to train on "
+                            f"({len(ordered)} patients in {csv})")
+        test = set(ordered[-data.test_subjects:])
+    train, held = [], []
+    spacing = None
+    for r, p, (vol, mask, spacing) in zip(rows, patients, vols):
+        img = axial(_intensities(vol, data.window), 2, (side, side))[:, None]
+        m = axial(mask, 2, (side, side))
+        keep = slices_with(m > 0, data.min_foreground) if data.min_foreground > 0 else np.arange(len(m))
+        n = len(keep)
+        part = ImageSet(images=img[keep], labels=np.zeros(n, np.int64), patient=np.full(n, p),
+                        site=np.full(n, r.get("site", "site-1")) if p not in test else None, target=m[keep])
+        (held if p in test else train).append(part)
+    if not train or not held:
+        raise DataError(f"{csv}: the split leaves no {'training' if not train else 'test'} volume")
+    return SourceData(
+        train=ImageSet.concat(train), test=ImageSet.concat(held), class_names=names,
+        description=f"NIfTI volumes from {csv.name}: {len(rows)} volumes, slices {side}x{side}",
+        files=[str(root / r[c]) for r in rows for c in ("file", "mask")],
+        spacing_mm=spacing,
+    )
+
+
+def _read_pair(root: Path, row: dict) -> tuple[np.ndarray, np.ndarray, float]:
+    path, mpath = root / row["file"], root / row["mask"]
+    for p in (path, mpath):
+        if not p.is_file():
+            raise DataError(f"data.csv: {p} not found")
+    vol, spacing = read_volume(path)
+    mask, _ = read_volume(mpath)
+    if mask.shape != vol.shape:
+        raise DataError(f"{mpath}: shape {mask.shape} differs from its image's {vol.shape}")
+    m = np.rint(mask)
+    if m.min() < 0 or not np.allclose(m, mask):
+        raise DataError(f"{mpath}: a mask holds whole class numbers 0, 1, ...; found {float(mask.min()):g} "
+                        f"to {float(mask.max()):g}")
+    return vol, m.astype(np.int64), spacing
+
+
+def _intensities(vol: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    if window is None:
+        return normalise(vol)
+    lo, hi = window
+    return ((np.clip(vol, lo, hi) - lo) / (hi - lo)).astype(np.float32)

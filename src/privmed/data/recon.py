@@ -1,0 +1,72 @@
+"""Reconstruction data: each site's scanner acquires the slices of a volume source (IXI, the
+phantom volumes) as undersampled single-coil k-space (privmed.tasks.kspace).
+
+    recon = as_reconstruction(source, sites, seed, data)
+    recon.train.images   # (N, 3, H, W) [k_re, k_im, mask]: what the site's scanner measured
+    recon.train.target   # (N, 1, H, W) in [0, 1]: the fully sampled magnitude slice
+
+Sites differ as scanners do (`scanner_profile`): the undersampling pattern alternates between
+random lines (with a fully sampled centre) and equispaced lines, and the thermal noise grows from
+site to site; every site samples at `data.acceleration` unless `data.accelerations` gives one per
+site. The public test set is acquired by a reference scanner: random lines at `data.acceleration`,
+noise `TEST_NOISE`. Every slice gets its own mask (a random-mask scanner's acquisitions differ),
+drawn with the noise from a generator seeded by (seed, site), so the data is the same on every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from privmed.config import DataConfig, SitesConfig
+from privmed.data.base import ImageSet, SourceData
+from privmed.data.ixi_recon import ScannerProfile, site_arrays
+
+# (mask kind, noise std per k-space entry in units of the [0, 1] image) of site i, cycled
+SCANNERS = (("random", 0.0), ("equispaced", 0.01), ("random", 0.02))
+TEST_NOISE = 0.01
+_STREAM = 0x4EC0
+
+
+def scanner_profile(index: int, data: DataConfig) -> ScannerProfile:
+    """The scanner of site `index` (0-based)."""
+    kind, noise = SCANNERS[index % len(SCANNERS)]
+    accelerations = data.accelerations or [data.acceleration]
+    return ScannerProfile(mask_kind=kind, acceleration=float(accelerations[index % len(accelerations)]),
+                          noise_std=noise)
+
+
+def test_profile(data: DataConfig) -> ScannerProfile:
+    return ScannerProfile(mask_kind="random", acceleration=float(data.acceleration), noise_std=TEST_NOISE)
+
+
+def as_reconstruction(source: SourceData, sites: SitesConfig, seed: int, data: DataConfig) -> SourceData:
+    """`source`'s slices (images (N, 1, H, W) in [0, 1], each with its site) as each site's scanner
+    acquires them; the fully sampled slices become the targets."""
+    if source.train.site is None:
+        raise ValueError("reconstruction data needs the site of every training slice (its scanner)")
+    names = list(dict.fromkeys(source.train.site.tolist()))
+    parts = []
+    for i, name in enumerate(names):
+        rows = np.flatnonzero(source.train.site == name)
+        parts.append(_acquire(source.train.subset(rows), scanner_profile(i, data), [seed, _STREAM, i]))
+    test = _acquire(source.test, test_profile(data), [seed, _STREAM, 0xE57])
+    profiles = ", ".join(f"{n}: {_words(scanner_profile(i, data))}" for i, n in enumerate(names))
+    return replace(
+        source, train=ImageSet.concat(parts), test=test, class_names=["image"],
+        description=f"{source.description}; as single-coil k-space, {profiles}; test: {_words(test_profile(data))}",
+    )
+
+
+def _acquire(items: ImageSet, profile: ScannerProfile, seed: list[int]) -> ImageSet:
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    magnitude = items.images[:, :1].astype(np.float32)
+    arrays = site_arrays(magnitude, items.patient_ids(), profile, gen)
+    return ImageSet(images=arrays.inputs.astype(np.float32), labels=np.zeros(len(items), np.int64),
+                    site=items.site, patient=items.patient, target=magnitude)
+
+
+def _words(p: ScannerProfile) -> str:
+    return f"{p.mask_kind} lines at {p.acceleration:g}x, noise {p.noise_std:g}"

@@ -1,0 +1,81 @@
+"""From NIfTI volumes to the 2D slices the dense tasks train on (the file reading: nibabel).
+
+    vol = read_volume(path)                    # (X, Y, Z) float32, in the file's voxel order
+    img = normalise(vol)                       # [0, 1]: / the 99.5th percentile of nonzero voxels
+    slab = axial(vol, axis, shape)             # (S, H, W): slices along `axis`, centre-padded/cropped
+    keep = slices_with(mask_slab > 0, 0.02)    # slices whose foreground covers at least 2%
+
+A volume is one patient: all its slices carry the patient id, and privmed's splits and DP-SGD's
+sampling treat them as one unit (privacy.dpsgd.patient_batches draws a patient, then one of its
+slices).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from privmed.errors import DataError
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, float]:
+    """(voxels (X, Y, Z) float32, the smallest voxel side in mm) of a NIfTI file; DataError naming
+    the file when it cannot be read or is not 3D."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        zooms = img.header.get_zooms()
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable NIfTI volume ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    data = np.squeeze(data)
+    if data.ndim != 3:
+        raise DataError(f"{path}: a volume of shape {data.shape}; a 3D volume (X, Y, Z) is needed")
+    return data, float(min(zooms[:3]))
+
+
+def normalise(vol: np.ndarray, percentile: float = 99.5) -> np.ndarray:
+    """`vol` scaled to [0, 1]: divided by the `percentile` of its nonzero voxels, then clipped
+    (so a few bright voxels do not squash the tissue contrast); all zeros stays all zeros."""
+    nz = vol[vol > 0]
+    top = float(np.percentile(nz, percentile)) if len(nz) else 0.0
+    if top <= 0:
+        return np.zeros_like(vol, dtype=np.float32)
+    return np.clip(vol / top, 0.0, 1.0).astype(np.float32)
+
+
+def axial(vol: np.ndarray, axis: int, shape: tuple[int, int]) -> np.ndarray:
+    """(S, H, W) slices of `vol` along `axis`, each centre-padded with zeros or centre-cropped to
+    `shape` (H, W)."""
+    slab = np.moveaxis(vol, axis, 0)
+    out = np.zeros((slab.shape[0], *shape), dtype=slab.dtype)
+    src, dst = [], []
+    for n, want in zip(slab.shape[1:], shape):
+        if n >= want:  # crop
+            a = (n - want) // 2
+            src.append(slice(a, a + want))
+            dst.append(slice(0, want))
+        else:  # pad
+            a = (want - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(a, a + n))
+    out[:, dst[0], dst[1]] = slab[:, src[0], src[1]]
+    return out
+
+
+def slices_with(foreground: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Indices of the slices of `foreground` (S, H, W) bool whose foreground covers at least
+    `min_fraction` of the slice."""
+    share = foreground.reshape(len(foreground), -1).mean(axis=1)
+    return np.flatnonzero(share >= min_fraction)
+
+
+def remap(labels: np.ndarray, classes: dict[int, tuple[int, ...]]) -> np.ndarray:
+    """A class map (int64) from a label map: voxels whose label is in `classes[k]` get class k,
+    the rest 0. Classes are applied in order, so a later class wins over an earlier one."""
+    out = np.zeros(labels.shape, dtype=np.int64)
+    for k, values in classes.items():
+        out[np.isin(labels, values)] = k
+    return out
