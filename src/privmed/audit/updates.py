@@ -106,8 +106,9 @@ class UpdateMaker:
     def __init__(self, target: Target, weights: Weights, seed: int):
         cfg = target.config
         if target.facts.tabular or target.source.train.images.ndim != 4:
+            holds = "a feature table" if target.facts.tabular else "3-D volumes"
             raise ConfigError(f"data.source '{cfg.data.source}': gradient inversion rebuilds 2-D images; "
-                              "this run's data is a feature table")
+                              f"this run's data is {holds}")
         if cfg.task != "classification":
             raise ConfigError(f"task: '{cfg.task}'; gradient inversion needs image classification")
         self.target, self.weights, self.seed = target, weights, seed

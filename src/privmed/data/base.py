@@ -1,7 +1,7 @@
 """The in-memory form every data source produces.
 
-Images are float32 arrays (N, C, H, W) scaled to [0, 1]; tabular sources give float32 features
-(N, D) in the same field. Labels are int64 (N,): the class, or for survival data the event indicator
+Images are float32 arrays (N, C, H, W) scaled to [0, 1], volumes (N, C, D, H, W) likewise; tabular
+sources give float32 features (N, D) in the same field. Labels are int64 (N,): the class, or for survival data the event indicator
 (1: the event was observed at `time`, 0: censored at `time`). A source may also say, per item, which
 site (hospital) it came from and which patient it belongs to: the privacy unit is the patient, so
 splits never separate one patient's items.
@@ -21,7 +21,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ImageSet:
-    images: np.ndarray  # (N, C, H, W) float32 in [0, 1], or (N, D) float32 tabular features
+    images: np.ndarray  # (N, C, H, W) or (N, C, D, H, W) float32 in [0, 1], or (N, D) features
     labels: np.ndarray  # (N,) int64 in [0, n_classes); survival: the event indicator 0/1
     site: np.ndarray | None = None  # (N,) str: the site each item comes from, if known
     patient: np.ndarray | None = None  # (N,) str: patient ids, if known
@@ -30,9 +30,10 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        if self.images.ndim not in (2, 4) or len(self.images) != n:
+        if self.images.ndim not in (2, 4, 5) or len(self.images) != n:
             raise ValueError(
-                f"images {self.images.shape} do not match {n} labels as (N, C, H, W) or (N, D)"
+                f"images {self.images.shape} do not match {n} labels as (N, C, H, W), "
+                "(N, C, D, H, W) or (N, D)"
             )
         for name in ("site", "patient", "time", "target"):
             col = getattr(self, name)
@@ -110,5 +111,5 @@ class SourceData:
 
     @property
     def image_size(self) -> int:
-        """Image side in pixels (0 for tabular data)."""
+        """Image side in pixels, a volume's in voxels (0 for tabular data)."""
         return 0 if self.tabular else int(self.train.images.shape[2])

@@ -1,8 +1,11 @@
-"""MedMNIST v2 / MedMNIST+ 2D datasets from their official .npz files (optionally downloaded).
+"""MedMNIST v2 / MedMNIST+ datasets, 2D and 3D, from their official .npz files (optionally
+downloaded).
 
-A file holds `{train,val,test}_images` uint8 (N, H, W) or (N, H, W, 3) and `{train,val,test}_labels`
-(N, 1); it becomes float32 (N, C, H, W) / 255 and int64 (N,). The MD5 and URL tables are those of
-the official MedMNIST package (MedMNIST/MedMNIST, medmnist/info.py, v3.0.2: Zenodo record 10519652).
+A 2D file holds `{train,val,test}_images` uint8 (N, H, W) or (N, H, W, 3); it becomes float32
+(N, C, H, W) / 255. A 3D file (`*mnist3d.npz`, `*mnist3d_64.npz`) holds volumes (N, D, H, W), uint8
+(or floats in [0, 1]); they become float32 (N, 1, D, H, W) in [0, 1]. `{train,val,test}_labels`
+(N, 1) become int64 (N,). The MD5 and URL tables are those of the official MedMNIST package
+(MedMNIST/MedMNIST, medmnist/info.py, v3.0.2: Zenodo record 10519652).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privmed.config import DataConfig
+from privmed.config import MEDMNIST_VOLUMES, DataConfig
 from privmed.data._images import set_channels
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import DataError
@@ -28,7 +31,8 @@ PAGE_TEMPLATE = "https://zenodo.org/records/10519652/files/{file}"
 DOWNLOAD_TIMEOUT_S = 20.0
 SPLITS = ("train", "val", "test")
 
-# Official MD5 per dataset and image side (MedMNIST/MedMNIST medmnist/info.py, v3.0.2).
+# Official MD5 per dataset and image side (MedMNIST/MedMNIST medmnist/info.py, v3.0.2); the 3D sets
+# come in 28 and 64 voxels a side.
 MD5: dict[str, dict[int, str]] = {
     "pathmnist": {28: "a8b06965200029087d5bd730944a56c1", 64: "55aa9c1e0525abe5a6b9d8343a507616",
                   128: "ac42d08fb904d92c244187169d1fd1d9", 224: "2c51a510bcdc9cf8ddb2af93af1eadec"},
@@ -54,6 +58,12 @@ MD5: dict[str, dict[int, str]] = {
                     128: "773c1f009daa3fe5d9a2a201b2a7ed94", 224: "050f5e875dc056f6768abf94ec9995d1"},
     "organsmnist": {28: "9ab87b696fb54e2a387ebe992d6ed5f1", 64: "53a6d115339d874c25e309a994ff46d3",
                     128: "ded0c5fa01a95dc4978b956f613e9b8e", 224: "b354719e553fbbb2513d5533f52a4cb1"},
+    "organmnist3d": {28: "a0c5a1ff56af4f155c46d46fbb45a2fe", 64: "58a2205adf14a9d0a189cb06dc78bf10"},
+    "nodulemnist3d": {28: "8755a7e9e05a4d9ce80a24c3e7a256f3", 64: "c47c5b7d457bf6332200d2ea6d64ecd8"},
+    "adrenalmnist3d": {28: "bbd3c5a5576322bc4cdfea780653b1ce", 64: "17721accfe9fb005146a47d33bc54b2f"},
+    "fracturemnist3d": {28: "6aa7b0143a6b42da40027a9dda61302f", 64: "f01d7e6316aedf4210da0da5b7437b42"},
+    "vesselmnist3d": {28: "b41fd4f7e7e2feedddb201585ecafa1b", 64: "6bb274a8846e1097066dcd64e2c4520f"},
+    "synapsemnist3d": {28: "1235b78a3cd6280881dd7850a78eadb6", 64: "43bd14ebf3af9d3dd072446fedc14d5e"},
 }
 
 _ORGANS = ["bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
@@ -83,6 +93,14 @@ LABELS: dict[str, list[str]] = {
     "organamnist": _ORGANS,
     "organcmnist": _ORGANS,
     "organsmnist": _ORGANS,
+    # OrganMNIST3D numbers the same organs in another order
+    "organmnist3d": ["liver", "kidney-right", "kidney-left", "femur-right", "femur-left", "bladder",
+                     "heart", "lung-right", "lung-left", "spleen", "pancreas"],
+    "nodulemnist3d": ["benign", "malignant"],
+    "adrenalmnist3d": ["normal", "hyperplasia"],
+    "fracturemnist3d": ["buckle rib fracture", "nondisplaced rib fracture", "displaced rib fracture"],
+    "vesselmnist3d": ["vessel", "aneurysm"],
+    "synapsemnist3d": ["inhibitory synapse", "excitatory synapse"],
 }
 
 # (what it shows, the source it is derived from, its license).
@@ -111,15 +129,27 @@ _ABOUT: dict[str, tuple[str, str, str]] = {
                     "LiTS, Bilic et al., Medical Image Analysis 2023", "CC BY 4.0"),
     "organsmnist": ("abdominal CT, sagittal organ crops, 11 organs",
                     "LiTS, Bilic et al., Medical Image Analysis 2023", "CC BY 4.0"),
+    "organmnist3d": ("abdominal CT, 3D organ crops, 11 organs",
+                     "LiTS, Bilic et al., Medical Image Analysis 2023", "CC BY 4.0"),
+    "nodulemnist3d": ("chest CT, lung nodules, benign vs malignant",
+                      "LIDC-IDRI, Armato et al., Medical Physics 2011", "CC BY 4.0"),
+    "adrenalmnist3d": ("adrenal gland shapes from abdominal CT, normal vs hyperplasia",
+                       "Zhongshan Hospital, Fudan University (new in MedMNIST v2)", "CC BY 4.0"),
+    "fracturemnist3d": ("chest CT, rib fractures, 3 types",
+                        "RibFrac, Jin et al., EBioMedicine 2020", "CC BY 4.0"),
+    "vesselmnist3d": ("brain vessel segments from MRA, healthy vessel vs aneurysm",
+                      "IntrA, Yang et al., CVPR 2020", "CC BY 4.0"),
+    "synapsemnist3d": ("electron microscopy of rat cortex, inhibitory vs excitatory synapses",
+                       "MitoEM volume, Wei et al., MICCAI 2020 (new in MedMNIST v2)", "CC BY 4.0"),
 }
 
 MULTI_LABEL = frozenset({"chestmnist"})
-VOLUMES_3D = frozenset({"organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d",
-                        "vesselmnist3d", "synapsemnist3d"})
+VOLUMES_3D = frozenset(MEDMNIST_VOLUMES)
 
 
 def dataset_names() -> list[str]:
-    """The 2D MedMNIST datasets this loader knows (chestmnist included, though multi-label)."""
+    """The MedMNIST datasets this loader knows, 2D and 3D (chestmnist included, though
+    multi-label)."""
     return sorted(MD5)
 
 
@@ -139,7 +169,8 @@ def file_md5(path: Path) -> str:
 def load_medmnist(
     data: DataConfig, *, url_template: str = URL_TEMPLATE, timeout: float = DOWNLOAD_TIMEOUT_S
 ) -> SourceData:
-    """SourceData with the official train / val / test splits of one 2D MedMNIST file.
+    """SourceData with the official train / val / test splits of one MedMNIST file: images
+    (N, C, H, W) from a 2D set, volumes (N, 1, D, H, W) from a 3D set.
 
     The file is `data.root / file_name(data.name, data.size)`; when missing and `data.download` is
     true it is fetched from `url_template` (a `{file}` placeholder), MD5-checked and moved into
@@ -147,6 +178,13 @@ def load_medmnist(
     """
     name = _check_name(str(data.name))
     size = data.size or 28
+    volume = name in VOLUMES_3D
+    if size not in MD5[name]:
+        raise DataError(f"data.size: {size} is not a size of '{name}'; allowed: "
+                        + ", ".join(str(k) for k in MD5[name]))
+    if volume and data.channels not in (None, 1):
+        raise DataError(f"data.channels: {data.channels} is not allowed for '{name}': 3D MedMNIST "
+                        "volumes are grey; use 1 or leave it out")
     fname = file_name(name, size)
     md5 = MD5[name][size]
     path = Path(data.root).absolute() / fname
@@ -155,27 +193,31 @@ def load_medmnist(
 
     arrays = _read_npz(path)
     n_classes = len(LABELS[name])
-    sets = {s: _to_imageset(path, s, arrays[f"{s}_images"], arrays[f"{s}_labels"], size, n_classes,
-                            data.channels) for s in SPLITS}
+    sets = {}
+    for split in SPLITS:
+        images, key = arrays[f"{split}_images"], f"{split}_images"
+        images = _volumes(path, key, images, size) if volume else _images(path, name, key, images, size)
+        labels = _labels(path, f"{split}_labels", arrays[f"{split}_labels"], len(images), n_classes)
+        sets[split] = ImageSet(images=set_channels(images, None if volume else data.channels), labels=labels)
     what, source, license_ = _ABOUT[name]
     c = sets["train"].images.shape[1]
+    shape = f"{size}x{size}x{size} volumes" if volume else f"{size}x{size}, {'RGB' if c == 3 else 'grey'}"
     return SourceData(
         train=sets["train"],
         val=sets["val"],
         test=sets["test"],
         class_names=list(LABELS[name]),
-        description=(
-            f"{_title(name)} (MedMNIST v2, {size}x{size}, {'RGB' if c == 3 else 'grey'}): {what}"
-        ),
+        description=f"{_title(name)} (MedMNIST v2, {shape}): {what}",
         citation=f"MedMNIST v2 (Yang et al., Scientific Data 2023), {license_}; source: {source}",
         files=[str(path)],
     )
 
 
 def _title(name: str) -> str:
-    stem = name[: -len("mnist")]
+    """The set's own spelling: 'OCTMNIST', 'OrganAMNIST', 'VesselMNIST3D'."""
+    stem, _, dims = name.partition("mnist")
     special = {"oct": "OCT", "organa": "OrganA", "organc": "OrganC", "organs": "OrganS"}
-    return special.get(stem, stem.capitalize()) + "MNIST"
+    return special.get(stem, stem.capitalize()) + "MNIST" + dims.upper()
 
 
 def _check_name(name: str) -> str:
@@ -183,15 +225,10 @@ def _check_name(name: str) -> str:
     if key in MULTI_LABEL:
         raise DataError(
             f"data.name: '{name}' is multi-label; multi-label not supported yet "
-            f"(single-label 2D sets: {', '.join(n for n in dataset_names() if n not in MULTI_LABEL)})"
-        )
-    if key in VOLUMES_3D:
-        raise DataError(
-            f"data.name: '{name}' is a 3D MedMNIST set; 3D volumes are not supported "
-            f"(2D sets: {', '.join(n for n in dataset_names() if n not in MULTI_LABEL)})"
+            f"(single-label sets: {', '.join(n for n in dataset_names() if n not in MULTI_LABEL)})"
         )
     if key not in MD5:
-        close = difflib.get_close_matches(key, [*MD5, *VOLUMES_3D], n=1)
+        close = difflib.get_close_matches(key, list(MD5), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise DataError(
             f"data.name: unknown MedMNIST dataset '{name}'{hint} (known: {', '.join(dataset_names())})"
@@ -290,22 +327,18 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: corrupt or not an .npz archive ({reason}); re-download it") from None
 
 
-def _to_imageset(
-    path: Path, split: str, images: np.ndarray, labels: np.ndarray, size: int, n_classes: int,
-    channels: int | None,
-) -> ImageSet:
-    key = f"{split}_images"
+def _images(path: Path, name: str, key: str, images: np.ndarray, size: int) -> np.ndarray:
+    """A 2D set's uint8 (N, H, W) or (N, H, W, 1 | 3) -> float32 (N, C, H, W) in [0, 1]."""
     if images.dtype != np.uint8:
         raise DataError(f"{path}: {key} has dtype {images.dtype}; expected uint8 (0-255)")
-    if images.ndim == 4 and images.shape[3] == 3:
-        images = images.transpose(0, 3, 1, 2)
-    elif images.ndim == 4 and images.shape[3] == 1:
+    if images.ndim == 4 and images.shape[3] in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     elif images.ndim == 3:
         images = images[:, None]
-    elif images.ndim >= 4:
+    elif images.ndim == 4:
         raise DataError(
-            f"{path}: {key} has shape {images.shape}, a 3D volume set; 3D volumes are not supported"
+            f"{path}: {key} has shape {images.shape}, volumes, but '{name}' is a 2D set (expected "
+            f"(N, H, W) or (N, H, W, 3)); the 3D sets are {', '.join(sorted(VOLUMES_3D))}"
         )
     else:
         raise DataError(f"{path}: {key} has shape {images.shape}; expected (N, H, W) or (N, H, W, 3)")
@@ -314,18 +347,48 @@ def _to_imageset(
             f"{path}: {key} are {images.shape[3]}x{images.shape[2]} px but data.size asks for "
             f"{size}x{size}; this is not the official {size} px file (re-download it)"
         )
+    return images.astype(np.float32) / np.float32(255.0)
 
-    lkey = f"{split}_labels"
+
+def _volumes(path: Path, key: str, images: np.ndarray, size: int) -> np.ndarray:
+    """A 3D set's (N, D, H, W) volumes, uint8 or floats in [0, 1] -> float32 (N, 1, D, H, W) in
+    [0, 1]."""
+    if images.ndim != 4:
+        raise DataError(
+            f"{path}: {key} has shape {images.shape}; a 3D MedMNIST file holds volumes "
+            f"(N, {size}, {size}, {size})"
+        )
+    if images.shape[1:] != (size, size, size):
+        d, h, w = images.shape[1:]
+        raise DataError(
+            f"{path}: {key} are {d}x{h}x{w} voxels but data.size asks for {size}x{size}x{size}; "
+            f"this is not the official {size} px file (re-download it)"
+        )
+    if images.dtype == np.uint8:
+        out = images.astype(np.float32) / np.float32(255.0)
+    elif np.issubdtype(images.dtype, np.floating):
+        out = images.astype(np.float32)
+        bad = ~((out >= 0) & (out <= 1))  # catches NaN too
+        if bad.any():
+            raise DataError(
+                f"{path}: {key} holds the value {out[bad][0]:g}; float volumes must lie in [0, 1]"
+            )
+    else:
+        raise DataError(f"{path}: {key} has dtype {images.dtype}; expected uint8 (0-255) or floats in [0, 1]")
+    return out[:, None]
+
+
+def _labels(path: Path, key: str, labels: np.ndarray, n_images: int, n_classes: int) -> np.ndarray:
+    """(N, 1) integer class indices -> int64 (N,), each in 0..n_classes-1."""
     if labels.ndim == 2 and labels.shape[1] > 1:
-        raise DataError(f"{path}: {lkey} has shape {labels.shape}: multi-label not supported yet")
+        raise DataError(f"{path}: {key} has shape {labels.shape}: multi-label not supported yet")
     labels = labels.reshape(-1)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: {lkey} has dtype {labels.dtype}; expected integer class indices")
-    if len(labels) != len(images):
-        raise DataError(f"{path}: {lkey} has {len(labels)} labels for {len(images)} images in {key}")
+        raise DataError(f"{path}: {key} has dtype {labels.dtype}; expected integer class indices")
+    images_key = key.replace("_labels", "_images")
+    if len(labels) != n_images:
+        raise DataError(f"{path}: {key} has {len(labels)} labels for {n_images} images in {images_key}")
     bad = labels[(labels < 0) | (labels >= n_classes)]
     if len(bad):
-        raise DataError(f"{path}: {lkey} holds label {int(bad[0])}; allowed 0..{n_classes - 1}")
-
-    out = images.astype(np.float32) / np.float32(255.0)
-    return ImageSet(images=set_channels(out, channels), labels=labels.astype(np.int64))
+        raise DataError(f"{path}: {key} holds label {int(bad[0])}; allowed 0..{n_classes - 1}")
+    return labels.astype(np.int64)

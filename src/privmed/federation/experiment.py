@@ -19,7 +19,7 @@ from privmed.federation.facts import DataFacts, SiteProfile, reference_label_sha
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError, PrivmedError
-from privmed.models import DENSE_MODELS, TABULAR_MODELS, build_model, check_model_name, norm_state_mask
+from privmed.models import DENSE_MODELS, build_model, check_model_name, models_for, norm_state_mask, spatial_dims
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import validate_model
 from privmed.privacy.plan import PrivacyPlan, SiteFacts, make_plan
@@ -272,7 +272,7 @@ def plan_experiment(
     `pooled`: the pooled site's profile, for strategies that pool the data (a simulation only)."""
     check_model_name(cfg.model.name)
     task = get_task(cfg.task, data)
-    _check_model_fits_data(cfg.model.name, data.tabular, data.source)
+    _check_model_fits_data(cfg.model.name, data, task.dense)
     _check_model_fits_task(cfg.model.name, task)
     if cfg.federation.model_selection == "best-validation" and not any(p.n_val for p in sites):
         raise ConfigError(
@@ -396,16 +396,18 @@ def _check_model_fits_task(model: str, task: Task) -> None:
                           "prediction per item; use an image or tabular model (cnn, resnet18, linear, ...)")
 
 
-def _check_model_fits_data(model: str, tabular: bool, source: str) -> None:
-    if tabular and model not in TABULAR_MODELS:
+_KINDS = {0: "a feature table", 2: "images", 3: "3-D volumes"}
+
+
+def _check_model_fits_data(model: str, data: DataFacts, dense: bool = False) -> None:
+    """ConfigError when model.name takes another kind of data (table, images, volumes) than the
+    source holds, naming the models that fit."""
+    takes, holds = spatial_dims(model), data.spatial_dims
+    if takes != holds:
+        shape = "" if data.tabular else f" ({'x'.join(str(s) for s in data.image_shape)})"
         raise ConfigError(
-            f"model.name: '{model}' takes images, and data.source '{source}' holds a feature table; "
-            f"use one of: {', '.join(sorted(TABULAR_MODELS))}"
-        )
-    if not tabular and model in TABULAR_MODELS:
-        raise ConfigError(
-            f"model.name: '{model}' takes a feature table, and data.source '{source}' holds images; "
-            "use an image model (cnn, dpcnn, resnet18)"
+            f"model.name: '{model}' takes {_KINDS[takes]}, and data.source '{data.source}' holds "
+            f"{_KINDS.get(holds, f'{holds}-D data')}{shape}; use one of: {', '.join(models_for(holds, dense))}"
         )
 
 

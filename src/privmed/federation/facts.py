@@ -14,7 +14,10 @@ from privmed.errors import PrivmedError
 from privmed.federation.site import n_patients
 
 # what every site's data must agree on for one model to serve them all
-SHAPE_FIELDS = ("in_channels", "image_size", "n_classes", "tabular", "class_names", "feature_names")
+# (spatial_dims: images and volumes of one side do not mix; image sides other than the first may
+# differ, as before, since the image models pool adaptively)
+SHAPE_FIELDS = ("in_channels", "image_size", "n_classes", "tabular", "class_names", "feature_names",
+                "spatial_dims")
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,18 @@ class DataFacts:
     source: str  # data.source, for messages
     class_names: tuple[str, ...] = ()
     feature_names: tuple[str, ...] = ()
-    image_shape: tuple[int, ...] = ()  # one item's shape: (C, H, W), or (D,) for tabular data
+    image_shape: tuple[int, ...] = ()  # one item's shape: (C, H, W), (C, D, H, W) or (D,) (tabular)
     synthetic: bool = False
     description: str = ""
     citation: str = ""
     spacing_mm: float | None = None  # dense tasks: the pixel side, when the source knows it
+
+    @property
+    def spatial_dims(self) -> int:
+        """0 for a feature table, 2 for images, 3 for volumes (2 where the shape is not known)."""
+        if self.tabular:
+            return 0
+        return len(self.image_shape) - 1 if self.image_shape else 2
 
     @classmethod
     def of(cls, source: SourceData, name: str) -> DataFacts:

@@ -67,19 +67,24 @@ def derive_seed(seed: int, *parts: int | str) -> int:
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image (N, C, H, W) by up to `max_shift` pixels in each direction, filling the
-    border by reflection. Draws only from `gen`."""
+    """Translate each image (N, C, H, W), or volume (N, C, D, H, W), by up to `max_shift` pixels
+    along each spatial axis, filling the border by reflection. Draws only from `gen`."""
     if max_shift <= 0:
         return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (N, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (N, 1, 1, W)
-    idx_n = torch.arange(n)[:, None, None, None]
-    idx_c = torch.arange(x.shape[1])[None, :, None, None]
-    return padded[idx_n, idx_c, rows, cols]
+    n, c, *sides = x.shape
+    dims = len(sides)
+    padded = F.pad(x, (max_shift,) * (2 * dims), mode="reflect")
+    # one index tensor per axis, each broadcast over (N, C, *sides)
+    index: list[torch.Tensor] = [
+        torch.arange(n).view(n, *[1] * (dims + 1)),
+        torch.arange(c).view(1, c, *[1] * dims),
+    ]
+    for axis, side in enumerate(sides):
+        offset = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+        shape = [n, 1] + [1] * dims
+        shape[2 + axis] = side
+        index.append((offset[:, None] + torch.arange(side)[None, :]).view(shape))
+    return padded[tuple(index)]
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ class Site:
         gen = generator if generator is not None else torch.Generator().manual_seed(
             derive_seed(self.seed, purpose, rnd, self.name)
         )
-        images = self._x.ndim == 4
+        images = self._x.ndim in (4, 5)  # images or volumes, not feature tables
         augment = self.training.augment and images and self.task.augment
         max_shift = max(1, self._x.shape[-1] // 14) if augment else 0
         adjust = self._with_audit_hook(self._gradient_adjustment(task))

@@ -2,13 +2,18 @@
 activations).
 
     build_model("cnn", in_channels=1, num_classes=2, image_size=28)    -> nn.Module  (images)
+    build_model("cnn3d", in_channels=1, num_classes=2, image_size=28)  -> nn.Module  (volumes)
     build_model("linear", in_channels=13, num_classes=1, image_size=0) -> nn.Module  (features)
     is_tabular_model("mlp")                                            -> True
+    spatial_dims("resnet18-3d")        3 (volumes), 2 (images) or 0 (feature tables)
+    models_for(3)                      the registry names that take volumes, sorted
     norm_state_mask(model)             one bool per state_dict entry: a normalisation layer's?
 
 Image models ("cnn", "dpcnn", "resnet18") map (N, C, H, W) float images to (N, num_classes) logits;
-tabular models (TABULAR_MODELS: "linear", "mlp") map (N, D) float features, D = in_channels, to
-(N, num_classes) outputs (logits, or one risk score for survival); their image_size is 0.
+volume models (VOLUME_MODELS: "cnn3d", "resnet18-3d") map (N, C, D, H, W) volumes, image_size being
+the side; tabular models (TABULAR_MODELS: "linear", "mlp") map (N, D) float features,
+D = in_channels, to (N, num_classes) outputs (logits, or one risk score for survival); their
+image_size is 0.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from typing import Callable
 from torch import nn
 
 from privmed.errors import ConfigError, unknown_name
-from privmed.models.cnn import SmallCNN
+from privmed.models.cnn import SmallCNN, small_cnn_3d
 from privmed.models.dpcnn import TemperedSigmoidCNN
-from privmed.models.resnet import resnet18
+from privmed.models.resnet import resnet18, resnet18_3d
 from privmed.models.tabular import linear, mlp
 from privmed.models.cascade import cascade
 from privmed.models.unet import unet
@@ -29,6 +34,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
     "dpcnn": TemperedSigmoidCNN,
     "resnet18": resnet18,
+    "cnn3d": small_cnn_3d,
+    "resnet18-3d": resnet18_3d,
     "linear": linear,
     "mlp": mlp,
     "unet": unet,
@@ -39,6 +46,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 TABULAR_MODELS = frozenset({"linear", "mlp"})
 # Models whose output is an image (N, K, H, W): the dense tasks' (segmentation, reconstruction).
 DENSE_MODELS = frozenset({"unet", "cascade"})
+# Models that take (N, C, D, H, W) volumes.
+VOLUME_MODELS = frozenset({"cnn3d", "resnet18-3d"})
 
 # Normalisation layers, whose state FedBN keeps at each site.
 _NORM_LAYERS: tuple[type[nn.Module], ...] = (
@@ -57,6 +66,19 @@ def model_names() -> list[str]:
 def is_tabular_model(name: str) -> bool:
     """Whether the registry's `name` takes (N, D) features (else (N, C, H, W) images)."""
     return name in TABULAR_MODELS
+
+
+def spatial_dims(name: str) -> int:
+    """What the registry's `name` takes: 3 for volumes (N, C, D, H, W), 2 for images (N, C, H, W),
+    0 for feature tables (N, D)."""
+    check_model_name(name)
+    return 0 if name in TABULAR_MODELS else 3 if name in VOLUME_MODELS else 2
+
+
+def models_for(dims: int, dense: bool = False) -> list[str]:
+    """The registry names whose models take data of `dims` spatial dimensions (0: tables) and
+    output one prediction per item (`dense` True: an image, for segmentation and reconstruction)."""
+    return sorted(n for n in _REGISTRY if spatial_dims(n) == dims and (n in DENSE_MODELS) == dense)
 
 
 def check_model_name(name: str) -> None:

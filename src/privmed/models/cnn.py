@@ -1,7 +1,8 @@
-"""A small CNN for 28-224 px images: the fast default on CPUs.
+"""A small CNN for 28-224 px images and 28-64 voxel volumes: the fast default on CPUs.
 
 Four stages of conv-GroupNorm-SiLU, each halving the resolution (the first one only from 64 px up),
-then global average pooling and a linear head. About 0.1 M parameters at width 16.
+then global average pooling and a linear head. About 0.1 M parameters at width 16 (2D), 0.44 M in
+3D ("cnn3d": the same layout with 3x3x3 convolutions).
 """
 
 from __future__ import annotations
@@ -9,28 +10,45 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from privmed.models.layers import conv_gn_act
+from privmed.models.layers import conv_gn_act, global_avg_pool
+
+
+def stem_stride(image_size: int, spatial_dims: int = 2) -> int:
+    """The first convolution's stride: larger inputs get a strided stem so that the cost per item
+    stays close to the cost at 28 px. A volume is strided from 28 voxels on: a 28^3 volume holds 28
+    times the positions of a 28^2 image, and a stride-1 stem made `cnn3d` 13 times slower per epoch
+    (56 against 4.4 s per epoch of VesselMNIST3D's 1,335 volumes on one CPU thread)."""
+    if spatial_dims == 3:
+        return 2 if image_size < 64 else 4
+    return 1 if image_size < 64 else (2 if image_size < 128 else 4)
 
 
 class SmallCNN(nn.Module):
-    """(N, in_channels, H, W) -> (N, num_classes) logits; H, W >= 8."""
+    """(N, in_channels, H, W) -> (N, num_classes) logits, or (N, in_channels, D, H, W) with
+    spatial_dims 3; every side >= 8."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int = 28, width: int = 16):
+    def __init__(
+        self, in_channels: int, num_classes: int, image_size: int = 28, width: int = 16,
+        spatial_dims: int = 2,
+    ):
         super().__init__()
-        w = width
-        # Larger images get a strided stem so the cost per image stays close to the 28 px cost.
-        stem_stride = 1 if image_size < 64 else (2 if image_size < 128 else 4)
+        w, d = width, spatial_dims
         self.features = nn.Sequential(
-            conv_gn_act(in_channels, w, stride=stem_stride),
-            conv_gn_act(w, w),
-            conv_gn_act(w, 2 * w, stride=2),
-            conv_gn_act(2 * w, 2 * w),
-            conv_gn_act(2 * w, 4 * w, stride=2),
-            conv_gn_act(4 * w, 4 * w),
-            conv_gn_act(4 * w, 8 * w, stride=2),
+            conv_gn_act(in_channels, w, stride=stem_stride(image_size, d), spatial_dims=d),
+            conv_gn_act(w, w, spatial_dims=d),
+            conv_gn_act(w, 2 * w, stride=2, spatial_dims=d),
+            conv_gn_act(2 * w, 2 * w, spatial_dims=d),
+            conv_gn_act(2 * w, 4 * w, stride=2, spatial_dims=d),
+            conv_gn_act(4 * w, 4 * w, spatial_dims=d),
+            conv_gn_act(4 * w, 8 * w, stride=2, spatial_dims=d),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = global_avg_pool(d)
         self.head = nn.Linear(8 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def small_cnn_3d(in_channels: int, num_classes: int, image_size: int = 28, width: int = 16) -> SmallCNN:
+    """The registry's "cnn3d": SmallCNN on volumes (N, C, D, H, W)."""
+    return SmallCNN(in_channels, num_classes, image_size, width, spatial_dims=3)
