@@ -55,6 +55,9 @@ def audit(
     say = progress or (lambda _msg: None)
     run_dir = Path(run_dir)
     target = load_target(run_dir)
+    if target.config.task in ("segmentation", "reconstruction"):
+        raise ConfigError(f"{run_dir}: task '{target.config.task}' is not audited yet: privmed's attacks "
+                          "score class labels (membership, canaries, attribute) or invert classifiers' updates")
     previous = _previous(run_dir)
     out = {"run": run_dir.name, "claimed": _claimed(target)}
     if membership:
