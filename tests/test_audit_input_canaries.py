@@ -138,4 +138,4 @@ def test_audit_help_lists_the_black_box_attack(capsys):
     with pytest.raises(SystemExit):
         main(["audit", "--help"])
     out = capsys.readouterr().out
-    assert "input-canaries" in out and "Input canaries: a lower bound on epsilon" in out
+    assert "input-canaries" in out and "Input canaries (black box): a lower bound on epsilon" in out

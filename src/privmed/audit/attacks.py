@@ -109,11 +109,11 @@ UPDATE_ATTACKS: dict[str, UpdateAttack] = {
         "sum of all sites'",
     ),
     "canaries": UpdateAttack(
-        "canaries", "Gradient canaries: a lower bound on epsilon from one run's updates (Steinke et al. 2023)",
+        "canaries", "Gradient canaries (white box): a lower bound on epsilon from one run's updates (Steinke et al. 2023)",
         "the coordinator: one site's update every round (white box)",
     ),
     "input-canaries": UpdateAttack(  # on the final model, but it trains the run again: run when named
-        "input-canaries", "Input canaries: a lower bound on epsilon from one run's final model (Steinke et al. 2023)",
+        "input-canaries", "Input canaries (black box): a lower bound on epsilon from one run's final model (Steinke et al. 2023)",
         "the final shared model only, its outputs on mislabelled images (black box)",
     ),
     "attribute": UpdateAttack(  # on the final model, but tabular only: run when named

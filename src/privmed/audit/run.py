@@ -43,9 +43,10 @@ def audit(
     run this time is kept). `shadows`: shadow runs for the attacks that need them (fewer when
     `budget_s` runs out); `candidates`: member and non-member patients asked about (each);
     `inversion`: the gradient-inversion settings; `canaries`, `site`: how many canaries (gradient
-    canaries, white box; input canaries, black box), at which site (default: the first); `attribute`: the feature attribute inference guesses
-    (default: sex, or the first binary one); `non_members`: where membership's non-members come
-    from ('test' or 'validation', see draw_candidates). Returns what was written."""
+    canaries, white box; input canaries, black box), at which site (default: the first);
+    `attribute`: the feature attribute inference guesses (default: sex, or the first binary one);
+    `non_members`: where membership's non-members come from ('test' or 'validation', see
+    draw_candidates). Returns what was written."""
     names = list(attacks or ATTACKS)
     unknown = [n for n in names if n not in ATTACKS and n not in UPDATE_ATTACKS]
     if unknown:
