@@ -133,6 +133,7 @@ def input_canary_audit(
     sites = privacy.get("sites") if isinstance(privacy.get("sites"), dict) else {}
     claimed = sites.get(site, privacy.get("epsilon"))  # the site's own epsilon, what a canary there has
     stats = audit_from_scores(scores, included, delta=delta, beta=beta, seed=seed)
+    separation = mia.membership_metrics(scores, included, seed=seed)  # descriptive only: not the bound
     return {
         "title": TITLE, "view": "black box", "sees": SEES, "assumes": ASSUMES, "site": site, "canaries": m,
         "included": int(included.sum()), "drawn_from": DRAWN_FROM, "from_test": int((pick < n_test).sum()),
@@ -140,5 +141,8 @@ def input_canary_audit(
         "epsilon_lower": stats["epsilon_lower"], "confidence": 1 - beta, "delta": delta,
         "claimed_epsilon": claimed,
         "guesses": stats["r"], "correct": stats["v"],
+        # how far the scores separate the trained canaries from the others (after the fact, with
+        # their inclusion): a weak separation is why a black-box bound stays near 0
+        "roc_auc": separation["roc_auc"], "roc_auc_ci": separation["roc_auc_ci"],
         "seconds": round(time.perf_counter() - start, 1),
     }

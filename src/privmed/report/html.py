@@ -778,11 +778,14 @@ def _input_canaries(c: dict) -> str | None:
     """The input-canary audit (black box) in a sentence: the lower bound beside the site's claim."""
     if not c:
         return None
+    auc = _num(c.get("roc_auc"))
+    separation = "" if auc is None else f" (which separate the trained canaries at ROC-AUC {auc:.3f})"
     text = (f"{_int(c.get('canaries'))} canary patients joined site {c.get('site')} "
             f"({_int(c.get('included'))} of them trained), each a real image no site trains on with a "
             f"wrong label; the attacker ({c.get('sees')}) guessed {_int(c.get('correct'))} of "
-            f"{_int(c.get('guesses'))} right from the model's log-odds of those labels. Epsilon is at least "
-            f"{fmt_lower_bound(_num(c.get('epsilon_lower')))} at {100 * _num(c.get('confidence')):.0f}% confidence")
+            f"{_int(c.get('guesses'))} right from the model's log-odds of those labels{separation}. Epsilon "
+            f"is at least {fmt_lower_bound(_num(c.get('epsilon_lower')))} at "
+            f"{100 * _num(c.get('confidence')):.0f}% confidence")
     return text + _canary_verdict(_num(c.get("epsilon_lower")), _num(c.get("claimed_epsilon")))
 
 
