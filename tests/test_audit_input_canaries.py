@@ -134,6 +134,20 @@ def test_privmed_audit_runs_both_canary_audits_and_labels_them_in_the_report_and
     assert "Mislabelled canary patients added at this site, scored from the final model alone (black box" in page
 
 
+def test_tabular_records_make_canaries_too(tmp_path, one_thread, shared_data):
+    cfg = {"name": "heart", "seed": 0,
+           "data": {"source": "heart-disease", "root": str(shared_data / "uci-heart-disease"), "val_fraction": 0},
+           "federation": {"strategy": "fedavg", "rounds": 3, "local_steps": 20},
+           "training": {"batch_size": 8, "optimizer": "sgd", "lr": 0.05, "momentum": 0.0}}
+    privmed.run(cfg, tmp_path / "heart")
+    target = load_target(tmp_path / "heart")
+    assert target.config.task == "tabular-classification"
+    r = ic.input_canary_audit(target, m=100, seed=0)
+    assert r["site"] == target.site_data[0].name and r["from_test"] == 100 and 0.0 <= r["epsilon_lower"]
+    with pytest.raises(ConfigError, match="hold only"):
+        ic.input_canary_audit(target, m=len(target.source.test) + 1)
+
+
 def test_audit_help_lists_the_black_box_attack(capsys):
     from privmed.cli import main
 

@@ -44,6 +44,7 @@ from privmed.data.base import ImageSet
 from privmed.errors import ConfigError
 from privmed.federation.experiment import Experiment, build_site, experiment_from_sites
 from privmed.federation.runner import run_in_process
+from privmed.tasks.base import Classification, get_task
 
 TITLE = "Input canaries, one run (Steinke et al. 2023)"
 SEES = "the final shared model only: its outputs on the canaries (black box)"
@@ -116,8 +117,9 @@ def input_canary_audit(
     attacker saw and assumed."""
     cfg = target.config
     site = canary_site(target, m, site)
-    if cfg.task != "classification":
-        raise ConfigError(f"task '{cfg.task}': input canaries are mislabelled items; the task has no class labels")
+    if not isinstance(get_task(cfg.task), Classification):
+        raise ConfigError(f"task '{cfg.task}': input canaries are mislabelled items; the task has no class "
+                          "per item (allowed: classification, tabular-classification)")
     if target.facts.n_classes < 2:
         raise ConfigError(f"the data has {target.facts.n_classes} class; input canaries need a wrong label")
     start = time.perf_counter()
