@@ -90,7 +90,8 @@ def _table(results: dict[str, list[dict]], cfg) -> str:
         f"{t.momentum}, augmentation {'on' if t.augment else 'off'}; pooled trains the same epochs "
         f"on all sites' data in one place. Seeds {', '.join(map(str, seeds))}; mean ± sd over seeds. "
         "Test set: the official 382 volumes (43 aneurysms); model chosen on the sites' validation "
-        "data (the official 191 validation volumes and 15% of the training volumes).",
+        "data (the official 191 validation volumes, split among the sites as the training volumes "
+        "are).",
         "",
         "| strategy | test AUC | test accuracy | test balanced accuracy | wall s per run |",
         "|---|---|---|---|---|",
@@ -120,6 +121,13 @@ def _table(results: dict[str, list[dict]], cfg) -> str:
         f"- machine: {platform.machine()}, {os.cpu_count()} cores shared with other work, "
         f"{', '.join(map(str, threads))} torch thread(s); torch {torch.__version__}, privmed "
         f"{privmed.__version__}" + (f"; {'; '.join(notes)}" if notes else ""),
+        "",
+        "Run (each seed in its own process, then the table from their results):",
+        "",
+        "```bash",
+        "for s in 0 1 2; do .venv/bin/python benchmarks/vesselmnist3d.py --seeds $s --threads 1 & done; wait",
+        ".venv/bin/python benchmarks/vesselmnist3d.py --merge benchmarks/results/vesselmnist3d/seed*.json",
+        "```",
         "",
     ]
     return "\n".join(lines)
