@@ -102,13 +102,13 @@ def test_privmed_audit_runs_the_canaries_and_the_report_states_the_bound(tmp_pat
                       training__lr=0.05, training__momentum=0.9)
     privmed.run(cfg, tmp_path / "run")
     assert main(["audit", str(tmp_path / "run"), "--attack", "canaries", "--canaries", "300", "--site", "site-2"]) == 0
-    assert "canaries: epsilon >= " in capsys.readouterr().out
+    assert "canaries (white box): epsilon >= " in capsys.readouterr().out
     import json
 
     saved = json.loads((tmp_path / "run" / "audit.json").read_text())["canaries"]
     assert saved["site"] == "site-2" and saved["canaries"] == 300 and saved["claimed_epsilon"] is None
     html = (tmp_path / "run" / "report.html").read_text()
-    assert "Gradient canaries: a lower bound on epsilon" in html
+    assert "Gradient canaries (white box): a lower bound on epsilon" in html
     assert f"Epsilon is at least {np.floor(saved['epsilon_lower'] * 1000) / 1000:.3f}" in html
     # a later membership audit keeps the canaries' result
     assert main(["audit", str(tmp_path / "run"), "--attack", "loss", "--candidates", "20"]) == 0

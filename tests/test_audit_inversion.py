@@ -244,7 +244,7 @@ def test_the_audit_writes_its_entry_and_the_report_shows_it(tiny_run, capsys):
     (["--batch", "0"], "--batch: 0; allowed: 1 to 64"),
     (["--trials", "0"], "--trials: 0; give a positive number"),
     (["--epsilon", "-1"], "--epsilon: -1; allowed: above 0"),
-    (["--attack", "inversio"], "unknown attack 'inversio' (allowed: loss, lira-online, lira-offline, rmia, inversion, canaries, attribute)"),
+    (["--attack", "inversio"], "unknown attack 'inversio' (allowed: loss, lira-online, lira-offline, rmia, inversion, canaries, input-canaries, attribute)"),
 ])
 def test_bad_inversion_input_is_one_line(tiny_run, capsys, args, says):
     argv = ["audit", str(tiny_run), *(["--attack", "inversion"] if args[0] != "--attack" else []), *args]

@@ -1,13 +1,13 @@
 """The deep cascade (privmed.models.cascade): shapes, data consistency (the acquired k-space lines
-come out as measured), and DP-readiness: Opacus' validator, and per-sample gradients equal to a
-loop of single-sample gradients."""
+come out as measured), and DP-readiness: Opacus' validator, per-sample gradients equal to a loop
+of single-sample gradients, and one item moving a DP-SGD step by at most C in every grad-sample mode."""
 
 import pytest
 import torch
 from opacus.validators import ModuleValidator
 
 from privmed.models.cascade import DeepCascade, cascade, data_consistency
-from privmed.privacy.dpsgd import per_sample_gradients
+from privmed.privacy.dpsgd import DPSGD, GRAD_SAMPLE_MODES, per_sample_gradients
 from privmed.tasks.kspace import fft2c, simulate_kspace, undersample, unpack_input
 from privmed.tasks.recon_metrics import ReconLoss
 
@@ -94,3 +94,36 @@ def test_per_sample_gradients_equal_a_loop_of_single_samples(mode, kind, one_thr
         criterion(model(x[i : i + 1]), image[i : i + 1]).backward()
         for name, p in params.items():
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-4, atol=1e-6, msg=f"{mode} {name} item {i}")
+
+
+def _dp_step(model, x, y, mode: str, c: float) -> torch.Tensor:
+    """The flat parameter change of one noise-free DP-SGD step (SGD, lr 1, expected batch 1)."""
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with DPSGD(model, opt, noise_multiplier=0.0, max_grad_norm=c, expected_batch_size=1,
+               generator=gen(), grad_sample_mode=mode, criterion=ReconLoss("ssim_l1")) as dp:
+        dp.step(x, y)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    model.load_state_dict(start)
+    return (after - before).double()
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_one_item_moves_a_dp_step_by_at_most_c(mode, one_thread):
+    image = torch.rand(6, 1, 10, 8, generator=gen())
+    x = undersample(image, kind="random", acceleration=4, center_fraction=0.1, generator=gen(1))
+    y = image.clone()
+    y[0] = 1 - y[0]  # item 0's target far from its measurement: the largest gradient
+    model = small()
+    norms = []
+    for i in range(6):
+        model.zero_grad()
+        ReconLoss("ssim_l1")(model(x[i : i + 1]), y[i : i + 1]).backward()
+        norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
+    c = 0.5 * sorted(norms)[3]
+    assert norms[0] >= 1.5 * c
+    moved = _dp_step(model, x, y, mode, c) - _dp_step(model, x[1:], y[1:], mode, c)
+    assert 0.9 * c <= moved.norm() <= c * (1 + 1e-5)
+    alone = _dp_step(model, x[:1], y[:1], mode, c)
+    assert (moved - alone).norm() <= 1e-4 * c

@@ -38,6 +38,8 @@ def test_profile_fields_are_checked():
         ScannerProfile(mask_kind="spiral")
     with pytest.raises(ValueError, match="noise_std"):
         ScannerProfile(noise_std=-0.1)
+    with pytest.raises(ValueError, match="center_fraction: 0.3"):
+        ScannerProfile(acceleration=4, center_fraction=0.3)
 
 
 def test_ixi_volumes_to_site_arrays(shared_data):

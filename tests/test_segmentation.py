@@ -222,6 +222,11 @@ def test_fedavg_learns_to_segment_the_phantom_and_reports_its_examples(tmp_path)
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Dice, ventricles" in html and "input, prediction and target" in html
     assert (tmp_path / "run" / "plots" / "examples.png").stat().st_size > 1000
+    from privmed.audit.run import audit
+
+    with pytest.raises(ConfigError, match="task 'segmentation' is not audited yet"):
+        audit(tmp_path / "run")
+    assert not (tmp_path / "run" / "audit.json").exists()
 
 
 def test_dp_sgd_samples_volumes_and_keeps_the_ledger(tmp_path):

@@ -224,7 +224,10 @@ def _parser() -> argparse.ArgumentParser:
         "the secure-aggregation sum of the sites' updates; it writes PSNR and SSIM to "
         "audit.json and the images to RUN_DIR/audit_inversion.npz. Gradient canaries (--attack "
         "canaries) train the run's config once more with --canaries canary patients at one site and "
-        "give a lower bound on epsilon at 95% confidence, which a DP run's claim must not be below. "
+        "give a lower bound on epsilon at 95% confidence, which a DP run's claim must not be below "
+        "(white box: the coordinator scores them from the site's updates). Input canaries (--attack "
+        "input-canaries) do the same black box: --canaries mislabelled images join one site, and only "
+        "the final model's outputs on them are scored. "
         "Attribute inference (--attack attribute, tabular data) guesses a binary feature of each "
         "patient from the model, against the population's guess.", 88),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -252,8 +255,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="membership: non-members from the pooled test set, or from half of the sites' "
                      "validation patients (the training split's distribution; default test)")
     aud.add_argument("--canaries", type=int, default=1000, metavar="M",
-                     help="canaries: gradient canaries added to one site (default 1000)")
-    aud.add_argument("--site", metavar="NAME", help="canaries: the site they join (default: the first)")
+                     help="canaries, input-canaries: canary patients added to one site (default 1000)")
+    aud.add_argument("--site", metavar="NAME",
+                     help="canaries, input-canaries: the site they join (default: the first)")
     aud.add_argument("--attribute", metavar="FEATURE",
                      help="attribute: the binary feature to infer (default: sex, else the first binary one)")
     aud.add_argument("--weights", choices=("initial", "final"), default="initial",
@@ -458,8 +462,12 @@ def _main(argv: list[str] | None) -> int:
                 print(f"inversion: best PSNR {r['psnr']['mean']:.1f} dB ({k})")
         if args.attacks and "canaries" in args.attacks:
             c = result["canaries"]
-            print(f"canaries: epsilon >= {c['epsilon_lower']:.3f} at {100 * c['confidence']:.0f}% confidence "
+            print(f"canaries (white box): epsilon >= {c['epsilon_lower']:.3f} at {100 * c['confidence']:.0f}% confidence "
                   f"({c['correct']} of {c['guesses']} guesses right)")
+        if args.attacks and "input-canaries" in args.attacks:
+            c = result["input-canaries"]
+            print(f"input canaries (black box): epsilon >= {c['epsilon_lower']:.3f} at {100 * c['confidence']:.0f}% "
+                  f"confidence ({c['correct']} of {c['guesses']} guesses right)")
         if args.attacks and "attribute" in args.attacks:
             a = result["attribute"]["members"]
             print(f"attribute '{result['attribute']['attribute']}': {100 * a['attack']['accuracy']:.1f}% of "

@@ -3,8 +3,8 @@ attacker sees and assumes, and turns the target's and the shadows' outputs into 
 candidate (higher: more likely a member).
 The statistics are in privmed.audit.mia, imported when an attack scores (it loads scipy and
 scikit-learn, which `privmed --help`, built from this registry, does not need). Attacks on the
-sites' updates (UPDATE_ATTACKS: gradient inversion, gradient canaries), and attribute inference
-(tabular data only), run when named."""
+sites' updates (UPDATE_ATTACKS: gradient inversion, gradient canaries), input canaries (which
+train the run again) and attribute inference (tabular data only), run when named."""
 
 from __future__ import annotations
 
@@ -109,8 +109,12 @@ UPDATE_ATTACKS: dict[str, UpdateAttack] = {
         "sum of all sites'",
     ),
     "canaries": UpdateAttack(
-        "canaries", "Gradient canaries: a lower bound on epsilon from one run (Steinke et al. 2023)",
+        "canaries", "Gradient canaries (white box): a lower bound on epsilon from one run's updates (Steinke et al. 2023)",
         "the coordinator: one site's update every round (white box)",
+    ),
+    "input-canaries": UpdateAttack(  # on the final model, but it trains the run again: run when named
+        "input-canaries", "Input canaries (black box): a lower bound on epsilon from one run's final model (Steinke et al. 2023)",
+        "the final shared model only, its outputs on mislabelled images (black box)",
     ),
     "attribute": UpdateAttack(  # on the final model, but tabular only: run when named
         "attribute", "Attribute inference on a tabular model (Fredrikson et al. 2014)",
@@ -121,6 +125,6 @@ UPDATE_ATTACKS: dict[str, UpdateAttack] = {
 
 def describe_attacks() -> str:
     """One line per attack, for `privmed audit --help`."""
-    lines = [f"  {a.name:<13} {a.title}" for a in ATTACKS.values()]
-    lines += [f"  {a.name:<13} {a.title} (only when named)" for a in UPDATE_ATTACKS.values()]
+    lines = [f"  {a.name:<15} {a.title}" for a in ATTACKS.values()]
+    lines += [f"  {a.name:<15} {a.title} (only when named)" for a in UPDATE_ATTACKS.values()]
     return "\n".join(lines)

@@ -73,16 +73,23 @@ class GradientCanaries:
                 grad.view(-1)[self.flat[i]] += self.clip / divisor
 
 
-def canary_audit(target: Target, m: int = 1000, seed: int = 0, site: str | None = None, beta: float = 0.05) -> dict:
-    """Re-run `target`'s config with `m` gradient canaries at `site` (default: the first) and return
-    the empirical epsilon they give, with what the attacker saw and assumed."""
-    cfg = target.config
+def canary_site(target: Target, m: int, site: str | None) -> str:
+    """The site `m` canaries join (default: the first of the run's); ConfigError for a site the run
+    does not have, or fewer than 2 canaries. Cheap: `privmed audit` checks it before any attack."""
     names = [sd.name for sd in target.site_data]
     site = site or names[0]
     if site not in names:
         raise ConfigError(f"--site: '{site}' is not a site of this run (its sites: {', '.join(names)})")
     if m < 2:
         raise ConfigError(f"--canaries: {m}; the audit needs at least 2")
+    return site
+
+
+def canary_audit(target: Target, m: int = 1000, seed: int = 0, site: str | None = None, beta: float = 0.05) -> dict:
+    """Re-run `target`'s config with `m` gradient canaries at `site` (default: the first) and return
+    the empirical epsilon they give, with what the attacker saw and assumed."""
+    cfg = target.config
+    site = canary_site(target, m, site)
     start = time.perf_counter()
     exp = experiment_from_sites(cfg, target.site_data, target.facts, target.source)
     exp.public_test = None  # nothing is scored that the audit does not need
@@ -114,7 +121,7 @@ def canary_audit(target: Target, m: int = 1000, seed: int = 0, site: str | None 
     claimed = sites.get(site, privacy.get("epsilon"))  # the site's own epsilon, what a canary there has
     stats = audit_from_scores(-moved, canaries.included, delta=delta, beta=beta, seed=seed)
     return {
-        "title": TITLE, "sees": SEES, "assumes": ASSUMES, "site": site, "canaries": m,
+        "title": TITLE, "view": "white box", "sees": SEES, "assumes": ASSUMES, "site": site, "canaries": m,
         "included": int(canaries.included.sum()), "clip": cfg.privacy.max_grad_norm,
         "epsilon_lower": stats["epsilon_lower"], "confidence": 1 - beta, "delta": delta,
         "claimed_epsilon": claimed,

@@ -20,7 +20,8 @@ from privmed import io
 from privmed.audit import mia
 from privmed.audit.attacks import ATTACKS, UPDATE_ATTACKS, AttackData
 from privmed.audit.attribute import attribute_audit
-from privmed.audit.canaries import canary_audit
+from privmed.audit.canaries import canary_audit, canary_site
+from privmed.audit.input_canaries import input_canary_audit
 from privmed.audit.inversion import InversionSettings
 from privmed.audit.inversion_audit import default_settings, run_inversion, write_images
 from privmed.audit.membership import Target, draw_candidates, load_target, logits_of, train_shadows
@@ -28,6 +29,7 @@ from privmed.audit.updates import Setting
 from privmed.errors import ConfigError
 
 AUDIT_FILE = "audit.json"
+CANARY_ATTACKS = ("canaries", "input-canaries")  # one-run audits of epsilon: white box, black box
 
 
 def audit(
@@ -40,10 +42,11 @@ def audit(
     in `run_dir` and write audit.json there (what an earlier audit found for the kind of attack not
     run this time is kept). `shadows`: shadow runs for the attacks that need them (fewer when
     `budget_s` runs out); `candidates`: member and non-member patients asked about (each);
-    `inversion`: the gradient-inversion settings; `canaries`, `site`: how many gradient canaries,
-    at which site (default: the first); `attribute`: the feature attribute inference guesses
-    (default: sex, or the first binary one); `non_members`: where membership's non-members come
-    from ('test' or 'validation', see draw_candidates). Returns what was written."""
+    `inversion`: the gradient-inversion settings; `canaries`, `site`: how many canaries (gradient
+    canaries, white box; input canaries, black box), at which site (default: the first);
+    `attribute`: the feature attribute inference guesses (default: sex, or the first binary one);
+    `non_members`: where membership's non-members come from ('test' or 'validation', see
+    draw_candidates). Returns what was written."""
     names = list(attacks or ATTACKS)
     unknown = [n for n in names if n not in ATTACKS and n not in UPDATE_ATTACKS]
     if unknown:
@@ -55,7 +58,12 @@ def audit(
     say = progress or (lambda _msg: None)
     run_dir = Path(run_dir)
     target = load_target(run_dir)
+    if target.config.task in ("segmentation", "reconstruction"):
+        raise ConfigError(f"{run_dir}: task '{target.config.task}' is not audited yet: privmed's attacks "
+                          "score class labels (membership, canaries, attribute) or invert classifiers' updates")
     previous = _previous(run_dir)
+    if any(n in CANARY_ATTACKS for n in names):  # refused before any attack trains
+        canary_site(target, canaries, site)
     out = {"run": run_dir.name, "claimed": _claimed(target)}
     if membership:
         out.update(_membership(target, membership, shadows, candidates, budget_s, seed, say, non_members))
@@ -67,6 +75,12 @@ def audit(
         say(f"canaries: epsilon >= {out['canaries']['epsilon_lower']:.3f} at 95% confidence")
     elif "canaries" in previous:
         out["canaries"] = previous["canaries"]
+    if "input-canaries" in names:
+        say(f"training the run again with {canaries} input canaries (mislabelled images)")
+        out["input-canaries"] = input_canary_audit(target, m=canaries, seed=seed, site=site)
+        say(f"input canaries: epsilon >= {out['input-canaries']['epsilon_lower']:.3f} at 95% confidence")
+    elif "input-canaries" in previous:
+        out["input-canaries"] = previous["input-canaries"]
     if "attribute" in names:
         out["attribute"] = attribute_audit(target, attribute)
     elif "attribute" in previous:

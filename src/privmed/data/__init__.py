@@ -2,10 +2,10 @@
 (N, C, D, H, W) volumes: the 3D MedMNIST sets).
 
     load_source(cfg.data, cfg.sites, cfg.seed) -> SourceData
-Sources: "medmnist" (official .npz files, 2D and 3D), "image-folder" (PNG/JPEG class folders),
-"dicom" (files listed in a CSV), "phantom" (synthetic; volumes with masks for the dense tasks), "ixi"
-(IXI T1 brain volumes with label maps, for segmentation and reconstruction), "nifti" (volumes and
-masks listed in a CSV), and the tabular "heart-disease" (UCI, as FLamby's
+Sources: "medmnist" (official .npz files, 2D and 3D), "image-folder" (PNG/JPEG class folders), "dicom"
+(files listed in a CSV), "phantom" (synthetic; volumes with masks for the dense tasks), "ixi" (IXI
+T1 brain volumes with label maps, for segmentation and reconstruction), "nifti" (volumes and masks
+listed in a CSV), and the tabular "heart-disease" (UCI, as FLamby's
 Fed-Heart-Disease) and "tcga-brca" (survival, as FLamby's Fed-TCGA-BRCA), whose float32 (N, D)
 features take the place of images. Bad input raises privmed.errors.DataError.
 """

@@ -48,6 +48,10 @@ class ScannerProfile:
             raise ValueError(f"acceleration: {self.acceleration} must be > 1")
         if self.noise_std < 0:
             raise ValueError(f"noise_std: {self.noise_std} must be >= 0")
+        if self.center_fraction is not None and not 0 < self.center_fraction < 1 / self.acceleration:
+            raise ValueError(
+                f"center_fraction: {self.center_fraction} must lie in (0, 1/acceleration = {1 / self.acceleration:.3f})"
+            )
 
     @property
     def centre(self) -> float:

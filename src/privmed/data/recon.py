@@ -23,6 +23,7 @@ import torch
 from privmed.config import DataConfig, SitesConfig
 from privmed.data.base import ImageSet, SourceData
 from privmed.data.ixi_recon import ScannerProfile, site_arrays
+from privmed.errors import DataError
 
 # (mask kind, noise std per k-space entry in units of the [0, 1] image) of site i, cycled
 SCANNERS = (("random", 0.0), ("equispaced", 0.01), ("random", 0.02))
@@ -46,7 +47,8 @@ def as_reconstruction(source: SourceData, sites: SitesConfig, seed: int, data: D
     """`source`'s slices (images (N, 1, H, W) in [0, 1], each with its site) as each site's scanner
     acquires them; the fully sampled slices become the targets."""
     if source.train.site is None:
-        raise ValueError("reconstruction data needs the site of every training slice (its scanner)")
+        raise DataError("task: 'reconstruction' needs the site of every training slice (its scanner); "
+                        "this source gives none (give data.csv a 'site' column)")
     names = list(dict.fromkeys(source.train.site.tolist()))
     parts = []
     for i, name in enumerate(names):

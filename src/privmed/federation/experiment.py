@@ -19,9 +19,7 @@ from privmed.federation.facts import DataFacts, SiteProfile, reference_label_sha
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError, PrivmedError
-from privmed.models import (
-    DENSE_MODELS, build_model, check_model_name, models_for, norm_state_mask, spatial_dims,
-)
+from privmed.models import DENSE_MODELS, build_model, check_model_name, models_for, norm_state_mask, spatial_dims
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import validate_model
 from privmed.privacy.plan import PrivacyPlan, SiteFacts, make_plan
@@ -274,7 +272,7 @@ def plan_experiment(
     `pooled`: the pooled site's profile, for strategies that pool the data (a simulation only)."""
     check_model_name(cfg.model.name)
     task = get_task(cfg.task, data)
-    _check_model_fits_data(cfg.model.name, data, task)
+    _check_model_fits_data(cfg.model.name, data, task.dense)
     _check_model_fits_task(cfg.model.name, task)
     if cfg.federation.model_selection == "best-validation" and not any(p.n_val for p in sites):
         raise ConfigError(
@@ -401,16 +399,15 @@ def _check_model_fits_task(model: str, task: Task) -> None:
 _KINDS = {0: "a feature table", 2: "images", 3: "3-D volumes"}
 
 
-def _check_model_fits_data(model: str, data: DataFacts, task: Task) -> None:
+def _check_model_fits_data(model: str, data: DataFacts, dense: bool = False) -> None:
     """ConfigError when model.name takes another kind of data (table, images, volumes) than the
-    source holds, naming the models that fit the data and the task."""
+    source holds, naming the models that fit."""
     takes, holds = spatial_dims(model), data.spatial_dims
     if takes != holds:
         shape = "" if data.tabular else f" ({'x'.join(str(s) for s in data.image_shape)})"
-        fits = [m for m in models_for(holds) if (m in DENSE_MODELS) == task.dense]
         raise ConfigError(
             f"model.name: '{model}' takes {_KINDS[takes]}, and data.source '{data.source}' holds "
-            f"{_KINDS.get(holds, f'{holds}-D data')}{shape}; use one of: {', '.join(fits)}"
+            f"{_KINDS.get(holds, f'{holds}-D data')}{shape}; use one of: {', '.join(models_for(holds, dense))}"
         )
 
 

@@ -142,6 +142,11 @@ class Site:
         # and its gradient enters divided by `divisor` (DP-SGD's expected batch size, or the batch
         # size of plain training's mean loss).
         self.audit_hook: Callable[[list[nn.Parameter], float, float], None] | None = None
+        # The site's public counts, (training items, training patients): FedAvg's weight, and under
+        # DP-SGD the patients its noisy sum is divided by (sample_rate x patients, the expected
+        # batch). Those of data.train in every real run; an auditor's input canaries
+        # (privmed.audit.input_canaries) join data.train and keep the counts of the site's own.
+        self.counts = (len(data.train), n_patients(data.train))
 
     def _label_shift(self, reference: Sequence[float] | None) -> torch.Tensor | None:
         """training.logit_adjustment: what is added to the model's logits in the training loss,
@@ -217,7 +222,7 @@ class Site:
         return SiteUpdate(
             site=self.name,
             weights=get_weights(self.model),
-            n_samples=self.n_train,
+            n_samples=self.counts[0],
             model_key=task.model_key,
             metrics={
                 "train_loss": total_loss / samples,
@@ -261,7 +266,7 @@ class Site:
         params = [p for _, p in self._params]
         if self.dp is not None:
             r = self.dp.release
-            rate, divisor = r.sample_rate, r.sample_rate * n_patients(self.data.train)
+            rate, divisor = r.sample_rate, r.sample_rate * self.counts[1]
         else:  # about one batch per epoch holds a given patient
             rate = min(1.0, self.training.batch_size / self.n_train)
             divisor = float(min(self.training.batch_size, self.n_train))
@@ -291,6 +296,7 @@ class Site:
             patients=self.data.train.patient,
             criterion=self.criterion,
             after_noise=adjust,
+            expected_batch_size=dp.release.sample_rate * self.counts[1],
         )
         # The training loss and the sizes of the batches drawn are computed from the training
         # patients outside the DP mechanism: they stay at the site (the guarantee covers only what
@@ -300,11 +306,11 @@ class Site:
         return SiteUpdate(
             site=self.name,
             weights=get_weights(self.model),
-            n_samples=self.n_train,
+            n_samples=self.counts[0],
             model_key=task.model_key,
             metrics={
                 "train_loss": math.nan,
-                "sample_gradient_steps": round(r.sample_rate * n_patients(self.data.train) * r.steps),
+                "sample_gradient_steps": round(r.sample_rate * self.counts[1] * r.steps),
                 "optimizer_steps": r.steps,
                 "train_seconds": time.perf_counter() - start,
                 "release": r,

@@ -44,10 +44,10 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 
 # Models that take (N, D) feature tables rather than images.
 TABULAR_MODELS = frozenset({"linear", "mlp"})
-# Models that take (N, C, D, H, W) volumes.
-VOLUME_MODELS = frozenset({"cnn3d", "resnet18-3d"})
 # Models whose output is an image (N, K, H, W): the dense tasks' (segmentation, reconstruction).
 DENSE_MODELS = frozenset({"unet", "cascade"})
+# Models that take (N, C, D, H, W) volumes.
+VOLUME_MODELS = frozenset({"cnn3d", "resnet18-3d"})
 
 # Normalisation layers, whose state FedBN keeps at each site.
 _NORM_LAYERS: tuple[type[nn.Module], ...] = (
@@ -75,9 +75,10 @@ def spatial_dims(name: str) -> int:
     return 0 if name in TABULAR_MODELS else 3 if name in VOLUME_MODELS else 2
 
 
-def models_for(dims: int) -> list[str]:
-    """The registry names whose models take data of `dims` spatial dimensions (0: tables)."""
-    return sorted(n for n in _REGISTRY if spatial_dims(n) == dims)
+def models_for(dims: int, dense: bool = False) -> list[str]:
+    """The registry names whose models take data of `dims` spatial dimensions (0: tables) and
+    output one prediction per item (`dense` True: an image, for segmentation and reconstruction)."""
+    return sorted(n for n in _REGISTRY if spatial_dims(n) == dims and (n in DENSE_MODELS) == dense)
 
 
 def check_model_name(name: str) -> None:

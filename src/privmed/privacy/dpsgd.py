@@ -408,6 +408,7 @@ def dp_train(
     patients: np.ndarray | None = None,
     criterion: nn.Module | None = None,
     after_noise: Callable[[], None] | None = None,
+    expected_batch_size: float | None = None,
 ) -> dict[str, float | int]:
     """Train `model` in place for `steps` DP-SGD steps on x (N, ...) items, y (N, ...) targets, with
     Poisson batches of rate `sample_rate` and a fresh optimizer.
@@ -417,6 +418,8 @@ def dp_train(
     batch size is sample_rate x patients.
 
     `criterion` (default cross-entropy, reduction mean) and `after_noise` are DPSGD's.
+    `expected_batch_size`: what the noisy sum is divided by, a public constant (default: sample_rate
+    x the patients in x; an auditor whose canaries join x keeps the site's own count).
     `augment(x_batch, generator)` transforms each drawn batch (per item, so privacy is unaffected).
     Batches, augmentation and noise all draw from `generator`, in that order per step: same seed,
     bitwise the same weights. Afterwards `model` is a plain nn.Module again (no Opacus hooks), holding
@@ -441,7 +444,8 @@ def dp_train(
             raise ValueError(f"x has {n} items but patients has {len(patients)}")
         batches = patient_batches(patients, sample_rate, steps, generator)
         n_patients = len(np.unique(patients))
-    expected_batch_size = sample_rate * n_patients
+    if expected_batch_size is None:
+        expected_batch_size = sample_rate * n_patients
     base = make_optimizer(model, optimizer, lr, momentum, weight_decay)
     total_loss, drawn, empty = 0.0, 0, 0
     with DPSGD(

@@ -843,6 +843,7 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
             setting += f"; {_int(sh.get('trained'))} shadow runs ({fmt_seconds(sh.get('seconds'))})"
     return {"rows": membership, "claim": claim, "setting": setting, "created": a.get("created", NA),
             "inversion": _inversion(_dict(a.get("inversion"))), "canaries": _canaries(_dict(a.get("canaries"))),
+            "input_canaries": _input_canaries(_dict(a.get("input-canaries"))),
             "attribute": _attribute(_dict(a.get("attribute")))}
 
 
@@ -857,12 +858,35 @@ def _canaries(c: dict) -> str | None:
             f"coordinate; the attacker ({c.get('sees')}) guessed {_int(c.get('correct'))} of "
             f"{_int(c.get('guesses'))} right. Epsilon is at least {fmt_lower_bound(lower)} at "
             f"{100 * _num(c.get('confidence')):.0f}% confidence")
+    return text + _canary_verdict(lower, claimed)
+
+
+def _input_canaries(c: dict) -> str | None:
+    """The input-canary audit (black box) in a sentence: the lower bound beside the site's claim."""
+    if not c:
+        return None
+    auc = _num(c.get("roc_auc"))
+    separation = "" if auc is None else f" (which separate the trained canaries at ROC-AUC {auc:.3f})"
+    text = (f"{_int(c.get('canaries'))} canary patients joined site {c.get('site')} "
+            f"({_int(c.get('included'))} of them trained), each a real image no site trains on with a "
+            f"wrong label; the attacker ({c.get('sees')}) guessed {_int(c.get('correct'))} of "
+            f"{_int(c.get('guesses'))} right from the model's log-odds of those labels{separation}. Epsilon "
+            f"is at least {fmt_lower_bound(_num(c.get('epsilon_lower')))} at "
+            f"{100 * _num(c.get('confidence')):.0f}% confidence")
+    return text + _canary_verdict(_num(c.get("epsilon_lower")), _num(c.get("claimed_epsilon")))
+
+
+def _canary_verdict(lower: float | None, claimed: float | None) -> str:
+    """How a canary audit's lower bound stands against the site's claimed epsilon, as the end of
+    its sentence."""
     if claimed is None:
-        return text + ": the run claims no guarantee, and this is what one run's canaries prove leaks."
-    verdict = "within" if lower <= claimed else "ABOVE"
-    return (text + f", {verdict} the site's claimed epsilon {fmt_epsilon(claimed)}"
-            + (" (a lower bound from one run: it shows the claim is not contradicted, not that it is tight)."
-               if lower <= claimed else ": the claim does not hold."))
+        return ": the run claims no guarantee, and this is what one run's canaries prove leaks."
+    if lower is None:
+        return f"; the site claims epsilon {fmt_epsilon(claimed)}."
+    if lower <= claimed:
+        return (f", within the site's claimed epsilon {fmt_epsilon(claimed)} (a lower bound from one run: it "
+                "shows the claim is not contradicted, not that it is tight).")
+    return f", ABOVE the site's claimed epsilon {fmt_epsilon(claimed)}: the claim does not hold."
 
 
 def _attribute(a: dict) -> dict | None:

@@ -444,22 +444,17 @@ def _audit(f: StatementFiles, g: dict) -> dict:
 
 def _other_findings(a: dict, site: str) -> list[str]:
     """One plain sentence for each attack beyond membership that audit.json holds: gradient
-    canaries (a lower bound on epsilon), gradient inversion (images rebuilt from updates), attribute
-    inference."""
+    canaries and input canaries (lower bounds on epsilon, white box and black box), gradient
+    inversion (images rebuilt from updates), attribute inference."""
     out = []
-    c = as_dict(a.get("canaries"))
-    if c:
-        lower, claimed = num(c.get("epsilon_lower")), num(c.get("claimed_epsilon"))
-        where = "at this site" if c.get("site") == site else f"at site {c.get('site')}"
-        text = (f"Canary patients added {where} (a test of the guarantee itself): epsilon is at least "
-                f"{fmt_lower_bound(lower)} at {100 * num(c.get('confidence')):.0f}% confidence")
-        if claimed is None:
-            text += "; the run claims no guarantee."
-        elif lower <= claimed:
-            text += f", consistent with the claimed {fmt_epsilon(claimed)}."
-        else:
-            text += f", ABOVE the claimed {fmt_epsilon(claimed)}: the claim does not hold."
-        out.append(text)
+    kinds = (("canaries", "Canary patients added {where}, scored from its updates (white box: a test "
+                          "of the guarantee itself)"),
+             ("input-canaries", "Mislabelled canary patients added {where}, scored from the final model alone "
+                                "(black box, weaker than white box)"))
+    for key, words in kinds:
+        c = as_dict(a.get(key))
+        if c:
+            out.append(_canary_finding(c, site, words))
     inv = as_dict(as_dict(a.get("inversion")).get("settings"))
     ran = {k: as_dict(r) for k, r in inv.items() if "psnr" in as_dict(r)}
     if ran:
@@ -475,6 +470,20 @@ def _other_findings(a: dict, site: str) -> list[str]:
                        f"{100 * num(m[0]['accuracy']):.1f}%, against {100 * num(m[1].get('accuracy')):.1f}% "
                        "by guessing the commoner value.")
     return out
+
+
+def _canary_finding(c: dict, site: str, words: str) -> str:
+    """A canary audit's lower bound on epsilon in one sentence that opens with `words` ({where}: at
+    this site, or at site X), beside the epsilon the site claims."""
+    lower, claimed = num(c.get("epsilon_lower")), num(c.get("claimed_epsilon"))
+    where = "at this site" if c.get("site") == site else f"at site {c.get('site')}"
+    text = (words.format(where=where) + f": epsilon is at least {fmt_lower_bound(lower)} at "
+            f"{100 * num(c.get('confidence')):.0f}% confidence")
+    if claimed is None:
+        return text + "; the run claims no guarantee."
+    if lower is not None and lower > claimed:
+        return text + f", ABOVE the claimed {fmt_epsilon(claimed)}: the claim does not hold."
+    return text + f", consistent with the claimed {fmt_epsilon(claimed)}."
 
 
 def _shared_assumption(assumes: dict[str, str]) -> tuple[str, list[str]]:
