@@ -188,7 +188,7 @@ class UpdateMaker:
         cfg = self._audit_config(setting, secure=False)
         f = cfg.federation
         return Site(sd, self.model_factory, cfg.training, f.local_epochs, cfg.seed, f.local_steps, dp=dp,
-                    task=self.task)
+                    task=self.task, rounds=f.rounds)
 
     def _site_update(self, sd: SiteData, setting: Setting, trial: int) -> Weights:
         dp = None if setting.view == "site" else self._dp_training(setting)

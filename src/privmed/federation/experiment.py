@@ -332,7 +332,8 @@ def build_site(plan: Plan, sd: SiteData) -> Site:
     if plan.privacy is not None and cfg.privacy.mode == "dp-sgd":
         dp = DPTraining(plan.privacy.release(sd.name), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
     return Site(sd, plan.model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed,
-                plan.local_steps, dp=dp, task=plan.task, label_shares=plan.label_shares)
+                plan.local_steps, dp=dp, task=plan.task, label_shares=plan.label_shares,
+                rounds=cfg.federation.rounds)
 
 
 def scoring_site(plan: Plan, sd: SiteData) -> Site:
@@ -359,7 +360,8 @@ def site_from_setup(setup: SiteSetup, sd: SiteData, own: DataFacts) -> Site:
             raise ConfigError("privacy.mode 'dp-sgd', but the coordinator's setup names no release")
         dp = DPTraining(Release(*setup.release), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
     return Site(sd, make_model_factory(cfg, data, task), cfg.training, cfg.federation.local_epochs,
-                cfg.seed, setup.local_steps, dp=dp, task=task, label_shares=setup.label_shares)
+                cfg.seed, setup.local_steps, dp=dp, task=task, label_shares=setup.label_shares,
+                rounds=cfg.federation.rounds)
 
 
 def secagg_rounding_bound(entries: int, clipping_range: float, bits: int) -> float:

@@ -40,6 +40,17 @@ def resolve_device(training: TrainingConfig, private: bool = False) -> torch.dev
     return torch.device(choice)
 
 
+def round_lr(training: TrainingConfig, rnd: int, rounds: int | None) -> float:
+    """The sites' learning rate in round `rnd` (1-based) of `rounds`: training.lr, or under the
+    cosine schedule lr * (1 + cos(pi (rnd - 1) / rounds)) / 2, from lr in round 1 down towards 0
+    (Loshchilov & Hutter 2017, stepped once a round). Rounds past the end (a resumed run given more
+    rounds) keep the last round's rate."""
+    if training.lr_schedule == "constant" or not rounds:
+        return training.lr
+    r = min(max(rnd, 1), rounds)
+    return training.lr * 0.5 * (1.0 + math.cos(math.pi * (r - 1) / rounds))
+
+
 def get_weights(model: nn.Module) -> Weights:
     return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
 
@@ -118,8 +129,10 @@ class Site:
         dp: DPTraining | None = None,
         task: Task | None = None,
         label_shares: Sequence[float] | None = None,
+        rounds: int | None = None,
     ):
         self.data = data
+        self.rounds = rounds  # the run's federation.rounds: the length of training.lr_schedule
         self.dp = dp
         self.name = data.name
         self.training = training
@@ -199,10 +212,11 @@ class Site:
         augment = self.training.augment and images and self.task.augment
         max_shift = max(1, self._x.shape[-1] // 14) if augment else 0
         adjust = self._with_audit_hook(self._gradient_adjustment(task))
+        lr = round_lr(self.training, rnd, self.rounds) if purpose == "train" else self.training.lr
         if self.dp is not None:
-            return self._train_dp(task, gen, max_shift, start, adjust)
+            return self._train_dp(task, gen, max_shift, start, adjust, lr)
         t = self.training
-        opt = make_optimizer(self.model, t.optimizer, t.lr, t.momentum, t.weight_decay)
+        opt = make_optimizer(self.model, t.optimizer, lr, t.momentum, t.weight_decay)
         total_loss, samples, n_steps = 0.0, 0, 0
         dev = self.device
         for idx in self._batches(gen, steps):
@@ -280,7 +294,7 @@ class Site:
 
     def _train_dp(
         self, task: TrainTask, gen: torch.Generator, max_shift: int, start: float,
-        adjust: Callable[[], None] | None,
+        adjust: Callable[[], None] | None, lr: float,
     ) -> SiteUpdate:
         dp, t = self.dp, self.training
         dp_train(
@@ -289,7 +303,7 @@ class Site:
             sample_rate=dp.release.sample_rate,
             noise_multiplier=dp.release.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
-            lr=t.lr, optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+            lr=lr, optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             generator=gen,
             grad_sample_mode=dp.grad_sample_mode,
             augment=(lambda xb, g: random_shift(xb, max_shift, g)) if max_shift else None,

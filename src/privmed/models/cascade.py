@@ -90,12 +90,14 @@ def cascade(
     num_classes: int = 1,
     image_size: int = 0,
     width: int = 32,
-    n_cascades: int = 5,
-    n_convs: int = 5,
+    n_cascades: int = 10,
+    n_convs: int = 3,
     dc_weight: float | None = None,
 ) -> DeepCascade:
     """The registry's signature: in_channels must be 3 (packed k-space and mask) and num_classes 1
-    (one magnitude image); image_size is not needed (fully convolutional)."""
+    (one magnitude image); image_size is not needed (fully convolutional). The default, 10
+    cascades of 3 convolutions (104,340 parameters at width 32), beat zero-filling on held-out IXI
+    subjects at 4x by 5.07 dB in benchmarks/recon_pilot.py, and costs less than 5 of 5."""
     if in_channels != 3:
         raise ValueError(
             f"in_channels: {in_channels}; the cascade reads 3 channels [k_re, k_im, mask] (pack_input)"
