@@ -7,7 +7,8 @@
 
 Plain torch, not privmed's runner (which does not know the task yet). The 10 IXI T1 volumes of
 ../shared/data/ixi-t1 (CC BY-SA 3.0), split by subject 7 train / 3 test (a seeded permutation);
-every `--step`-th head slice (axial, 120 x 90, see privmed.data.ixi_recon); one scanner (mask kind,
+every `--step`-th slice through the brain (axial, 112 x 80, as privmed.data.ixi serves them; the
+results files before this loader used 120 x 90 head slices); one scanner (mask kind,
 acceleration, noise) for all, masks drawn once per slice. For each acceleration the cascade trains
 pooled (Adam, `--loss`, learning rate decayed to 0 along a cosine over the steps, or constant) for
 `--epochs` and is scored on the held-out subjects after every epoch; the table gives the last
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 import platform
 import time
 from pathlib import Path
@@ -29,13 +31,14 @@ import numpy as np
 import torch
 
 from privmed import io
-from privmed.data.ixi_recon import ScannerProfile, load_subjects, site_arrays, slice_subjects
+from privmed.data.ixi import load_subject, subjects_in
+from privmed.data.recon import ScannerProfile, acquire
 from privmed.models.cascade import cascade
 from privmed.tasks.kspace import zero_filled
 from privmed.tasks.recon_metrics import ReconLoss, nmse, psnr, ssim
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "ixi-t1" / "images"
+DATA = ROOT.parent / "shared" / "data" / "ixi-t1"
 N_TRAIN = 7
 
 
@@ -51,6 +54,27 @@ def predict(model: torch.nn.Module, inputs: np.ndarray, device: str, batch: int 
     return torch.cat(out).numpy()
 
 
+@dataclass(frozen=True)
+class Acquired:
+    inputs: np.ndarray  # (N, 3, H, W) [k_re, k_im, mask]
+    targets: np.ndarray  # (N, 1, H, W) in [0, 1]
+    patient: np.ndarray  # (N,) subject ids
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def load(root: Path, step: int) -> dict[str, np.ndarray]:
+    """{subject id: its slices (S, 1, H, W)}: every `step`-th slice through the brain."""
+    return {sid: load_subject(image, label, step)[0] for sid, image, label in subjects_in(root)}
+
+
+def acquired(volumes: dict[str, np.ndarray], profile: ScannerProfile, gen: torch.Generator) -> Acquired:
+    targets = np.concatenate(list(volumes.values()))
+    patient = np.concatenate([np.full(len(v), sid) for sid, v in volumes.items()])
+    return Acquired(acquire(targets, profile, gen), targets, patient)
+
+
 def split(volumes: dict, seed: int) -> tuple[dict, dict]:
     """(train, test) volumes by subject: N_TRAIN subjects drawn by `seed`, the rest held out."""
     ids = list(volumes)
@@ -62,8 +86,8 @@ def split(volumes: dict, seed: int) -> tuple[dict, dict]:
 def run_one(args, acceleration: float, train_vols: dict, test_vols: dict) -> dict:
     profile = ScannerProfile(args.mask, acceleration=acceleration, noise_std=args.noise)
     gen = lambda stream: torch.Generator().manual_seed(args.seed * 1000 + stream)  # noqa: E731
-    tr = site_arrays(*slice_subjects(train_vols, step=args.step), profile, gen(1))
-    te = site_arrays(*slice_subjects(test_vols, step=args.step), profile, gen(2))
+    tr = acquired(train_vols, profile, gen(1))
+    te = acquired(test_vols, profile, gen(2))
     zf = zero_filled(torch.from_numpy(te.inputs[:, :2])).numpy()
     baseline = scores(zf, te.targets)
 
@@ -124,7 +148,7 @@ def table(args, results: list[dict], command: str) -> str:
         "# Reconstruction pilot: deep cascade vs zero-filling on IXI T1 (held-out subjects)",
         "",
         f"IXI T1 (CC BY-SA 3.0), 10 subjects split by subject: train {', '.join(r0['train_subjects'])}; "
-        f"test {', '.join(r0['test_subjects'])}. Axial head slices 120 x 90 (one in {args.step} of the kept ones): "
+        f"test {', '.join(r0['test_subjects'])}. Axial slices through the brain, 112 x 80 (one in {args.step}): "
         f"{r0['n_train']} train, {r0['n_test']} test. Single-coil k-space simulated from the magnitude "
         f"(privmed.tasks.kspace), {args.mask} mask with fastMRI's centre (0.32 / acceleration), "
         f"noise std {args.noise} per k-space entry, one mask per slice drawn once.",
@@ -181,7 +205,7 @@ def main() -> None:
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if k not in ("data", "out", "name")
     )
-    train_vols, test_vols = split(load_subjects(args.data), args.seed)
+    train_vols, test_vols = split(load(args.data, args.step), args.seed)
     results = [run_one(args, a, train_vols, test_vols) for a in args.accelerations]
     io.write_json(args.out / f"{args.name}.json", {"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
     io.write_text(args.out / f"{args.name}.md", table(args, results, command))

@@ -27,9 +27,15 @@ from privmed.audit.inversion_audit import default_settings, run_inversion, write
 from privmed.audit.membership import Target, draw_candidates, load_target, logits_of, train_shadows
 from privmed.audit.updates import Setting
 from privmed.errors import ConfigError
+from privmed.tasks.base import get_task
 
 AUDIT_FILE = "audit.json"
-CANARY_ATTACKS = ("canaries", "input-canaries")  # one-run audits of epsilon: white box, black box
+# The one-run audits of epsilon (white box, black box): each trains the run again with m canaries.
+_CANARY_AUDITS = {
+    "canaries": (canary_audit, "gradient canaries"),
+    "input-canaries": (input_canary_audit, "input canaries (mislabelled images)"),
+}
+CANARY_ATTACKS = tuple(_CANARY_AUDITS)
 
 
 def audit(
@@ -58,7 +64,7 @@ def audit(
     say = progress or (lambda _msg: None)
     run_dir = Path(run_dir)
     target = load_target(run_dir)
-    if target.config.task in ("segmentation", "reconstruction"):
+    if get_task(target.config.task).dense:
         raise ConfigError(f"{run_dir}: task '{target.config.task}' is not audited yet: privmed's attacks "
                           "score class labels (membership, canaries, attribute) or invert classifiers' updates")
     previous = _previous(run_dir)
@@ -69,18 +75,13 @@ def audit(
         out.update(_membership(target, membership, shadows, candidates, budget_s, seed, say, non_members))
     else:
         out.update({k: v for k, v in previous.items() if k not in ("run", "claimed", *UPDATE_ATTACKS)})
-    if "canaries" in names:
-        say(f"training the run again with {canaries} gradient canaries")
-        out["canaries"] = canary_audit(target, m=canaries, seed=seed, site=site)
-        say(f"canaries: epsilon >= {out['canaries']['epsilon_lower']:.3f} at 95% confidence")
-    elif "canaries" in previous:
-        out["canaries"] = previous["canaries"]
-    if "input-canaries" in names:
-        say(f"training the run again with {canaries} input canaries (mislabelled images)")
-        out["input-canaries"] = input_canary_audit(target, m=canaries, seed=seed, site=site)
-        say(f"input canaries: epsilon >= {out['input-canaries']['epsilon_lower']:.3f} at 95% confidence")
-    elif "input-canaries" in previous:
-        out["input-canaries"] = previous["input-canaries"]
+    for name, (run_audit, what) in _CANARY_AUDITS.items():
+        if name in names:
+            say(f"training the run again with {canaries} {what}")
+            out[name] = run_audit(target, m=canaries, seed=seed, site=site)
+            say(f"{name.replace('-', ' ')}: epsilon >= {out[name]['epsilon_lower']:.3f} at 95% confidence")
+        elif name in previous:
+            out[name] = previous[name]
     if "attribute" in names:
         out["attribute"] = attribute_audit(target, attribute)
     elif "attribute" in previous:

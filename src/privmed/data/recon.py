@@ -15,20 +15,64 @@ drawn with the noise from a generator seeded by (seed, site), so the data is the
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from privmed.config import DataConfig, SitesConfig
 from privmed.data.base import ImageSet, SourceData
-from privmed.data.ixi_recon import ScannerProfile, site_arrays
 from privmed.errors import DataError
+from privmed.tasks.kspace import MASK_KINDS, default_center_fraction, undersample
 
 # (mask kind, noise std per k-space entry in units of the [0, 1] image) of site i, cycled
 SCANNERS = (("random", 0.0), ("equispaced", 0.01), ("random", 0.02))
 TEST_NOISE = 0.01
 _STREAM = 0x4EC0
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """How one site's scanner acquires: the undersampling mask, its acceleration, and thermal noise
+    (std per k-space entry, in units of the [0, 1] image: see `kspace.simulate_kspace`)."""
+
+    mask_kind: str = "random"  # "random" or "equispaced"
+    acceleration: float = 4.0  # 4: a quarter of the phase-encode lines
+    noise_std: float = 0.0
+    center_fraction: float | None = None  # None: fastMRI's 0.32 / acceleration
+
+    def __post_init__(self) -> None:
+        if self.mask_kind not in MASK_KINDS:
+            raise ValueError(f"mask_kind: '{self.mask_kind}' is not a mask kind (allowed: {', '.join(MASK_KINDS)})")
+        if not self.acceleration > 1:
+            raise ValueError(f"acceleration: {self.acceleration} must be > 1")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std: {self.noise_std} must be >= 0")
+        if self.center_fraction is not None and not 0 < self.center_fraction < 1 / self.acceleration:
+            raise ValueError(
+                f"center_fraction: {self.center_fraction} must lie in (0, 1/acceleration = {1 / self.acceleration:.3f})"
+            )
+
+    @property
+    def centre(self) -> float:
+        """The fully sampled centre fraction used."""
+        if self.center_fraction is None:
+            return default_center_fraction(self.acceleration)
+        return self.center_fraction
+
+
+def acquire(targets: np.ndarray, profile: ScannerProfile, generator: torch.Generator) -> np.ndarray:
+    """What `profile`'s scanner measures of the magnitude slices `targets` (N, 1, H, W) in [0, 1]:
+    (N, 3, H, W) float32 [k_re, k_im, mask] (kspace.pack_input), a fresh mask per slice, then
+    noise, all drawn from `generator`. Phase-encode lines run along W."""
+    return undersample(
+        torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)),
+        kind=profile.mask_kind,
+        acceleration=profile.acceleration,
+        center_fraction=profile.center_fraction,
+        noise_std=profile.noise_std,
+        generator=generator,
+    ).numpy()
 
 
 def scanner_profile(index: int, data: DataConfig) -> ScannerProfile:
@@ -65,8 +109,7 @@ def as_reconstruction(source: SourceData, sites: SitesConfig, seed: int, data: D
 def _acquire(items: ImageSet, profile: ScannerProfile, seed: list[int]) -> ImageSet:
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
     magnitude = items.images[:, :1].astype(np.float32)
-    arrays = site_arrays(magnitude, items.patient_ids(), profile, gen)
-    return ImageSet(images=arrays.inputs.astype(np.float32), labels=np.zeros(len(items), np.int64),
+    return ImageSet(images=acquire(magnitude, profile, gen), labels=np.zeros(len(items), np.int64),
                     site=items.site, patient=items.patient, target=magnitude)
 
 

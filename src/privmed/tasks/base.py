@@ -183,22 +183,49 @@ class Survival:
         return c if not math.isnan(c) else -metrics["loss"]
 
 
-def _dense_target(data: ImageSet, task: str) -> np.ndarray:
-    if data.target is None:
-        raise ConfigError(f"task: '{task}' needs a target image per item, and this data has none "
-                          "(sources with them: ixi, nifti, phantom with data.volumes)")
-    return data.target
+class DenseTask:
+    """A prediction per pixel, scored per patient (volume): what segmentation and reconstruction
+    share. A subclass gives `_counts` and `_metrics`; the sums leave a site, never a slice."""
+
+    name = ""
+    headline = ""
+    per_sample = True
+    dense = True
+    augment = False  # a shift would move the image and not its target (or, for k-space, no shift at all)
+
+    def target(self, data: ImageSet) -> np.ndarray:
+        if data.target is None:
+            raise ConfigError(f"task: '{self.name}' needs a target image per item, and this data has none "
+                              "(sources with them: ixi, nifti, phantom with data.volumes)")
+        return data.target
+
+    def counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+        return self._counts(pred, data) if len(data) else {}
+
+    def metrics_from_counts(self, c: dict) -> dict:
+        return self._metrics(c) if c else {}
+
+    def metrics(self, pred: np.ndarray, data: ImageSet) -> dict:
+        return self.metrics_from_counts(self.counts(pred, data))
+
+    def selection_score(self, metrics: dict) -> float:
+        if not metrics:
+            return math.nan
+        return metrics[self.headline] if not math.isnan(metrics[self.headline]) else -metrics["loss"]
+
+    def _counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+        raise NotImplementedError
+
+    def _metrics(self, c: dict) -> dict:
+        raise NotImplementedError
 
 
-class Segmentation:
+class Segmentation(DenseTask):
     """A class per pixel: (B, K, H, W) logits against (B, H, W) class maps (tasks/segmentation.py)."""
 
     name = "segmentation"
     headline = "dice"
     prediction = "mask"
-    per_sample = True
-    dense = True
-    augment = False  # a shift would move the image and not its mask
 
     def __init__(self) -> None:
         self.class_names: tuple[str, ...] = ()
@@ -208,7 +235,7 @@ class Segmentation:
         return source.n_classes
 
     def targets(self, data: ImageSet) -> torch.Tensor:
-        return torch.from_numpy(_dense_target(data, self.name).astype(np.int64))
+        return torch.from_numpy(self.target(data).astype(np.int64))
 
     def criterion(self) -> nn.Module:
         from privmed.tasks.segmentation import DiceCELoss
@@ -226,7 +253,7 @@ class Segmentation:
     def examples(self, data: ImageSet, k: int = 4) -> np.ndarray:
         """Up to `k` item indices to show: of each of the first `k` patients, the slice where the
         last class (the smallest structure: ventricles) covers most."""
-        target = _dense_target(data, self.name)
+        target = self.target(data)
         patients = data.patient_ids()
         cover = (target == target.max(initial=0)).reshape(len(target), -1).sum(axis=1)
         out = []
@@ -239,28 +266,16 @@ class Segmentation:
         """What the report draws of input `images`: the images themselves."""
         return images.astype(np.float32)
 
-    def counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+    def _counts(self, pred: np.ndarray, data: ImageSet) -> dict:
         from privmed.tasks.segmentation import segmentation_counts
 
-        if len(data) == 0:
-            return {}
-        return segmentation_counts(pred, _dense_target(data, self.name), data.patient_ids())
+        return segmentation_counts(pred, self.target(data), data.patient_ids())
 
-    def metrics_from_counts(self, c: dict) -> dict:
+    def _metrics(self, c: dict) -> dict:
         from privmed.tasks.segmentation import segmentation_metrics_from_counts
 
-        if not c:
-            return {}
         names = self.class_names or ("background", *(f"class{i}" for i in range(1, len(c["dice_sum"]) + 1)))
         return segmentation_metrics_from_counts(c, names, self.spacing_mm)
-
-    def metrics(self, pred: np.ndarray, data: ImageSet) -> dict:
-        return self.metrics_from_counts(self.counts(pred, data))
-
-    def selection_score(self, metrics: dict) -> float:
-        if not metrics:
-            return math.nan
-        return metrics["dice"] if not math.isnan(metrics["dice"]) else -metrics["loss"]
 
     def for_data(self, data: object) -> "Segmentation":
         """A copy that names `data`'s classes in its metrics and gives HD95 in mm where `data`
@@ -271,22 +286,19 @@ class Segmentation:
         return task
 
 
-class Reconstruction:
+class Reconstruction(DenseTask):
     """An image from undersampled k-space: packed k-space (B, 3, H, W) in, (B, 1, H, W) magnitude
     out, L1 loss per item (tasks/reconstruction.py, tasks/recon_metrics.py)."""
 
     name = "reconstruction"
     headline = "psnr"
     prediction = "image"
-    per_sample = True
-    dense = True
-    augment = False  # a shift of k-space is a phase ramp, not a shift of the image
 
     def n_outputs(self, source: SourceData) -> int:
         return 1
 
     def targets(self, data: ImageSet) -> torch.Tensor:
-        return torch.from_numpy(_dense_target(data, self.name).astype(np.float32))
+        return torch.from_numpy(self.target(data).astype(np.float32))
 
     def criterion(self) -> nn.Module:
         from privmed.tasks.recon_metrics import ReconLoss
@@ -300,25 +312,15 @@ class Reconstruction:
         """Images as float16 (their [0, 1] range needs no more)."""
         return pred.astype(np.float16)
 
-    def counts(self, pred: np.ndarray, data: ImageSet) -> dict:
+    def _counts(self, pred: np.ndarray, data: ImageSet) -> dict:
         from privmed.tasks.reconstruction import reconstruction_counts
 
-        if len(data) == 0:
-            return {}
-        return reconstruction_counts(pred, _dense_target(data, self.name), data.images, data.patient_ids())
+        return reconstruction_counts(pred, self.target(data), data.images, data.patient_ids())
 
-    def metrics_from_counts(self, c: dict) -> dict:
+    def _metrics(self, c: dict) -> dict:
         from privmed.tasks.reconstruction import reconstruction_metrics_from_counts
 
-        return reconstruction_metrics_from_counts(c) if c else {}
-
-    def metrics(self, pred: np.ndarray, data: ImageSet) -> dict:
-        return self.metrics_from_counts(self.counts(pred, data))
-
-    def selection_score(self, metrics: dict) -> float:
-        if not metrics:
-            return math.nan
-        return metrics["psnr"] if not math.isnan(metrics["psnr"]) else -metrics["loss"]
+        return reconstruction_metrics_from_counts(c)
 
     def examples(self, data: ImageSet, k: int = 4) -> np.ndarray:
         """The middle slice of each of the first `k` patients."""
