@@ -307,3 +307,24 @@ def test_every_strategy_segments(strategy):
         cfg["training"] = {"batch_size": 16}
     test = privmed.run(cfg, report=False).summary["test"]
     assert 0.0 <= test["dice"] <= 1.0 and test["volumes"] == 3
+
+
+@pytest.mark.parametrize("task", ["segmentation", "reconstruction"])
+def test_a_dense_task_runs_over_flower_messages_as_in_process(task, one_thread):
+    """The Flower runner's messages carry a dense task's instructions, updates and per-volume
+    sums: one round over a LocalGrid of hospitals scores exactly as the in-process run."""
+    from privmed.federation.flower.coordinator import FlowerSites
+    from privmed.federation.flower.secagg import LocalGrid, in_process_identity
+    from privmed.federation.flower.site_app import make_client_app
+    from privmed.federation.flower.site_service import SiteEndpoint
+    from privmed.federation.hospital import Hospital
+
+    cfg = validate_config({**SMALL, "task": task, "model": {"width": 8}, "federation": {"rounds": 1}})
+    a = privmed.run(cfg, report=False).summary
+    apps = {2001 + i: make_client_app(lambda _ctx, e=SiteEndpoint(Hospital.rehearsal(cfg, name)): e)
+            for i, name in enumerate(cfg.sites.site_names())}
+    with in_process_identity():
+        b = privmed.run(cfg, sites=FlowerSites(cfg, LocalGrid(apps), connect_timeout=5), report=False).summary
+    assert a["test"] == b["test"] and a["test"][{"segmentation": "dice", "reconstruction": "psnr"}[task]] > 0
+    assert all(r["val"] for r in a["sites"].values())  # each site scores its own validation volumes
+    assert {s: r["val"] for s, r in a["sites"].items()} == {s: r["val"] for s, r in b["sites"].items()}
