@@ -620,7 +620,10 @@ class RunConfig(_Section):
         if not isinstance(data, dict):
             return data
         source = data.get("data", {}).get("source") if isinstance(data.get("data"), dict) else None
-        if source in TABULAR_SOURCES or data.get("task", "classification") != "classification":
+        # a source whose first task is dense (ixi, nifti) means that task where none is named: this
+        # validator runs before _task_defaults fills it in
+        task = data.get("task") or (SOURCE_TASKS[source][0] if source in SOURCE_TASKS else "classification")
+        if source in TABULAR_SOURCES or task != "classification":
             return data
         privacy = data.get("privacy")
         if not (isinstance(privacy, dict) and privacy.get("mode") == "dp-sgd"):
