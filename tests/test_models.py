@@ -67,8 +67,9 @@ def test_unknown_model_suggests():
 
 
 def test_registry_says_what_each_model_takes():
-    assert VOLUME_MODELS == {"cnn3d", "resnet18-3d"} and VOLUME_MODELS <= set(model_names())
+    assert VOLUME_MODELS == {"cnn3d", "resnet18-3d", "unet3d"} and VOLUME_MODELS <= set(model_names())
     assert models_for(3) == ["cnn3d", "resnet18-3d"]
+    assert models_for(3, dense=True) == ["unet3d"]
     assert models_for(2) == ["cnn", "dpcnn", "resnet18"]
     assert models_for(2, dense=True) == ["cascade", "unet"]
     assert models_for(0) == sorted(TABULAR_MODELS)
@@ -77,7 +78,7 @@ def test_registry_says_what_each_model_takes():
         spatial_dims("resnet18_3d")
 
 
-@pytest.mark.parametrize("name", sorted(VOLUME_MODELS))
+@pytest.mark.parametrize("name", models_for(3))
 @pytest.mark.parametrize("size", [28, 64])
 def test_volume_shapes_and_dp_ready(name, size):
     model = build_model(name, in_channels=1, num_classes=3, image_size=size)

@@ -23,6 +23,9 @@ MEDMNIST_VOLUMES = ("organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracture
                     "vesselmnist3d", "synapsemnist3d")
 MEDMNIST_VOLUME_SIZES = (28, 64)
 VOLUME_MODEL = "cnn3d"  # the model a volume source gets where the config names none
+# nifti's 3D patches (data.patch): each side's range, and the segmentation model they get by default
+PATCH_SIDES = (16, 512)
+PATCH_MODEL = "unet3d"
 # Which task each tabular source's data is for; image sources serve "classification".
 TABULAR_SOURCES = ("heart-disease", "tcga-brca")
 SOURCE_TASK = {"heart-disease": "tabular-classification", "tcga-brca": "survival"}
@@ -130,7 +133,14 @@ class DataConfig(_Section):
         None, description="nifti: CT intensity window [low, high] in HU, scaled to [0, 1]"
     )
     min_foreground: float = Field(
-        0.0, ge=0, lt=1, description="nifti: keep only slices whose mask covers at least this share"
+        0.0, ge=0, lt=1,
+        description="nifti: keep only slices (or patches, with data.patch) whose mask covers at least this share",
+    )
+    patch: list[int] | None = Field(
+        None,
+        description="nifti: serve 3D patches [D, H, W] (voxels, D along the volume's last axis) instead of "
+        "2D slices; each volume, voxels as stored, is centre-padded to whole patches and cut into them "
+        "(each side 16 to 512: the 3D U-Net halves it four times)",
     )
     standardize: Literal["auto", "none", "per-site"] = Field(
         "auto",
@@ -169,7 +179,20 @@ class DataConfig(_Section):
             raise ValueError(f"data.window: [{self.window[0]:g}, {self.window[1]:g}] must be [low, high] with low < high")
         if self.source == "nifti" and self.csv is None:
             raise ValueError("data.csv is required for source 'nifti' (columns image, mask[, site, patient])")
+        if self.patch is not None:
+            self._check_patch()
         return self
+
+    def _check_patch(self) -> None:
+        given = f"data.patch: {list(self.patch)}"
+        if self.source != "nifti":
+            raise ValueError(f"{given}: only source 'nifti' cuts volumes into patches (data.source is '{self.source}')")
+        if len(self.patch) != 3 or not all(PATCH_SIDES[0] <= s <= PATCH_SIDES[1] for s in self.patch):
+            raise ValueError(f"{given} is not a patch size; allowed: three sides [D, H, W], each "
+                             f"{PATCH_SIDES[0]} to {PATCH_SIDES[1]} voxels")
+        if self.size is not None:
+            raise ValueError(f"data.size: {self.size} sets a slice's side, and {given} serves patches; "
+                             "give one of the two")
 
 
 class SitesConfig(_Section):
@@ -544,7 +567,8 @@ class RunConfig(_Section):
     @classmethod
     def _task_defaults(cls, data: Any) -> Any:
         """A source that holds data for dense tasks only (ixi, nifti) sets the task unless given,
-        and a dense task sets its model (TASK_MODEL) unless the config names one."""
+        and a dense task sets its model (TASK_MODEL; segmentation on data.patch's 3D patches:
+        PATCH_MODEL) unless the config names one."""
         if not isinstance(data, dict):
             return data
         source = data.get("data", {}).get("source") if isinstance(data.get("data"), dict) else None
@@ -557,7 +581,8 @@ class RunConfig(_Section):
         data["task"] = task
         model = data.setdefault("model", {})
         if isinstance(model, dict):
-            model.setdefault("name", TASK_MODEL[task])
+            patches = isinstance(data.get("data"), dict) and data["data"].get("patch") is not None
+            model.setdefault("name", PATCH_MODEL if patches and task == "segmentation" else TASK_MODEL[task])
         return _fill_defaults(data, TASK_DEFAULTS.get(task, {}), unless={"lr": "optimizer"})
 
     @model_validator(mode="before")
@@ -595,7 +620,10 @@ class RunConfig(_Section):
         if not isinstance(data, dict):
             return data
         source = data.get("data", {}).get("source") if isinstance(data.get("data"), dict) else None
-        if source in TABULAR_SOURCES or data.get("task", "classification") != "classification":
+        # a source whose first task is dense (ixi, nifti) means that task where none is named: this
+        # validator runs before _task_defaults fills it in
+        task = data.get("task") or (SOURCE_TASKS[source][0] if source in SOURCE_TASKS else "classification")
+        if source in TABULAR_SOURCES or task != "classification":
             return data
         privacy = data.get("privacy")
         if not (isinstance(privacy, dict) and privacy.get("mode") == "dp-sgd"):

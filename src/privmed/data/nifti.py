@@ -12,6 +12,12 @@
 - Items are slices along the volume's last axis (axial for RAS/LPS files), centre-padded or cropped
   to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
   with no mask at all are kept only when `data.min_foreground` is 0.
+- With `data.patch: [D, H, W]` items are 3D patches instead, (N, 1, D, H, W) images and (N, D, H, W)
+  class maps, D along the last axis: each volume, voxels as stored (no resampling), is centre-padded
+  with zeros to a whole number of patches along each side and cut into that grid
+  (privmed.data.volumes.patches). `data.min_foreground` applies to a patch's share of mask voxels.
+  The privacy unit stays the volume: all its patches carry its patient id and site. Segmentation
+  then trains the 3D U-Net, "unet3d", by default.
 - Intensities: CT (HU) with `data.window: [low, high]` is clipped to the window and scaled to
   [0, 1]; anything else is divided by its 99.5th percentile (privmed.data.volumes.normalise).
 """
@@ -25,7 +31,7 @@ import numpy as np
 from privmed.config import DataConfig, SitesConfig
 from privmed.data._csv import read_index
 from privmed.data.base import ImageSet, SourceData
-from privmed.data.volumes import axial, normalise, read_volume, slices_with
+from privmed.data.volumes import axial, normalise, patches, read_volume, slices_with
 from privmed.errors import DataError
 
 
@@ -35,6 +41,7 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
     root = Path(data.root) if data.root is not None else csv.parent
     vols = [_read_pair(root, r) for r in rows]
     side = data.size or int(np.ceil(max(max(v.shape[:2]) for v, _, _ in vols) / 16) * 16)
+    patch = tuple(data.patch) if data.patch else None
     k = max(int(m.max()) for _, m, _ in vols) + 1
     names = list(data.class_names) if data.class_names else ["background", *(f"class {i}" for i in range(1, k))]
     if len(names) < k:
@@ -51,8 +58,7 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
     train, held = [], []
     spacing = None
     for r, p, (vol, mask, spacing) in zip(rows, patients, vols):
-        img = axial(_intensities(vol, data.window), 2, (side, side))[:, None]
-        m = axial(mask, 2, (side, side))
+        img, m = _items(_intensities(vol, data.window), mask, patch or (side, side))
         keep = slices_with(m > 0, data.min_foreground) if data.min_foreground > 0 else np.arange(len(m))
         n = len(keep)
         part = ImageSet(images=img[keep], labels=np.zeros(n, np.int64), patient=np.full(n, p),
@@ -62,10 +68,18 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
         raise DataError(f"{csv}: the split leaves no {'training' if not train else 'test'} volume")
     return SourceData(
         train=ImageSet.concat(train), test=ImageSet.concat(held), class_names=names,
-        description=f"NIfTI volumes from {csv.name}: {len(rows)} volumes, slices {side}x{side}",
+        description=f"NIfTI volumes from {csv.name}: {len(rows)} volumes, "
+                    + (f"patches {'x'.join(map(str, patch))}" if patch else f"slices {side}x{side}"),
         files=[str(root / r[c]) for r in rows for c in ("file", "mask")],
         spacing_mm=spacing,
     )
+
+
+def _items(img: np.ndarray, mask: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 1, *shape), class maps (N, *shape)) of one volume: slices along its last axis
+    for a 2D `shape` (H, W), patches for a 3D one (D, H, W)."""
+    cut = patches if len(shape) == 3 else axial
+    return cut(img, 2, shape)[:, None], cut(mask, 2, shape)
 
 
 def _read_pair(root: Path, row: dict) -> tuple[np.ndarray, np.ndarray, float]:

@@ -1,13 +1,15 @@
-"""From NIfTI volumes to the 2D slices the dense tasks train on (the file reading: nibabel).
+"""From NIfTI volumes to the 2D slices or 3D patches the dense tasks train on (the file reading:
+nibabel).
 
     vol = read_volume(path)                    # (X, Y, Z) float32, in the file's voxel order
     img = normalise(vol)                       # [0, 1]: / the 99.5th percentile of nonzero voxels
     slab = axial(vol, axis, shape)             # (S, H, W): slices along `axis`, centre-padded/cropped
-    keep = slices_with(mask_slab > 0, 0.02)    # slices whose foreground covers at least 2%
+    keep = slices_with(mask_slab > 0, 0.02)    # slices (or patches) whose foreground covers >= 2%
+    cube = patches(vol, axis, (D, H, W))       # (P, D, H, W): the volume cut into whole patches
 
-A volume is one patient: all its slices carry the patient id, and privmed's splits and DP-SGD's
-sampling treat them as one unit (privacy.dpsgd.patient_batches draws a patient, then one of its
-slices).
+A volume is one patient: all its slices (patches) carry the patient id, and privmed's splits and
+DP-SGD's sampling treat them as one unit (privacy.dpsgd.patient_batches draws a patient, then one
+of its slices).
 """
 
 from __future__ import annotations
@@ -65,9 +67,22 @@ def axial(vol: np.ndarray, axis: int, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def patches(vol: np.ndarray, axis: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """(P, D, H, W) patches of `vol`, depth D along `axis` (then the other axes in order): the
+    volume is centre-padded with zeros to a whole number of patches along each side, then cut into
+    that grid, depth-major. Every voxel lies in exactly one patch; nothing is resampled or cropped."""
+    block = np.moveaxis(vol, axis, 0)
+    grid = [-(-n // p) for n, p in zip(block.shape, shape)]  # ceil: patches along each side
+    padded = np.zeros([g * p for g, p in zip(grid, shape)], dtype=block.dtype)
+    at = tuple(slice((g * p - n) // 2, (g * p - n) // 2 + n) for g, p, n in zip(grid, shape, block.shape))
+    padded[at] = block
+    (gd, gh, gw), (d, h, w) = grid, shape
+    return padded.reshape(gd, d, gh, h, gw, w).transpose(0, 2, 4, 1, 3, 5).reshape(-1, d, h, w)
+
+
 def slices_with(foreground: np.ndarray, min_fraction: float) -> np.ndarray:
-    """Indices of the slices of `foreground` (S, H, W) bool whose foreground covers at least
-    `min_fraction` of the slice."""
+    """Indices of the slices of `foreground` (S, H, W) bool (or patches, (P, D, H, W)) whose
+    foreground covers at least `min_fraction` of the slice (patch)."""
     share = foreground.reshape(len(foreground), -1).mean(axis=1)
     return np.flatnonzero(share >= min_fraction)
 

@@ -11,8 +11,9 @@ activations).
 
 Image models ("cnn", "dpcnn", "resnet18") map (N, C, H, W) float images to (N, num_classes) logits;
 volume models (VOLUME_MODELS: "cnn3d", "resnet18-3d") map (N, C, D, H, W) volumes, image_size being
-the side; tabular models (TABULAR_MODELS: "linear", "mlp") map (N, D) float features,
-D = in_channels, to (N, num_classes) outputs (logits, or one risk score for survival); their
+the side; the dense models (DENSE_MODELS) output an image per item instead: "unet" (N, K, H, W)
+logits, "unet3d" (N, K, D, H, W) on volumes or nifti's 3D patches, "cascade" a reconstruction;
+tabular models (TABULAR_MODELS: "linear", "mlp") map (N, D) float features, D = in_channels, to (N, num_classes) outputs (logits, or one risk score for survival); their
 image_size is 0.
 """
 
@@ -28,7 +29,7 @@ from privmed.models.dpcnn import TemperedSigmoidCNN
 from privmed.models.resnet import resnet18, resnet18_3d
 from privmed.models.tabular import linear, mlp
 from privmed.models.cascade import cascade
-from privmed.models.unet import unet
+from privmed.models.unet import unet, unet3d
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
@@ -39,15 +40,17 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "linear": linear,
     "mlp": mlp,
     "unet": unet,
+    "unet3d": unet3d,
     "cascade": cascade,
 }
 
 # Models that take (N, D) feature tables rather than images.
 TABULAR_MODELS = frozenset({"linear", "mlp"})
-# Models whose output is an image (N, K, H, W): the dense tasks' (segmentation, reconstruction).
-DENSE_MODELS = frozenset({"unet", "cascade"})
+# Models whose output is an image (N, K, H, W) or volume (N, K, D, H, W): the dense tasks'
+# (segmentation, reconstruction).
+DENSE_MODELS = frozenset({"unet", "unet3d", "cascade"})
 # Models that take (N, C, D, H, W) volumes.
-VOLUME_MODELS = frozenset({"cnn3d", "resnet18-3d"})
+VOLUME_MODELS = frozenset({"cnn3d", "resnet18-3d", "unet3d"})
 
 # Normalisation layers, whose state FedBN keeps at each site.
 _NORM_LAYERS: tuple[type[nn.Module], ...] = (

@@ -557,7 +557,9 @@ def _dense_figures(run: RunFiles, view: TaskView) -> list[FigureOut]:
     preds = {k.removeprefix(prefix): v[index] for k, v in arrays.items()
              if k.startswith(prefix) and index is not None and v.ndim >= 3 and len(v) > int(index.max(initial=0))}
     if view.task == "segmentation":
-        caption = ("Each row is one test slice (of a different patient where the test set has several): "
+        item = ("one test patch, drawn by its slice where the reference mask covers most (the middle "
+                "one where it has none)" if targets is not None and targets.ndim == 4 else "one test slice")
+        caption = (f"Each row is {item} (of a different patient where the test set has several): "
                    "the image, then each model's predicted classes, then the reference mask. Colours: "
                    + ", ".join(f"{c}" for c in view.class_names[1:]) + " over the image.")
     else:

@@ -370,6 +370,13 @@ def tuning_trials(trials: Sequence[int], scores: Sequence[float | None], label: 
     return _png(fig)
 
 
+def patch_slices(targets: np.ndarray) -> np.ndarray:
+    """(n,) the slice (along D) of each class map `targets` (n, D, H, W) to draw: where the mask's
+    foreground covers most, the middle slice where the patch has none."""
+    cover = (np.asarray(targets) > 0).reshape(*np.shape(targets)[:2], -1).sum(axis=2)  # (n, D)
+    return np.where(cover.max(axis=1) > 0, cover.argmax(axis=1), np.shape(targets)[1] // 2)
+
+
 def dense_examples(
     inputs: np.ndarray, preds: Mapping[str, np.ndarray], targets: np.ndarray, task: str,
     class_names: Sequence[str] = (),
@@ -378,9 +385,16 @@ def dense_examples(
     segmentation: `inputs` (n, C, H, W) in [0, 1], predictions and `targets` (n, H, W) class maps,
     drawn as colours over the image; reconstruction: `inputs` (n, 1, H, W) the zero-filled images,
     predictions and `targets` (n, 1, H, W) images, each panel titled with its PSNR (dB, data range
-    the target's maximum)."""
+    the target's maximum). Segmentation of 3D patches, `inputs` (n, C, D, H, W) and class maps
+    (n, D, H, W): each row draws one slice of its patch (`patch_slices`)."""
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
+
+    if task == "segmentation" and np.ndim(targets) == 4:
+        at = patch_slices(targets)
+        rows = np.arange(len(at))
+        inputs, targets = np.asarray(inputs)[rows, :, at], np.asarray(targets)[rows, at]
+        preds = {name: np.asarray(p)[rows, at] for name, p in preds.items()}
 
     n, names = len(targets), list(preds)
     cols = 2 + len(names)

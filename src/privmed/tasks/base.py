@@ -221,7 +221,8 @@ class DenseTask:
 
 
 class Segmentation(DenseTask):
-    """A class per pixel: (B, K, H, W) logits against (B, H, W) class maps (tasks/segmentation.py)."""
+    """A class per pixel: (B, K, H, W) logits against (B, H, W) class maps, or per voxel of 3D
+    patches, (B, K, D, H, W) against (B, D, H, W) (tasks/segmentation.py)."""
 
     name = "segmentation"
     headline = "dice"
@@ -246,13 +247,14 @@ class Segmentation(DenseTask):
         return F.softmax(out, dim=1)
 
     def stored(self, pred: np.ndarray, target: bool = False) -> np.ndarray:
-        """The predicted class map (N, H, W) uint8, not the (N, K, H, W) probabilities; a target
-        (`target` True, already a class map) as uint8."""
+        """The predicted class map (N, H, W) uint8, not the (N, K, H, W) probabilities (3D patches:
+        (N, D, H, W)); a target (`target` True, already a class map) as uint8."""
         return (pred if target else pred.argmax(axis=1)).astype(np.uint8)
 
     def examples(self, data: ImageSet, k: int = 4) -> np.ndarray:
-        """Up to `k` item indices to show: of each of the first `k` patients, the slice where the
-        last class (the smallest structure: ventricles) covers most."""
+        """Up to `k` item indices to show: of each of the first `k` patients, the slice (3D: the
+        patch) where the last class (the smallest structure: ventricles) covers most. The report
+        draws a patch by its slice where that class covers most (report.plots.dense_examples)."""
         target = self.target(data)
         patients = data.patient_ids()
         cover = (target == target.max(initial=0)).reshape(len(target), -1).sum(axis=1)

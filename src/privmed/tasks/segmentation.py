@@ -2,7 +2,9 @@
 Dice and the 95% Hausdorff distance per class (MONAI's metrics), and the sums a site reports.
 
 Shapes: logits (B, K, H, W); targets and predicted masks (B, H, W) int64 class maps, 0 the
-background. Items are 2D slices; a volume's slices share its patient id.
+background. Items are 2D slices; a volume's slices share its patient id. Items may also be 3D
+patches (nifti's data.patch): logits (B, K, D, H, W), class maps (B, D, H, W); a volume's patches
+share its patient id, and every figure below holds with "patch" for "slice", except HD95 (below).
 
 How the figures are made, so that they mean the same at every site and pooled:
 - Dice of a class, per volume: 2 |P ∩ T| / (|P| + |T|) over all the volume's slices (the volume is
@@ -13,7 +15,11 @@ How the figures are made, so that they mean the same at every site and pooled:
   (MONAI's HausdorffDistanceMetric's definition, percentile 95, 2D; computed for all slices at once,
   see hd95_per_slice), averaged over those slices: in pixels, or in
   mm where the source gives the pixel side. A slice-wise figure, because a site's slices need not
-  come in the volume's order.
+  come in the volume's order. On 3D patches it is the same figure over every 2D slice (along D) of
+  every patch, not the 3D HD95 of the reassembled volume: items carry no position in their volume,
+  so the volume cannot be put back together at a site, and a 3D HD95 per patch would count the
+  patch's cut faces as the structure's surface. It is comparable with a 2D run's, and says nothing
+  of the distances across slices.
 - `dice_foreground`: the Dice of every foreground class together (IXI: the whole brain), per volume.
 - What a site reports (`segmentation_counts`): per class, the sum of its volumes' Dice and how many
   volumes gave one, the sum of its slices' HD95 and how many; and the loss summed over slices. Sums
@@ -37,7 +43,7 @@ REDUCTIONS = ("mean", "sum", "none")
 class DiceCELoss(nn.Module):
     """Soft Dice (MONAI's DiceLoss: softmax, one-hot targets, background included, per item) plus
     pixel cross-entropy (nats, mean over the item's pixels), each item's loss its own: (B, K, H, W)
-    logits and (B, H, W) int64 targets. `reduction` as torch's losses ("mean", "sum", or "none": the
+    logits and (B, H, W) int64 targets, or 3D patches (B, K, D, H, W) and (B, D, H, W). `reduction` as torch's losses ("mean", "sum", or "none": the
     (B,) per-patient losses Opacus' ghost clipping reads)."""
 
     per_sample = True  # an item's loss depends on that item alone: DP-SGD can clip it
@@ -145,14 +151,15 @@ def volume_dice(pred: np.ndarray, target: np.ndarray, patient: np.ndarray, k: in
 
 def segmentation_counts(probs: np.ndarray, target: np.ndarray, patient: np.ndarray) -> dict[str, np.ndarray]:
     """The sums a site reports for class probabilities `probs` (N, K, H, W) against `target`
-    (N, H, W) (module doc); the loss is the pixel cross-entropy (nats) of the probabilities."""
+    (N, H, W), or for 3D patches (N, K, D, H, W) against (N, D, H, W) (module doc); the loss is the
+    pixel cross-entropy (nats) of the probabilities, a mean per item."""
     k = probs.shape[1]
     pred = probs.argmax(axis=1)
     p_true = np.take_along_axis(probs, target[:, None].astype(np.int64), axis=1)[:, 0]
     loss_sum = float(-np.log(np.clip(p_true, 1e-12, 1.0)).reshape(len(probs), -1).mean(axis=1).sum())
     dice = volume_dice(pred, target, patient, k)
     fg = volume_dice((pred > 0).astype(np.int64), (target > 0).astype(np.int64), patient, 2)[:, 0]
-    hd = hd95_per_slice(pred, target, k)
+    hd = hd95_per_slice(pred.reshape(-1, *pred.shape[-2:]), target.reshape(-1, *target.shape[-2:]), k)
     finite = np.isfinite(hd)
     return {
         "dice_sum": np.nansum(dice, axis=0), "dice_n": np.sum(~np.isnan(dice), axis=0).astype(np.float64),
@@ -165,7 +172,8 @@ def segmentation_counts(probs: np.ndarray, target: np.ndarray, patient: np.ndarr
 
 def segmentation_metrics_from_counts(c: dict, class_names: list[str] | tuple[str, ...], spacing_mm: float | None = None) -> dict:
     """dice (mean over foreground classes), dice_<class>, hd95 and hd95_<class> (pixels, or mm
-    with `spacing_mm`), loss (per slice), n (slices), volumes; from (merged) counts."""
+    with `spacing_mm`), loss (per slice or patch), n (slices or patches), volumes; from (merged)
+    counts."""
     with np.errstate(invalid="ignore", divide="ignore"):
         dice = np.where(c["dice_n"] > 0, c["dice_sum"] / np.maximum(c["dice_n"], 1), np.nan)
         hd = np.where(c["hd95_n"] > 0, c["hd95_sum"] / np.maximum(c["hd95_n"], 1), np.nan)
