@@ -2,13 +2,14 @@
 
     data.csv (paths relative to data.root, or to the CSV's folder without data.root):
         file,mask,site,patient,split
-        ct/001.nii.gz,ct/001_mask.nii.gz,hospital-a,001,
+        ct/001.nii.gz,ct/001_mask.nii.gz,hospital-a,001,train
         ct/002.nii.gz,ct/002_mask.nii.gz,hospital-a,002,test
 
 - `file` and `mask` are required: an image volume and its integer mask (0 background, 1..K-1 the
   classes; `data.class_names` names them, background first). `site`, `patient` (default: the
-  file's name) and `split` ("test" holds the volume out as the public test set; otherwise the
-  last `data.test_subjects` patients in the file are) are optional.
+  file's name) and `split` ("train" or "test", never empty: "test" holds the volume out as the
+  public test set; when no row says "test", the last `data.test_subjects` patients in the file
+  are) are optional.
 - Items are slices along the volume's last axis (axial for RAS/LPS files), centre-padded or cropped
   to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
   with no mask at all are kept only when `data.min_foreground` is 0.
