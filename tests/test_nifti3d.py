@@ -224,3 +224,16 @@ def test_the_spleen_ct_in_3d_patches(shared_data, tmp_path, one_thread):
     assert src.train.target.sum() > 0 and src.test.target.sum() > 0
     test = privmed.run(cfg, report=False).summary["test"]
     assert test["volumes"] == 1 and 0.0 <= test["dice"] <= 1.0
+
+
+def test_the_pixel_side_is_in_plane_not_the_slice_thickness(tmp_path):
+    """HD95 in mm reads the pixel side within the slices: 0.8 mm pixels in 5 mm slices are 0.8 mm
+    (along the last axis, nifti's), and IXI's slices along axis 1 take the other two sides."""
+    import nibabel as nib
+
+    from privmed.data.volumes import read_volume
+
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([0.8, 0.9, 5.0, 1.0]))
+    nib.save(img, tmp_path / "v.nii.gz")
+    assert read_volume(tmp_path / "v.nii.gz")[1] == pytest.approx(0.8)
+    assert read_volume(tmp_path / "v.nii.gz", slice_axis=0)[1] == pytest.approx(0.9)

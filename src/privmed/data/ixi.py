@@ -56,7 +56,7 @@ def subjects_in(root: Path) -> list[tuple[str, Path, Path]]:
 def load_subject(image: Path, label: Path, step: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
     """(slices (S, 1, H, W) float32 in [0, 1], class maps (S, H, W) int64, pixel side in mm) of
     every `step`-th of one subject's slices that cross the brain."""
-    vol, spacing = read_volume(image)
+    vol, spacing = read_volume(image, SLICE_AXIS)
     lab, _ = read_volume(label)
     if lab.shape != vol.shape:
         raise DataError(f"{label}: shape {lab.shape} differs from its image's {vol.shape}")

@@ -21,9 +21,11 @@ import numpy as np
 from privmed.errors import DataError
 
 
-def read_volume(path: Path) -> tuple[np.ndarray, float]:
-    """(voxels (X, Y, Z) float32, the smallest voxel side in mm) of a NIfTI file; DataError naming
-    the file when it cannot be read or is not 3D."""
+def read_volume(path: Path, slice_axis: int = 2) -> tuple[np.ndarray, float]:
+    """(voxels (X, Y, Z) float32, a pixel's side in mm within the slices along `slice_axis`: the
+    smaller of the two in-plane voxel sides) of a NIfTI file; DataError naming the file when it
+    cannot be read or is not 3D. The slice thickness does not count: a CT of 0.8 mm pixels in 5 mm
+    slices has 0.8 mm pixels."""
     import nibabel as nib
 
     try:
@@ -35,7 +37,7 @@ def read_volume(path: Path) -> tuple[np.ndarray, float]:
     data = np.squeeze(data)
     if data.ndim != 3:
         raise DataError(f"{path}: a volume of shape {data.shape}; a 3D volume (X, Y, Z) is needed")
-    return data, float(min(zooms[:3]))
+    return data, float(min(z for i, z in enumerate(zooms[:3]) if i != slice_axis))
 
 
 def normalise(vol: np.ndarray, percentile: float = 99.5) -> np.ndarray:
