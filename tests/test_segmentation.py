@@ -328,3 +328,22 @@ def test_a_dense_task_runs_over_flower_messages_as_in_process(task, one_thread):
     assert a["test"] == b["test"] and a["test"][{"segmentation": "dice", "reconstruction": "psnr"}[task]] > 0
     assert all(r["val"] for r in a["sites"].values())  # each site scores its own validation volumes
     assert {s: r["val"] for s, r in a["sites"].items()} == {s: r["val"] for s, r in b["sites"].items()}
+
+
+def test_scoring_a_dense_task_sums_each_volume_once(monkeypatch):
+    """HD95 and SSIM are most of a round's scoring: metrics and counts come from one pass."""
+    from privmed.data.base import ImageSet
+    from privmed.tasks.base import Segmentation, metrics_and_counts
+
+    rng = np.random.default_rng(0)
+    target = (rng.random((6, 16, 16)) > 0.5).astype(np.int64)
+    data = ImageSet(images=rng.random((6, 1, 16, 16)).astype(np.float32), labels=np.zeros(6, np.int64),
+                    patient=np.repeat(["a", "b"], 3), target=target)
+    probs = rng.dirichlet(np.ones(2), size=(6, 16, 16)).transpose(0, 3, 1, 2)
+    calls = []
+    real = Segmentation._counts
+    monkeypatch.setattr(Segmentation, "_counts", lambda self, p, d: calls.append(1) or real(self, p, d))
+    task = get_task("segmentation")
+    metrics, counts = metrics_and_counts(task, probs, data)
+    assert len(calls) == 1
+    assert metrics == task.metrics_from_counts(counts) and metrics["dice"] > 0

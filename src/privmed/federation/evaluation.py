@@ -34,6 +34,7 @@ from privmed.federation.site import predict, resolve_device
 from privmed.federation.strategies import GLOBAL, State, Weights
 from privmed.federation.transport import Sites
 from privmed.tasks.counts import merge_counts
+from privmed.tasks.base import metrics_and_counts
 
 SELECTION = "highest validation {metric} over all sites' validation data (pooled), earliest round on ties"
 SELECTION_LOCAL = "each site's model: highest {metric} on that site's own validation data"
@@ -95,7 +96,7 @@ class Evaluator:
                 "the model's outputs on the public test set are not finite numbers (training "
                 f"diverged); {TrainingDiverged.ADVICE}"
             )
-        return self.task.metrics(pred, data), self.task.counts(pred, data), pred
+        return (*metrics_and_counts(self.task, pred, data), pred)
 
     # ------------------------------------------------------------------ at the sites
     def evaluate(self, models: State, rnd: int = 0, run: str = "") -> tuple[dict, dict[str, float]]:

@@ -24,7 +24,7 @@ from privmed.errors import ConfigError, TrainingDiverged
 from privmed.federation.strategies import SiteUpdate, TrainTask, Weights
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import dp_train, make_optimizer
-from privmed.tasks.base import Task, get_task
+from privmed.tasks.base import Task, get_task, metrics_and_counts
 
 
 def resolve_device(training: TrainingConfig, private: bool = False) -> torch.device:
@@ -368,7 +368,7 @@ class Site:
                 f"site '{self.name}': the model's outputs on its {split} data are not finite numbers "
                 f"(training diverged); {TrainingDiverged.ADVICE}"
             )
-        return self.task.metrics(pred, data), self.task.counts(pred, data)
+        return metrics_and_counts(self.task, pred, data)
 
 
 @torch.no_grad()

@@ -345,6 +345,14 @@ _TASKS = {t.name: t for t in (Classification(), TabularClassification(), Surviva
                               Reconstruction())}
 
 
+def metrics_and_counts(task: Task, pred: np.ndarray, data: ImageSet) -> tuple[dict, dict]:
+    """(metrics, counts) of predictions `pred` on `data`. A dense task's metrics are its counts'
+    (per-volume sums), so they are computed once: SSIM and HD95 are most of a round's scoring.
+    The others' exact metrics (AUC from the scores themselves) differ from their counts'."""
+    counts = task.counts(pred, data)
+    return (task.metrics_from_counts(counts) if task.dense else task.metrics(pred, data)), counts
+
+
 def get_task(name: str, data: object | None = None) -> Task:
     """The task `name`; given the data's facts (DataFacts or SourceData), one whose metrics name
     its classes (segmentation)."""
