@@ -162,6 +162,7 @@ def live_dashboard(address: str, linger: float = LINGER) -> Iterator[LiveState]:
 
     live = LiveState()
     server = _open(live.snapshot_json, address)
+    live.preparing()
     print(f"dashboard: {server.url}", flush=True)
     try:
         yield live

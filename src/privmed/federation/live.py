@@ -83,6 +83,11 @@ class LiveState:
             return self._text
 
     # ------------------------------------------------------------------ events (the run's thread)
+    def preparing(self) -> None:
+        """The run is being set up: its data loaded (in-process) and its privacy planned."""
+        self._data.update(status="starting", stage="loading the data and planning the run")
+        self._publish()
+
     def connecting(self, sites: list[str], name: str | None = None) -> None:
         """The coordinator waits for the sites to say who they are (the Flower runner)."""
         self._data.update(status="connecting", stage=f"waiting for {len(sites)} hospitals to connect",
