@@ -24,7 +24,7 @@ import privmed
 from privmed.cli import main
 from privmed.dashboard import (
     DEFAULT, Dashboard, DashboardError, coordinator_dashboard, file_snapshot, is_loopback, live_file,
-    parse_address,
+    parse_address, waiting_snapshot,
 )
 from privmed.federation.live import LiveState
 from privmed.privacy.figures import format_epsilon
@@ -184,6 +184,8 @@ def test_the_coordinator_dashboard_reads_what_its_server_app_writes(tmp_path, mo
         reg = {h["name"]: h["registered"] for h in s["hospitals"]}
         assert reg == {"hospital-a": True, "hospital-b": False, "hospital-c": False, "hospital-d": True}
     assert live_file(home) is None  # the marker goes with the dashboard
+    empty = LiveState(runner="flower").snapshot()
+    assert waiting_snapshot() == {**empty, "updated": None}
     s = json.loads(file_snapshot(home / "live" / "state.json", lambda: None)())
     assert s["node_auth"] is False and all(h["registered"] is None for h in s["hospitals"])
 

@@ -213,12 +213,20 @@ def file_snapshot(path: Path, registered: Callable[[], dict[str, int] | None]) -
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError):  # no run yet (the file is written atomically: never half)
-            from privmed.federation.live import empty_snapshot
-
-            data = empty_snapshot("flower")
+            data = waiting_snapshot()
         return json.dumps(with_registered(data, registered()))
 
     return read
+
+
+def waiting_snapshot() -> dict:
+    """privmed.federation.live's snapshot before any run, made here without importing it (the
+    coordinator's process has no torch to load for its dashboard)."""
+    return {
+        "schema": 1, "updated": None, "runner": "flower", "status": "waiting", "run": None, "round": 0,
+        "stage": "waiting for a run", "privacy": None, "hospitals": [], "rounds": [], "dropped": [],
+        "refused": [], "error": None,
+    }
 
 
 def with_registered(data: dict, registered: dict[str, int] | None) -> dict:

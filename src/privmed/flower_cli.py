@@ -9,7 +9,6 @@ import tempfile
 import signal
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -64,6 +63,8 @@ def keys(args) -> int:  # noqa: ANN001
 
 
 def serve(args) -> int:  # noqa: ANN001
+    from contextlib import ExitStack
+
     from privmed.federation.flower import deploy
 
     _need(args, "certs")
