@@ -107,7 +107,7 @@ class LiveState:
             run={
                 "name": cfg.name or "run", "task": cfg.task, "strategy": exp.strategy.name,
                 "rounds": cfg.federation.rounds, "metric": headline, "metric_label": metric_label(headline),
-                "synthetic": bool(getattr(exp.data, "synthetic", False)),
+                "synthetic": bool(exp.data.synthetic),
                 "secure_aggregation": bool(cfg.federation.secure_aggregation),
             },
             privacy=None if plan is None else {
