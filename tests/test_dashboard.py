@@ -81,6 +81,15 @@ def test_a_run_tells_live_state_each_round_and_the_ledger_backs_every_epsilon(tm
     assert not keys & {"weights", "images", "labels", "predictions", "patient", "target"}
 
 
+def test_a_resumed_run_shows_the_rounds_before_it(tmp_path, one_thread):
+    privmed.run(tiny_config(federation__rounds=1), tmp_path / "run", report=False)
+    live = LiveState()
+    privmed.run(tiny_config(federation__rounds=2), tmp_path / "run", resume=True, report=False, live=live)
+    s = live.snapshot()
+    assert [r["round"] for r in s["rounds"]] == [1, 2] and s["status"] == "finished"
+    assert all(h["last_round"] == 2 and h["epsilon"] is None for h in s["hospitals"]) and s["privacy"] is None
+
+
 def test_dropped_sites_refusals_and_a_refused_round_are_kept():
     live = LiveState()
     live.connecting(SITES, "x")
