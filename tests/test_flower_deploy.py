@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,9 +66,18 @@ class Federation:
     def serve(self) -> None:
         self.procs["coordinator"] = p = _privmed(
             "serve", "--certs", str(self.root / "certs"), "--keys", str(self.root / "keys"),
-            "--address", self.address, "--home", str(self.root / "home"), log=self.log("coordinator"),
+            "--address", self.address, "--home", str(self.root / "home"), "--dashboard", "127.0.0.1:0",
+            log=self.log("coordinator"),
         )
         _wait_for(self.log("coordinator"), "coordinator listening", 60, p)
+
+    def dashboard(self) -> dict:
+        """What the coordinator's live dashboard shows now (its state.json)."""
+        import urllib.request
+
+        url = re.findall(r"^dashboard: (\S+)$", self.log("coordinator").read_text(errors="replace"), re.M)[-1]
+        with urllib.request.urlopen(url + "state.json", timeout=10) as r:
+            return json.load(r)
 
     def join(self, config: Path, site: str) -> None:
         """A rehearsal hospital: site `site` of the run config `config`."""
@@ -157,6 +167,11 @@ def test_coordinator_and_three_hospitals_with_secagg_then_a_restart_resumes(fede
     assert summary["rounds_completed"] == 2
     # `serve` wrote which node each site's key is; the ServerApp believed a node only for its site
     assert sorted(json.loads((tmp_path / "home" / "nodes.json").read_text())) == sites
+    # the coordinator's dashboard showed the run its ServerApp ran
+    board = fed.dashboard()
+    assert board["status"] == "finished" and board["runner"] == "flower" and len(board["rounds"]) == 2
+    assert [(h["name"], h["registered"], h["online"], h["last_round"]) for h in board["hospitals"]] == [
+        (s, True, True, 2) for s in sites]
 
     # parity: the same config and seed in one process gives the same result. SecAgg+ rounds with
     # seeded stochastic rounding and its masks cancel exactly, so the tolerance is float noise.

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from privmed.config import RunConfig, SiteConfig, load_config, validate_config
 from privmed.federation.experiment import Experiment, prepare_experiment, remote_experiment
+from privmed.federation.live import LiveState
 from privmed.federation.rundir import RunDir
 from privmed.federation.runner import RunResult, run_in_process
 from privmed.federation.transport import Sites
@@ -38,6 +39,7 @@ def run(
     report: bool = True,
     sites: RemoteSites | None = None,
     hospitals: list[SiteConfig] | None = None,
+    live: LiveState | None = None,
 ) -> RunResult:
     """Run one experiment in this process.
 
@@ -48,6 +50,7 @@ def run(
     its SuperNodes, and the run is planned from what they report of themselves).
     hospitals: simulate the sites that these hospitals' own configs describe (each loads its own
     data, as `privmed join` would), instead of partitioning the config's data source.
+    live: told of every event of the run (privmed.dashboard serves it as a live page).
     """
     if isinstance(config, (str, Path)):
         cfg = load_config(config)
@@ -69,7 +72,8 @@ def run(
         sites.attach(exp)
     else:
         exp = prepare_experiment(cfg, noise=noise, hospitals=hospitals)
-    result = run_in_process(exp, run_dir=run_dir, resume=resume, progress=progress, sites=sites)
+    result = run_in_process(exp, run_dir=run_dir, resume=resume, progress=progress, sites=sites,
+                             live=live)
     if run_dir is not None and report:
         from privmed.report import write_report
 

@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         "phantom head volumes; reconstruction: MRI slices from 4x undersampled k-space (each under "
         "2 minutes on 2 cores)",
     )
+    _dashboard_arg(demo, "the run")
 
     run = sub.add_parser(
         "run", help="run the experiment a YAML config describes",
@@ -90,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "federation.rounds may be raised to extend it)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _dashboard_arg(run, "the run (in-process runner; a Flower run's is `privmed serve --dashboard`)")
     run.add_argument(
         "--hospital", dest="hospitals", action="append", default=[], type=Path, metavar="SITE_CONFIG",
         help="simulate the hospital this site config describes (its own data, split and budget, as "
@@ -187,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on (default 0.0.0.0:9092)")
     serve.add_argument("--home", type=Path, help="Flower's state directory (default ~/.privmed/flower)")
     serve.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: local tests only")
+    _dashboard_arg(serve, "the coordinator: the hospitals registered and online and the run in progress")
     join = sub.add_parser(
         "join", help="start one hospital (a Flower SuperNode) that trains on its own data",
         description="Connect this hospital to the coordinator at --server and train and score there "
@@ -307,6 +310,16 @@ def _flower_args(p: argparse.ArgumentParser, server: bool) -> None:
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: local tests only")
 
 
+def _dashboard_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from privmed.dashboard import DEFAULT
+
+    p.add_argument(
+        "--dashboard", nargs="?", const=DEFAULT, metavar="HOST:PORT",
+        help=f"serve a live page of {what} at HOST:PORT (default: loopback, a free port; the URL is "
+        "printed): rounds, stage, scores, each hospital's epsilon against its budget. No patient data",
+    )
+
+
 def _demo_out(name: str, base: Path = Path("runs")) -> Path:
     out, i = base / name, 2
     while out.exists():
@@ -314,12 +327,19 @@ def _demo_out(name: str, base: Path = Path("runs")) -> Path:
     return out
 
 
-def _run(cfg_source, out: Path, resume: bool, quiet: bool, hospitals: list[Path] | None = None) -> int:
+def _run(cfg_source, out: Path, resume: bool, quiet: bool, hospitals: list[Path] | None = None,
+         dashboard: str | None = None) -> int:
     from privmed.api import run
     from privmed.config import load_site_config
 
     own = [load_site_config(h) for h in hospitals or []]
-    result = run(cfg_source, out, resume=resume, progress=not quiet, hospitals=own or None)
+    if dashboard is None:
+        result = run(cfg_source, out, resume=resume, progress=not quiet, hospitals=own or None)
+        return _print_summary(result.summary, out)
+    from privmed.dashboard import live_dashboard
+
+    with live_dashboard(dashboard) as live:
+        result = run(cfg_source, out, resume=resume, progress=not quiet, hospitals=own or None, live=live)
     return _print_summary(result.summary, out)
 
 
@@ -378,7 +398,7 @@ def _main(argv: list[str] | None) -> int:
                                f"privmed demo --task {args.task}, then add privacy to its config")
         demo_file = files("privmed") / "configs" / f"{name}.yaml"
         cfg = validate_config(read_yaml(Path(str(demo_file))), source=f"{name} config")
-        return _run(cfg, args.out or _demo_out(name), resume=False, quiet=args.quiet)
+        return _run(cfg, args.out or _demo_out(name), resume=False, quiet=args.quiet, dashboard=args.dashboard)
     if args.command == "run":
         from privmed.config import load_config
 
@@ -390,10 +410,14 @@ def _main(argv: list[str] | None) -> int:
             if args.hospitals:
                 raise PrivmedError("privmed run: --hospital simulates hospitals here; with --runner flower "
                                    "each hospital joins with its own site config")
+            if args.dashboard is not None:
+                raise PrivmedError("privmed run: --dashboard shows an in-process run; a Flower run's "
+                                   "dashboard is the coordinator's (privmed serve --dashboard)")
             from privmed import flower_cli
 
             return _print_summary(flower_cli.run(cfg, out, args), out)
-        return _run(cfg, out, resume=args.resume, quiet=args.quiet, hospitals=args.hospitals)
+        return _run(cfg, out, resume=args.resume, quiet=args.quiet, hospitals=args.hospitals,
+                    dashboard=args.dashboard)
     if args.command == "tune":
         from privmed.config import load_config
         from privmed.tune import tune

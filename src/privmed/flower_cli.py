@@ -63,22 +63,35 @@ def keys(args) -> int:  # noqa: ANN001
 
 
 def serve(args) -> int:  # noqa: ANN001
+    from contextlib import ExitStack
+
     from privmed.federation.flower import deploy
 
     _need(args, "certs")
     _warn_insecure(args)
     home = deploy.home_dir(args.home)
-    _stop_on_sigterm()
-    coord = deploy.start_coordinator(args.certs, args.address, home, deploy.public_keys(args.keys), args.insecure)
-    names = "none (node authentication is off)" if args.insecure else (", ".join(coord.registered) or "none")
-    print(f"coordinator listening on {args.address} (Flower SuperLink, pid {coord.proc.pid}); "
-          f"hospitals registered: {names}", flush=True)
-    try:
-        return coord.proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        deploy.stop_process(coord.proc)
+    registered: dict[str, int] = {}
+    with ExitStack() as stack:
+        board = None
+        if args.dashboard is not None:  # a bad or taken address ends here, before the SuperLink starts
+            from privmed.dashboard import coordinator_dashboard
+
+            board = stack.enter_context(coordinator_dashboard(
+                args.dashboard, home, lambda: None if args.insecure else registered))
+        _stop_on_sigterm()
+        coord = deploy.start_coordinator(args.certs, args.address, home, deploy.public_keys(args.keys), args.insecure)
+        registered.update(coord.registered)
+        names = "none (node authentication is off)" if args.insecure else (", ".join(coord.registered) or "none")
+        print(f"coordinator listening on {args.address} (Flower SuperLink, pid {coord.proc.pid}); "
+              f"hospitals registered: {names}", flush=True)
+        if board is not None:
+            print(f"dashboard: {board.url}", flush=True)
+        try:
+            return coord.proc.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            deploy.stop_process(coord.proc)
 
 
 def _resolved_config(cfg: RunConfig, home: Path, kind: str) -> Path:

@@ -13,12 +13,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import ServerApp
 from flwr.serverapp.grid import Grid
 
 from privmed.federation.flower.coordinator import FlowerSites, PollingGrid
+
+if TYPE_CHECKING:
+    from privmed.federation.live import LiveState
 
 log = logging.getLogger("privmed.flower")
 
@@ -35,9 +39,31 @@ def main(grid: Grid, context: Context) -> None:
     cfg = validate_config(read_yaml(path), source=path)
     resume = str(rc.get("resume", "false")).lower() == "true"
     registered = registered_nodes()
-    # the sites describe themselves first: the run is planned from their counts, not from data here
-    run(cfg, str(rc["run-dir"]), resume=resume,
-        sites=FlowerSites(cfg, PollingGrid(grid), registered=registered))
+    live = live_state(cfg)
+    try:
+        # the sites describe themselves first: the run is planned from their counts, not from data here
+        sites = FlowerSites(cfg, PollingGrid(grid), registered=registered)
+        run(cfg, str(rc["run-dir"]), resume=resume, sites=sites, live=live)
+    except BaseException as e:
+        if live is not None and not live.over:  # it failed before the round loop began
+            live.ended(e)
+        raise
+
+
+def live_state(cfg) -> LiveState | None:  # noqa: ANN001
+    """A LiveState whose snapshots go where `privmed serve --dashboard` reads them (in FLWR_HOME);
+    None when no dashboard shows this coordinator."""
+    from privmed import io
+    from privmed.dashboard import live_file
+    from privmed.federation.live import LiveState
+
+    home = os.environ.get("FLWR_HOME")
+    path = live_file(Path(home)) if home else None
+    if path is None:
+        return None
+    live = LiveState(sink=lambda snapshot: io.write_json(path, snapshot), runner="flower")
+    live.connecting(cfg.sites.site_names(), cfg.name)
+    return live
 
 
 def registered_nodes() -> dict[str, int]:

@@ -26,6 +26,7 @@ from privmed.errors import RunDirError
 from privmed.federation import accounting
 from privmed.federation.evaluation import Evaluator
 from privmed.federation.experiment import Experiment
+from privmed.federation.live import LiveSites, LiveState
 from privmed.federation.rounds import RoundFailed, train_round_retrying
 from privmed.federation.run_state import RunState
 from privmed.federation.rundir import RunDir
@@ -42,21 +43,34 @@ __all__ = ["RoundFailed", "RunResult", "run_in_process"]
 
 def run_in_process(
     exp: Experiment, run_dir: RunDir | None = None, resume: bool = False, progress: bool = False,
-    sites: Sites | None = None,
+    sites: Sites | None = None, live: LiveState | None = None,
 ) -> RunResult:
     """Run the experiment's rounds. `sites`: where the sites train (default: in this process;
-    the Flower runner passes its own)."""
+    the Flower runner passes its own). `live`: told of every event, for a live dashboard."""
     if sites is None:
         sites = InProcessSites(exp, private=None if run_dir is None else run_dir.private())
     try:
-        return _run(exp, sites, run_dir, resume, progress)
+        if live is None:
+            return _run(exp, sites, run_dir, resume, progress)
+        try:
+            result = _run(exp, LiveSites(sites, live), run_dir, resume, progress, live)
+        except BaseException as e:
+            live.ended(e)
+            raise
+        live.ended(None)
+        return result
     finally:
         sites.close()
 
 
-def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, progress: bool) -> RunResult:
+def _run(
+    exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, progress: bool,
+    live: LiveState | None = None,
+) -> RunResult:
     cfg = exp.config
     state = _open(exp, run_dir, resume)
+    if live is not None:
+        live.started(exp, state)
     run = run_dir.run_id() if run_dir is not None else secrets.token_hex(8)
     if isinstance(exp.strategy, DPFedAvg):  # the server's noise: from its own secret key
         exp.strategy.noise_key = (
@@ -73,8 +87,12 @@ def _run(exp: Experiment, sites: Sites, run_dir: RunDir | None, resume: bool, pr
             row = _round(exp, state, sites, evaluator, run_dir, run, rnd, bar if progress else None)
             bar.set_postfix_str(_progress(exp, row))
             bar.update(1)
+            if live is not None:
+                live.round_done(row)
     finally:
         bar.close()
+    if live is not None:
+        live.stage(state.round, "the selected model: final scores")
     return finish(exp, state, evaluator, run_dir, sites, run)
 
 
