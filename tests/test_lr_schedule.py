@@ -67,6 +67,7 @@ def test_a_tasks_training_defaults_fill_only_what_the_config_leaves_out():
     config naming its own optimizer keeps the generic rate."""
     silent = validate_config({"task": "reconstruction"}).training
     assert (silent.optimizer, silent.lr, silent.lr_schedule, silent.batch_size) == ("adam", 2e-3, "cosine", 4)
+    assert silent.eval_batch_size == 16
     named = validate_config({"task": "reconstruction", "training": {"optimizer": "sgd"}}).training
     assert (named.optimizer, named.lr) == ("sgd", 0.01)
     assert validate_config({"task": "segmentation"}).training.lr == 0.05

@@ -435,9 +435,12 @@ SOURCE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # batch 64 at lr 0.01 0.632 (0.358), Adam at 1e-3 0.829 (0.699). Reconstruction: Adam at 2e-3 on a
 # cosine schedule, as in benchmarks/recon_pilot.py (+5.07 dB over zero-filling at 4x on IXI); at a
 # constant 1e-3 pooled training on IXI diverged for a round (benchmarks/results/ixi_reconstruction.md).
+# Both score in batches of 16 images: on one CPU thread the cascade predicted 64 IXI slices 2-3x
+# slower in one batch of 64 than in batches of 16 or 4 (its activations outgrow the caches).
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "segmentation": {"training": {"batch_size": 16, "lr": 0.05}},
-    "reconstruction": {"training": {"batch_size": 4, "optimizer": "adam", "lr": 2e-3, "lr_schedule": "cosine"}},
+    "segmentation": {"training": {"batch_size": 16, "lr": 0.05, "eval_batch_size": 16}},
+    "reconstruction": {"training": {"batch_size": 4, "optimizer": "adam", "lr": 2e-3, "lr_schedule": "cosine",
+                                    "eval_batch_size": 16}},
 }
 
 # A 3D MedMNIST set's defaults where the config is silent (without DP-SGD: with it, DP_SGD_DEFAULTS
