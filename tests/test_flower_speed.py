@@ -76,13 +76,14 @@ def test_the_superexec_poll_interval_is_one_flower_reads(monkeypatch):
 
     monkeypatch.delenv(deploy.STOCK_ENV, raising=False)
     monkeypatch.delenv(deploy.SUPEREXEC_POLL_ENV, raising=False)
-    env = deploy.flower_env(Path("/nonexistent"))
+    assert deploy.SUPEREXEC_POLL_ENV not in deploy.flower_env(Path("/nonexistent"))  # the SuperLink's
+    env = deploy.flower_env(Path("/nonexistent"), supernode=True)
     assert run_superexec._TASK_POLL_INTERVAL_ENV == deploy.SUPEREXEC_POLL_ENV
     monkeypatch.setenv(deploy.SUPEREXEC_POLL_ENV, env[deploy.SUPEREXEC_POLL_ENV])
     assert run_superexec._get_task_poll_interval() == deploy.SUPEREXEC_POLL  # within Flower's bounds
     monkeypatch.delenv(deploy.SUPEREXEC_POLL_ENV)
     monkeypatch.setenv(deploy.STOCK_ENV, "1")
-    assert deploy.SUPEREXEC_POLL_ENV not in deploy.flower_env(Path("/nonexistent"))
+    assert deploy.SUPEREXEC_POLL_ENV not in deploy.flower_env(Path("/nonexistent"), supernode=True)
 
 
 def _environ(pid: int) -> dict[str, str]:

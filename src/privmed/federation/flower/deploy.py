@@ -83,14 +83,16 @@ def stock() -> bool:
     return os.environ.get(STOCK_ENV, "") not in ("", "0")
 
 
-def flower_env(home: Path, bin_first: Path | None = None) -> dict[str, str]:
+def flower_env(home: Path, bin_first: Path | None = None, supernode: bool = False) -> dict[str, str]:
     """The environment of every Flower process privmed starts; `bin_first`: a directory searched
-    before this environment's executables (warm_clientapp's `flwr-clientapp`)."""
+    before this environment's executables (warm_clientapp's `flwr-clientapp`); `supernode`: a
+    SuperNode's, whose SuperExec then looks for a ClientApp to start every SUPEREXEC_POLL seconds
+    (the SuperLink's starts one ServerApp per run: it keeps Flower's 1 s and its CPU)."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)  # flower-superexec, flwr-clientapp: from this env
     if bin_first is not None:
         bin_dir = f"{bin_first}{os.pathsep}{bin_dir}"
-    if not stock():  # the SuperExecs below the SuperLink and each SuperNode read it
+    if supernode and not stock():
         env.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL))
     env.update(
         FLWR_HOME=str(home),
@@ -346,7 +348,7 @@ def start_hospital(
     )
     home.mkdir(parents=True, exist_ok=True)
     out = open(log, "ab") if log else None  # noqa: SIM115
-    return subprocess.Popen(cmd, env=flower_env(home, bin_first), cwd=home, start_new_session=True,
+    return subprocess.Popen(cmd, env=flower_env(home, bin_first, supernode=True), cwd=home, start_new_session=True,
                             stdout=out, stderr=subprocess.STDOUT if out else None)
 
 
