@@ -54,6 +54,7 @@ from flower_overhead import config, in_process  # noqa: E402
 from privmed.federation.flower.deploy import free_port, stop_process  # noqa: E402
 
 STAGES = ["SuperNode pull", "SuperExec", "ClientApp start", "site", "reply", "send", "coordinator pull"]
+SECAGG_STAGES = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
 NODE_LINE = re.compile(r"(Receiving|Sending): (\S+) message \(ID: (\w+)\)|(Received|Sent) successfully")
 
 
@@ -142,6 +143,14 @@ def breakdown(res: dict) -> tuple[list[dict], dict]:
     exchanges: dict[int, list[dict]] = defaultdict(list)
     for p in push.values():
         exchanges[p["exchange"]].append(p)
+    seen: dict[str, int] = defaultdict(int)  # a SecAgg+ round's k-th 'train' exchange is stage k
+    for x in sorted(exchanges):
+        msgs = exchanges[x]
+        if msgs[0]["type"] == "train":
+            k = seen[msgs[0]["group"]]
+            seen[msgs[0]["group"]] += 1
+            for m in msgs:
+                m["type"] = "train:" + SECAGG_STAGES[min(k, 3)]
     # a round starts with its first training message (a plain 'train.plain', or SecAgg+'s setup)
     starts = sorted(min(m["t"] for m in msgs) for msgs in exchanges.values()
                     if msgs[0]["type"] in ("train.plain", "train:setup"))
@@ -227,6 +236,8 @@ def main() -> None:
                 local, _, _ = in_process(cfg, tmp)
                 res = on_flower(cfg, keep / f"flower-{n}-{agg}", args.stock)
                 kinds, per_round = breakdown(res)
+                (keep / f"flower-{n}-{agg}" / "breakdown.json").write_text(json.dumps(
+                    {"in_process": local, "per_round": per_round, "kinds": kinds}, indent=1))
                 name = "SecAgg+" if agg == "secagg" else "plain"
                 lines.append(f"| {n} | {name} | {local:.2f} | {per_round['round']:.2f} | "
                              f"{per_round['round'] - local:.2f} | {per_round['exchanges']:.2f} | "

@@ -81,8 +81,10 @@ class PollingGrid(Grid):
 def _label(msg: Message) -> str:
     """The message's type, and its SecAgg+ stage (setup, share_keys, collect_masked_vectors,
     unmask) for SecAgg+'s messages."""
-    record = msg.content.config_records.get("secaggplus") if msg.has_content() else None
-    stage = record.get("stage") if record is not None else None
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    record = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    stage = record.get(Key.STAGE) if record is not None else None
     return f"{msg.metadata.message_type}:{stage}" if stage else msg.metadata.message_type
 
 
