@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import signal
 import sys
@@ -132,9 +133,11 @@ def join(args) -> int:  # noqa: ANN001
     serve_site(SiteEndpoint(hospital), sock)
     proc = None
     p = hospital.profile
+    warm = deploy.start_warm_clientapps(home, name)  # Flower's ClientApps, forked with Flower imported
     try:
         while True:  # Flower's SuperNode ends when it loses the coordinator: start it again
-            proc = deploy.start_hospital(name, sock, args.server, args.certs, args.key, home, args.insecure)
+            proc = deploy.start_hospital(name, sock, args.server, args.certs, args.key, home, args.insecure,
+                                         bin_first=warm[1] if warm else None)
             print(f"hospital '{name}' ({p.n_train} training, {p.n_val} validation, {p.n_test} test items; "
                   f"its key and privacy ledger in {state}) joining {args.server} (Flower SuperNode, "
                   f"pid {proc.pid})", flush=True)
@@ -147,6 +150,9 @@ def join(args) -> int:  # noqa: ANN001
     finally:
         if proc is not None:
             deploy.stop_process(proc)
+        if warm is not None:
+            deploy.stop_process(warm[0])
+            shutil.rmtree(warm[1], ignore_errors=True)
         sock.unlink(missing_ok=True)
 
 

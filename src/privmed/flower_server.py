@@ -34,6 +34,11 @@ def main(grid: Grid, context: Context) -> None:
     from privmed.api import run
     from privmed.config import read_yaml, validate_config
 
+    from privmed.federation.flower.deploy import stock
+    from privmed.federation.flower.flower_patch import patch_object_pulls
+
+    if not stock():  # this process pulls the sites' replies: no second-long waits for their content
+        patch_object_pulls()
     rc = context.run_config
     path = str(rc["privmed-config"])
     cfg = validate_config(read_yaml(path), source=path)

@@ -6,4 +6,7 @@
   Flower Grid, so the in-process runner runs the very same protocol in one process.
 - `coordinator`: the coordinator's side (a Flower ServerApp driving the shared round loop).
 - `deploy`: certificates, keys, and the SuperLink / SuperNode / `flwr run` processes.
+- `warm_clientapp` (with `clientapp_launcher`) and `flower_patch`: Flower's ClientApps forked with
+  Flower already imported, and the few waits Flower 1.41.0 hard-codes, shortened.
+- `trace`: timestamps of a message's path (PRIVMED_FLOWER_TRACE), for benchmarks/flower_breakdown.py.
 """

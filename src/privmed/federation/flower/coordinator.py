@@ -17,6 +17,7 @@ from privmed.errors import PrivmedError
 from privmed.federation.evaluation import ScoreRequest, Scores
 from privmed.federation.experiment import Experiment
 from privmed.federation.flower import messages as M
+from privmed.federation.flower import trace
 from privmed.federation.strategies import SecureStrategy, SiteUpdate, TrainTask
 from privmed.federation.transport import StageFailed, StageOutcome, required_sites, secure_round
 from privmed.privacy.site_ledger import SiteRefused
@@ -33,6 +34,7 @@ class PollingGrid(Grid):
 
     def __init__(self, grid: Grid, interval: float = 0.1):
         self.inner, self.interval = grid, interval
+        self._exchange = 0  # send_and_receive calls so far (for the trace)
 
     def set_run(self, run) -> None:  # noqa: ANN001
         self.inner.set_run(run)
@@ -54,16 +56,36 @@ class PollingGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+        messages = list(messages)
+        pushed = time.time()
         waiting = set(self.push_messages(messages))
+        if trace.enabled():
+            self._exchange += 1
+            for m in messages:
+                trace.record("push", t=pushed, done=time.time(), mid=m.metadata.message_id, type=_label(m), node=m.metadata.dst_node_id,
+                             group=m.metadata.group_id, exchange=self._exchange)
         end = None if timeout is None else time.monotonic() + timeout
         out: list[Message] = []
         while waiting and (end is None or time.monotonic() < end):
             got = list(self.pull_messages(waiting))
             out += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
+            for m in got if trace.enabled() else []:
+                trace.record("pull", mid=m.metadata.reply_to_message_id, reply=m.metadata.message_id,
+                             node=m.metadata.src_node_id, exchange=self._exchange)
             if waiting:
                 time.sleep(self.interval)
         return out
+
+
+def _label(msg: Message) -> str:
+    """The message's type, and its SecAgg+ stage (setup, share_keys, collect_masked_vectors,
+    unmask) for SecAgg+'s messages."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    record = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    stage = record.get(Key.STAGE) if record is not None else None
+    return f"{msg.metadata.message_type}:{stage}" if stage else msg.metadata.message_type
 
 
 class FlowerSites:

@@ -32,6 +32,11 @@ from privmed.federation.flower.credentials import CA_CERT, SERVER_CERT, SERVER_K
 DEFAULT_HOME = Path("~/.privmed/flower")
 NODES_FILE = "nodes.json"  # in FLWR_HOME: {site: node id} of the keys `privmed serve` registered
 DEFAULT_ADDRESS = "127.0.0.1:9092"
+# Flower's own waits, shortened where Flower lets privmed (see `flower_env`, `supernode_command`
+# and warm_clientapp); PRIVMED_FLOWER_STOCK=1 starts Flower's processes as Flower ships them
+STOCK_ENV = "PRIVMED_FLOWER_STOCK"
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL = 0.1  # s between a SuperExec's looks for a task to start (Flower: 1 s, at least 0.01)
 INSECURE_WARNING = (
     "privmed: WARNING: --insecure: no TLS and no node authentication. Anyone on the network can "
     "read the models and join as a hospital. For tests on one machine only."
@@ -73,10 +78,22 @@ def home_dir(home: Path | None) -> Path:
     return Path(home or os.environ.get("PRIVMED_FLOWER_HOME") or DEFAULT_HOME).expanduser().resolve()
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """The environment of every Flower process privmed starts."""
+def stock() -> bool:
+    """Whether Flower's processes are to run as Flower ships them (PRIVMED_FLOWER_STOCK=1)."""
+    return os.environ.get(STOCK_ENV, "") not in ("", "0")
+
+
+def flower_env(home: Path, bin_first: Path | None = None, supernode: bool = False) -> dict[str, str]:
+    """The environment of every Flower process privmed starts; `bin_first`: a directory searched
+    before this environment's executables (warm_clientapp's `flwr-clientapp`); `supernode`: a
+    SuperNode's, whose SuperExec then looks for a ClientApp to start every SUPEREXEC_POLL seconds
+    (the SuperLink's starts one ServerApp per run: it keeps Flower's 1 s and its CPU)."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)  # flower-superexec, flwr-clientapp: from this env
+    if bin_first is not None:
+        bin_dir = f"{bin_first}{os.pathsep}{bin_dir}"
+    if supernode and not stock():
+        env.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL))
     env.update(
         FLWR_HOME=str(home),
         FLWR_TELEMETRY_ENABLED="0",
@@ -279,7 +296,9 @@ def supernode_command(
 ) -> list[str]:
     parse_address(server, "--server")
     pairs = " ".join(f'{k}="{v}"' for k, v in node_config.items())
-    cmd = [_bin("flower-supernode"), "--superlink", server, "--node-config", pairs,
+    # Flower's SuperNode, its waits shortened (flower_patch; stock: Flower's own command)
+    node = [_bin("flower-supernode")] if stock() else [sys.executable, "-m", "privmed.federation.flower.flower_patch"]
+    cmd = [*node, "--superlink", server, "--node-config", pairs,
            "--host", "127.0.0.1", "--port", str(runtime_port)]
     if insecure:
         return cmd + ["--insecure"]
@@ -289,11 +308,37 @@ def supernode_command(
                   "--auth-supernode-private-key", str(Path(key).resolve())]
 
 
+def start_warm_clientapps(home: Path, name: str) -> tuple[subprocess.Popen, Path] | None:
+    """Start the warm ClientApp server of a hospital (warm_clientapp) and write the `flwr-clientapp`
+    that reaches it: (the server, the directory to put first on the SuperNode's PATH); None when
+    Flower's processes run stock."""
+    from privmed.federation.flower.warm_clientapp import launcher_script
+
+    if stock():
+        return None
+    sock = home / "sockets" / f"clientapp-{name}-{os.getpid()}.sock"
+    if len(str(sock)) > 100:  # an AF_UNIX path holds at most 107 bytes
+        import tempfile
+
+        sock = Path(tempfile.mkdtemp(prefix="privmed-")) / f"clientapp-{os.getpid()}.sock"
+    bin_dir = home / "bin" / str(os.getpid())
+    script = bin_dir / "flwr-clientapp"
+    io.write_text(script, launcher_script(sys.executable, sock, _bin("flwr-clientapp")))
+    script.chmod(0o700)
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privmed.federation.flower.warm_clientapp", str(sock), str(os.getpid())],
+        env=flower_env(home), cwd=home, start_new_session=True,
+    )
+    return proc, bin_dir
+
+
 def start_hospital(
     site: str, socket_path: Path, server: str, certs: Path | None, key: Path | None, home: Path,
-    insecure: bool, log: Path | None = None,
+    insecure: bool, log: Path | None = None, bin_first: Path | None = None,
 ) -> subprocess.Popen:
-    """Start the SuperNode of `site`, whose ClientApps relay to the site's process at `socket_path`."""
+    """Start the SuperNode of `site`, whose ClientApps relay to the site's process at `socket_path`;
+    `bin_first`: where its SuperExec looks first for `flwr-clientapp` (start_warm_clientapps)."""
     for ch in '" ':
         if ch in str(socket_path) or ch in site:
             raise DeployError(f"--site / --home: '{site}' / '{socket_path}' may hold no spaces or quotes")
@@ -303,7 +348,7 @@ def start_hospital(
     )
     home.mkdir(parents=True, exist_ok=True)
     out = open(log, "ab") if log else None  # noqa: SIM115
-    return subprocess.Popen(cmd, env=flower_env(home), cwd=home, start_new_session=True,
+    return subprocess.Popen(cmd, env=flower_env(home, bin_first, supernode=True), cwd=home, start_new_session=True,
                             stdout=out, stderr=subprocess.STDOUT if out else None)
 
 

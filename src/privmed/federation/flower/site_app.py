@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from typing import Callable, Protocol
 
 import numpy as np
@@ -25,6 +26,8 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from privmed.federation.flower import trace
 
 
 class Endpoint(Protocol):
@@ -41,7 +44,7 @@ class Endpoint(Protocol):
 
 def make_client_app(endpoint_for: Callable[[Context], Endpoint]) -> ClientApp:
     """A ClientApp whose handlers ask `endpoint_for(context)` for the site to use."""
-    app = ClientApp()
+    app = ClientApp(mods=[_trace_mod] if trace.enabled() else [])
 
     def train(msg: Message, context: Context) -> Message:
         content, seed = endpoint_for(context).train(msg.content)
@@ -69,6 +72,16 @@ def make_client_app(endpoint_for: Callable[[Context], Endpoint]) -> ClientApp:
         return Message(endpoint_for(context).setup(msg.content), reply_to=msg)
 
     return app
+
+
+def _trace_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """With PRIVMED_FLOWER_TRACE set: when this ClientApp process started, and when it got and
+    answered the message (every message, SecAgg+'s stages that secaggplus_mod answers itself too)."""
+    entered = trace.process_start_time(), time.time()
+    reply = call_next(msg, context)
+    trace.record("clientapp", mid=msg.metadata.message_id, type=msg.metadata.message_type,
+                 node=context.node_id, started=entered[0], entered=entered[1])
+    return reply
 
 
 # ---------------------------------------------------------------------------- relay
@@ -118,8 +131,10 @@ class RelayEndpoint:
                 s.connect(self.path)
             except OSError as e:
                 raise ConnectionError(f"the site's process is not listening on {self.path}: {e}") from None
+            sent = time.time()
             send_frame(s, op + payload)
             reply = recv_frame(s)
+        trace.record("relay", op=op.decode(), sent=sent)
         if reply[:1] == ERR:
             raise RuntimeError(reply[1:].decode("utf-8", "replace"))
         return reply[1:]

@@ -1,0 +1,170 @@
+"""What makes a Flower round fast (issue 16), each checked where it can break: the waits privmed
+shortens reach the processes deploy.py starts, the one patch to Flower still finds what it patches,
+the warm ClientApp server forks Flower's ClientApp (and the launcher falls back to Flower's own),
+and the relay ClientApp starts without torch. Every process a test starts is stopped by its id."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from privmed.federation.flower import deploy, flower_patch
+from privmed.federation.flower.deploy import descendants, free_port, stop_process
+from privmed.federation.flower.warm_clientapp import launcher_script
+
+
+def test_the_patched_sleeps_are_still_flowers():
+    """flower_patch shortens `time.sleep(3)` (after an empty pull) and `time.sleep(0.5)` (between
+    looks for a reply) in flwr 1.41.0's SuperNode loop, and the backoff of content pulls: fails
+    when a Flower upgrade moves them."""
+    from importlib.metadata import version
+
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    assert version("flwr") == flower_patch.PATCHED_FOR
+    assert "time.sleep(3)" in inspect.getsource(sci.start_client_internal)
+    assert "time.sleep(0.5)" in inspect.getsource(sci._push_messages)
+    assert sci.time is time or isinstance(sci.time, flower_patch._Waits)
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        assert {"initial_backoff", "backoff_cap"} <= set(fn.__kwdefaults__)
+    assert sci.pull_objects is iu.pull_objects  # the SuperNode's pulls use the patched defaults
+
+
+def test_the_patch_shortens_only_flowers_fixed_waits(monkeypatch):
+    import flwr.supernode.start_client_internal as sci
+
+    slept = []
+    monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert flower_patch.patch_supernode_waits()
+    sci.time.sleep(3)
+    sci.time.sleep(0.5)
+    sci.time.sleep(1.25)
+    assert slept == [flower_patch.PULL_INTERVAL, flower_patch.REPLY_POLL, 1.25]
+    assert sci.time.monotonic is time.monotonic
+
+
+def test_content_pulls_back_off_briefly_once_patched(monkeypatch):
+    """An object not yet uploaded is asked for again after PULL_BACKOFF, not Flower's 1 s."""
+    from flwr.supercore.inflatable import inflatable_utils as iu
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))  # restored after the test
+    assert flower_patch.patch_object_pulls()
+    asked = []
+
+    def pull(object_id: str) -> bytes:
+        asked.append(time.monotonic())
+        if len(asked) < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"x"
+
+    assert iu.pull_objects(["a"], pull) == {"a": b"x"}
+    assert asked[-1] - asked[0] < 0.6  # Flower's own: 1 s + 2 s
+
+
+def test_the_superexec_poll_interval_is_one_flower_reads(monkeypatch):
+    from flwr.supercore.superexec import run_superexec
+
+    monkeypatch.delenv(deploy.STOCK_ENV, raising=False)
+    monkeypatch.delenv(deploy.SUPEREXEC_POLL_ENV, raising=False)
+    assert deploy.SUPEREXEC_POLL_ENV not in deploy.flower_env(Path("/nonexistent"))  # the SuperLink's
+    env = deploy.flower_env(Path("/nonexistent"), supernode=True)
+    assert run_superexec._TASK_POLL_INTERVAL_ENV == deploy.SUPEREXEC_POLL_ENV
+    monkeypatch.setenv(deploy.SUPEREXEC_POLL_ENV, env[deploy.SUPEREXEC_POLL_ENV])
+    assert run_superexec._get_task_poll_interval() == deploy.SUPEREXEC_POLL  # within Flower's bounds
+    monkeypatch.delenv(deploy.SUPEREXEC_POLL_ENV)
+    monkeypatch.setenv(deploy.STOCK_ENV, "1")
+    assert deploy.SUPEREXEC_POLL_ENV not in deploy.flower_env(Path("/nonexistent"), supernode=True)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+@pytest.mark.parametrize("stock", [False, True])
+def test_the_supernode_deploy_starts_gets_the_short_waits(tmp_path, monkeypatch, stock):
+    """A SuperNode as `privmed join` starts it (no SuperLink needed: Flower starts the SuperExec
+    before it connects): patched and with a short SuperExec poll, or stock, exactly Flower's."""
+    monkeypatch.delenv(deploy.SUPEREXEC_POLL_ENV, raising=False)
+    monkeypatch.setenv(deploy.STOCK_ENV, "1" if stock else "0")
+    bin_first = tmp_path / "bin"
+    proc = deploy.start_hospital("site-1", tmp_path / "s.sock", f"127.0.0.1:{free_port()}", None, None,
+                                 tmp_path / "home", insecure=True, log=tmp_path / "node.log",
+                                 bin_first=None if stock else bin_first)
+    try:
+        end, superexec = time.monotonic() + 60, None
+        while superexec is None and time.monotonic() < end:
+            assert proc.poll() is None, (tmp_path / "node.log").read_text()
+            superexec = next((p for p in descendants(proc.pid) if "flower-superexec" in _cmdline(p)), None)
+            time.sleep(0.2)
+        assert superexec is not None, (tmp_path / "node.log").read_text()
+        env = _environ(superexec)
+        if stock:
+            assert "flower-supernode" in _cmdline(proc.pid)
+            assert deploy.SUPEREXEC_POLL_ENV not in env
+        else:
+            assert "privmed.federation.flower.flower_patch" in _cmdline(proc.pid)
+            assert env[deploy.SUPEREXEC_POLL_ENV] == str(deploy.SUPEREXEC_POLL)
+            assert env["PATH"].split(os.pathsep)[0] == str(bin_first)
+    finally:
+        stop_process(proc, grace=5)
+
+
+def test_the_warm_server_forks_flowers_clientapp_and_the_launcher_falls_back(tmp_path):
+    """With the server up, `flwr-clientapp --help` comes from Flower's entry point in a forked child
+    (not from the stand-in for Flower's own, which the launcher runs when the server is down); with it down, the fallback runs."""
+    sock = tmp_path / "s" / "warm.sock"
+    script, fallback = tmp_path / "flwr-clientapp", tmp_path / "flowers-own"
+    fallback.write_text("#!/bin/sh\necho \"Flower's own: $*\"\n")
+    script.write_text(launcher_script(sys.executable, sock, str(fallback)))
+    for f in (script, fallback):
+        f.chmod(0o700)
+    server = subprocess.Popen([sys.executable, "-m", "privmed.federation.flower.warm_clientapp", str(sock),
+                               str(os.getpid())], start_new_session=True)
+    try:
+        end = time.monotonic() + 60
+        while not sock.exists() and time.monotonic() < end:
+            assert server.poll() is None
+            time.sleep(0.1)
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        got = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+        assert got.returncode == 0
+        assert "Run a Flower ClientApp" in got.stdout  # the forked child's, through the launcher's pipe
+    finally:
+        stop_process(server, grace=5)
+    got = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0 and got.stdout == "Flower's own: --help\n"
+
+
+def test_the_relay_clientapp_and_the_launcher_import_no_torch():
+    code = ("import sys, privmed.federation.flower.site_app; "
+            "print(sorted(m for m in ('torch', 'opacus', 'privmed.federation.site') if m in sys.modules))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "[]"
+    launcher = Path(deploy.__file__).with_name("clientapp_launcher.py").read_text()
+    imports = {line.split()[1] for line in launcher.splitlines() if line.startswith("import ")}
+    assert imports <= {"json", "os", "socket", "sys"}
+
+
+def test_tracing_is_off_unless_asked(monkeypatch):
+    from privmed.federation.flower import site_app, trace
+
+    monkeypatch.delenv(trace.ENV, raising=False)
+    assert not trace.enabled()
+    assert site_app.make_client_app(lambda ctx: None)._mods == []
+    start = trace.process_start_time()
+    assert start is None or 0 <= time.time() - start < 3600 * 24 * 365
