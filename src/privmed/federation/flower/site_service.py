@@ -84,7 +84,7 @@ class SiteEndpoint:
                             "clipped", ins.rnd, clipped)
         else:
             update = replace(update, metrics={**update.metrics, "secagg_clipped": clipped})
-        return M.encode_update(update, arrays, weight), client.secagg_seed(ins)
+        return M.encode_update(update, arrays, weight, secure=True), client.secagg_seed(ins)
 
 
 def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
