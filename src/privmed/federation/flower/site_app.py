@@ -15,9 +15,11 @@ run's public settings, before the site's first instruction).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import time
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -28,6 +30,23 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from privmed.federation.flower import trace
+
+
+def listen_owner_only(path, backlog: int) -> socket.socket:  # noqa: ANN001
+    """A Unix socket listening at `path` (a str or Path) that only this user can reach: its folder
+    made owner-only, the socket created under umask 0o177; an old socket file there is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    path.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old)
+    server.listen(backlog)
+    return server
 
 
 class Endpoint(Protocol):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import struct
 import threading
@@ -19,7 +18,8 @@ from flwr.app import RecordDict
 
 from privmed.federation.flower import messages as M
 from privmed.federation.flower.site_app import (
-    ERR, OK, OP_DESCRIBE, OP_EVALUATE, OP_SETUP, OP_TRAIN, decode_content, encode_content, recv_frame, send_frame,
+    ERR, OK, OP_DESCRIBE, OP_EVALUATE, OP_SETUP, OP_TRAIN, decode_content, encode_content, listen_owner_only,
+    recv_frame, send_frame,
 )
 from privmed.federation.client import SiteClient
 from privmed.federation.experiment import SiteSetup
@@ -89,17 +89,7 @@ class SiteEndpoint:
 
 def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
     """Answer relayed messages on the Unix socket `path` (created owner-only) in a daemon thread."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    path.unlink(missing_ok=True)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        server.bind(str(path))
-    finally:
-        os.umask(old)
-    server.listen(16)
+    server = listen_owner_only(path, 16)
 
     def handle(conn: socket.socket) -> None:
         with conn:

@@ -48,21 +48,12 @@ def serve(path: Path, parent: int) -> None:
     """Fork a ClientApp for each request on the Unix socket `path` until `parent` exits."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    import privmed.federation.flower.site_app  # noqa: F401 - the ClientApp's module, imported once
+    from privmed.federation.flower.site_app import listen_owner_only  # the ClientApp's module, imported once
     from privmed.federation.flower.flower_patch import patch_object_pulls
 
     patch_object_pulls()  # the ClientApp pulls its message's content from the SuperNode
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    path.unlink(missing_ok=True)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        server.bind(str(path))
-    finally:
-        os.umask(old)
-    server.listen(64)
+    server = listen_owner_only(path, 64)
     server.settimeout(1.0)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     while os.getppid() == parent:
