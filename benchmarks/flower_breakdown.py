@@ -46,12 +46,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flower_overhead import config, in_process  # noqa: E402
+from flower_overhead import config, credentials, in_process  # noqa: E402
 
-from privmed.federation.flower.deploy import free_port, stop_process  # noqa: E402
+from privmed.federation.flower.deploy import stop_process  # noqa: E402
 
 STAGES = ["SuperNode pull", "SuperExec", "ClientApp start", "site", "reply", "send", "coordinator pull"]
 SECAGG_STAGES = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
@@ -75,17 +73,11 @@ def timestamp_lines(stream, path: Path) -> threading.Thread:  # noqa: ANN001
 def on_flower(cfg: dict, root: Path, stock: bool) -> dict:
     """Run `cfg` on a loopback deployment under `root`; the run's rows, trace and node lines."""
     root.mkdir(parents=True)
-    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PRIVMED_FLOWER_TRACE": str(root / "trace.jsonl")}
     env.pop("PRIVMED_FLOWER_STOCK", None)
     if stock:
         env["PRIVMED_FLOWER_STOCK"] = "1"
-    pm = [sys.executable, "-m", "privmed"]
-    subprocess.run(pm + ["certs", str(root / "certs")], check=True, capture_output=True)
-    sites = [f"site-{i + 1}" for i in range(cfg["sites"]["count"])]
-    for s in sites:
-        subprocess.run(pm + ["keys", str(root / "keys"), "--name", s], check=True, capture_output=True)
-    address = f"127.0.0.1:{free_port()}"
+    pm, sites, address = credentials(cfg, root)
     procs, readers = [], []
     try:
         coord = subprocess.Popen(

@@ -76,16 +76,22 @@ def one_round_error(cfg: dict) -> tuple[float, float]:
     return max_diff(got[False], got[True]), bound
 
 
-def on_flower(cfg: dict, tmp: Path) -> tuple[float, dict]:
-    root = tmp / f"flower-{cfg['name']}"
-    root.mkdir()
+def credentials(cfg: dict, root: Path) -> tuple[list[str], list[str], str]:
+    """Write `cfg`, the certificates and each site's key under `root`: (the privmed command, the
+    site names, a free loopback address for the coordinator)."""
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     pm = [sys.executable, "-m", "privmed"]
     subprocess.run(pm + ["certs", str(root / "certs")], check=True, capture_output=True)
     sites = [f"site-{i + 1}" for i in range(cfg["sites"]["count"])]
     for s in sites:
         subprocess.run(pm + ["keys", str(root / "keys"), "--name", s], check=True, capture_output=True)
-    address = f"127.0.0.1:{free_port()}"
+    return pm, sites, f"127.0.0.1:{free_port()}"
+
+
+def on_flower(cfg: dict, tmp: Path) -> tuple[float, dict]:
+    root = tmp / f"flower-{cfg['name']}"
+    root.mkdir()
+    pm, sites, address = credentials(cfg, root)
     procs = []
 
     def start(args: list[str], log: str) -> subprocess.Popen:
