@@ -142,6 +142,12 @@ class DataConfig(_Section):
         "2D slices; each volume, voxels as stored, is centre-padded to whole patches and cut into them "
         "(each side 16 to 512: the 3D U-Net halves it four times)",
     )
+    spacing: list[float] | None = Field(
+        None,
+        description="nifti: resample every volume (image trilinear, mask nearest; MONAI's Spacing) to "
+        "voxels of [x, y, z] mm along the file's voxel axes, before slicing or cutting patches "
+        "(default: voxels as stored)",
+    )
     standardize: Literal["auto", "none", "per-site"] = Field(
         "auto",
         description="tabular sources: 'per-site' scales each feature by its mean and standard "
@@ -181,6 +187,13 @@ class DataConfig(_Section):
             raise ValueError("data.csv is required for source 'nifti' (columns image, mask[, site, patient])")
         if self.patch is not None:
             self._check_patch()
+        if self.spacing is not None:
+            given = f"data.spacing: {list(self.spacing)}"
+            if self.source != "nifti":
+                raise ValueError(f"{given}: only source 'nifti' resamples volumes (data.source is '{self.source}')")
+            if len(self.spacing) != 3 or not all(0 < s <= 100 for s in self.spacing):
+                raise ValueError(f"{given} is not a voxel size; allowed: three sides [x, y, z] in mm, each "
+                                 "above 0 and at most 100")
         return self
 
     def _check_patch(self) -> None:

@@ -14,11 +14,14 @@
   to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
   with no mask at all are kept only when `data.min_foreground` is 0.
 - With `data.patch: [D, H, W]` items are 3D patches instead, (N, 1, D, H, W) images and (N, D, H, W)
-  class maps, D along the last axis: each volume, voxels as stored (no resampling), is centre-padded
+  class maps, D along the last axis: each volume (voxels as stored, or resampled by `data.spacing`) is centre-padded
   with zeros to a whole number of patches along each side and cut into that grid
   (privmed.data.volumes.patches). `data.min_foreground` applies to a patch's share of mask voxels.
   The privacy unit stays the volume: all its patches carry its patient id and site. Segmentation
   then trains the 3D U-Net, "unet3d", by default.
+- `data.spacing: [x, y, z]` (mm) resamples every volume first (MONAI's Spacing: trilinear for the
+  image, nearest neighbour for the mask). HD95 is in mm when every volume has the same pixel side
+  (after resampling, always), in pixels otherwise.
 - Intensities: CT (HU) with `data.window: [low, high]` is clipped to the window and scaled to
   [0, 1]; anything else is divided by its 99.5th percentile (privmed.data.volumes.normalise).
 """
@@ -40,7 +43,8 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
     csv = Path(data.csv)
     rows = read_index(csv, ("file", "mask"), ("site", "patient", "split"))
     root = Path(data.root) if data.root is not None else csv.parent
-    vols = [_read_pair(root, r) for r in rows]
+    spacing = tuple(data.spacing) if data.spacing else None
+    vols = [_read_pair(root, r, spacing) for r in rows]
     side = data.size or int(np.ceil(max(max(v.shape[:2]) for v, _, _ in vols) / 16) * 16)
     patch = tuple(data.patch) if data.patch else None
     k = max(int(m.max()) for _, m, _ in vols) + 1
@@ -57,8 +61,7 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
                             f"({len(ordered)} patients in {csv})")
         test = set(ordered[-data.test_subjects:])
     train, held = [], []
-    spacing = None
-    for r, p, (vol, mask, spacing) in zip(rows, patients, vols):
+    for r, p, (vol, mask, _) in zip(rows, patients, vols):
         img, m = _items(_intensities(vol, data.window), mask, patch or (side, side))
         keep = slices_with(m > 0, data.min_foreground) if data.min_foreground > 0 else np.arange(len(m))
         n = len(keep)
@@ -67,12 +70,19 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
         (held if p in test else train).append(part)
     if not train or not held:
         raise DataError(f"{csv}: the split leaves no {'training' if not train else 'test'} volume")
+    # HD95 in mm needs one pixel side for every volume; otherwise it is given in pixels, and the
+    # description says why
+    sides = [s for _, _, s in vols]
+    same = max(sides) <= min(sides) * 1.01
+    voxels = (f"resampled to {' x '.join(f'{s:g}' for s in spacing)} mm" if spacing else
+              "voxels as stored" + ("" if same else f", pixel sides {min(sides):.2f} to {max(sides):.2f} mm "
+                                    "(HD95 in pixels; data.spacing resamples them to one)"))
     return SourceData(
         train=ImageSet.concat(train), test=ImageSet.concat(held), class_names=names,
-        description=f"NIfTI volumes from {csv.name}: {len(rows)} volumes, "
+        description=f"NIfTI volumes from {csv.name}: {len(rows)} volumes, {voxels}, "
                     + (f"patches {'x'.join(map(str, patch))}" if patch else f"slices {side}x{side}"),
         files=[str(root / r[c]) for r in rows for c in ("file", "mask")],
-        spacing_mm=spacing,
+        spacing_mm=max(sides) if same else None,
     )
 
 
@@ -83,20 +93,20 @@ def _items(img: np.ndarray, mask: np.ndarray, shape: tuple[int, ...]) -> tuple[n
     return cut(img, 2, shape)[:, None], cut(mask, 2, shape)
 
 
-def _read_pair(root: Path, row: dict) -> tuple[np.ndarray, np.ndarray, float]:
+def _read_pair(root: Path, row: dict, spacing: tuple[float, ...] | None) -> tuple[np.ndarray, np.ndarray, float]:
     path, mpath = root / row["file"], root / row["mask"]
     for p in (path, mpath):
         if not p.is_file():
             raise DataError(f"data.csv: {p} not found")
-    vol, spacing = read_volume(path)
-    mask, _ = read_volume(mpath)
+    vol, side = read_volume(path, spacing=spacing)
+    mask, _ = read_volume(mpath, spacing=spacing, mask=True)
     if mask.shape != vol.shape:
         raise DataError(f"{mpath}: shape {mask.shape} differs from its image's {vol.shape}")
     m = np.rint(mask)
     if m.min() < 0 or not np.allclose(m, mask):
         raise DataError(f"{mpath}: a mask holds whole class numbers 0, 1, ...; found {float(mask.min()):g} "
                         f"to {float(mask.max()):g}")
-    return vol, m.astype(np.int64), spacing
+    return vol, m.astype(np.int64), side
 
 
 def _intensities(vol: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:

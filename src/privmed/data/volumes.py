@@ -1,7 +1,8 @@
 """From NIfTI volumes to the 2D slices or 3D patches the dense tasks train on (the file reading:
 nibabel).
 
-    vol = read_volume(path)                    # (X, Y, Z) float32, in the file's voxel order
+    vol, side = read_volume(path)              # (X, Y, Z) float32 in the file's voxel order; pixel mm
+    vol, side = read_volume(path, spacing=(1, 1, 2))  # resampled to 1 x 1 x 2 mm voxels (MONAI)
     img = normalise(vol)                       # [0, 1]: / the 99.5th percentile of nonzero voxels
     slab = axial(vol, axis, shape)             # (S, H, W): slices along `axis`, centre-padded/cropped
     keep = slices_with(mask_slab > 0, 0.02)    # slices (or patches) whose foreground covers >= 2%
@@ -21,23 +22,45 @@ import numpy as np
 from privmed.errors import DataError
 
 
-def read_volume(path: Path, slice_axis: int = 2) -> tuple[np.ndarray, float]:
+def read_volume(path: Path, slice_axis: int = 2, spacing: tuple[float, float, float] | None = None,
+                mask: bool = False) -> tuple[np.ndarray, float]:
     """(voxels (X, Y, Z) float32, a pixel's side in mm within the slices along `slice_axis`: the
     smaller of the two in-plane voxel sides) of a NIfTI file; DataError naming the file when it
     cannot be read or is not 3D. The slice thickness does not count: a CT of 0.8 mm pixels in 5 mm
-    slices has 0.8 mm pixels."""
+    slices has 0.8 mm pixels.
+
+    With `spacing` (mm along the file's three voxel axes) the volume is resampled to it by MONAI's
+    Spacing transform, which follows the file's affine and keeps its axis order: trilinear for an
+    image, nearest neighbour for a `mask` (its classes stay whole numbers)."""
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
         zooms = img.header.get_zooms()
+        affine = img.affine
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: not a readable NIfTI volume ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     data = np.squeeze(data)
     if data.ndim != 3:
         raise DataError(f"{path}: a volume of shape {data.shape}; a 3D volume (X, Y, Z) is needed")
+    if spacing is not None:
+        data = resample(data, affine, spacing, mask)
+        zooms = spacing
     return data, float(min(z for i, z in enumerate(zooms[:3]) if i != slice_axis))
+
+
+def resample(vol: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float], mask: bool = False) -> np.ndarray:
+    """`vol` (X, Y, Z) with voxel-to-world `affine` (4, 4) resampled to voxels of `spacing` mm
+    (MONAI's Spacing: trilinear, or nearest neighbour for a `mask`; borders repeat the edge)."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    t = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol))[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+    out = Spacing(pixdim=tuple(float(s) for s in spacing), mode="nearest" if mask else "bilinear",
+                  dtype=np.float32)(t)
+    return np.asarray(out.array[0], dtype=np.float32)
 
 
 def normalise(vol: np.ndarray, percentile: float = 99.5) -> np.ndarray:
