@@ -5,10 +5,12 @@ federated (fedavg, cyclic) against each hospital alone, with and without DP-SGD.
     .venv/bin/python benchmarks/ixi.py --task reconstruction [--rounds 30] [--workers 2]
 
 The 10 subjects: 3 held out for test (by subject, drawn by the seed), 7 dealt to 3 sites in turn
-(3, 2 and 2 subjects; data.val_fraction 0, so each run's result is its last round's model). Every
-strategy does the same work: `--rounds` rounds of one local epoch per site (pooled: one epoch over
-all the training slices per round). DP-SGD at epsilon 8 (delta 1e-3) is per patient: a volume
-is the unit, and DP-SGD samples volumes (privacy.dpsgd.patient_batches).
+(3, 2 and 2 subjects; data.val_fraction 0, so each run's result is its last round's model). A row
+does `--rounds` rounds of one local epoch per site (pooled: one epoch over all the training slices
+per round) unless its name says more epochs (fedavg with 3 local epochs makes as many passes over
+the data as pooled with 3 epochs a round). DP-SGD at
+epsilon 8 (delta 1e-3) is per patient: a volume is the unit, and DP-SGD samples volumes, each
+bringing one of its slices per step (privacy.dpsgd.patient_batches).
 Written to benchmarks/results/ixi_<task>.md; each finished run is kept in
 benchmarks/results/ixi_<task>.json, so that a stopped call goes on where it stopped.
 """
@@ -16,8 +18,10 @@ benchmarks/results/ixi_<task>.json, so that a stopped call goes on where it stop
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,7 +33,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data" / "ixi-t1"
 ROWS = {
     "pooled": {"federation": {"strategy": "pooled"}},
+    # pooled with the same passes over the data as fedavg with more local epochs
+    "pooled, 2 epochs a round": {"federation": {"strategy": "pooled", "local_epochs": 2}},
+    "pooled, 3 epochs a round": {"federation": {"strategy": "pooled", "local_epochs": 3}},
     "fedavg": {"federation": {"strategy": "fedavg"}},
+    # the same rounds with more local work: communication is what federation pays for
+    "fedavg, 2 local epochs": {"federation": {"strategy": "fedavg", "local_epochs": 2}},
+    "fedavg, 3 local epochs": {"federation": {"strategy": "fedavg", "local_epochs": 3}},
     "fedprox": {"federation": {"strategy": "fedprox", "prox_mu": 0.01}},
     "cyclic": {"federation": {"strategy": "cyclic"}},
     "local": {"federation": {"strategy": "local"}},
@@ -43,7 +53,8 @@ PUBLISHED = {"segmentation": "FLamby Fed-IXI (IXI-Tiny, whole brain): pooled 0.9
 
 def config(task: str, row: str, rounds: int, seed: int, extra: dict, data: Path = DATA) -> dict:
     over = ROWS[row]
-    cfg = {"name": f"ixi-{task}-{row.split(',')[0]}-s{seed}", "seed": seed, "task": task,
+    slug = re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
+    cfg = {"name": f"ixi-{task}-{slug}-s{seed}", "seed": seed, "task": task,
            "data": {"source": "ixi", "root": str(data), "val_fraction": 0.0},
            "sites": {"count": 3, "partition": "natural"},
            "federation": {"rounds": rounds, "local_epochs": 1, **over["federation"]}}
@@ -60,7 +71,9 @@ def _one(job: tuple) -> tuple[str, dict, float]:
     import privmed
 
     start = time.perf_counter()
-    s = privmed.run(cfg, RESULTS.parent.parent / "runs" / "ixi-benchmark" / cfg["name"]).summary
+    # one folder per cached result (row, rounds, seed, settings): a rerun with other settings starts afresh
+    out_dir = ROOT / "runs" / "ixi-benchmark" / f"{cfg['name']}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    s = privmed.run(cfg, out_dir).summary
     out = {"test": s["test"], "epsilon": (s.get("privacy") or {}).get("epsilon"), "machine": _machine()}
     return key, out, time.perf_counter() - start
 
@@ -78,6 +91,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rows", nargs="*", default=list(ROWS), help="which rows (default: all)")
     ap.add_argument("--data", type=Path, default=DATA, help="the IXI folder (default: ../shared/data/ixi-t1)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the table's file (default: benchmarks/results/ixi_<task>.md)")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="config keys for every run, e.g. model.width=8 training.device=cuda")
     args = ap.parse_args()
@@ -100,8 +115,12 @@ def main() -> None:
     # spawn: a forked child cannot use CUDA that its parent touched
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for key, out, seconds in pool.map(_one, todo):
-            cache[key] = {**out, "seconds": round(seconds)}
-            cache_file.write_text(json.dumps(cache, indent=1))
+            # re-read first: another call (another task's rows, run beside this one) may have added its own
+            cache = {**(json.loads(cache_file.read_text()) if cache_file.is_file() else {}),
+                     key: {**out, "seconds": round(seconds)}}
+            tmp = cache_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(cache_file)
             print(key, json.dumps(out["test"]), f"{seconds:.0f}s", flush=True)
     write_table(args.task, [(row, cache[key]) for (key, _), row in zip(jobs, args.rows)], args)
 
@@ -133,8 +152,10 @@ def write_table(task: str, rows: list[tuple[str, dict]], args: argparse.Namespac
             f"\n\nPublished: {PUBLISHED[task]}.\n\n"
             f"Machine: {'; '.join(sorted({r.get('machine') or 'not recorded' for _, r in rows}))}; one CPU "
             "thread per run.\n")
-    out = RESULTS / f"ixi_{task}.md"
-    out.write_text(text)
+    out = args.out or RESULTS / f"ixi_{task}.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
     print(text)
 
 

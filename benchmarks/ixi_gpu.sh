@@ -14,13 +14,16 @@ run() {  # task, rows..., then --set
   timeout "$LIMIT" python3 benchmarks/ixi.py --data .devdata/ixi-t1 --workers 5 --rounds "$ROUNDS" "$@" 2>&1 \
     | grep -v -i warn | tail -25
 }
-run --task segmentation --rows pooled fedavg fedprox cyclic local --set training.device=cuda model.width=16 &
+run --task segmentation --rows pooled fedavg fedprox cyclic local --out benchmarks/results/ixi_segmentation_gpu.md \
+  --set training.device=cuda model.width=16 &
 run --task reconstruction --rows pooled fedavg fedprox cyclic local --set training.device=cuda &
 wait
 cp benchmarks/results/ixi_* "$OUT"/ 2>/dev/null
 for t in segmentation reconstruction; do
   for s in pooled fedavg; do
-    cp runs/ixi-benchmark/ixi-$t-$s-s0/plots/examples.png "$OUT/examples_${t}_${s}.png" 2>/dev/null
+    # the newest run of that row (each run's folder ends in a hash of its settings)
+    dir=$(ls -td runs/ixi-benchmark/ixi-$t-$s-s0-*/ 2>/dev/null | head -1)
+    [ -n "$dir" ] && cp "${dir}plots/examples.png" "$OUT/examples_${t}_${s}.png"
   done
 done
 ls -la "$OUT"
