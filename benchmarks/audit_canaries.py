@@ -39,6 +39,8 @@ def _one(job: tuple) -> tuple[str, dict, dict]:
 
 
 def main() -> None:
+    from privmed.privacy.figures import format_epsilon  # rounded up: never below what the ledger holds
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--canaries", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
@@ -61,7 +63,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|",
     ]
     for label, (r, p) in done.items():
-        claimed = "none" if p.get("epsilon") is None else f"{p['epsilon']:.3f} ({p['delta']:g})"
+        claimed = "none" if p.get("epsilon") is None else f"{format_epsilon(p['epsilon'], 4)} ({p['delta']:g})"
         lines.append(f"| {label} | {claimed} | {r['epsilon_lower']:.3f} | {r['correct']} of {r['guesses']} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", f"{(time.time() - start) / 60:.0f} min; {platform.machine()}, torch {torch.__version__}, "

@@ -66,6 +66,8 @@ def _one(job: tuple) -> tuple[str, dict, dict]:
 
 
 def main() -> None:
+    from privmed.privacy.figures import format_epsilon  # rounded up: never below what the ledger holds
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--canaries", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
@@ -96,7 +98,7 @@ def main() -> None:
     ]
     for label, (r, s) in done.items():
         p = s.get("privacy") or {}
-        claimed = "none" if p.get("epsilon") is None else f"{p['epsilon']:.3f} ({p['delta']:g})"
+        claimed = "none" if p.get("epsilon") is None else f"{format_epsilon(p['epsilon'], 4)} ({p['delta']:g})"
         lo, hi = r["roc_auc_ci"]
         lines.append(f"| {label} | {r['site']} ({r['included']} trained) | {claimed} | {r['epsilon_lower']:.3f} | "
                      f"{r['correct']} of {r['guesses']} | {r['roc_auc']:.3f} ({lo:.3f}–{hi:.3f}) | "

@@ -70,6 +70,8 @@ def _pct(v) -> str:
 
 
 def table(results: dict[str, dict], minutes: float) -> str:
+    from privmed.privacy.figures import format_epsilon  # rounded up: never below what the ledger holds
+
     lines = [
         "# Membership inference: PneumoniaMNIST, 3 sites, Dirichlet 0.5, fedavg",
         "",
@@ -83,7 +85,7 @@ def table(results: dict[str, dict], minutes: float) -> str:
     ]
     for label, r in results.items():
         c = r["claimed"]
-        eps = "none" if c["epsilon"] is None else f"{c['epsilon']:.3f} ({c['max_roc_auc']:.3f})"
+        eps = "none" if c["epsilon"] is None else f"{format_epsilon(c['epsilon'], 4)} ({c['max_roc_auc']:.3f})"
         for name, a in r["attacks"].items():
             if "skipped" in a:
                 continue

@@ -145,6 +145,8 @@ def _one(job: tuple) -> dict:
 
 
 def table(results: list[dict]) -> str:
+    from privmed.privacy.figures import format_epsilon  # rounded up: never below what the ledger holds
+
     lines = [
         "# Where the defaults stand",
         "",
@@ -200,7 +202,7 @@ def table(results: list[dict]) -> str:
         cells = [mean_sd([r["score"] for r in by[row]]) if by.get(row) else "-"
                  for row in ("defaults",) + OTHER_STRATEGIES + ("pooled",)]
         dp = by.get("dp") or []
-        cells.append(f"{mean_sd([r['score'] for r in dp])} ({max(r['epsilon'] for r in dp):.3f})" if dp else "-")
+        cells.append(f"{mean_sd([r['score'] for r in dp])} ({format_epsilon(max(r['epsilon'] for r in dp), 4)})" if dp else "-")
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     wall = sum(r["wall_seconds"] for r in results)
     lines += ["", f"{len(results)} runs, {wall / 60:.0f} min of run time; {platform.machine()}, "

@@ -179,6 +179,8 @@ def _one(job: tuple) -> dict:
 
 
 def table(rows: list[dict], note: str) -> str:
+    from privmed.privacy.figures import format_epsilon  # rounded up: never below what the ledger holds
+
     lines = [
         "# FLamby: Fed-Heart-Disease and Fed-TCGA-BRCA",
         "",
@@ -231,7 +233,7 @@ def table(rows: list[dict], note: str) -> str:
             for eps in sorted({r["epsilon_target"] for r in dp}):
                 e = sorted((r for r in dp if r["epsilon_target"] == eps), key=lambda r: r["seed"])
                 lines.append(
-                    f"| {eps:g} | {max(r['epsilon_spent'] for r in e):.3f} | {PUBLISHED_DP.get(eps, '-')} "
+                    f"| {eps:g} | {format_epsilon(max(r['epsilon_spent'] for r in e), 4)} | {PUBLISHED_DP.get(eps, '-')} "
                     f"| {mean_sd([r['mean_over_sites'] for r in e])} | {mean_sd([r['pooled_test'] for r in e])} "
                     f"| {', '.join(str(r['seed']) for r in e)} |"
                 )

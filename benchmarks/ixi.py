@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from privmed.privacy.figures import format_epsilon
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data" / "ixi-t1"
@@ -141,7 +143,7 @@ def write_table(task: str, rows: list[tuple[str, dict]], args: argparse.Namespac
         if task == "reconstruction":
             cells.append(f"{t['psnr'] - t['psnr_zero_filled']:+.2f}")
         eps = r.get("epsilon")
-        cells += ["-" if eps is None else f"{eps:.2f}", f"{r['seconds'] / 60:.1f}"]
+        cells += ["-" if eps is None else format_epsilon(eps), f"{r['seconds'] / 60:.1f}"]  # rounded up
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     extra = " ".join(args.set)
     text = (f"# IXI {task}\n\n`.venv/bin/python benchmarks/ixi.py --task {task} --rounds {args.rounds} --seed {args.seed}"
