@@ -22,6 +22,7 @@ import hashlib
 import json
 import platform
 import re
+import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -146,10 +147,12 @@ def write_table(task: str, rows: list[tuple[str, dict]], args: argparse.Namespac
         cells += ["-" if eps is None else format_epsilon(eps), f"{r['seconds'] / 60:.1f}"]  # rounded up
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     extra = " ".join(args.set)
+    named = " ".join(shlex.quote(row) for row, _ in rows)
     text = (f"# IXI {task}\n\n`.venv/bin/python benchmarks/ixi.py --task {task} --rounds {args.rounds} --seed {args.seed}"
-            f"{' --set ' + extra if extra else ''}`\n\n"
+            f" --rows {named}{' --set ' + extra if extra else ''}`\n\n"
             "10 IXI T1 subjects (2 mm): 3 held out for test, 7 dealt to 3 sites (3, 2, 2 subjects); "
-            f"{args.rounds} rounds x 1 local epoch (pooled: {args.rounds} epochs); the last round's model; "
+            f"{args.rounds} rounds of 1 local epoch unless the row says more (pooled: 1 epoch over every "
+            "site's slices a round); the last round's model; "
             "test figures per held-out volume, averaged.\n\n" + head + "\n".join(lines) +
             f"\n\nPublished: {PUBLISHED[task]}.\n\n"
             f"Machine: {'; '.join(sorted({r.get('machine') or 'not recorded' for _, r in rows}))}; one CPU "
