@@ -139,8 +139,8 @@ class DataConfig(_Section):
     patch: list[int] | None = Field(
         None,
         description="nifti: serve 3D patches [D, H, W] (voxels, D along the volume's last axis) instead of "
-        "2D slices; each volume, voxels as stored, is centre-padded to whole patches and cut into them "
-        "(each side 16 to 512: the 3D U-Net halves it four times)",
+        "2D slices; each volume (as stored, or resampled by data.spacing) is centre-padded to whole "
+        "patches and cut into them (each side 16 to 512: the 3D U-Net halves it four times)",
     )
     spacing: list[float] | None = Field(
         None,

@@ -14,8 +14,8 @@
   to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
   with no mask at all are kept only when `data.min_foreground` is 0.
 - With `data.patch: [D, H, W]` items are 3D patches instead, (N, 1, D, H, W) images and (N, D, H, W)
-  class maps, D along the last axis: each volume (voxels as stored, or resampled by `data.spacing`) is centre-padded
-  with zeros to a whole number of patches along each side and cut into that grid
+  class maps, D along the last axis: each volume (voxels as stored, or resampled by `data.spacing`)
+  is centre-padded with zeros to a whole number of patches along each side and cut into that grid
   (privmed.data.volumes.patches). `data.min_foreground` applies to a patch's share of mask voxels.
   The privacy unit stays the volume: all its patches carry its patient id and site. Segmentation
   then trains the 3D U-Net, "unet3d", by default.
