@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA, help="the IXI folder (default: ../shared/data/ixi-t1)")
     ap.add_argument("--out", type=Path, default=None,
                     help="the table's file (default: benchmarks/results/ixi_<task>.md)")
+    ap.add_argument("--note", action="append", default=[], metavar="TEXT",
+                    help="a paragraph to add under the table (how the runs shared the machine, ...)")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="config keys for every run, e.g. model.width=8 training.device=cuda")
     args = ap.parse_args()
@@ -156,7 +158,7 @@ def write_table(task: str, rows: list[tuple[str, dict]], args: argparse.Namespac
             "test figures per held-out volume, averaged.\n\n" + head + "\n".join(lines) +
             f"\n\nPublished: {PUBLISHED[task]}.\n\n"
             f"Machine: {'; '.join(sorted({r.get('machine') or 'not recorded' for _, r in rows}))}; one CPU "
-            "thread per run.\n")
+            "thread per run.\n" + "".join(f"\n{note}\n" for note in args.note))
     out = args.out or RESULTS / f"ixi_{task}.md"
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text(text)
