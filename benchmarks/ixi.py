@@ -8,9 +8,9 @@ The 10 subjects: 3 held out for test (by subject, drawn by the seed), 7 dealt to
 (3, 2 and 2 subjects; data.val_fraction 0, so each run's result is its last round's model). A row
 does `--rounds` rounds of one local epoch per site (pooled: one epoch over all the training slices
 per round) unless its name says more epochs (fedavg with 3 local epochs makes as many passes over
-the data as pooled with 3 epochs a round). DP-SGD at
-epsilon 8 (delta 1e-3) is per patient: a volume is the unit, and DP-SGD samples volumes, each
-bringing one of its slices per step (privacy.dpsgd.patient_batches).
+the data as pooled with 3 epochs a round). DP-SGD at epsilon 8 (delta 1e-3) is per patient: a
+volume is the unit, and DP-SGD samples volumes, each bringing one of its slices per step
+(privacy.dpsgd.patient_batches).
 Written to benchmarks/results/ixi_<task>.md; each finished run is kept in
 benchmarks/results/ixi_<task>.json, so that a stopped call goes on where it stopped.
 """
