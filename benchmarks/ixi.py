@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from privmed import io
 from privmed.privacy.figures import format_epsilon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,9 +124,7 @@ def main() -> None:
             # re-read first: another call (another task's rows, run beside this one) may have added its own
             cache = {**(json.loads(cache_file.read_text()) if cache_file.is_file() else {}),
                      key: {**out, "seconds": round(seconds)}}
-            tmp = cache_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            tmp.replace(cache_file)
+            io.write_json(cache_file, cache)
             print(key, json.dumps(out["test"]), f"{seconds:.0f}s", flush=True)
     write_table(args.task, [(row, cache[key]) for (key, _), row in zip(jobs, args.rows)], args)
 
@@ -159,10 +158,7 @@ def write_table(task: str, rows: list[tuple[str, dict]], args: argparse.Namespac
             f"\n\nPublished: {PUBLISHED[task]}.\n\n"
             f"Machine: {'; '.join(sorted({r.get('machine') or 'not recorded' for _, r in rows}))}; one CPU "
             "thread per run.\n" + "".join(f"\n{note}\n" for note in args.note))
-    out = args.out or RESULTS / f"ixi_{task}.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    io.write_text(args.out or RESULTS / f"ixi_{task}.md", text)
     print(text)
 
 
