@@ -46,14 +46,14 @@ def write_bytes(path: Path, data: bytes, private: bool = False) -> None:
     _atomic(path, lambda f: f.write(data), private)
 
 
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+def write_text(path: Path, text: str, private: bool = False) -> None:
+    write_bytes(path, text.encode("utf-8"), private)
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, private: bool = False) -> None:
     """Strict JSON (NaN and infinities written as null), so any JSON reader can load it."""
     text = json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False)
-    write_text(path, text + "\n")
+    write_text(path, text + "\n", private)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -72,10 +72,10 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def torch_save(path: Path, obj: Any) -> None:
+def torch_save(path: Path, obj: Any, private: bool = False) -> None:
     import torch
 
-    _atomic(path, lambda f: torch.save(obj, f))
+    _atomic(path, lambda f: torch.save(obj, f), private)
 
 
 def _json_default(o: Any) -> Any:

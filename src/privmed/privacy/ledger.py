@@ -63,6 +63,10 @@ class PrivacyLedger:
         self.accountant = accountant
         self.unit, self.mechanism = unit, mechanism
         self._releases: dict[str, list[tuple[int, Release]]] = {str(s): [] for s in sites}
+        # the fine-tuning turn after the last round (dp-sgd), per site; and every scoring of a
+        # site's validation or test patients: (round, split, noise multiplier)
+        self._finetune: dict[str, Release] = {}
+        self._scorings: dict[str, list[tuple[int, str, float]]] = {}
         # Epsilon by exact history, so a round checked then recorded is computed once, and a value can
         # never outlive a record or truncate.
         self._cache: OrderedDict[tuple[Release, ...], float] = OrderedDict()
@@ -76,8 +80,37 @@ class PrivacyLedger:
         return list(self._site(site))
 
     def epsilon(self, site: str) -> float:
-        """Epsilon `site` has spent over all its recorded releases."""
-        return self._epsilon(tuple(r for _, r in self._site(site)))
+        """Epsilon `site` has spent on its training patients over all its recorded releases (and
+        its fine-tuning turn)."""
+        ft = self._finetune.get(site)
+        return self._epsilon(tuple(r for _, r in self._site(site)) + (() if ft is None else (ft,)))
+
+    def record_finetune(self, site: str, release: Release) -> None:
+        """The fine-tuning turn `site` was asked for after the last round (charged before it runs)."""
+        self._site(site)
+        if site in self._finetune:
+            raise LedgerError(f"privacy ledger: site '{site}' already has its fine-tuning turn recorded")
+        self._finetune[site] = release
+
+    def finetune(self, site: str) -> Release | None:
+        return self._finetune.get(site)
+
+    def record_scoring(self, site: str, round: int, split: str, noise_multiplier: float) -> None:
+        """One scoring of `site`'s `split` patients ('val' or 'test') in `round`: a Gaussian
+        release of noisy counts with this noise multiplier."""
+        if split not in ("val", "test"):
+            raise LedgerError(f"privacy ledger: scoring split {split!r} is not 'val' or 'test'")
+        self._scorings.setdefault(str(site), []).append((int(round), split, float(noise_multiplier)))
+
+    def scorings(self, site: str, split: str | None = None) -> list[tuple[int, str, float]]:
+        return [s for s in self._scorings.get(site, []) if split is None or s[1] == split]
+
+    def scoring_epsilon(self, site: str, split: str | None = None) -> float:
+        """Epsilon spent on `site`'s patients of `split` by its scorings; None: the larger of the
+        validation and test patients' (each patient is in one split)."""
+        if split is None:
+            return max(self.scoring_epsilon(site, s) for s in ("val", "test"))
+        return self._epsilon(tuple(Release(sigma, 1.0, 1) for _, sp, sigma in self.scorings(site, split)))
 
     def check_round(
         self, planned: Mapping[str, Release | Sequence[Release]], round: int
@@ -142,6 +175,8 @@ class PrivacyLedger:
         """Drop every release after `last_round` (resuming from that round's checkpoint)."""
         for site, history in self._releases.items():
             self._releases[site] = [(r, rel) for r, rel in history if r <= last_round]
+        for site, scorings in self._scorings.items():
+            self._scorings[site] = [s for s in scorings if s[0] <= last_round]
 
     def to_dict(self) -> dict:
         return {
@@ -158,6 +193,14 @@ class PrivacyLedger:
                          "sample_rate": rel.sample_rate, "steps": rel.steps}
                         for r, rel in history
                     ],
+                    **({} if site not in self._finetune else {"finetune": {
+                        "noise_multiplier": self._finetune[site].noise_multiplier,
+                        "sample_rate": self._finetune[site].sample_rate, "steps": self._finetune[site].steps}}),
+                    **({} if site not in self._scorings else {
+                        "scoring_epsilon": {sp: self.scoring_epsilon(site, sp) for sp in ("val", "test")},
+                        "scorings": [{"round": r, "split": sp, "noise_multiplier": sigma}
+                                     for r, sp, sigma in self._scorings[site]],
+                    }),
                 }
                 for site, history in self._releases.items()
             },
@@ -179,6 +222,11 @@ class PrivacyLedger:
                 for rel in entry["releases"]:
                     sigma, q, steps = rel["noise_multiplier"], rel["sample_rate"], rel["steps"]
                     ledger.record(site, rel["round"], sigma, q, steps)
+                if "finetune" in entry:
+                    f = entry["finetune"]
+                    ledger.record_finetune(site, Release(f["noise_multiplier"], f["sample_rate"], f["steps"]))
+                for sc in entry.get("scorings", []):
+                    ledger.record_scoring(site, sc["round"], sc["split"], sc["noise_multiplier"])
         except (KeyError, TypeError, AttributeError) as e:
             raise LedgerError(f"privacy ledger: malformed ({type(e).__name__}: {e})") from None
         return ledger
