@@ -48,19 +48,22 @@ def shared_data() -> Path:
 
 
 def copy_keys(src: Path, dst: Path, hospitals: Path | None = None) -> Path:
-    """A run directory `dst` that replays run `src` from its first round with the same secret keys
-    and run id (and no ledgers or checkpoints): `privmed.run(cfg, dst, resume=True)` then trains as
-    an uninterrupted run with `src`'s keys would. `hospitals`: where hospitals kept their own state
+    """A run directory `dst` that replays run `src` from its first round with the same secret keys,
+    site ledgers and run id (and no checkpoints): `privmed.run(cfg, dst, resume=True)` then trains
+    as an uninterrupted run with `src`'s keys would, each site replaying the releases its ledger
+    holds (same digests: counted once). `hospitals`: where hospitals kept their own state
     (HOSPITALS/NAME/secret.key, as `privmed join --state` does), when they did not live in `src`."""
     import shutil
 
     dst.mkdir(parents=True)
     for name in ("config.yaml", "run.json"):
         shutil.copy(src / name, dst / name)
-    keys = [(k, k.relative_to(src / "private")) for k in (src / "private").rglob("secret.key")]
+    private = [f for f in (src / "private").rglob("*") if f.name in ("secret.key", "site_ledger.json")]
+    files = [(f, f.relative_to(src / "private")) for f in private]
     if hospitals is not None:
-        keys += [(k, Path("sites") / k.parent.name / k.name) for k in hospitals.glob("*/secret.key")]
-    for key, rel in keys:
+        files += [(f, Path("sites") / f.parent.name / f.name) for f in hospitals.glob("*/secret.key")]
+        files += [(f, Path("sites") / f.parent.name / f.name) for f in hospitals.glob("*/site_ledger.json")]
+    for f, rel in files:
         (dst / "private" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(key, dst / "private" / rel)
+        shutil.copy(f, dst / "private" / rel)
     return dst

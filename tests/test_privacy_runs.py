@@ -255,25 +255,58 @@ def _w(*values: float) -> list[np.ndarray]:
     return [np.array(values, dtype=np.float32)]
 
 
-def test_dp_fedavg_clips_each_update_and_divides_by_the_site_count():
-    s = DPFedAvg(clip=1.0, noise_multiplier=0.0, n_sites=4)
+def test_dp_fedavg_adds_what_the_sites_sent_and_divides_by_the_site_count():
+    """The sites clip and noise their updates themselves (distributed DP): the server neither
+    clips nor adds noise, and divides the sum by the configured number of sites."""
+    s = DPFedAvg(clip=1.0, noise_multiplier=1.0, n_sites=4)
     state = {GLOBAL: _w(0.0, 0.0)}
     ups = [SiteUpdate("a", _w(3.0, 4.0), 10), SiteUpdate("b", _w(0.3, 0.4), 1000)]
     new = s.aggregate(state, ups, 1)[GLOBAL][0]
-    # a's update (norm 5) is scaled to norm 1; b's (norm 0.5) is kept; unweighted, over 4 sites.
-    np.testing.assert_allclose(new, (np.array([0.6, 0.8]) + np.array([0.3, 0.4])) / 4, rtol=1e-6)
+    np.testing.assert_allclose(new, (np.array([3.0, 4.0]) + np.array([0.3, 0.4])) / 4, rtol=1e-6)
+    with pytest.raises(ValueError, match="noise_multiplier > 0"):
+        DPFedAvg(clip=1.0, noise_multiplier=0.0, n_sites=4)
 
 
-def test_dp_fedavg_noise_has_std_sigma_c_over_sites_and_depends_on_the_round_only():
-    s = DPFedAvg(clip=0.5, noise_multiplier=2.0, n_sites=2, noise_key=SecretKey(bytes(range(32))))
-    state = {GLOBAL: [np.zeros(20_000, dtype=np.float32)]}
-    ups = [SiteUpdate("a", state[GLOBAL], 1), SiteUpdate("b", state[GLOBAL], 1)]
-    noise = s.aggregate(state, ups, 1)[GLOBAL][0].astype(np.float64)
-    expected = 2.0 * 0.5 / 2
-    # the sample std of 20,000 normals is within 3% of the truth with probability > 1 - 1e-10
-    assert abs(noise.std() / expected - 1) < 0.03 and abs(noise.mean()) < 5 * expected / math.sqrt(20_000)
-    assert np.array_equal(s.aggregate(state, ups, 1)[GLOBAL][0], noise.astype(np.float32))
-    assert not np.array_equal(s.aggregate(state, ups, 2)[GLOBAL][0], noise.astype(np.float32))
+def _central_site(tmp_path, **over):
+    from privmed.federation.hospital import Hospital
+
+    cfg = validate_config(tiny_config(**{"privacy__mode": "central", "privacy__delta": 0.01,
+                                         "training__optimizer": "sgd", "training__momentum": 0.0, **over}))
+    return Hospital.rehearsal(cfg, "site-1", tmp_path / "state").setup(prepare_experiment(cfg).plan.setup_for("site-1"))
+
+
+def _change(client, rnd: int) -> np.ndarray:
+    """What site-1 sends back in round `rnd`, less the model it was sent (the run's initial one)."""
+    from privmed.federation.instructions import Instruction
+    from privmed.federation.site import get_weights
+    from privmed.federation.strategies import TrainTask
+
+    sent = get_weights(client.site.model_factory())
+    update = client.train(Instruction(TrainTask("site-1", sent), rnd, run="r"))
+    return np.concatenate([(u.astype(np.float64) - w).ravel() for u, w in zip(update.weights, sent)])
+
+
+def test_a_central_site_noises_its_own_update_from_its_key(tmp_path):
+    """Training that changes nothing (lr 1e-12): what leaves the site is its noise share alone,
+    of std noise_multiplier x C on every entry; another round draws other noise, the same request
+    again the same."""
+    client = _central_site(tmp_path, privacy__noise_multiplier=2.0, privacy__max_grad_norm=0.5,
+                           training__lr=1e-12, federation__rounds=2)
+    first = _change(client, 1)
+    # the sample std of n normals is within 5 / sqrt(2n) relative of the truth, with prob > 1 - 1e-6
+    assert abs(first.std() / (2.0 * 0.5) - 1) < 5 / math.sqrt(2 * first.size), first.std()
+    assert np.array_equal(_change(client, 1), first)  # a retry: the same reply, counted once
+    second = _change(client, 2)
+    assert abs(np.corrcoef(first, second)[0, 1]) < 5 / math.sqrt(first.size)
+    assert [r for r, _ in client.guard.ledger.releases_of("r")] == [1, 2]
+
+
+def test_a_central_site_clips_its_update_before_the_noise(tmp_path):
+    client = _central_site(tmp_path, privacy__noise_multiplier=1e-4, privacy__max_grad_norm=0.5,
+                           training__lr=5.0, federation__rounds=1)
+    change = _change(client, 1)
+    noise = 1e-4 * 0.5 * math.sqrt(change.size)  # the noise share's expected norm
+    assert abs(np.linalg.norm(change) - 0.5) < 5 * noise  # clipped to C, from a far larger step
 
 
 def test_central_run_accounts_every_site_at_the_site_level(tmp_path):
@@ -281,12 +314,12 @@ def test_central_run_accounts_every_site_at_the_site_level(tmp_path):
                       privacy__max_grad_norm=0.5, federation__rounds=2)
     result = privmed.run(cfg, out=tmp_path / "run", report=False)
     ledger = PrivacyLedger.load(tmp_path / "run" / "privacy_ledger.json")
-    assert ledger.unit == "site" and "DP-FedAvg" in ledger.mechanism
+    assert ledger.unit == "site" and "DP-FedAvg" in ledger.mechanism and "own Gaussian noise" in ledger.mechanism
     sigma = result.summary["privacy"]["plan"]["site-1"]["noise_multiplier"]
     for site in ledger.sites:
         assert [r for _, r in ledger.releases(site)] == [Release(sigma, 1.0, 1)] * 2
         assert ledger.epsilon(site) <= 20.0
-    assert "not hold against the server" in result.summary["privacy"]["statement"]
+    assert "the coordinator included, even one that deviates from the protocol" in result.summary["privacy"]["statement"]
     with pytest.raises(ConfigError, match=r"privacy\.delta: 0\.5 .*1 / \(sites\)"):
         privmed.run(tiny_config(privacy__mode="central", privacy__epsilon=1.0, privacy__delta=0.5))
 

@@ -81,11 +81,11 @@ def test_the_keys_are_private_and_in_nothing_released(tmp_path):
     run = tmp_path / "run"
     privmed.run(dp_config(privacy__mode="central", privacy__epsilon=20.0, privacy__delta=0.01,
                           privacy__max_grad_norm=0.5), run)
-    central_key = run / "private" / "coordinator" / "secret.key"
-    assert central_key.is_file()
     privmed.run(dp_config(), tmp_path / "dp")
-    keys = [central_key] + sorted((tmp_path / "dp" / "private" / "sites").glob("*/secret.key"))
-    assert len(keys) == 4
+    # central mode's noise too comes from each site's key: the coordinator holds none
+    assert not (run / "private" / "coordinator").exists()
+    keys = [k for d in (run, tmp_path / "dp") for k in sorted((d / "private" / "sites").glob("*/secret.key"))]
+    assert len(keys) == 6
     for d in (run / "private", tmp_path / "dp" / "private"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700 and (d / "NEVER-SHARE.txt").is_file()
     secrets = []
@@ -183,7 +183,7 @@ def test_a_refusal_comes_back_through_the_relay_of_a_hospitals_supernode(hospita
     assert refusal("<class 'ConnectionError'>:<'the site's process is not listening'>") is None
 
 
-def test_central_dp_noise_comes_from_the_servers_key(tmp_path):
+def test_central_dp_noise_comes_from_the_sites_keys(tmp_path):
     cfg = dp_config(privacy__mode="central", privacy__epsilon=20.0, privacy__delta=0.01,
                     privacy__max_grad_norm=0.5, federation__rounds=1)
     a = privmed.run(cfg, tmp_path / "a", report=False)

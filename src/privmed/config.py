@@ -505,6 +505,18 @@ class PrivacyConfig(_Section):
     grad_sample_mode: Literal["ew", "hooks", "functorch", "ghost"] = Field(
         "ew", description="how Opacus computes per-sample gradients (dp-sgd); ew was fastest on CPU"
     )
+    scoring_epsilon: float | None = Field(
+        None, gt=0, le=1000,
+        description="the budget per site for its validation and test patients: every scoring the "
+        "sites release (noisy counts) is calibrated to it; default: privacy.epsilon (or, with the "
+        "noise fixed, the training epsilon planned)",
+    )
+    validation_rounds: int | None = Field(
+        None, ge=1, le=100_000,
+        description="under privacy, the rounds in which the sites score the model on their "
+        "validation patients: this many, evenly spaced, the last included (each is a release on "
+        "those patients); default: every round up to 20 rounds, else 20",
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> "PrivacyConfig":
@@ -765,11 +777,12 @@ class RunConfig(_Section):
                 "patient's gradient does not bound one patient's influence on a step; use "
                 "privacy.mode 'central' (each site's update is clipped as a whole)"
             )
-        if self.private and self.federation.finetune_steps:
+        if mode == "central" and self.federation.finetune_steps:
             raise ValueError(
                 f"federation.finetune_steps: {self.federation.finetune_steps} with privacy.mode "
-                f"'{mode}': fine-tuning is training the privacy plan does not count; set "
-                "finetune_steps: 0"
+                "'central': fine-tuning trains on a site's patients without noise, and its test "
+                "scores would leave the site; fine-tune under privacy.mode 'dp-sgd' (planned and "
+                "charged as one more release), or set finetune_steps: 0"
             )
         return self
 
@@ -830,19 +843,28 @@ class RunConfig(_Section):
 # --------------------------------------------------------------------------- a hospital's own config
 
 
+DEFAULT_HOSPITAL_EPSILON = 10.0  # a hospital's budget when its config names none (README: Across machines)
+
+
 class SitePrivacyConfig(_Section):
-    """What the hospital allows, whatever a coordinator asks: it refuses a training request that
-    would take its patients past `max_epsilon` over every run it took part in."""
+    """What the hospital allows, whatever a coordinator asks. It fails closed: a config that says
+    nothing trains only under a DP mechanism the hospital runs itself, within a finite budget for
+    each of its patients (training, validation and test patients each counted in its own ledger),
+    and refuses any release its accountant cannot bound."""
 
     max_epsilon: float | None = Field(
-        None, gt=0, le=1000,
-        description="the hospital's budget over all runs (its own ledger, at its own delta); "
-        "None: no cap (each DP release is still counted)",
+        DEFAULT_HOSPITAL_EPSILON, gt=0, le=1000,
+        description="the hospital's budget for each patient over all runs (its own ledger, at its "
+        "own delta): its training patients, and its validation and test patients, each group "
+        "against it; null: no cap (each release still counted, and unbounded ones refused)",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta its ledger reports epsilon at")
     accountant: Literal["prv", "rdp", "pld"] = "prv"
     require_dp: bool = Field(
-        False, description="refuse to train without DP-SGD (privacy.mode none or central)"
+        True,
+        description="take part only under a DP mechanism the hospital runs itself: privacy.mode "
+        "dp-sgd, or central as distributed noise added here; false also accepts privacy.mode none "
+        "(no guarantee for its patients)",
     )
 
 

@@ -108,6 +108,7 @@ def join(args) -> int:  # noqa: ANN001
     """The hospital's process holds its site (data, model) for as long as it runs; the SuperNode's
     short-lived ClientApp processes relay each message to it."""
     from privmed.config import load_site_config
+    from privmed.federation.client import lock_state
     from privmed.federation.flower import deploy
     from privmed.federation.flower.site_service import SiteEndpoint, serve_site
     from privmed.federation.hospital import Hospital
@@ -120,11 +121,13 @@ def join(args) -> int:  # noqa: ANN001
         cfg = load_config(args.config, args.overrides)
         name = args.site
         state = Path(args.state) if args.state else home.parent / "sites" / name
+        lock = lock_state(state)  # noqa: F841 - held until the process ends
         hospital = Hospital.rehearsal(cfg, name, state)
     else:
         own = load_site_config(args.config, args.overrides)
         name = own.site
         state = Path(args.state or own.state or home.parent / "sites" / name).expanduser()
+        lock = lock_state(state)  # noqa: F841 - held until the process ends
         hospital = Hospital.from_config(own, state)
     sock = home / "sockets" / f"{name}-{os.getpid()}.sock"
     if len(str(sock)) > 100:  # an AF_UNIX path holds at most 107 bytes: a private temporary folder

@@ -167,12 +167,22 @@ def spent(run_dir: Path) -> str:
             str(sum(r.steps for _, r in releases)),
         ])
     note = unit_note(ledger.unit)
+    scored = [
+        [site, split, str(len(ledger.scorings(site, split))),
+         ", ".join(f"{s:.4g}" for s in sorted({sc[2] for sc in ledger.scorings(site, split)})),
+         format_epsilon(ledger.scoring_epsilon(site, split))]
+        for site in sorted(set(ledger.sites) | set(ledger.scored_sites))
+        for split in ("val", "test") if ledger.scorings(site, split)
+    ]
     return "\n".join([
         f"privacy ledger of {run_dir} ({ledger.mechanism}; unit: {ledger.unit}; delta {ledger.delta:g}; "
         f"{ledger.accountant} accountant)",
         *([f"unit: {note}"] if note else []),
         "",
+        "training patients:",
         table(["site", "epsilon", "budget", "releases", "rounds", "noise", "sample rate", "steps"], rows),
+        *(["", "validation and test patients (each scoring: noisy counts of one split):",
+           table(["site", "split", "scorings", "noise", "epsilon"], scored)] if scored else []),
     ])
 
 
@@ -183,12 +193,17 @@ def _site_spent(state: Path) -> str:
         [r.run, str(r.round), r.purpose, f"{r.noise_multiplier:.4g}", f"{r.sample_rate:.4g}", str(r.steps)]
         for r in ledger.releases
     ]
+    scored = [[s.run, str(s.round), s.split, s.model_key, f"{s.noise_multiplier:.4g}"] for s in ledger.scorings]
     note = unit_note(ledger.unit)
     return "\n".join([
         f"site '{ledger.site}', its own privacy ledger in {state} (unit: {ledger.unit}; delta "
-        f"{ledger.delta:g}; {ledger.accountant} accountant): epsilon {format_epsilon(ledger.epsilon)} "
-        f"spent of its budget {format_budget(ledger.budget_epsilon)}, over {len(rows)} release(s)",
+        f"{ledger.delta:g}; {ledger.accountant} accountant; budget {format_budget(ledger.budget_epsilon)} "
+        "for each group of patients)",
         *([f"unit: {note}"] if note else []),
+        f"training patients: epsilon {format_epsilon(ledger.epsilon)} spent, over {len(rows)} release(s)",
+        f"validation patients: epsilon {format_epsilon(ledger.scoring_epsilon('val'))}; test patients: "
+        f"epsilon {format_epsilon(ledger.scoring_epsilon('test'))}, over {len(scored)} scoring(s)",
         "",
         table(["run", "round", "purpose", "noise", "sample rate", "steps"], rows),
+        *(["", table(["run", "round", "split", "model", "noise"], scored)] if scored else []),
     ])

@@ -101,6 +101,20 @@ def privacy_summary(exp: Experiment, ledger: PrivacyLedger | None) -> dict:
         return {"mode": "none", "epsilon": None, "statement": NO_PRIVACY}
     spent = {site: ledger.epsilon(site) for site in ledger.sites}
     epsilon = max(spent.values())
+    scored = sorted(set(ledger.scored_sites) | set(exp.site_names))
+    scoring = {site: {split: ledger.scoring_epsilon(site, split) for split in ("val", "test")} for site in scored}
+    scoring_epsilon = max((e for per in scoring.values() for e in per.values()), default=0.0)
+    scoring_unit = "patient" if all(p.patient_ids for p in exp.plan.sites) else "record"
+    honest = min_sites = None
+    if plan.mode == "central" and exp.config.federation.secure_aggregation:
+        min_sites = exp.config.federation.min_sites or len(exp.site_names)
+        honest = plan.honest_epsilon(min_sites)
+    # Rounded up: the statement must never claim a smaller epsilon than the ledger backs.
+    statement = guarantee_statement(
+        plan.mode, format_epsilon(epsilon), f"{plan.delta:g}", plan.unit,
+        scoring=None if plan.scoring is None else format_epsilon(scoring_epsilon),
+        honest=None if honest is None else format_epsilon(honest), min_sites=min_sites, scoring_unit=scoring_unit,
+    )
     return {
         "mode": plan.mode,
         "unit": plan.unit,
@@ -112,8 +126,12 @@ def privacy_summary(exp: Experiment, ledger: PrivacyLedger | None) -> dict:
         "sites": spent,
         "max_grad_norm": plan.max_grad_norm,
         "plan": plan.to_dict()["sites"],
-        # Rounded up: the statement must never claim a smaller epsilon than the ledger backs.
-        "statement": guarantee_statement(plan.mode, format_epsilon(epsilon), f"{plan.delta:g}", plan.unit),
+        # the validation and test patients' line: per site and split, from the scorings released
+        "scoring": None if plan.scoring is None else {
+            **plan.scoring.to_dict(), "unit": scoring_unit, "epsilon": scoring_epsilon, "sites": scoring,
+        },
+        **({} if honest is None else {"honest_secure_epsilon": honest, "honest_min_sites": min_sites}),
+        "statement": statement,
     }
 
 

@@ -11,6 +11,10 @@ AUC of scores rounded to a fine grid; for survival, the concordance over pairs o
 site and the Cox loss with risk sets per site. A public held-out test set that no site owns (a
 benchmark's official test split) is scored by the coordinator itself, from predictions.
 
+Under privacy every scoring is a release on the scored patients (noisy counts, in the sites'
+ledgers): the sites score the models on their validation patients only in the run's validation
+rounds (`validation_rounds`), and on their test patients once, at the end (the selected models).
+
 The model used for the final test score is chosen on validation data only: each model key's
 selection score is the task's headline metric (AUC, or the concordance index for survival) on the
 validation data of the sites it serves (pooled), or minus the validation loss where that is
@@ -29,10 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from privmed.errors import TrainingDiverged
-from privmed.federation.experiment import Experiment
+from privmed.federation.experiment import Experiment, validation_rounds
 from privmed.federation.site import predict, resolve_device
 from privmed.federation.strategies import GLOBAL, State, Weights
 from privmed.federation.transport import Sites
+from privmed.privacy.ledger import PrivacyLedger
 from privmed.tasks.counts import merge_counts
 from privmed.tasks.base import metrics_and_counts
 
@@ -79,6 +84,23 @@ class Evaluator:
         cfg = exp.config
         self.model = exp.model_factory().to(resolve_device(cfg.training, cfg.privacy.mode == "dp-sgd"))
         self.bs = exp.config.training.eval_batch_size
+        self.rounds = set(validation_rounds(cfg))
+        # each round's scoring: validation and test patients, or under privacy validation only
+        self.splits = ("val",) if cfg.private else SPLITS
+        # the coordinator's ledger, which records each scoring release the sites answered (the
+        # runner sets it under privacy)
+        self.ledger: PrivacyLedger | None = None
+
+    def _scored(self, got: dict[tuple[str, str], Scores], rnd: int) -> dict[tuple[str, str], Scores]:
+        """Record in the coordinator's ledger each split a site answered with counts (a release on
+        those patients); returns `got`."""
+        plan = self.exp.privacy.scoring if self.exp.privacy is not None else None
+        if self.ledger is not None and plan is not None:
+            for (site, _), scores in got.items():
+                for split, (_, counts) in scores.items():
+                    if counts and split in plan.noise:
+                        self.ledger.record_scoring(site, rnd, split, plan.noise[split])
+        return got
 
     # ------------------------------------------------------------------ the public test set
     def predict(self, weights: Weights, images: np.ndarray) -> np.ndarray:
@@ -100,7 +122,10 @@ class Evaluator:
 
     # ------------------------------------------------------------------ at the sites
     def evaluate(self, models: State, rnd: int = 0, run: str = "") -> tuple[dict, dict[str, float]]:
-        """(metrics row fields, selection score per model key) for the models in `models`."""
+        """(metrics row fields, selection score per model key) for the models in `models`; a round
+        that is not a validation round (under privacy) is not scored: empty fields, NaN scores."""
+        if rnd and rnd not in self.rounds:
+            return {"val": {}, "test": {}, "sites": {}, "scored": False}, {k: math.nan for k in model_keys(models)}
         try:
             if GLOBAL in models:
                 return self._evaluate_global(models[GLOBAL], rnd, run)
@@ -108,26 +133,28 @@ class Evaluator:
         except TrainingDiverged as e:
             raise TrainingDiverged(f"round {rnd}: {e}") from None
 
-    def pooled_test(self, key: str, weights: Weights, rnd: int, run: str) -> tuple[dict, dict, np.ndarray | None]:
-        """(metrics, counts, predictions or None) of one model on the pooled test data: the public
-        test set, or every site's own test patients (merged from their counts)."""
+    def pooled_test(self, key: str, weights: Weights, rnd: int, run: str) -> tuple[dict, dict, np.ndarray | None, dict]:
+        """(metrics, counts, predictions or None, each site's own test metrics) of one model on the
+        pooled test data: the public test set, or every site's own test patients (merged from
+        their counts)."""
         if self.exp.public_test is not None:
-            return self.score_public(weights)
+            return (*self.score_public(weights), {})
         holders = self._with_test()
-        got = self.sites.score([ScoreRequest(s, key, weights, ("test",)) for s in holders], rnd, run)
+        got = self._scored(self.sites.score([ScoreRequest(s, key, weights, ("test",)) for s in holders], rnd, run), rnd)
         counts = merge_counts([scores["test"][1] for scores in got.values()])
         if len(got) < len(holders):
             missing = sorted(set(holders) - {s for s, _ in got})
             warnings.warn(f"the pooled test figure of model '{key}' leaves out {', '.join(missing)} "
                           "(did not answer)", stacklevel=2)
-        return self.task.metrics_from_counts(counts), counts, None
+        per_site = {s: scores["test"][0] for (s, _), scores in got.items() if scores["test"][0]}
+        return self.task.metrics_from_counts(counts), counts, None, per_site
 
     def _with_test(self) -> list[str]:
         return [p.name for p in self.exp.plan.sites if p.n_test]
 
     def _evaluate_global(self, w: Weights, rnd: int, run: str) -> tuple[dict, dict[str, float]]:
         names = self.exp.site_names
-        got = self.sites.score([ScoreRequest(s, GLOBAL, w) for s in names], rnd, run)
+        got = self._scored(self.sites.score([ScoreRequest(s, GLOBAL, w, self.splits) for s in names], rnd, run), rnd)
         sites, val_counts, test_counts = {}, [], []
         for s in names:
             scores = got.get((s, GLOBAL))
@@ -136,7 +163,7 @@ class Evaluator:
                 continue
             sites[s] = {"val": scores["val"][0]}
             val_counts.append(scores["val"][1])
-            if scores["test"][0]:
+            if scores.get("test", ({}, {}))[0]:
                 sites[s]["test"] = scores["test"][0]
                 test_counts.append(scores["test"][1])
         val = self.task.metrics_from_counts(merge_counts(val_counts))
@@ -152,21 +179,25 @@ class Evaluator:
         """Each site's own model on its own patients; and on the pooled test data (the public
         test set, or every site's test patients: each model visits every site with test data)."""
         names = self.exp.site_names
-        requests = [ScoreRequest(s, s, models[s]) for s in names]
+        requests = [ScoreRequest(s, s, models[s], self.splits) for s in names]
         public = self.exp.public_test is not None
-        if not public:
+        tests = "test" in self.splits  # under privacy the test patients are scored at the end only
+        if tests and not public:
             requests += [ScoreRequest(other, s, models[s], ("test",))
                          for s in names for other in self._with_test() if other != s]
-        got = self.sites.score(requests, rnd, run)
+        got = self._scored(self.sites.score(requests, rnd, run), rnd)
         sites, scores = {}, {}
         for s in names:
             own = got.get((s, s), {"val": ({}, {}), "test": ({}, {})})
+            own.setdefault("test", ({}, {}))
             if public:
                 pooled = self.score_public(models[s])[0]
-            else:
+            elif tests:
                 parts = [own["test"][1]] + [got[(o, s)]["test"][1] for o in self._with_test()
                                             if o != s and (o, s) in got]
                 pooled = self.task.metrics_from_counts(merge_counts(parts))
+            else:
+                pooled = {}
             sites[s] = {"val": own["val"][0], "test_pooled": pooled}
             if own["test"][0]:
                 sites[s]["test"] = own["test"][0]

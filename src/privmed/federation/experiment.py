@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,7 @@ from privmed.config import RunConfig, SiteConfig, SitesConfig, validate_config
 from privmed.data import ImageSet, SourceData, load_source
 from privmed.data.sites import SiteData, own_site, pooled_site, split_into_sites
 from privmed.federation.adversary import Adversary, adversary_for
-from privmed.federation.client import GuardPolicy
+from privmed.federation.client import LedgerTerms
 from privmed.federation.facts import DataFacts, SiteProfile, reference_label_shares
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
@@ -47,12 +48,23 @@ class Plan:
     label_shares: tuple[float, ...] | None = None
 
     def setup_for(self, site: str) -> SiteSetup:
-        """What `site` needs to train and score for this run (public: it travels to the site)."""
-        release = None
-        if self.privacy is not None and self.config.privacy.mode == "dp-sgd":
-            r = self.privacy.release(site)
-            release = (r.noise_multiplier, r.sample_rate, r.steps)
-        return SiteSetup(self.config.to_dict(), self.data.to_dict(), self.local_steps, release, self.label_shares)
+        """What `site` needs to train and score for this run (public: it travels to the site):
+        under privacy, the releases it is asked to make (a training turn's, the fine-tuning turn's,
+        central mode's noise share and clipping norm) and the scoring plan. A site that only
+        scores (its data pooled elsewhere) gets the scoring plan alone."""
+        release = finetune = clip = scoring = None
+        plan = self.privacy
+        if plan is not None:
+            scoring = None if plan.scoring is None else plan.scoring.to_dict()
+            if site in plan.sites:
+                r = plan.release(site)
+                release = (r.noise_multiplier, r.sample_rate, r.steps)
+                f = plan.sites[site].finetune
+                finetune = None if f is None else (f.noise_multiplier, f.sample_rate, f.steps)
+                if plan.mode == "central":
+                    clip = self.strategy.secure_clip if self.config.federation.secure_aggregation else plan.max_grad_norm
+        return SiteSetup(self.config.to_dict(), self.data.to_dict(), self.local_steps, release, self.label_shares,
+                         finetune, scoring, clip)
 
 
 @dataclass(frozen=True)
@@ -66,24 +78,37 @@ class SiteSetup:
     config: dict
     data: dict
     local_steps: int | None
-    release: tuple[float, float, int] | None
+    release: tuple[float, float, int] | None  # dp-sgd: a training turn; central: a round's noise share
     label_shares: tuple[float, ...] | None = None
+    finetune: tuple[float, float, int] | None = None  # dp-sgd: the fine-tuning turn
+    scoring: dict | None = None  # privmed.privacy.plan.ScoringPlan.to_dict()
+    clip: float | None = None  # central: the norm each site clips its update to
 
     def to_json(self) -> str:
         return json.dumps(
             {"config": self.config, "data": self.data, "local_steps": self.local_steps,
              "release": None if self.release is None else list(self.release),
-             "label_shares": None if self.label_shares is None else list(self.label_shares)},
+             "label_shares": None if self.label_shares is None else list(self.label_shares),
+             "finetune": None if self.finetune is None else list(self.finetune),
+             "scoring": self.scoring, "clip": self.clip},
             sort_keys=True, allow_nan=False,
         )
 
     @classmethod
     def from_json(cls, text: str) -> SiteSetup:
         d = json.loads(text)
-        r, shares = d.get("release"), d.get("label_shares")
+        r, shares, f = d.get("release"), d.get("label_shares"), d.get("finetune")
+        clip = d.get("clip")
         return cls(d["config"], d["data"], d.get("local_steps"),
                    None if r is None else (float(r[0]), float(r[1]), int(r[2])),
-                   None if shares is None else tuple(float(x) for x in shares))
+                   None if shares is None else tuple(float(x) for x in shares),
+                   None if f is None else (float(f[0]), float(f[1]), int(f[2])),
+                   d.get("scoring"), None if clip is None else float(clip))
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the whole setup: every reply of the site is bound to it."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def run_config(self) -> RunConfig:
         return validate_config(self.config, source="the coordinator's run config")
@@ -132,15 +157,14 @@ class Experiment:
         """Whether any site holds validation data (data.val_fraction 0 leaves none)."""
         return any(p.n_val for p in self.plan.sites)
 
-    def guard_policy(self, name: str) -> GuardPolicy:
-        """The privacy settings site `name` guards itself with: a hospital's own budget when it was
-        given by its own config, else this run's."""
+    def site_terms(self, name: str) -> tuple[LedgerTerms, bool]:
+        """What site `name` guards itself with: its ledger's terms and whether it requires DP. A
+        hospital given by its own config keeps its own; a simulated site has this run's budget."""
+        profile = next(p for p in self.plan.sites + self.plan.trainers if p.name == name)
         hospital = self.hospitals.get(name)
         if hospital is None:
-            return GuardPolicy.from_plan(self.privacy, name)
-        profile = next(p for p in self.plan.sites if p.name == name)
-        release = self.privacy.release(name) if self.config.privacy.mode == "dp-sgd" else None
-        return GuardPolicy.for_hospital(self.config.privacy.mode, release, hospital.privacy, profile.patient_ids)
+            return LedgerTerms.from_plan(self.privacy, profile.patient_ids), False
+        return LedgerTerms.for_hospital(hospital.privacy, profile.patient_ids), hospital.privacy.require_dp
 
 
 def prepare_experiment(
@@ -296,7 +320,7 @@ def plan_experiment(
     if cfg.private:
         if cfg.privacy.mode == "dp-sgd":
             validate_model(model_factory())
-        privacy = _privacy_plan(cfg, strategy, trainers, steps)
+        privacy = _privacy_plan(cfg, strategy, trainers, steps, initial)
         if noise is not None:
             privacy = privacy.with_noise(noise)
         if cfg.privacy.mode == "central":
@@ -414,7 +438,7 @@ def _check_model_fits_data(model: str, data: DataFacts, dense: bool = False) -> 
 
 
 def _privacy_plan(
-    cfg: RunConfig, strategy: Strategy, trainers: list[SiteProfile], local_steps: int | None
+    cfg: RunConfig, strategy: Strategy, trainers: list[SiteProfile], local_steps: int | None, initial: Weights,
 ) -> PrivacyPlan:
     """Noise for every site, fixed for all planned rounds: a site's turns are counted from the
     strategy's own stages, so any strategy (fedavg, cyclic, ...) is accounted as it will run. The
@@ -434,4 +458,26 @@ def _privacy_plan(
         local_epochs=cfg.federation.local_epochs,
         local_steps=local_steps,
         patient_ids=all(p.patient_ids for p in trainers),
+        finetune_steps=cfg.federation.finetune_steps,
+        scorings=planned_scorings(cfg, strategy, initial),
     )
+
+
+def validation_rounds(cfg: RunConfig) -> list[int]:
+    """The rounds whose models the sites score on their validation patients: every round without
+    privacy; under privacy privacy.validation_rounds of them (default: every round up to 20, else
+    20), evenly spaced and ending with the last round, since each scoring is a release."""
+    rounds = cfg.federation.rounds
+    if not cfg.private:
+        return list(range(1, rounds + 1))
+    k = min(rounds, cfg.privacy.validation_rounds or 20)
+    return sorted({math.ceil(i * rounds / k) for i in range(1, k + 1)})
+
+
+def planned_scorings(cfg: RunConfig, strategy: Strategy, weights: Weights) -> dict[str, int]:
+    """How many scorings of each split a site releases in the run: its validation patients once in
+    each validation round (its own model's, or the shared one's), its test patients once per model
+    at the end (every model that has a key visits every site's test patients), and once more for
+    the fine-tuned model."""
+    keys = [k for k in strategy.init_state(weights, cfg.sites.site_names()) if not k.startswith("_")]
+    return {"val": len(validation_rounds(cfg)), "test": len(keys) + (1 if cfg.federation.finetune_steps else 0)}

@@ -17,19 +17,18 @@ its part of one shared source; a rehearsal on public data), its budget the confi
 
 from __future__ import annotations
 
-import hashlib
+import math
 import threading
 from pathlib import Path
 
 from privmed.config import RunConfig, SiteConfig, SitePrivacyConfig
 from privmed.data.sites import SiteData
 from privmed.errors import ConfigError, PrivmedError
-from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
+from privmed.federation.client import GuardPolicy, LedgerTerms, SiteClient, SiteGuard
 from privmed.federation.experiment import (
     SiteSetup, load_own_site, plan_experiment, simulated_sites, site_from_setup,
 )
 from privmed.federation.facts import DataFacts, SiteProfile
-from privmed.privacy.accountants import Release
 
 
 class NoSetup(PrivmedError):
@@ -43,6 +42,9 @@ class Hospital:
         self._client: SiteClient | None = None
         self._setup_digest: str | None = None
         self._lock = threading.Lock()
+        # its key and ledger, one for every run it takes part in (SiteStateError now, not at the
+        # first request, when its state cannot be used)
+        self.guard = SiteGuard.open(data.name, LedgerTerms.for_hospital(privacy, self.profile.patient_ids), state_dir)
 
     @classmethod
     def from_config(cls, cfg: SiteConfig, state_dir: Path | None = None) -> Hospital:
@@ -70,8 +72,10 @@ class Hospital:
         p, budget = cfg.privacy, None
         if cfg.private:
             budget = plan_experiment(cfg, facts, [SiteProfile.of(s) for s in site_data]).privacy.budget
-        own = SitePrivacyConfig(max_epsilon=budget, delta=p.delta, accountant=p.accountant,
-                                require_dp=p.mode == "dp-sgd")
+        cap = SitePrivacyConfig.model_fields["max_epsilon"].metadata  # a budget past the config's cap: no cap
+        limit = next((m.le for m in cap if getattr(m, "le", None) is not None), math.inf)
+        own = SitePrivacyConfig(max_epsilon=budget if budget is None or budget <= limit else None,
+                                delta=p.delta, accountant=p.accountant, require_dp=cfg.private)
         return cls(sd, facts, own, state_dir)
 
     @property
@@ -88,17 +92,16 @@ class Hospital:
         return {"site": self.name, **self.profile.to_dict(), "data": self.facts.to_dict()}
 
     def setup(self, setup: SiteSetup) -> SiteClient:
-        """The site for the run `setup` describes (built once per setup; a new setup replaces it)."""
-        digest = hashlib.sha256(setup.to_json().encode()).hexdigest()
+        """The site for the run `setup` describes (built once per setup; a new setup replaces it,
+        and shares the hospital's one guard: a run id it has seen keeps its privacy parameters)."""
+        digest = setup.digest
         with self._lock:
             if self._client is not None and digest == self._setup_digest:
                 return self._client
             cfg = setup.run_config()
             site = site_from_setup(setup, self.data, self.facts)
-            release = None if setup.release is None else Release(*setup.release)
-            policy = GuardPolicy.for_hospital(cfg.privacy.mode, release, self.privacy,
-                                              self.profile.patient_ids)
-            self._client = SiteClient(site, SiteGuard.open(self.name, policy, self.state_dir), cfg.seed)
+            policy = GuardPolicy.from_setup(setup, self.privacy.require_dp)
+            self._client = SiteClient(site, self.guard, policy, cfg.seed, digest)
             self._setup_digest = digest
             return self._client
 

@@ -1,6 +1,12 @@
 """What a coordinator asks of a site, in any runner: train from these weights in this round of this
 run (and, under secure aggregation, how to shape the contribution). Platform-free; the Flower
 runner carries it in Flower's records (privmed.federation.flower.messages).
+
+Every reply a site computes from its patients is bound to a digest of everything that shaped it:
+the instruction (weights, round, run, purpose, ...) and the run's setup (config, noise, sampling,
+clipping, learning rate, label shares). The site's DP randomness for that reply derives from the
+digest, and its ledger keeps the digest: a (run, round) is released once, and only a retry of the
+very same request (same digest) gets the same reply again.
 """
 
 from __future__ import annotations
@@ -11,6 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from privmed.federation.strategies import TrainTask
+
+
+def _hash_arrays(h: "hashlib._Hash", arrays) -> None:  # noqa: ANN001
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
 
 
 @dataclass(frozen=True)
@@ -29,8 +42,8 @@ class Instruction:
     clipping_range: float = 8.0  # secure: SecAgg+'s clipping range
 
     def digest(self) -> str:
-        """SHA-256 of everything that determines the site's reply: two instructions with the same
-        digest get the same reply; a site that released one refuses any other for that round."""
+        """SHA-256 of everything in the instruction that determines the site's reply (the run's
+        setup is bound in by `release_digest`)."""
         h = hashlib.sha256()
         t = self.task
         fields = (
@@ -39,8 +52,19 @@ class Instruction:
             t.correction is not None,
         )
         h.update(repr(fields).encode())
-        for a in list(t.weights) + list(t.correction or []):
-            a = np.ascontiguousarray(a)
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(a.tobytes())
+        _hash_arrays(h, list(t.weights) + list(t.correction or []))
         return h.hexdigest()
+
+
+def release_digest(ins: Instruction, setup_digest: str) -> str:
+    """The digest a training reply is bound to: the instruction's and the run setup's together."""
+    return hashlib.sha256(f"train|{ins.digest()}|{setup_digest}".encode()).hexdigest()
+
+
+def scoring_digest(run: str, rnd: int, split: str, model_key: str, weights, setup_digest: str) -> str:  # noqa: ANN001
+    """The digest a scoring reply (one split) is bound to: the model's weights, which split, the
+    round and run, and the run's setup."""
+    h = hashlib.sha256()
+    h.update(repr(("score", run, int(rnd), split, model_key, setup_digest)).encode())
+    _hash_arrays(h, weights)
+    return h.hexdigest()

@@ -31,12 +31,10 @@ from privmed.federation.rounds import RoundFailed, train_round_retrying
 from privmed.federation.run_state import RunState
 from privmed.federation.rundir import RunDir
 from privmed.federation.selection import best_rounds, selects_last, update_best
-from privmed.federation.strategies import DPFedAvg
 from privmed.federation.summary import RunResult, finish
 from privmed.federation.transport import InProcessSites, Sites
 from privmed.privacy.ledger import LEDGER_FILE, BudgetExceeded
 from privmed.tasks.names import metric_label
-from privmed.privacy.secret import SecretKey
 
 __all__ = ["RoundFailed", "RunResult", "run_in_process"]
 
@@ -72,12 +70,8 @@ def _run(
     if live is not None:
         live.started(exp, state)
     run = run_dir.run_id() if run_dir is not None else secrets.token_hex(8)
-    if isinstance(exp.strategy, DPFedAvg):  # the server's noise: from its own secret key
-        exp.strategy.noise_key = (
-            SecretKey.generate() if run_dir is None
-            else SecretKey.load_or_create(run_dir.private() / "coordinator" / "secret.key")
-        )
     evaluator = Evaluator(exp, sites)
+    evaluator.ledger = None if state.privacy is None else state.privacy.ledger
     bar = tqdm(
         total=cfg.federation.rounds, initial=state.round, desc=f"{cfg.name or 'run'} [{exp.strategy.name}]",
         unit="round", disable=not progress, dynamic_ncols=True,

@@ -3,6 +3,8 @@ key), and how that choice is said in words."""
 
 from __future__ import annotations
 
+import math
+
 from privmed.federation.evaluation import SELECTION, SELECTION_LAST, SELECTION_LOCAL
 from privmed.federation.experiment import Experiment
 from privmed.federation.run_state import Best, RunState
@@ -27,10 +29,11 @@ def selection_text(exp: Experiment, local: bool) -> str:
 
 def update_best(state: RunState, scores: dict[str, float], models: State, rnd: int, keep_last: bool) -> None:
     """Keep round `rnd`'s model of each key that scores higher than the best so far (earliest
-    round on ties), or every one when `keep_last`."""
+    round on ties), or every one when `keep_last`. A best with a NaN score (a round that was not
+    scored) gives way to any later round."""
     for key, score in scores.items():
         best = state.best.get(key)
-        if keep_last or best is None or score > best.score:
+        if keep_last or best is None or math.isnan(best.score) or score > best.score:
             state.best[key] = Best(rnd, score, models[key])
 
 

@@ -141,6 +141,7 @@ class Site:
         self.seed = seed
         self.task = task if task is not None else get_task("classification")
         self.device = resolve_device(training, private=dp is not None)
+        self.model_factory = model_factory
         self.model = model_factory().to(self.device)
         self.criterion = self.task.criterion()
         self._x = torch.from_numpy(data.train.images)
@@ -214,7 +215,7 @@ class Site:
         adjust = self._with_audit_hook(self._gradient_adjustment(task))
         lr = round_lr(self.training, rnd, self.rounds) if purpose == "train" else self.training.lr
         if self.dp is not None:
-            return self._train_dp(task, gen, max_shift, start, adjust, lr)
+            return self._train_dp(task, gen, max_shift, start, adjust, lr, steps)
         t = self.training
         opt = make_optimizer(self.model, t.optimizer, lr, t.momentum, t.weight_decay)
         total_loss, samples, n_steps = 0.0, 0, 0
@@ -294,14 +295,16 @@ class Site:
 
     def _train_dp(
         self, task: TrainTask, gen: torch.Generator, max_shift: int, start: float,
-        adjust: Callable[[], None] | None, lr: float,
+        adjust: Callable[[], None] | None, lr: float, steps: int | None = None,
     ) -> SiteUpdate:
+        """A DP-SGD turn: the release's steps, or `steps` (fine-tuning) at its noise and rate."""
         dp, t = self.dp, self.training
+        r = dp.release if steps is None else Release(dp.release.noise_multiplier, dp.release.sample_rate, steps)
         dp_train(
             self.model, self._x, self._y,
-            steps=dp.release.steps,
-            sample_rate=dp.release.sample_rate,
-            noise_multiplier=dp.release.noise_multiplier,
+            steps=r.steps,
+            sample_rate=r.sample_rate,
+            noise_multiplier=r.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             lr=lr, optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             generator=gen,
@@ -310,13 +313,12 @@ class Site:
             patients=self.data.train.patient,
             criterion=self.criterion,
             after_noise=adjust,
-            expected_batch_size=dp.release.sample_rate * self.counts[1],
+            expected_batch_size=r.sample_rate * self.counts[1],
         )
         # The training loss and the sizes of the batches drawn are computed from the training
         # patients outside the DP mechanism: they stay at the site (the guarantee covers only what
-        # leaves it; SiteGuard.released also keeps the timing here). The work done is reported as
+        # leaves it; SiteClient._released also keeps the timing here). The work done is reported as
         # its expectation, a public figure.
-        r = dp.release
         return SiteUpdate(
             site=self.name,
             weights=get_weights(self.model),
@@ -353,16 +355,49 @@ class Site:
         """The task's predictions of the model with `weights` on `images` (see `predict`)."""
         return predict(self.model, weights, images, self.training.eval_batch_size, self.task)
 
-    def score(self, weights: Weights, split: str) -> tuple[dict, dict]:
-        """(metrics, counts) of `weights` on this site's own `split` ('val' or 'test'): the task's
-        metrics, and the counts from which pooled metrics over several sites are computed exactly
-        (privmed.tasks.counts; no patient's prediction is in them). ({}, {}) without such data."""
+    def holds(self, split: str) -> bool:
+        """Whether the site has patients in `split` ('val' or 'test')."""
+        data = self._split(split)
+        return data is not None and len(data) > 0
+
+    def _split(self, split: str) -> ImageSet | None:
         if split not in ("val", "test"):
             raise ValueError(f"split: '{split}' is not one a site scores (allowed: val, test)")
-        data = {"val": self.data.val, "test": self.data.test}[split]
+        return {"val": self.data.val, "test": self.data.test}[split]
+
+    def check_weights(self, weights: Weights, what: str = "weights") -> None:
+        """ValueError (saying what is wrong, never what a patient's data did) unless `weights` are
+        one finite array per entry of the model's state, each of that entry's shape and dtype."""
+        state = self.model.state_dict()
+        if not isinstance(weights, (list, tuple)) or len(weights) != len(state):
+            n = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
+            raise ValueError(f"{what}: {n} arrays, the run's model has {len(state)}")
+        for (name, ref), w in zip(state.items(), weights):
+            w = np.asarray(w)
+            want = torch.empty(0, dtype=ref.dtype).numpy().dtype
+            if w.shape != tuple(ref.shape) or w.dtype != want:
+                raise ValueError(f"{what}: '{name}' is {w.dtype}{list(w.shape)}, the run's model has "
+                                 f"{want}{list(ref.shape)}")
+            if np.issubdtype(w.dtype, np.floating) and not np.all(np.isfinite(w)):
+                raise ValueError(f"{what}: '{name}' holds values that are not finite numbers")
+
+    def score(self, weights: Weights, split: str, noise_multiplier: float | None = None,
+              rng: np.random.Generator | None = None) -> tuple[dict, dict]:
+        """(metrics, counts) of `weights` on this site's own `split` ('val' or 'test'). Without
+        `noise_multiplier`: the task's metrics, and the exact counts from which pooled metrics over
+        several sites are computed (privmed.tasks.counts; no patient's prediction is in them). With
+        it: the counts through the Gaussian mechanism of privmed.privacy.noisy_counts (noise drawn
+        from `rng` only), and the metrics computed from those noisy counts. ({}, {}) without such
+        data."""
+        data = self._split(split)
         if data is None or len(data) == 0:
             return {}, {}
         pred = self.predict(weights, data.images)
+        if noise_multiplier is not None:
+            from privmed.privacy.noisy_counts import noisy_counts
+
+            counts = noisy_counts(self.task, pred, data, noise_multiplier, rng)
+            return self.task.metrics_from_counts(counts), counts
         if not np.all(np.isfinite(pred)):
             raise TrainingDiverged(
                 f"site '{self.name}': the model's outputs on its {split} data are not finite numbers "

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from privmed.errors import ConfigError, unknown_name
-from privmed.privacy.secret import SecretKey
 
 if TYPE_CHECKING:
     from privmed.config import FederationConfig
@@ -258,33 +257,32 @@ class Pooled(FedAvg):
 
 
 class DPFedAvg(FedAvg):
-    """DP-FedAvg (McMahan et al. 2018), site-level differential privacy: each site's update (its
-    model minus the global model) is clipped to L2 norm `clip` over all weights, the server adds
-    Gaussian noise of std `noise_multiplier` x `clip` to their sum and divides by `n_sites`, the
-    configured number of sites (a public constant, not the count received). Adding or removing a site
-    changes the sum by at most `clip`, so each round is a Gaussian mechanism on each site's whole
-    data. The mean is unweighted: weighting by sample counts would let a large site move it by more
-    than `clip`. The noise is drawn from the server's secret key and the round only (`noise_key`;
-    a fresh key when none is given): never from the run's public seed, which would let anyone
-    replay it. The server sees each update before noising: it must be trusted, or combined with
-    secure aggregation."""
+    """DP-FedAvg (McMahan et al. 2018) as distributed DP, site-level differential privacy: each site
+    clips its update (its model minus the global model) to L2 norm `clip` over all weights and adds
+    Gaussian noise of std `noise_multiplier` x `clip` drawn from its own secret key, before the
+    update leaves it (privmed.federation.client); the server sums what arrives and divides by
+    `n_sites`, the configured number of sites (a public constant, not the count received). Each
+    site's update is then a Gaussian mechanism on its whole data on its own, whatever the server
+    does; the sum of m sites' updates carries noise sqrt(m) x noise_multiplier x clip. The mean is
+    unweighted: weighting by sample counts would let a large site move it by more than `clip`. The
+    server adds nothing and clips nothing: it never sees an unnoised update."""
 
     name = "fedavg"
 
-    def __init__(self, clip: float, noise_multiplier: float, n_sites: int, noise_key: SecretKey | None = None):
-        if not clip > 0 or not noise_multiplier >= 0 or not n_sites >= 1:
+    def __init__(self, clip: float, noise_multiplier: float, n_sites: int):
+        if not clip > 0 or not noise_multiplier > 0 or not n_sites >= 1:
             raise ValueError(
-                f"need clip > 0, noise_multiplier >= 0 and n_sites >= 1, got {clip!r}, "
+                f"need clip > 0, noise_multiplier > 0 and n_sites >= 1, got {clip!r}, "
                 f"{noise_multiplier!r}, {n_sites!r}"
             )
         self.clip, self.noise_multiplier = float(clip), float(noise_multiplier)
-        self.noise_key = noise_key if noise_key is not None else SecretKey.generate()
         self.n_sites = int(n_sites)
 
     secure_weighting = "uniform"
-    # Under secure aggregation each entry of a site's clipped update is rounded stochastically to
+    # Under secure aggregation each entry of a site's noisy update is rounded stochastically to
     # SecAgg+'s grid, which can add up to sqrt(d) levels to its L2 norm: the site then clips below
-    # `clip` by that much, so that what enters the sum still moves it by at most `clip`.
+    # `clip` by that much, so that what enters the sum still moves it by at most `clip` (this is for
+    # the sum's guarantee; each site's own share is a Gaussian mechanism before any rounding).
     rounding_bound: float = 0.0
 
     @property
@@ -296,23 +294,19 @@ class DPFedAvg(FedAvg):
             raise ValueError("DP-FedAvg needs at least one update")
         total = [np.zeros(np.shape(layer), dtype=np.float64) for layer in state[GLOBAL]]
         for u in updates:
-            clipped = contribution(state[GLOBAL], u.weights, self.clip)
-            total = [t + c for t, c in zip(total, clipped)]
-        return self._noisy_step(state, total, rnd)
+            total = [t + c for t, c in zip(total, contribution(state[GLOBAL], u.weights))]
+        return self._step_mean(state, total)
 
     def aggregate_secure(self, state: State, total: SecureSum, rnd: int) -> State:
-        """The sites clipped their updates and weighed them equally: the sum is the mean times the
-        number of contributors."""
+        """The sites clipped and noised their updates and weighed them equally: the sum is the mean
+        times the number of contributors."""
         n = len(total.reports)
-        return self._noisy_step(state, [n * m for m in total.mean], rnd)
+        return self._step_mean(state, [n * m for m in total.mean])
 
-    def _noisy_step(self, state: State, total: Weights, rnd: int) -> State:
-        old = [layer.astype(np.float64) for layer in state[GLOBAL]]
-        rng = self.noise_key.numpy_generator("central-noise", rnd)
-        std = self.noise_multiplier * self.clip
+    def _step_mean(self, state: State, total: Weights) -> State:
         new = [
-            (o + (t + rng.normal(0.0, std, size=t.shape)) / self.n_sites).astype(layer.dtype, copy=False)
-            for o, t, layer in zip(old, total, state[GLOBAL])
+            (layer.astype(np.float64) + t / self.n_sites).astype(layer.dtype, copy=False)
+            for t, layer in zip(total, state[GLOBAL])
         ]
         return {**state, GLOBAL: new}
 

@@ -18,6 +18,7 @@ from privmed.federation.selection import selection_text, selects_last
 from privmed.federation.site import set_weights
 from privmed.federation.strategies import GLOBAL, TrainTask
 from privmed.federation.transport import Sites
+from privmed.privacy.ledger import LEDGER_FILE
 
 
 @dataclass
@@ -50,9 +51,11 @@ def finish(
     sel = _selected(exp, state, evaluator, run)
     local = GLOBAL not in state.best
     test_scores, val_scores = _headline_scores(exp, state, sel, local)
-    finetuned = None if local else _finetune(exp, state, sel.site_rows, sites, run)
+    finetuned = None if local else _finetune(exp, state, sel.site_rows, sites, run, run_dir)
     summary = _summary(exp, state, sel, local, test_scores, val_scores, finetuned)
     if run_dir is not None:
+        if state.privacy is not None:  # with the final scorings (and fine-tuning) counted
+            state.privacy.ledger.save(run_dir.path / LEDGER_FILE)
         run_dir.finish(summary, sel.predictions, _model_file(exp, sel), sel.counts)
     return RunResult(summary=summary, models=sel.models, predictions=sel.predictions or {})
 
@@ -78,7 +81,7 @@ def _selected(exp: Experiment, state: RunState, evaluator: Evaluator, run: str) 
     counts: dict[str, dict] = {}
     test: dict[str, dict] = {}
     for key, best in state.best.items():
-        test[key], counts[key], pred = evaluator.pooled_test(key, best.weights, state.round, run)
+        test[key], counts[key], pred, per_site = evaluator.pooled_test(key, best.weights, state.round, run)
         if predictions is not None and pred is not None:
             predictions[f"{task.prediction}:{key}"] = task.stored(pred)
         model = exp.model_factory()
@@ -90,6 +93,9 @@ def _selected(exp: Experiment, state: RunState, evaluator: Evaluator, run: str) 
                 site_rows[name].update(scores)
                 if key != GLOBAL:
                     site_rows[name]["best_round"] = best.round
+        for name, metrics in per_site.items():  # under privacy each site's test scores come from here
+            if key == GLOBAL or key == name:
+                site_rows[name].setdefault("test", metrics)
     return _Selected(models, predictions, {k: c for k, c in counts.items() if c}, test, rounds, site_rows)
 
 
@@ -98,7 +104,7 @@ def _headline_scores(exp: Experiment, state: RunState, sel: _Selected, local: bo
     if not state.best:
         return {}, {}
     if local:
-        pooled = [sel.site_rows[k]["test_pooled"] for k in state.best]
+        pooled = [sel.test[k] for k in state.best]
         # every site's model scored the same pooled test patients: their counts are not summed
         test = {**mean_metrics(pooled), **{k: pooled[0][k] for k in ("n", "events") if k in pooled[0]}}
         return test, mean_metrics([sel.site_rows[k]["val"] for k in state.best])
@@ -106,17 +112,28 @@ def _headline_scores(exp: Experiment, state: RunState, sel: _Selected, local: bo
     return sel.test[GLOBAL], history[sel.rounds[GLOBAL]]["val"]
 
 
-def _finetune(exp: Experiment, state: RunState, site_rows: dict, sites: Sites, run: str) -> dict | None:
+def _finetune(exp: Experiment, state: RunState, site_rows: dict, sites: Sites, run: str,
+              run_dir: RunDir | None) -> dict | None:
     """federation.finetune_steps: each site trains the selected global model that many steps on its
     own training data (seeded apart from the rounds) and scores the result on its own test data
-    (`sites[name]["test_finetuned"]`); the fine-tuned models never leave the sites. Returns the
-    unweighted mean over sites, or None when no fine-tuning was asked for."""
+    (`sites[name]["test_finetuned"]`); the fine-tuned models never leave the sites. Under DP-SGD
+    the turn is the one the privacy plan counts, charged in the ledger before any site is asked
+    (and the score is a release on the test patients). Returns the unweighted mean over sites, or
+    None when no fine-tuning was asked for."""
     steps = exp.config.federation.finetune_steps
     if not steps or GLOBAL not in state.best:
         return None
+    if state.privacy is not None:
+        for name in exp.site_names:
+            state.privacy.ledger.record_finetune(name, exp.privacy.sites[name].finetune)
+        if run_dir is not None:
+            state.privacy.ledger.save(run_dir.path / LEDGER_FILE)
     weights = state.best[GLOBAL].weights
+    scoring = None if exp.privacy is None else exp.privacy.scoring
     for name in exp.site_names:  # the sites score their fine-tuned models; only the metrics come back
         site_rows[name]["test_finetuned"] = sites.finetune(TrainTask(name, weights), state.round, steps, run)
+        if scoring is not None and site_rows[name]["test_finetuned"] and "test" in scoring.noise:
+            state.privacy.ledger.record_scoring(name, state.round, "test", scoring.noise["test"])
     return mean_metrics([site_rows[name]["test_finetuned"] for name in exp.site_names])
 
 

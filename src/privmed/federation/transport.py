@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
+from privmed.federation.site import Site
 from privmed.federation.experiment import scoring_site
 from privmed.federation.instructions import Instruction
 from privmed.federation.stages import StageFailed, StageOutcome
@@ -50,18 +51,14 @@ class Sites(Protocol):
     def close(self) -> None: ...
 
 
-def site_clients(exp: Experiment, private: Path | None) -> dict[str, SiteClient]:
-    """A SiteClient per training site of `exp`, each with its own guard: kept under
-    `private`/sites/NAME (a simulation's stand-in for each hospital's own storage), or in memory;
-    its budget the run's, or a hospital's own when its config was given."""
-    return {
-        name: SiteClient(
-            site,
-            SiteGuard.open(name, exp.guard_policy(name), None if private is None else private / "sites" / name),
-            exp.config.seed,
-        )
-        for name, site in exp.trainers.items()
-    }
+def site_client(exp: Experiment, site: Site, private: Path | None) -> SiteClient:
+    """`site` as its hospital would run it: its own guard, kept under `private`/sites/NAME (a
+    simulation's stand-in for each hospital's own storage) or in memory, its budget the run's (or
+    a hospital's own when its config was given), and the policy of the run's setup for it."""
+    terms, require_dp = exp.site_terms(site.name)
+    guard = SiteGuard.open(site.name, terms, None if private is None else private / "sites" / site.name)
+    setup = exp.plan.setup_for(site.name)
+    return SiteClient(site, guard, GuardPolicy.from_setup(setup, require_dp), exp.config.seed, setup.digest)
 
 
 class InProcessSites:
@@ -70,12 +67,10 @@ class InProcessSites:
 
     def __init__(self, exp: Experiment, private: Path | None = None):
         self.exp = exp
-        self.clients = site_clients(exp, private)
+        self.clients = {name: site_client(exp, site, private) for name, site in exp.trainers.items()}
         # who scores: the training sites, or (pooling) each real site with its own data
         self.scorers = self.clients if not exp.strategy.pools_data else {
-            sd.name: SiteClient(scoring_site(exp.plan, sd), SiteGuard.open(sd.name, GuardPolicy("none")),
-                                exp.config.seed)
-            for sd in exp.site_data
+            sd.name: site_client(exp, scoring_site(exp.plan, sd), private) for sd in exp.site_data
         }
         self._grid = None
 
@@ -95,7 +90,8 @@ class InProcessSites:
         return self.clients[task.site].finetune(Instruction(task, rnd, run=run, steps=steps, purpose="finetune"))
 
     def score(self, requests: list[ScoreRequest], rnd: int, run: str) -> dict[tuple[str, str], Scores]:
-        return {(r.site, r.model_key): self.scorers[r.site].score(r.weights, r.splits) for r in requests}
+        return {(r.site, r.model_key): self.scorers[r.site].score(r.weights, r.splits, rnd, run, r.model_key)
+                for r in requests}
 
     def close(self) -> None:
         self._grid = None

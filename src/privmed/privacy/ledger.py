@@ -102,6 +102,11 @@ class PrivacyLedger:
             raise LedgerError(f"privacy ledger: scoring split {split!r} is not 'val' or 'test'")
         self._scorings.setdefault(str(site), []).append((int(round), split, float(noise_multiplier)))
 
+    @property
+    def scored_sites(self) -> list[str]:
+        """The sites with scorings recorded (under a pooled strategy, the real sites, which do not train)."""
+        return list(self._scorings)
+
     def scorings(self, site: str, split: str | None = None) -> list[tuple[int, str, float]]:
         return [s for s in self._scorings.get(site, []) if split is None or s[1] == split]
 

@@ -11,9 +11,17 @@ patient, so the guarantee is then per record only. A turn is `steps` DP-SGD step
 or records) Poisson-sampled at rate q = batch_size / units. Noise is calibrated per site, so that after
 every planned turn the site has spent at most epsilon (sites of different sizes get different noise).
 
-central (DP-FedAvg, McMahan et al. 2018): the unit is a whole site; each round the server releases the
-mean of the sites' clipped updates plus Gaussian noise, a Gaussian mechanism with sensitivity C on the
-sum; every site takes part in every round (sample rate 1), so all sites spend the same epsilon.
+central (DP-FedAvg, McMahan et al. 2018, as distributed DP): the unit is a whole site; each round
+every site clips its update to C and adds Gaussian noise of std sigma x C from its own secret key
+before the update leaves it, so the coordinator never sees an unnoised update. Each site's ledger
+charges its own share alone, a Gaussian mechanism with sensitivity C per round (sample rate 1): that
+is what a coordinator that cheats can isolate (see the README on SecAgg+). The sum of m shares carries
+noise sqrt(m) x sigma x C, which is what a coordinator that follows the protocol sees under secure
+aggregation (`honest_epsilon`).
+
+Scoring (`ScoringPlan`): each time a site scores a model on its validation or test patients it
+releases noisy counts, a Gaussian mechanism over that split's patients; the noise is calibrated so
+that the planned scorings of each split spend at most privacy.scoring_epsilon.
 """
 
 from __future__ import annotations
@@ -34,58 +42,81 @@ from privmed.privacy.ledger import PrivacyLedger
 UNITS = {"dp-sgd": ("record", "patient"), "central": ("site",)}
 MECHANISMS = {
     "dp-sgd": "DP-SGD (Poisson-sampled Gaussian)",
-    "central": "DP-FedAvg (clipped site updates, Gaussian noise added by the server)",
+    "central": "distributed DP-FedAvg (each site clips its update and adds its own Gaussian noise)",
 }
+SCORING_MECHANISM = "noisy counts (Gaussian mechanism on each split's counts)"
 
 
 NO_PRIVACY = (
     "No differential privacy (privacy.mode: none): the model and its updates may reveal the "
-    "patients they were trained on."
+    "patients they were trained on, and the scores may reveal the validation and test patients."
 )
-_NOT_COVERED = (
-    "Not covered: what each site computes each round from its validation and test patients (never "
-    "trained on), released as computed, without noise: its scores, and the counts the pooled scores "
-    "are summed from (per class, how many of those patients have a score in each bin of a fine grid; "
-    "the confusion matrix; calibration sums; summed losses), which show each such patient's rounded "
-    "score and class but not who they are. With model_selection 'last' (the default under privacy) "
-    "the final model does not depend on them. Public, released as they are: each site's numbers of "
-    "training patients and images (its FedAvg weight) and of validation and test images, its data's "
-    "shape and classes, and when its reply arrives (a site keeps its training loss and timings to "
-    "itself, but the time it takes to answer follows the batch sizes it drew). The DP noise and "
-    "sampling come from each site's own secret key (the server's, for central noise), never from the "
-    "run's public seed."
+_PUBLIC = (
+    "Not covered, public and released as they are: each site's numbers of training patients and "
+    "images (its FedAvg weight) and of validation and test images, its data's shape and classes, "
+    "and when its replies arrive. The DP noise and sampling come from each site's own secret key, "
+    "never from the run's public seed."
+)
+_UNSCORED = (
+    "Not covered: what each site computed from its validation and test patients (its scores and "
+    "the counts pooled scores are summed from), released as computed, without noise. "
 )
 _AGAINST = (
-    "against everything the site released during the run: every model update of every round, and so "
-    "the final model. It holds against the coordinator, the other sites and anyone who gets the model. "
+    "against everything the site released from them during the run: every model update of every "
+    "round (and a fine-tuning turn), and so the final model. It holds against the coordinator, even "
+    "one that sends crafted weights, other setups or repeated requests, against the other sites and "
+    "against anyone who gets the model. "
 )
-STATEMENTS = {  # by unit of privacy
+_TRAINING = {  # by unit of privacy
     "patient": (
-        "Each site's patients have ({epsilon}, {delta})-differential privacy (the unit is one patient, "
-        "with all of their images) " + _AGAINST + _NOT_COVERED
+        "Each site's training patients have ({epsilon}, {delta})-differential privacy (the unit is "
+        "one patient, with all of their images) " + _AGAINST
     ),
     # Group privacy: (eps, delta)-DP for one record gives (k eps, k e^((k-1) eps) delta) for k records.
     "record": (
         "Each site's training records have ({epsilon}, {delta})-differential privacy (the unit is one "
         "image/record: the source gives no patient ids, so each is treated as its own patient; a "
         "patient with k images or records has only the group guarantee (k x epsilon, "
-        "k x e^((k-1) x epsilon) x delta)) " + _AGAINST + _NOT_COVERED
+        "k x e^((k-1) x epsilon) x delta)) " + _AGAINST
     ),
     "site": (
         "Each site, as a whole (all of its patients together), has ({epsilon}, {delta})-differential "
-        "privacy against anyone who sees the server's noisy averages: the other sites and anyone who "
-        "gets the model. It does not hold against the server itself, which sees each site's clipped "
-        "update before adding noise. " + _NOT_COVERED
+        "privacy against everything it released during the run: its update leaves it each round "
+        "clipped and with its own share of Gaussian noise, so this holds against anyone who sees it, "
+        "the coordinator included, even one that deviates from the protocol. "
+    ),
+}
+_HONEST = (
+    "Under secure aggregation a coordinator that follows the protocol sees only the sum of at least "
+    "{min_sites} sites' updates, which carries their noise shares together: against it each site has "
+    "({honest}, {delta})-differential privacy. "
+)
+_SCORED = {
+    "patient": (
+        "Each site's validation and test patients have ({scoring}, {delta})-differential privacy (the "
+        "unit is one patient) against every scoring the site released: noisy counts, one Gaussian "
+        "release per scoring within the run's quota. "
+    ),
+    "record": (
+        "Each site's validation and test records have ({scoring}, {delta})-differential privacy (the "
+        "unit is one image/record) against every scoring the site released: noisy counts, one "
+        "Gaussian release per scoring within the run's quota. "
     ),
 }
 
 
 def guarantee_statement(
-    mode: str, epsilon: str = "epsilon", delta: str = "delta", unit: str | None = None
+    mode: str, epsilon: str = "epsilon", delta: str = "delta", unit: str | None = None,
+    scoring: str | None = None, honest: str | None = None, min_sites: int | None = None,
+    scoring_unit: str | None = None,
 ) -> str:
     """What the guarantee of `mode` covers for its unit of privacy ('patient', 'record' or 'site';
     None: the mode's weaker claim, 'record' for dp-sgd), in words, with the figures as given: pass
-    epsilon through `format_epsilon`, so it reads no lower than the ledger's."""
+    every epsilon through `format_epsilon`, so it reads no lower than the ledger's. `scoring`: the
+    validation and test patients' epsilon (None: their scores were released without noise, as by
+    a run made before scorings had a mechanism), per `scoring_unit` ('patient' or 'record'; default:
+    the training unit's, 'patient' under central); `honest` (central under secure aggregation): each
+    site's epsilon against a coordinator that follows the protocol and sums `min_sites` sites."""
     if mode == "none":
         return NO_PRIVACY
     if mode not in UNITS:
@@ -96,7 +127,15 @@ def guarantee_statement(
             f"guarantee_statement: unit {unit!r} is not allowed under mode {mode!r} "
             f"(allowed: {', '.join(UNITS[mode])})"
         )
-    return STATEMENTS[unit].format(epsilon=epsilon, delta=delta)
+    text = _TRAINING[unit].format(epsilon=epsilon, delta=delta)
+    if honest is not None:
+        text += _HONEST.format(honest=honest, delta=delta, min_sites=min_sites)
+    if scoring is None:
+        text += _UNSCORED
+    else:
+        scoring_unit = scoring_unit or ("record" if unit == "record" else "patient")
+        text += _SCORED[scoring_unit].format(scoring=scoring, delta=delta)
+    return text + _PUBLIC
 
 
 @dataclass(frozen=True)
@@ -111,8 +150,9 @@ class SiteFacts:
 class SitePlan:
     n_patients: int
     turns: int
-    release: Release  # what one training turn releases
-    planned_epsilon: float  # after all `turns`
+    release: Release  # what one training turn releases (central: one round's noise share)
+    planned_epsilon: float  # after all `turns` (and the fine-tuning turn)
+    finetune: Release | None = None  # dp-sgd: the fine-tuning turn after the last round
 
     def to_dict(self) -> dict:
         return {
@@ -121,8 +161,33 @@ class SitePlan:
             "noise_multiplier": self.release.noise_multiplier,
             "sample_rate": self.release.sample_rate,
             "steps": self.release.steps,
+            **({} if self.finetune is None else {"finetune_steps": self.finetune.steps}),
             "planned_epsilon": self.planned_epsilon,
         }
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """How the sites' scorings are released: per split ('val', 'test'), how many scorings each
+    site makes in the run and the noise multiplier of each (a Gaussian mechanism on the split's
+    counts, whose sensitivity to one patient the counts' mechanism defines), calibrated so that a
+    site's planned scorings of one split spend at most `epsilon` on its patients."""
+
+    epsilon: float
+    releases: dict[str, int]
+    noise: dict[str, float]
+
+    def release(self, split: str) -> Release:
+        return Release(self.noise[split], 1.0, 1)
+
+    def to_dict(self) -> dict:
+        return {"mechanism": SCORING_MECHANISM, "epsilon": self.epsilon, "releases": dict(self.releases),
+                "noise_multiplier": dict(self.noise)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ScoringPlan:
+        return cls(float(d["epsilon"]), {k: int(v) for k, v in d["releases"].items()},
+                   {k: float(v) for k, v in d["noise_multiplier"].items()})
 
 
 @dataclass(frozen=True)
@@ -135,6 +200,7 @@ class PrivacyPlan:
     sites: dict[str, SitePlan]
     calibrated: bool  # True: noise was calibrated to privacy.epsilon
     unit: str  # what one guarantee protects: 'patient', 'record' (no patient ids) or 'site' (central)
+    scoring: ScoringPlan | None = None  # the validation and test patients' releases
 
     @property
     def mechanism(self) -> str:
@@ -163,7 +229,20 @@ class PrivacyPlan:
             "budget_epsilon": self.budget,
             "calibrated": self.calibrated,
             "sites": {s: p.to_dict() for s, p in self.sites.items()},
+            **({} if self.scoring is None else {"scoring": self.scoring.to_dict()}),
         }
+
+    def honest_epsilon(self, min_sites: int) -> float:
+        """central: the epsilon of each site when the coordinator follows the protocol and sees only
+        the sum of at least `min_sites` sites' noisy updates (secure aggregation): noise
+        sqrt(min_sites) x sigma x C on a sum that one site moves by at most C."""
+        if self.mode != "central":
+            raise ValueError("honest_epsilon: only central mode adds noise shares")
+        return max(
+            epsilon_spent([Release(p.release.noise_multiplier * math.sqrt(min_sites), 1.0, p.release.steps * p.turns)],
+                          self.delta, self.accountant)
+            for p in self.sites.values()
+        )
 
     def with_noise(self, noise: Mapping[str, float]) -> PrivacyPlan:
         """This plan with the noise a run was started with (a resumed run keeps its noise even when
@@ -173,7 +252,8 @@ class PrivacyPlan:
                 f"--resume: the run's privacy plan covers sites {sorted(noise)}, not {sorted(self.sites)}"
             )
         sites = {
-            s: replace(p, release=replace(p.release, noise_multiplier=float(noise[s])))
+            s: replace(p, release=replace(p.release, noise_multiplier=float(noise[s])),
+                       finetune=None if p.finetune is None else replace(p.finetune, noise_multiplier=float(noise[s])))
             for s, p in self.sites.items()
         }
         return replace(self, sites=sites)
@@ -197,6 +277,8 @@ def make_plan(
     local_epochs: int,
     local_steps: int | None,
     patient_ids: bool = False,
+    finetune_steps: int = 0,
+    scorings: Mapping[str, int] | None = None,
 ) -> PrivacyPlan:
     """The plan for `privacy.mode` ('dp-sgd' or 'central'); ConfigError (naming the field and the
     figures) when delta is too large for the sites, the target epsilon is unreachable, or a fixed
@@ -204,7 +286,11 @@ def make_plan(
 
     `patient_ids`: whether the training data names each item's patient (SiteFacts.n_patients then
     counts patients). It sets dp-sgd's unit: 'patient' if so, else 'record', the weaker claim, which
-    is also the default so that nothing claims per-patient privacy it was not told it has."""
+    is also the default so that nothing claims per-patient privacy it was not told it has.
+
+    `finetune_steps` (dp-sgd): one more turn of that many steps after the last round, planned and
+    calibrated with the rounds. `scorings`: per split, the scorings each site releases in the run
+    (None: no scoring plan)."""
     mode = privacy.mode
     if mode not in UNITS:
         raise ValueError(f"no privacy plan for mode {mode!r}")
@@ -219,7 +305,8 @@ def make_plan(
             q, steps = sample_rate_and_steps(facts.n_patients, batch_size, local_epochs, local_steps)
         else:
             q, steps = 1.0, 1  # every site in every round; one Gaussian release of the sum per round
-        total = steps * facts.turns
+        tuning = finetune_steps if mode == "dp-sgd" else 0
+        total = steps * facts.turns + tuning
         if privacy.noise_multiplier is not None:
             sigma = privacy.noise_multiplier
         else:
@@ -234,7 +321,8 @@ def make_plan(
             n_patients=facts.n_patients,
             turns=facts.turns,
             release=releases[name],
-            planned_epsilon=_planned(releases[name], facts.turns, privacy),
+            planned_epsilon=_planned(releases[name], facts.turns, privacy, finetune_steps if mode == "dp-sgd" else 0),
+            finetune=(replace(releases[name], steps=finetune_steps) if mode == "dp-sgd" and finetune_steps else None),
         )
         for name, facts in sites.items()
     }
@@ -244,7 +332,8 @@ def make_plan(
         if over:
             site, p = max(over.items(), key=lambda kv: kv[1].planned_epsilon)
             r = p.release
-            need = noise_for_epsilon(budget, privacy.delta, r.sample_rate, r.steps * p.turns, privacy.accountant)
+            total_steps = r.steps * p.turns + (p.finetune.steps if p.finetune else 0)
+            need = noise_for_epsilon(budget, privacy.delta, r.sample_rate, total_steps, privacy.accountant)
             raise ConfigError(
                 f"privacy.noise_multiplier: {r.noise_multiplier:g} would spend epsilon "
                 f"{format_epsilon(p.planned_epsilon, 4)} at site '{site}' ({p.turns} turns of {r.steps} "
@@ -254,6 +343,9 @@ def make_plan(
             )
     else:
         budget = max(p.planned_epsilon for p in plans.values())
+    scoring = None
+    if scorings is not None:
+        scoring = scoring_plan(privacy.scoring_epsilon or budget, privacy.delta, scorings, privacy.accountant)
     return PrivacyPlan(
         mode=mode,
         delta=privacy.delta,
@@ -263,11 +355,20 @@ def make_plan(
         sites=plans,
         calibrated=privacy.noise_multiplier is None,
         unit=unit,
+        scoring=scoring,
     )
 
 
-def _planned(release: Release, turns: int, privacy: PrivacyConfig) -> float:
-    total = Release(release.noise_multiplier, release.sample_rate, release.steps * turns)
+def scoring_plan(epsilon: float, delta: float, releases: Mapping[str, int], accountant: str) -> ScoringPlan:
+    """The noise of each split's scorings: `releases[split]` Gaussian releases of its counts (each
+    patient in every one: sample rate 1) spend at most `epsilon` at `delta`. A split with no
+    planned scoring gets no noise entry (and a site refuses to score it)."""
+    noise = {split: noise_for_epsilon(epsilon, delta, 1.0, n, accountant) for split, n in releases.items() if n > 0}
+    return ScoringPlan(float(epsilon), {s: int(n) for s, n in releases.items() if n > 0}, noise)
+
+
+def _planned(release: Release, turns: int, privacy: PrivacyConfig, finetune_steps: int = 0) -> float:
+    total = Release(release.noise_multiplier, release.sample_rate, release.steps * turns + finetune_steps)
     return epsilon_spent([total], privacy.delta, privacy.accountant)
 
 

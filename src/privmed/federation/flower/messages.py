@@ -184,11 +184,12 @@ def encode_score_request(site: str, model_key: str, weights: list[np.ndarray], s
     })
 
 
-def decode_score_request(content: RecordDict) -> tuple[str, str, list[np.ndarray], tuple[str, ...]]:
-    """(site, model_key, weights, splits)."""
+def decode_score_request(content: RecordDict) -> tuple[str, str, list[np.ndarray], tuple[str, ...], int, str]:
+    """(site, model_key, weights, splits, round, run)."""
     c = content.config_records["score"]
     weights = unpack(content.array_records["weights"].to_numpy_ndarrays()[0], str(c["packed"]))
-    return str(c["site"]), str(c["model_key"]), weights, tuple(str(s) for s in c["splits"])
+    return (str(c["site"]), str(c["model_key"]), weights, tuple(str(s) for s in c["splits"]),
+            int(c["round"]), str(c["run"]))
 
 
 def encode_score_reply(site: str, model_key: str, scores: dict[str, tuple[dict, dict]]) -> RecordDict:

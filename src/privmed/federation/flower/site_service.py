@@ -53,15 +53,15 @@ class SiteEndpoint:
         if not isinstance(self.site, Hospital):
             raise RuntimeError("a site in this process is built from the plan; it takes no setup")
         client = self.site.setup(SiteSetup.from_json(M.decode_setup(content)))
-        log.info("site '%s' set up for a run (%s)", client.name, client.guard.policy.mode)
+        log.info("site '%s' set up for a run (%s)", client.name, client.policy.mode)
         return RecordDict()
 
     def evaluate(self, content: RecordDict) -> RecordDict:
-        site, key, weights, splits = M.decode_score_request(content)
+        site, key, weights, splits, rnd, run = M.decode_score_request(content)
         client = self.client
         if site != client.name:
             raise SiteRefused(f"site '{client.name}' got a scoring request for site '{site}'")
-        return M.encode_score_reply(client.name, key, client.score(weights, splits))
+        return M.encode_score_reply(client.name, key, client.score(weights, splits, rnd, run, key))
 
     def train(self, content: RecordDict) -> tuple[RecordDict, int | None]:
         ins = M.decode_instruction(content)
@@ -71,14 +71,17 @@ class SiteEndpoint:
         update = client.train(ins)
         if not ins.secure:
             return M.encode_update(update, update.weights, update.n_samples), None
-        arrays = contribution(ins.task.weights, update.weights, ins.clip)
+        # central mode: the site clipped its change and added its noise itself (clipping the
+        # noisy change again would only shrink the noise)
+        clip = None if client.policy.mode == "central" else ins.clip
+        arrays = contribution(ins.task.weights, update.weights, clip)
         weight = update.n_samples if ins.weighting == "samples" else 1
         # SecAgg+ scales the contribution by its weight share and clips each entry to the range
         # before quantising: count the entries that clipped (a count, no values). It depends on
         # the training patients, so under privacy it stays at the site (logged here).
         share = weight / ins.max_weight
         clipped = int(sum(int((abs(a * share) > ins.clipping_range).sum()) for a in arrays))
-        if client.guard.policy.private:
+        if client.policy.private:
             if clipped:
                 log.warning("round %s: %d update entries outside the SecAgg+ clipping range were "
                             "clipped", ins.rnd, clipped)
