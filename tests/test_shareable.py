@@ -13,6 +13,7 @@ stay in private/, and the lines about inversion and the unit to speak of what th
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import os
@@ -279,3 +280,36 @@ def test_an_older_run_directory_is_moved_into_private(audited, patients, tmp_pat
         assert f"moved {old / rel} to {old / 'private' / rel}" in said
         assert (old / "private" / rel).is_file() and not (old / rel).exists()
     assert _leaks(old, patients) == []
+
+
+def test_a_run_without_patient_ids_is_audited_and_stated_per_image(tmp_path, one_thread, capsys):
+    """Where the data names no patients (MedMNIST) the unit is one image: audit.json says so, and
+    the pages speak of images wherever they speak of the unit, on one page as on the other."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (40, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (40, 1))
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "pneumoniamnist.npz", **arrays)
+    cfg = tiny_config(name="per-image", federation__rounds=1, privacy=DP)
+    cfg["data"] = {"source": "medmnist", "name": "pneumoniamnist", "root": str(tmp_path / "data"), "download": False}
+    cfg["sites"] = {"count": 2, "partition": "iid", "min_samples": 5}
+    run = tmp_path / "run"
+    privmed.run(cfg, run)
+    assert main(["audit", str(run), "--attack", "loss", "--candidates", "15"]) == 0
+    capsys.readouterr()
+    results = _private_results(run)
+    assert results["unit"] == json.loads((run / "summary.json").read_text())["privacy"]["unit"] == "record"
+    assert "each image's label" in results["attacks"]["loss"]["assumes"]
+    assert "training images" in results["candidates"]["drawn_from"] and "patient" not in json.dumps(results["candidates"])
+    for extra in ((), ("--private",)):
+        assert main(["statement", str(run), "--site", "site-1", *extra]) == 0
+        page = Path(capsys.readouterr().out.strip().split(": ", 1)[1]).read_text(encoding="utf-8")
+        text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+        assert "images sampled at rate" in text and "Differential privacy per image" in text
+        for wrong in ("patients sampled", "training patients", "each patient's", "canary patients",
+                      "whether a patient was", "whether a image"):
+            assert wrong not in text, (extra, wrong)
+    assert "Asked about 15 training images" in text and "knows each image's label" in text
+

@@ -556,7 +556,7 @@ def _main(argv: list[str] | None) -> int:
         for line in move_legacy(args.run_dir) if args.run_dir.is_dir() else []:
             print(line)
         path = write_statement(args.run_dir, args.site, args.out, args.state, private=args.private)
-        print(f"statement{' (private: never share)' if args.private else ''}: {path.resolve()}")
+        print(f"statement{' (private, never share)' if args.private else ''}: {path.resolve()}")
         return 0
     if args.command == "report":
         from privmed.report import write_report
@@ -565,7 +565,7 @@ def _main(argv: list[str] | None) -> int:
         for line in move_legacy(args.run_dir) if (args.run_dir / "config.yaml").is_file() else []:
             print(line)
         path = write_report(args.run_dir, private=args.private)
-        print(f"report{' (private: never share)' if args.private else ''}: {path.resolve()}")
+        print(f"report{' (private, never share)' if args.private else ''}: {path.resolve()}")
         return 0
     raise AssertionError(args.command)
 

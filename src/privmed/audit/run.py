@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,8 @@ def audit(
         out["inversion"] = previous["inversion"]
     if "inversion" in out:
         out["inversion"]["released"] = _released_inversion(target, out["inversion"]).to_dict()
+    if out["unit"] != "patient":
+        out = _in_units(out, _nouns(target, out["unit"])[:-1])
     private_dir(run_dir)
     _write_private_json(audit_file(run_dir), out)
     if (run_dir / "report.html").exists():
@@ -131,6 +134,19 @@ def _write_private_json(path: Path, obj: dict) -> None:
     """`obj` to `path` as privmed.io.write_json writes it, then owner-only (its folder already is)."""
     io.write_json(path, obj)
     os.chmod(path, 0o600)
+
+
+_DESCRIBED = ("sees", "assumes", "drawn_from")  # the audit's words about who or what is attacked
+_PATIENT = re.compile(r"\bpatient(s?)\b")
+
+
+def _in_units(entry, one: str):
+    """`entry` (audit.json, or part of it) with its descriptions of what is attacked speaking of
+    `one` (image, record) where they speak of a patient: the unit, where the data names no patients."""
+    if isinstance(entry, dict):
+        return {k: _PATIENT.sub(lambda m: one + m.group(1), v) if k in _DESCRIBED and isinstance(v, str)
+                else _in_units(v, one) for k, v in entry.items()}
+    return entry
 
 
 def _nouns(target: Target, unit: str) -> str:

@@ -872,7 +872,7 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
                       "reaches, a lower bound on the leak.")
     if a.get("withheld"):
         return {"claim": claim, "created": a.get("created") or NA, "withheld": _withheld(run, a, units),
-                "unit_one": units[:-1],
+                "a_unit": ("an " if units[0] in "aeiou" else "a ") + units[:-1],
                 "rows": None, "inversion": None, "canaries": None, "input_canaries": None,
                 "attribute": None, "setting": None}
     rows = _membership_rows(a) if membership else None
@@ -884,7 +884,7 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
         if sh:
             setting += f"; {_int(sh.get('trained'))} shadow runs ({fmt_seconds(sh.get('seconds'))})"
     return {"rows": rows, "claim": claim, "setting": setting, "created": a.get("created", NA), "withheld": None,
-            "unit_one": units[:-1],
+            "a_unit": ("an " if units[0] in "aeiou" else "a ") + units[:-1],
             "inversion": _inversion(_dict(a.get("inversion")), run.summary),
             "canaries": _canaries(_dict(a.get("canaries")), units),
             "input_canaries": _input_canaries(_dict(a.get("input-canaries")), units),

@@ -262,6 +262,7 @@ def statement_context(f: StatementFiles) -> dict:
         "items": items,
         "units": units,
         "unit_one": units[:-1],
+        "a_unit": ("an " if units[0] in "aeiou" else "a ") + units[:-1],
         "private": f.private,
         "private_note": PRIVATE_NOTE,
         "shareable_statement": str(f.path / default_name(f.site)),
