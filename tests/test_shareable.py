@@ -313,3 +313,51 @@ def test_a_run_without_patient_ids_is_audited_and_stated_per_image(tmp_path, one
             assert wrong not in text, (extra, wrong)
     assert "Asked about 15 training images" in text and "knows each image's label" in text
 
+
+
+def _setting(view: str, psnr: float, sigma: float | None = None, site: str | None = "site-1") -> dict:
+    r = {"view": view, "psnr": {"mean": psnr}}
+    if sigma is not None:
+        r["noise_multiplier"] = sigma
+    if site is not None and view != "secure-sum":
+        r["site"] = site
+    return r
+
+
+SETTINGS = {"settings": {
+    "site-b1-step": _setting("site", 30.0), "site-b4-step": _setting("site", 25.0),
+    "site-dp-eps8-b1-step": _setting("site-dp", 12.0, 0.5), "site-dp-eps8-b4-step": _setting("site-dp", 13.0, 0.5),
+    "site-dp-eps1-b1-step": _setting("site-dp", 9.0, 2.0),
+    "secure-sum-b1-step": _setting("secure-sum", 18.0), "secure-sum-b1-step-as-one": _setting("secure-sum", 20.0),
+    "secure-sum-b8-step": {"view": "secure-sum", "skipped": "the run has 2 sites"},
+}}
+
+
+@pytest.mark.parametrize("mode, secure, noise, view, key", [
+    # DP-SGD: the settings with the run's noise (or less), the best rebuilt of them
+    ("dp-sgd", False, {"site-1": 0.5, "site-2": 0.7}, "site-dp", "site-dp-eps8-b4-step"),
+    ("dp-sgd", False, {"site-1": 1.0}, "site-dp", "site-dp-eps8-b4-step"),  # less noise than the run's: a bound
+    ("dp-sgd", False, {"site-1": 0.3}, "site-dp", None),  # every setting had more noise than the run
+    ("dp-sgd", True, {"site-1": 0.5}, "site-dp", "site-dp-eps8-b4-step"),
+    ("none", True, {}, "secure-sum", "secure-sum-b1-step-as-one"),
+    ("central", True, {}, "secure-sum", "secure-sum-b1-step-as-one"),
+    ("none", False, {}, "site", "site-b1-step"),
+    ("central", False, {}, "site", "site-b1-step"),  # the coordinator sees the update before its noise
+])
+def test_the_released_setting_is_chosen_by_what_the_run_sent(mode, secure, noise, view, key):
+    from privmed.report.released import released_inversion
+
+    r = released_inversion(SETTINGS, mode, secure, noise)
+    assert (r.view, r.key) == (view, key)
+    if key is not None:
+        assert r.setting == SETTINGS["settings"][key]
+    if mode == "dp-sgd" and secure:
+        assert "secure sum" in r.words
+
+
+def test_an_inversion_entry_that_names_no_site_is_held_to_the_least_noisy_release():
+    from privmed.report.released import released_inversion
+
+    legacy = {"settings": {"site-dp-eps8-b1-step": _setting("site-dp", 12.0, 0.5, site=None)}}
+    assert released_inversion(legacy, "dp-sgd", False, {"a": 0.5, "b": 0.4}).key is None
+    assert released_inversion(legacy, "dp-sgd", False, {"a": 0.5, "b": 0.6}).key == "site-dp-eps8-b1-step"
