@@ -553,7 +553,7 @@ def _main(argv: list[str] | None) -> int:
         from privmed.report.private import move_legacy
         from privmed.report.statement import write_statement
 
-        for line in move_legacy(args.run_dir) if args.run_dir.is_dir() else []:
+        for line in move_legacy(args.run_dir) if (args.run_dir / "config.yaml").is_file() else []:
             print(line)
         path = write_statement(args.run_dir, args.site, args.out, args.state, private=args.private)
         print(f"statement{' (private, never share)' if args.private else ''}: {path.resolve()}")
