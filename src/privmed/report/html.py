@@ -437,8 +437,9 @@ def _learning_curves(run: RunFiles, view: TaskView | None = None) -> FigureOut:
         )
     caption += " Bottom: mean training loss of each site's local training in that round."
     if _dict(run.summary.get("privacy")).get("mode") == "dp-sgd":
+        units = words.unit_nouns(_get(run.summary, "privacy", "unit"), tabular=view.tabular)
         caption += (" Under DP-SGD the sites do not report their training loss (it is computed from "
-                    "training patients outside the privacy mechanism), so that panel is empty.")
+                    f"training {units} outside the privacy mechanism), so that panel is empty.")
     if not rows:
         return FigureOut("learning_curves", title, caption, note="No completed rounds: nothing to plot.")
     sites = _site_names(run)
