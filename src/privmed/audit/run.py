@@ -37,6 +37,7 @@ from privmed.errors import ConfigError
 from privmed.report.private import AUDIT_FILE  # noqa: F401 (older callers import it from here)
 from privmed.report.private import audit_file, move_legacy, private_dir
 from privmed.report.released import released_inversion_of_run
+from privmed.report.words import unit_nouns
 from privmed.tasks.base import get_task
 
 UNITS = {  # the unit of membership: what one candidate is
@@ -120,20 +121,21 @@ def audit(
         out["inversion"]["released"] = _released_inversion(target, out["inversion"]).to_dict()
     if out["unit"] != "patient":
         out = _in_units(out, _nouns(target, out["unit"])[:-1])
+    _write(run_dir, out)
+    return out
+
+
+def _write(run_dir: Path, out: dict) -> None:
+    """private/audit.json, owner-only; then, when the run has a report, the private report that
+    shows it and the shareable one that names the attacks."""
     private_dir(run_dir)
-    _write_private_json(audit_file(run_dir), out)
+    io.write_json(audit_file(run_dir), out)
+    os.chmod(audit_file(run_dir), 0o600)  # its folder already is the owner's alone
     if (run_dir / "report.html").exists():
         from privmed.report import write_report
 
         write_report(run_dir)
         write_report(run_dir, private=True)
-    return out
-
-
-def _write_private_json(path: Path, obj: dict) -> None:
-    """`obj` to `path` as privmed.io.write_json writes it, then owner-only (its folder already is)."""
-    io.write_json(path, obj)
-    os.chmod(path, 0o600)
 
 
 _DESCRIBED = ("sees", "assumes", "drawn_from")  # the audit's words about who or what is attacked
@@ -151,9 +153,7 @@ def _in_units(entry, one: str):
 
 def _nouns(target: Target, unit: str) -> str:
     """What one candidate is, plural: patients, or the data's items (images, records)."""
-    if unit == "patient":
-        return "patients"
-    return "records" if (target.summary.get("data") or {}).get("tabular") is True else "images"
+    return unit_nouns(unit, tabular=(target.summary.get("data") or {}).get("tabular") is True)
 
 
 def _unit(target: Target) -> str:
