@@ -359,7 +359,7 @@ def _inversion_figure(run: RunFiles) -> FigureOut | None:
         return None
     caption = (
         "Gradient inversion (privmed audit --attack inversion): for each update attacked, the "
-        "training images of the first batch attacked (top: real patients' images, the reason this "
+        "training images of the first batch attacked (top: the sites' own images, the reason this "
         "report is private) and what the attacker rebuilt from the update alone (below), with each "
         "reconstruction's PSNR against its original. Above about 18 dB an image is recognisable; "
         "the table in the Audit section gives the means over all batches attacked, and which update "
