@@ -9,7 +9,9 @@ The run is `privmed demo --dp` (3 simulated hospitals on SYNTHETIC phantom image
 secret keys: not for the repository), then attacked by every attack of `privmed audit` (--shadows
 shadow runs, --candidates patients of each kind). The statement of --site is written there, and
 Chromium renders it: a screenshot at A4 width (2x, 64 colours) to benchmarks/results/statement.png,
-and a print to PDF whose pages are counted (the statement must fit one A4 page; exit 1 if not).
+and a print to PDF whose pages are counted (the statement must fit one A4 page; exit 1 if not). The
+--private statement (the audit's results too, in runs/statement-sample/private/) is printed and
+counted the same way.
 About 2 minutes on 2 cores; a few seconds with --reuse-run.
 """
 
@@ -39,7 +41,7 @@ def _run(reuse: bool, shadows: int, candidates: int) -> None:
     from privmed.audit.run import audit
     from privmed.config import read_yaml
 
-    if not (reuse and (RUN / "audit.json").is_file()):
+    if not (reuse and (RUN / "private" / "audit.json").is_file()):
         if RUN.exists():
             shutil.rmtree(RUN)
         privmed.run(read_yaml(Path(str(files("privmed") / "configs" / "demo-dp.yaml"))), RUN, progress=True)
@@ -88,9 +90,11 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     png, pdf = RESULTS / "statement.png", RUN / "statement.pdf"
     pages = _chromium(browser, page, png, pdf)
-    print(f"statement: {page}\nscreenshot: {png}\nprinted: {pdf}, {pages} page(s) "
-          f"({time.perf_counter() - start:.0f} s in all)")
-    return 0 if pages == 1 else 1
+    mine = write_statement(RUN, args.site, private=True)  # the results stay under private/
+    own = _chromium(browser, mine, RUN / "private" / "statement.png", RUN / "private" / "statement.pdf")
+    print(f"statement: {page}\nscreenshot: {png}\nprinted: {pdf}, {pages} page(s); the private "
+          f"statement {mine}: {own} page(s) ({time.perf_counter() - start:.0f} s in all)")
+    return 0 if pages == own == 1 else 1
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def overfit_run(tmp_path_factory, one_thread):
 
 def test_an_overfit_model_gives_its_members_away_and_the_report_says_so(overfit_run):
     result = audit(overfit_run, shadows=2, candidates=100, seed=3)
-    written = json.loads((overfit_run / "audit.json").read_text())
+    written = json.loads((overfit_run / "private" / "audit.json").read_text())
+    assert not (overfit_run / "audit.json").exists()  # computed from patients: private
     assert written == json.loads(json.dumps(result))
     assert set(written["attacks"]) == set(ATTACKS)
     assert written["claimed"]["epsilon"] is None and "max_roc_auc" not in written["claimed"]
@@ -53,11 +54,16 @@ def test_an_overfit_model_gives_its_members_away_and_the_report_says_so(overfit_
     # the strongest attack tells members from non-members beyond chance, at 95% confidence
     best = max(written["attacks"].values(), key=lambda r: r["roc_auc"])
     assert best["roc_auc_ci"][0] > 0.5, best
-    # the report shows the attacks, and draws their ROC curves from audit.json
-    html = (overfit_run / "report.html").read_text()
-    assert "Audit: what an attacker learns" in html and "LiRA, online" in html
-    assert (overfit_run / "plots" / "audit_membership.png").stat().st_size > 1000
+    # the private report shows the attacks, and draws their ROC curves from audit.json
+    html = (overfit_run / "private" / "report.html").read_text()
+    assert "Audit: what an attacker learns" in html and "LiRA, online" in html and "audit-attacks" in html
+    assert f"{best['roc_auc']:.3f}" in html
+    assert (overfit_run / "private" / "plots" / "audit_membership.png").stat().st_size > 1000
     assert "no differential-privacy guarantee" in html
+    # the report that may be shared names the attacks and shows none of their results
+    shared = (overfit_run / "report.html").read_text()
+    assert "LiRA, online" in shared and "audit-withheld" in shared and "audit-attacks" not in shared
+    assert f"{best['roc_auc']:.3f} (" not in shared and not (overfit_run / "plots" / "audit_membership.png").exists()
 
 
 @pytest.mark.parametrize("non_members", ["test", "validation"])
@@ -100,6 +106,7 @@ def test_a_dp_run_stays_within_what_its_epsilon_allows(tmp_path, one_thread):
     result = audit(out, ["loss", "lira-offline"], shadows=2, candidates=100, seed=0)
     claimed = result["claimed"]
     assert claimed["epsilon"] == s["privacy"]["epsilon"] <= 1.0
+    assert result["unit"] == s["privacy"]["unit"]
     assert claimed["max_roc_auc"] == pytest.approx(dp_roc_auc_bound(claimed["epsilon"], 1e-3), abs=1e-4)
     for name, r in result["attacks"].items():
         # an attack whose whole interval lies above the bound would refute the claimed epsilon

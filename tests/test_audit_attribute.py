@@ -82,8 +82,8 @@ def test_privmed_audit_infers_sex_on_heart_disease_and_reports_it(tmp_path, caps
     privmed.run({"data": {"source": "heart-disease", "root": str(HEART)}, "federation": {"rounds": 3}}, tmp_path / "run")
     assert main(["audit", str(tmp_path / "run"), "--attack", "attribute"]) == 0
     assert "attribute 'sex':" in capsys.readouterr().out
-    a = json.loads((tmp_path / "run" / "audit.json").read_text())["attribute"]
+    a = json.loads((tmp_path / "run" / "private" / "audit.json").read_text())["attribute"]
     assert a["attribute"] == "sex" and a["members"]["attack"]["n"] + a["non_members"]["attack"]["n"] > 600
-    assert "Attribute inference: guessing sex" in (tmp_path / "run" / "report.html").read_text()
+    assert "Attribute inference: guessing sex" in (tmp_path / "run" / "private" / "report.html").read_text()
     assert main(["audit", str(tmp_path / "run"), "--attack", "attribute", "--attribute", "age"]) == 2
     assert "--attribute: 'age' is not binary" in capsys.readouterr().err

@@ -105,16 +105,16 @@ def test_privmed_audit_runs_the_canaries_and_the_report_states_the_bound(tmp_pat
     assert "canaries (white box): epsilon >= " in capsys.readouterr().out
     import json
 
-    saved = json.loads((tmp_path / "run" / "audit.json").read_text())["canaries"]
+    saved = json.loads((tmp_path / "run" / "private" / "audit.json").read_text())["canaries"]
     assert saved["site"] == "site-2" and saved["canaries"] == 300 and saved["claimed_epsilon"] is None
-    html = (tmp_path / "run" / "report.html").read_text()
+    html = (tmp_path / "run" / "private" / "report.html").read_text()
     assert "Gradient canaries (white box): a lower bound on epsilon" in html
     assert f"Epsilon is at least {np.floor(saved['epsilon_lower'] * 1000) / 1000:.3f}" in html
     # a later membership audit keeps the canaries' result
     assert main(["audit", str(tmp_path / "run"), "--attack", "loss", "--candidates", "20"]) == 0
-    assert json.loads((tmp_path / "run" / "audit.json").read_text())["canaries"] == saved
+    assert json.loads((tmp_path / "run" / "private" / "audit.json").read_text())["canaries"] == saved
     assert main(["audit", str(tmp_path / "run"), "--attack", "canaries", "--canaries", "0"]) == 2
     # and the site's privacy statement says what the canaries found
-    assert main(["statement", str(tmp_path / "run"), "--site", "site-2"]) == 0
-    page = (tmp_path / "run" / "statement-site-2.html").read_text()
+    assert main(["statement", str(tmp_path / "run"), "--site", "site-2", "--private"]) == 0
+    page = (tmp_path / "run" / "private" / "statement-site-2.html").read_text()
     assert "Canary patients added at this site" in page and "the run claims no guarantee" in page

@@ -116,22 +116,27 @@ def test_privmed_audit_runs_both_canary_audits_and_labels_them_in_the_report_and
                  "--canaries", "120", "--site", "site-2"]) == 0
     out = capsys.readouterr().out
     assert "canaries (white box): epsilon >= " in out and "input canaries (black box): epsilon >= " in out
-    saved = json.loads((tmp_path / "run" / "audit.json").read_text())
+    saved = json.loads((tmp_path / "run" / "private" / "audit.json").read_text())
     white, black = saved["canaries"], saved["input-canaries"]
     assert (white["view"], black["view"]) == ("white box", "black box")
     assert black["site"] == "site-2" and black["canaries"] == 120 and black["claimed_epsilon"] is None
-    html = (tmp_path / "run" / "report.html").read_text()
+    html = (tmp_path / "run" / "private" / "report.html").read_text()
     assert "Gradient canaries (white box): a lower bound on epsilon" in html
     assert "Input canaries (black box): a lower bound on epsilon" in html
     assert f"Epsilon is at least {np.floor(black['epsilon_lower'] * 1000) / 1000:.3f}" in html
     # a later membership audit keeps both
     assert main(["audit", str(tmp_path / "run"), "--attack", "loss", "--candidates", "20"]) == 0
-    again = json.loads((tmp_path / "run" / "audit.json").read_text())
+    again = json.loads((tmp_path / "run" / "private" / "audit.json").read_text())
     assert again["input-canaries"] == black and again["canaries"] == white
-    assert main(["statement", str(tmp_path / "run"), "--site", "site-2"]) == 0
-    page = (tmp_path / "run" / "statement-site-2.html").read_text()
+    assert main(["statement", str(tmp_path / "run"), "--site", "site-2", "--private"]) == 0
+    page = (tmp_path / "run" / "private" / "statement-site-2.html").read_text()
     assert "Canary patients added at this site, scored from its updates (white box" in page
     assert "Mislabelled canary patients added at this site, scored from the final model alone (black box" in page
+    # the statement that may be shared names both audits and states neither bound
+    assert main(["statement", str(tmp_path / "run"), "--site", "site-2"]) == 0
+    shared = (tmp_path / "run" / "statement-site-2.html").read_text()
+    assert f"{white['title']}: ran" in shared and f"{black['title']}: ran" in shared
+    assert "epsilon is at least" not in shared
 
 
 def test_tabular_records_make_canaries_too(tmp_path, one_thread, shared_data):

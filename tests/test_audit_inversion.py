@@ -4,8 +4,8 @@ The attack itself on a tiny model whose gradient determines its input: a single 
 almost exactly from a plain update, not from a DP-SGD update or from the sum of several images'
 updates. Then the coordinator's view as privmed's sites make it (a plain step is -lr x the
 gradient; a DP step carries the calibrated noise; the secure sum is the mean of the sites' steps),
-and the audit end to end on a tiny phantom run: audit.json, the image file, the report's figure,
-one-line errors.
+and the audit end to end on a tiny phantom run: private/audit.json, the image file beside it, the
+private report's figure (the shareable report shows neither), one-line errors.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def test_the_audit_writes_its_entry_and_the_report_shows_it(tiny_run, capsys):
     opts = InversionOptions(batches=(1,), epsilons=(8.0,), trials=1,
                             search=inv.InversionSettings(iterations=150, restarts=1))
     result = audit(tiny_run, ["inversion"], inversion=opts, seed=1)
-    written = json.loads((tiny_run / "audit.json").read_text())
+    written = json.loads((tiny_run / "private" / "audit.json").read_text())
     assert written == json.loads(json.dumps(result))
     assert "loss" in written["attacks"]
     entry = written["inversion"]
@@ -228,16 +228,22 @@ def test_the_audit_writes_its_entry_and_the_report_shows_it(tiny_run, capsys):
     # the noise hides what the plain update shows
     assert s["site-dp-eps8-b1-step"]["psnr"]["mean"] < s["site-b1-step"]["psnr"]["mean"] - 4
     assert s["site-dp-eps8-b1-step"]["cosine"] < 0.5 < s["site-b1-step"]["cosine"]
-    with np.load(tiny_run / "audit_inversion.npz") as z:
+    # the run trained without privacy: what it released is one site's plain update
+    assert entry["released"]["view"] == "site" and entry["released"]["setting"] == "site-b1-step"
+    assert entry["images_file"] == "private/audit_inversion.npz" and not (tiny_run / "audit_inversion.npz").exists()
+    with np.load(tiny_run / "private" / "audit_inversion.npz") as z:
         assert z["secure-sum-b1-step__originals"].shape == z["secure-sum-b1-step__reconstructions"].shape == (3, 1, 16, 16)
         assert z["secure-sum-b1-step-as-one__reconstructions"].shape == (1, 1, 16, 16)
         assert z["site-b1-step__psnr"][0] == pytest.approx(s["site-b1-step"]["psnr"]["mean"])
-    html = (tiny_run / "report.html").read_text()
+    html = (tiny_run / "private" / "report.html").read_text()
     assert "Gradient inversion: images rebuilt from the updates" in html and "audit-attacks" in html
-    assert (tiny_run / "plots" / "audit_inversion.png").stat().st_size > 5000
+    assert (tiny_run / "private" / "plots" / "audit_inversion.png").stat().st_size > 5000
+    shared = (tiny_run / "report.html").read_text()
+    assert "audit-inversion-table" not in shared and "fig-audit_inversion" not in shared
+    assert not (tiny_run / "plots" / "audit_inversion.png").exists()
     # a later membership audit keeps the inversion entry
     audit(tiny_run, ["loss"], candidates=30, seed=0)
-    assert json.loads((tiny_run / "audit.json").read_text())["inversion"] == entry
+    assert json.loads((tiny_run / "private" / "audit.json").read_text())["inversion"] == entry
 
 
 @pytest.mark.parametrize("args, says", [

@@ -1,7 +1,8 @@
 """`privmed statement`: one hospital's privacy statement, on tiny runs made with privmed's API on
 generated phantoms (DP-SGD with an audit, central DP, secure aggregation, no privacy). Every
 figure checked here is computed again from the run's files, independently of the page: the
-ledger's epsilon (recomputed from its releases), the audit's numbers, the rounds' dates."""
+ledger's epsilon (recomputed from its releases), the audit's numbers (on the --private page only),
+the rounds' dates."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def plain_run(tmp_path_factory, one_thread):
 def _statement(run: Path, site: str, capsys, *extra: str) -> str:
     assert main(["statement", str(run), "--site", site, *extra]) == 0
     printed = capsys.readouterr().out.strip()
-    path = Path(printed.removeprefix("statement: "))
+    path = Path(printed.split(": ", 1)[1])
     return path.read_text(encoding="utf-8")
 
 
@@ -86,7 +87,10 @@ def test_a_dp_statement_shows_the_ledgers_epsilon_budget_unit_and_releases(dp_ru
     rows = [json.loads(line) for line in (dp_run / "metrics.jsonl").read_text().splitlines()]
     assert f"Rounds 1–{len(rows)}" in text and rows[-1]["finished"][:10] in text
     n = summary["sites"]["site-2"]
-    assert f"{n['n_train']} training images" in text
+    # the unit is the patient: the page counts patients, their images beside
+    patients = summary["privacy"]["plan"]["site-2"]["n_patients"]
+    assert f"{patients} training patients ({n['n_train']} images)" in text
+    assert "patients sampled at rate" in text
     assert f"its {n['n_val']} validation and {n['n_test']} test images" in text
     # the site's own ledger (a simulation keeps it in the run directory) agrees with the run's
     assert "it agrees with the coordinator's ledger" in text
@@ -96,8 +100,9 @@ def test_a_dp_statement_shows_the_ledgers_epsilon_budget_unit_and_releases(dp_ru
 
 
 def test_the_audit_results_are_shown_with_what_each_attacker_assumes(dp_run, capsys):
-    page = _text(_statement(dp_run, "site-1", capsys))
-    result = json.loads((dp_run / "audit.json").read_text())
+    page = _text(_statement(dp_run, "site-1", capsys, "--private"))
+    assert (dp_run / "private" / "statement-site-1.html").is_file()
+    result = json.loads((dp_run / "private" / "audit.json").read_text())
     assert len(result["attacks"]) == 4
     for name, r in result["attacks"].items():
         assert r["title"] in page, name
@@ -112,6 +117,18 @@ def test_the_audit_results_are_shown_with_what_each_attacker_assumes(dp_run, cap
     assert r["sees"] in page
     assert f"ROC-AUC by {fmt_bound(result['claimed']['max_roc_auc'])}" in page
     assert f"Asked about {result['candidates']['members']} training patients" in page
+
+
+def test_the_shareable_statement_names_the_attacks_and_shows_no_result(dp_run, capsys):
+    page = _text(_statement(dp_run, "site-1", capsys))
+    result = json.loads((dp_run / "private" / "audit.json").read_text())
+    for name, r in result["attacks"].items():
+        assert r["title"] in page, name
+        assert f"{r['roc_auc']:.3f} (" not in page, name
+    assert "Asked about" not in page and "ROC-AUC (95% CI)" not in page
+    assert f"ROC-AUC by {fmt_bound(result['claimed']['max_roc_auc'])}" in page  # the epsilon's bound
+    assert "Their results are not on this page" in page and "private/audit.json" in page
+    assert f"privmed statement {dp_run} --site site-1 --private" in page
 
 
 def test_the_page_reads_the_ledger_not_the_summary(dp_run, tmp_path, capsys):
@@ -156,13 +173,20 @@ def test_a_record_unit_is_worded_as_the_report_words_it_with_the_group_guarantee
     assert _by_id(page, "unit") == unit_words("record")[1]
     assert "Differential privacy per image:" in _text(page)
     assert "so k images of one patient have only k × epsilon" in _text(page)
+    # one unit on the page, the run's: what was sampled, counted and asked about are images
+    n = json.loads((run / "summary.json").read_text())["sites"]["site-1"]
+    text = _text(_statement(run, "site-1", capsys, "--private"))
+    assert "images sampled at rate" in text and f"{n['n_train']} training images" in text
+    assert f"Its {n['n_val']} validation and {n['n_test']} test images:" in text
+    assert "training images of all sites" in text
+    assert "patients sampled" not in text and "training patients" not in text
 
 
 def test_missing_files_are_named_and_nothing_is_filled_in(dp_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(dp_run, run)
     (run / "summary.json").unlink()
-    (run / "audit.json").unlink()
+    (run / "private" / "audit.json").unlink()
     page = _statement(run, "site-3", capsys)
     text = _text(page)
     assert "Missing from the run directory: summary.json" in text

@@ -32,8 +32,9 @@ examples:
   privmed privacy plan configs/pneumonia-dp.yaml  the noise each site of a config will get
   privmed privacy spent runs/x                  the run's privacy ledger as a table
   privmed tune cfg.yaml --trials 20             search the training settings on validation data
-  privmed audit runs/x                          attack the run's model: what leaks of its patients
+  privmed audit runs/x                          attack the run's model: what leaks (kept in runs/x/private/)
   privmed statement runs/x --site site-1        one hospital's privacy statement, one printable page
+  privmed report runs/x --private               the report with the audit's results, in runs/x/private/
 
 across machines (Flower; see the README):
   privmed certs certs/ --name coordinator.example.org     TLS for the coordinator
@@ -217,15 +218,19 @@ def _parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
         "Attack the model of the run in RUN_DIR as the attacks below assume, on "
         "non-member patients (the test patients) and as many members (the sites' training patients, "
-        "with the same labels), and write RUN_DIR/audit.json (each attack's view and assumptions, "
-        "ROC-AUC and TPR at 0.1% and 1% FPR with 95% bootstrap intervals, the seeds) and an Audit "
-        "section in its report. The "
+        "with the same labels), and write RUN_DIR/private/audit.json (each attack's view and assumptions, "
+        "ROC-AUC and TPR at 0.1% and 1% FPR with 95% bootstrap intervals, the seeds) and "
+        "RUN_DIR/private/report.html, the report with an Audit section that shows them. The attacks "
+        "work with the sites' patients in hand, so their results are computed from patients outside "
+        "the DP mechanism: they stay in RUN_DIR/private/ (owner only, never shared); the shareable "
+        "RUN_DIR/report.html says which attacks ran and where their results are, and shows none. The "
         "shadow-based attacks train --shadows runs of the run's config (each about as long as the "
         "run itself). Gradient inversion (--attack inversion) rebuilds a site's training images "
         "from the update the coordinator sees: one site's plain update at each --batch (one local "
         "step, and a local epoch at the largest), the same under DP-SGD at each --epsilon, and "
         "the secure-aggregation sum of the sites' updates; it writes PSNR and SSIM to "
-        "audit.json and the images to RUN_DIR/audit_inversion.npz. Gradient canaries (--attack "
+        "private/audit.json and the training images and their reconstructions to "
+        "RUN_DIR/private/audit_inversion.npz. Gradient canaries (--attack "
         "canaries) train the run's config once more with --canaries canary patients at one site and "
         "give a lower bound on epsilon at 95% confidence, which a DP run's claim must not be below "
         "(white box: the coordinator scores them from the site's updates). Input canaries (--attack "
@@ -276,11 +281,14 @@ def _parser() -> argparse.ArgumentParser:
             "counts; its public counts); the guarantee (epsilon, rounded up, at delta), its unit of "
             "privacy and the epsilon spent against the budget, or plainly that there is none; what "
             "it does not cover; and the audit's attacks (privmed audit), each with what its attacker "
-            "assumes. Every figure is read from the run directory and its audit.json; a missing file "
-            "is named on the page. Prints as one A4 page; needs no scripts.", 88),
+            "assumes. Every figure is read from the run directory; a missing file is named on the "
+            "page. The statement may be shared: the audit's results (computed from patients outside "
+            "the DP mechanism) are not on it unless --private, which writes the page with them to "
+            "RUN_DIR/private/. Prints as one A4 page; needs no scripts.", 88),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  privmed statement runs/x --site site-1                writes runs/x/statement-site-1.html\n"
+        "  privmed statement runs/x --site site-1 --private      writes runs/x/private/statement-site-1.html\n"
         "  privmed statement runs/x --site hospital-a --state ~/.privmed/sites/hospital-a --out a.html",
     )
     stm.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -293,12 +301,25 @@ def _parser() -> argparse.ArgumentParser:
         "release it made in any run, against its own budget (default: RUN_DIR/private/sites/NAME, "
         "where a simulation keeps it, when there)",
     )
+    stm.add_argument(
+        "--private", action="store_true",
+        help="show the audit's results too (computed from patients outside the DP mechanism; never "
+        "share): writes RUN_DIR/private/statement-NAME.html (--out: a file outside the run directory "
+        "or under its private/)",
+    )
 
     rep = sub.add_parser(
         "report", help="(re)write a run directory's report.html",
-        description="Write RUN_DIR/report.html (and plots/) again from the run's files.",
+        description="Write RUN_DIR/report.html (and plots/) again from the run's files. It may be "
+        "shared: of an audit it says which attacks ran, not what they found.",
     )
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rep.add_argument(
+        "--private", action="store_true",
+        help="the report with the audit's results and figures (computed from patients outside the DP "
+        "mechanism, training images among them; never share): RUN_DIR/private/report.html and "
+        "private/plots/",
+    )
     return p
 
 
@@ -372,6 +393,53 @@ def _print_summary(s: dict, out: Path) -> int:
         print("privacy: none (privacy.mode none): the model may reveal its training patients")
     print(f"report: {(out / 'report.html').resolve()}")
     return 0
+
+
+def _audit_lines(result: dict, attacks: list[str]) -> list[str]:
+    """What `privmed audit` prints of its result: the strongest membership attack, and each other
+    attack asked for; the inversion's line about what the run released (privmed.report.released)."""
+    from privmed.audit.run import strongest
+    from privmed.privacy.figures import format_epsilon
+
+    out = []
+    claimed = result["claimed"]
+    best = strongest(result)
+    if best is not None:
+        name, r = best
+        eps = ("no DP guarantee" if claimed["epsilon"] is None  # the ledger's epsilon, rounded up
+               else f"the run claims epsilon {format_epsilon(claimed['epsilon'])}")
+        out.append(f"strongest attack: {name}, ROC-AUC {r['roc_auc']:.3f} ({eps})")
+    if "inversion" in attacks:
+        out.append(_inversion_line(result["inversion"]))
+    if "canaries" in attacks:
+        c = result["canaries"]
+        out.append(f"canaries (white box): epsilon >= {c['epsilon_lower']:.3f} at {100 * c['confidence']:.0f}% "
+                   f"confidence ({c['correct']} of {c['guesses']} guesses right)")
+    if "input-canaries" in attacks:
+        c = result["input-canaries"]
+        out.append(f"input canaries (black box): epsilon >= {c['epsilon_lower']:.3f} at "
+                   f"{100 * c['confidence']:.0f}% confidence ({c['correct']} of {c['guesses']} guesses right)")
+    if "attribute" in attacks:
+        a = result["attribute"]["members"]
+        out.append(f"attribute '{result['attribute']['attribute']}': {100 * a['attack']['accuracy']:.1f}% of "
+                   f"training {result.get('unit', 'patient')}s guessed right, against "
+                   f"{100 * a['baseline']['accuracy']:.1f}% from the population")
+    return out
+
+
+def _inversion_line(inversion: dict) -> str:
+    """The inversion's result on what the run released: the DP-SGD update under DP-SGD, the secure
+    sum under secure aggregation, else the plain update (audit.json's inversion.released)."""
+    released = inversion.get("released") or {}
+    key = released.get("setting")
+    what = released.get("words", "what the run released")
+    if key is None:
+        return (f"inversion: the audit attacked no update of the kind this run released ({what}); "
+                "the other settings are in private/audit.json")
+    r = inversion["settings"][key]
+    return (f"inversion of what this run released, {what}: PSNR {r['psnr']['mean']:.1f} dB "
+            f"(best {r['psnr']['max']:.1f}; setting {key}; the mean image scores "
+            f"{r['psnr_mean_image']:.1f} dB)")
 
 
 def _scores(m: dict) -> str:
@@ -452,8 +520,8 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_BAD_INPUT
     if args.command == "audit":
         from privmed.audit.inversion import InversionSettings
-        from privmed.audit.run import InversionOptions, audit, strongest
-        from privmed.privacy.figures import format_epsilon
+        from privmed.audit.run import InversionOptions, audit
+        from privmed.report.private import PRIVATE_DIR, audit_file
 
         for name, value in (("--shadows", args.shadows), ("--candidates", args.candidates),
                             ("--trials", args.trials), ("--iterations", args.iterations),
@@ -472,41 +540,32 @@ def _main(argv: list[str] | None) -> int:
                        budget_s=args.budget, seed=args.seed, progress=lambda msg: print(msg, flush=True),
                        inversion=inversion, canaries=args.canaries, site=args.site, attribute=args.attribute,
                        non_members=args.non_members)
-        claimed = result["claimed"]
-        best = strongest(result)
-        if best is not None:
-            name, r = best
-            eps = ("no DP guarantee" if claimed["epsilon"] is None  # the ledger's epsilon, rounded up
-                   else f"the run claims epsilon {format_epsilon(claimed['epsilon'])}")
-            print(f"strongest attack: {name}, ROC-AUC {r['roc_auc']:.3f} ({eps})")
-        if args.attacks and "inversion" in args.attacks:
-            ran = [(k, r) for k, r in result["inversion"]["settings"].items() if "psnr" in r]
-            if ran:
-                k, r = max(ran, key=lambda kr: kr[1]["psnr"]["mean"])
-                print(f"inversion: best PSNR {r['psnr']['mean']:.1f} dB ({k})")
-        if args.attacks and "canaries" in args.attacks:
-            c = result["canaries"]
-            print(f"canaries (white box): epsilon >= {c['epsilon_lower']:.3f} at {100 * c['confidence']:.0f}% confidence "
-                  f"({c['correct']} of {c['guesses']} guesses right)")
-        if args.attacks and "input-canaries" in args.attacks:
-            c = result["input-canaries"]
-            print(f"input canaries (black box): epsilon >= {c['epsilon_lower']:.3f} at {100 * c['confidence']:.0f}% "
-                  f"confidence ({c['correct']} of {c['guesses']} guesses right)")
-        if args.attacks and "attribute" in args.attacks:
-            a = result["attribute"]["members"]
-            print(f"attribute '{result['attribute']['attribute']}': {100 * a['attack']['accuracy']:.1f}% of "
-                  f"training patients guessed right, against {100 * a['baseline']['accuracy']:.1f}% from the population")
-        print(f"audit: {(args.run_dir / 'audit.json').resolve()}")
+        for line in _audit_lines(result, args.attacks or []):
+            print(line)
+        print(f"audit: {audit_file(args.run_dir).resolve()} (results computed from patients outside the "
+              "DP mechanism: private, never share)")
+        if (args.run_dir / "report.html").exists():
+            print(f"report with the results: {(args.run_dir / PRIVATE_DIR / 'report.html').resolve()}")
+            print(f"report that may be shared (says which attacks ran, shows no result): "
+                  f"{(args.run_dir / 'report.html').resolve()}")
         return 0
     if args.command == "statement":
+        from privmed.report.private import move_legacy
         from privmed.report.statement import write_statement
 
-        print(f"statement: {write_statement(args.run_dir, args.site, args.out, args.state).resolve()}")
+        for line in move_legacy(args.run_dir) if (args.run_dir / "config.yaml").is_file() else []:
+            print(line)
+        path = write_statement(args.run_dir, args.site, args.out, args.state, private=args.private)
+        print(f"statement{' (private, never share)' if args.private else ''}: {path.resolve()}")
         return 0
     if args.command == "report":
         from privmed.report import write_report
+        from privmed.report.private import move_legacy
 
-        print(f"report: {write_report(args.run_dir).resolve()}")
+        for line in move_legacy(args.run_dir) if (args.run_dir / "config.yaml").is_file() else []:
+            print(line)
+        path = write_report(args.run_dir, private=args.private)
+        print(f"report{' (private, never share)' if args.private else ''}: {path.resolve()}")
         return 0
     raise AssertionError(args.command)
 

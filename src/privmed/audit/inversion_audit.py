@@ -5,8 +5,10 @@ training, which DP noise) and each of `trials` fresh batches of patients, the si
 setting says (privmed.audit.updates), and the attacker (privmed.audit.inversion) rebuilds the
 images from the update. Each reconstruction is scored against the image it is paired with (or,
 for a sum rebuilt as one image, the one it is closest to), by PSNR and SSIM; beside them, those of
-the sites' mean training image, what an attacker who learnt nothing from the update could show. Returns audit.json's "inversion" entry, and the first trial's
-originals and reconstructions of each setting, for the report's figure.
+the sites' mean training image, what an attacker who learnt nothing from the update could show.
+Returns audit.json's "inversion" entry, and the first trial's originals and reconstructions of each
+setting, for the private report's figure. The originals are training images: `write_images` keeps
+them in RUN_DIR/private/ (privmed.report.private), never beside the shareable files.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from privmed.audit.membership import Target
 from privmed.audit.updates import EPOCH_BATCH, SECURE_MIN_SITES, Setting, UpdateMaker, initial_weights
 from privmed.errors import ConfigError
 from privmed.federation.site import derive_seed, get_weights
+from privmed.report.private import INVERSION_FILE, inversion_file, private_dir
 
-IMAGES_FILE = "audit_inversion.npz"
+IMAGES_FILE = INVERSION_FILE  # under RUN_DIR/private/
 WEIGHTS = ("initial", "final")
 TITLE = "Gradient inversion (Geiping et al. 2020)"
 SEES = {
@@ -109,7 +112,7 @@ def run_inversion(
                    "objective": "1 - cosine(gradient, -update) + tv_weight x total variation"},
         "metrics": "PSNR (dB) and SSIM (11 px Gaussian window) by MONAI, each reconstruction against "
                    "the original it is assigned to (linear assignment on PSNR); images in [0, 1]",
-        "images_file": IMAGES_FILE,
+        "images_file": f"private/{IMAGES_FILE}",
         "settings": results,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -155,6 +158,8 @@ def _attack_setting(
     p, q = np.concatenate(psnrs), np.concatenate(ssims)
     entry = {**_describe(s), "sites": n_sites, "images_per_trial": int(len(seen.images)),
              "rebuilt_per_trial": int(len(rec.images))}
+    if s.view != "secure-sum":  # the site whose update was attacked (its noise is the run's there)
+        entry["site"] = seen.sites[0]
     if s.view == "site-dp":
         sigma, clip, _ = maker.noise(s.epsilon)
         entry.update(noise_multiplier=sigma, max_grad_norm=clip)
@@ -196,8 +201,12 @@ def _stats(v: np.ndarray) -> dict:
             "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
 
 
-def write_images(run_dir: Path, arrays: dict[str, np.ndarray]) -> None:
-    """The settings' originals and reconstructions to RUN_DIR/audit_inversion.npz, atomically."""
+def write_images(run_dir: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """The settings' originals (training images) and reconstructions to
+    RUN_DIR/private/audit_inversion.npz, owner-only and atomically; returns its path."""
+    private_dir(run_dir)
     buf = _io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    io.write_bytes(Path(run_dir) / IMAGES_FILE, buf.getvalue())
+    path = inversion_file(run_dir)
+    io.write_bytes(path, buf.getvalue(), private=True)
+    return path

@@ -1,13 +1,20 @@
 """`privmed audit RUN_DIR`: attack a finished run's model (membership) or the updates its sites
-send (gradient inversion) and write what leaked to audit.json (and the run's report, which shows it
-beside the epsilon the run claims)."""
+send (gradient inversion) and write what leaked to RUN_DIR/private/audit.json.
+
+The attacks run with the sites' patients in hand, so their results are computed from patients
+outside the DP mechanism: they stay in the run directory's owner-only private/ folder, with the
+report that shows them beside the epsilon the run claims (private/report.html). The shareable
+report.html only says that the audit ran, which attacks, and what each attacker assumes
+(privmed.report.private)."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import math
+import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +34,18 @@ from privmed.audit.inversion_audit import default_settings, run_inversion, write
 from privmed.audit.membership import Target, draw_candidates, load_target, logits_of, train_shadows
 from privmed.audit.updates import Setting
 from privmed.errors import ConfigError
+from privmed.report.private import AUDIT_FILE  # noqa: F401 (older callers import it from here)
+from privmed.report.private import audit_file, move_legacy, private_dir
+from privmed.report.released import released_inversion_of_run
+from privmed.report.words import unit_nouns
 from privmed.tasks.base import get_task
 
-AUDIT_FILE = "audit.json"
+UNITS = {  # the unit of membership: what one candidate is
+    "patient": "patient: a patient's items are included or left out together, and a patient's score "
+               "is that of its first item",
+    "record": "record: the data names no patients, so each item counts as its own patient, as in "
+              "the run's guarantee",
+}
 # The one-run audits of epsilon (white box, black box): each trains the run again with m canaries.
 _CANARY_AUDITS = {
     "canaries": (canary_audit, "gradient canaries"),
@@ -45,8 +61,10 @@ def audit(
     attribute: str | None = None, non_members: str = "test",
 ) -> dict:
     """Run `attacks` (default: all the membership attacks; 'inversion' when named) against the run
-    in `run_dir` and write audit.json there (what an earlier audit found for the kind of attack not
-    run this time is kept). `shadows`: shadow runs for the attacks that need them (fewer when
+    in `run_dir` and write RUN_DIR/private/audit.json (what an earlier audit found for the kind of
+    attack not run this time is kept), the inversion's images to private/audit_inversion.npz and,
+    when the run has a report, private/report.html with the results and report.html without them.
+    Files an older privmed wrote outside private/ are moved there first (said through `progress`). `shadows`: shadow runs for the attacks that need them (fewer when
     `budget_s` runs out); `candidates`: member and non-member patients asked about (each);
     `inversion`: the gradient-inversion settings; `canaries`, `site`: how many canaries (gradient
     canaries, white box; input canaries, black box), at which site (default: the first);
@@ -64,17 +82,22 @@ def audit(
     say = progress or (lambda _msg: None)
     run_dir = Path(run_dir)
     target = load_target(run_dir)
+    for line in move_legacy(run_dir):
+        say(line)
     if get_task(target.config.task).dense:
         raise ConfigError(f"{run_dir}: task '{target.config.task}' is not audited yet: privmed's attacks "
                           "score class labels (membership, canaries, attribute) or invert classifiers' updates")
     previous = _previous(run_dir)
     if any(n in CANARY_ATTACKS for n in names):  # refused before any attack trains
         canary_site(target, canaries, site)
-    out = {"run": run_dir.name, "claimed": _claimed(target)}
+    out = {"run": run_dir.name, "claimed": _claimed(target), "unit": _unit(target),
+           "unit_meaning": UNITS[_unit(target)]}
     if membership:
-        out.update(_membership(target, membership, shadows, candidates, budget_s, seed, say, non_members))
+        out.update(_membership(target, membership, shadows, candidates, budget_s, seed, say, non_members,
+                               _nouns(target, out["unit"])))
     else:
-        out.update({k: v for k, v in previous.items() if k not in ("run", "claimed", *UPDATE_ATTACKS)})
+        out.update({k: v for k, v in previous.items()
+                    if k not in ("run", "claimed", "unit", "unit_meaning", *UPDATE_ATTACKS)})
     for name, (run_audit, what) in _CANARY_AUDITS.items():
         if name in names:
             say(f"training the run again with {canaries} {what}")
@@ -94,12 +117,58 @@ def audit(
         write_images(run_dir, images)
     elif "inversion" in previous:
         out["inversion"] = previous["inversion"]
-    io.write_json(run_dir / AUDIT_FILE, out)
+    if "inversion" in out:
+        out["inversion"]["released"] = _released_inversion(target, out["inversion"]).to_dict()
+    if out["unit"] != "patient":
+        out = _in_units(out, _nouns(target, out["unit"])[:-1])
+    _write(run_dir, out)
+    return out
+
+
+def _write(run_dir: Path, out: dict) -> None:
+    """private/audit.json, owner-only; then, when the run has a report, the private report that
+    shows it and the shareable one that names the attacks."""
+    private_dir(run_dir)
+    io.write_json(audit_file(run_dir), out)
+    os.chmod(audit_file(run_dir), 0o600)  # its folder already is the owner's alone
     if (run_dir / "report.html").exists():
         from privmed.report import write_report
 
         write_report(run_dir)
-    return out
+        write_report(run_dir, private=True)
+
+
+_DESCRIBED = ("sees", "assumes", "drawn_from")  # the audit's words about who or what is attacked
+_PATIENT = re.compile(r"\bpatient(s?)\b")
+
+
+def _in_units(entry, one: str):
+    """`entry` (audit.json, or part of it) with its descriptions of what is attacked speaking of
+    `one` (image, record) where they speak of a patient: the unit, where the data names no patients."""
+    if isinstance(entry, dict):
+        return {k: _PATIENT.sub(lambda m: one + m.group(1), v) if k in _DESCRIBED and isinstance(v, str)
+                else _in_units(v, one) for k, v in entry.items()}
+    return entry
+
+
+def _nouns(target: Target, unit: str) -> str:
+    """What one candidate is, plural: patients, or the data's items (images, records)."""
+    return unit_nouns(unit, tabular=(target.summary.get("data") or {}).get("tabular") is True)
+
+
+def _unit(target: Target) -> str:
+    """The unit of membership: the run's unit of privacy ('patient' or 'record'); for a run whose
+    unit is not one of these (central DP: the site, or none), 'patient' when every site's training
+    data names its patients, else 'record', as a DP-SGD run of the same data would have it."""
+    unit = (target.summary.get("privacy") or {}).get("unit")
+    if unit in UNITS:
+        return unit
+    return "patient" if all(sd.train.patient is not None for sd in target.site_data) else "record"
+
+
+def _released_inversion(target: Target, entry: dict):
+    """Which attacked setting stands for what this run released (privmed.report.released)."""
+    return released_inversion_of_run(entry, target.summary, target.config.to_dict())
 
 
 @dataclass(frozen=True)
@@ -131,9 +200,9 @@ class InversionOptions:
 
 
 def _previous(run_dir: Path) -> dict:
-    """The audit.json an earlier audit left ({} when there is none, or it cannot be read)."""
+    """The private/audit.json an earlier audit left ({} when there is none, or it cannot be read)."""
     try:
-        old = json.loads((run_dir / AUDIT_FILE).read_text(encoding="utf-8"))
+        old = json.loads(audit_file(run_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
     return old if isinstance(old, dict) and old.get("run") == run_dir.name else {}
@@ -142,7 +211,8 @@ def _previous(run_dir: Path) -> dict:
 def _claimed(target: Target) -> dict:
     summary_privacy = target.summary.get("privacy") or {}
     claimed = {"mode": target.config.privacy.mode, "epsilon": summary_privacy.get("epsilon"),
-               "delta": summary_privacy.get("delta")}
+               "delta": summary_privacy.get("delta"),
+               "secure_aggregation": bool(target.summary.get("secure_aggregation"))}
     if target.config.privacy.mode == "dp-sgd" and claimed["epsilon"] is not None:
         # per patient at each site; the bound any membership attack on one patient obeys
         # (rounded up: never below what the claim allows)
@@ -152,9 +222,9 @@ def _claimed(target: Target) -> dict:
 
 def _membership(
     target: Target, names: list[str], shadows: int, candidates: int, budget_s: float | None, seed: int,
-    say: Callable[[str], None], non_members: str = "test",
+    say: Callable[[str], None], non_members: str = "test", units: str = "patients",
 ) -> dict:
-    """The membership attacks' part of audit.json."""
+    """The membership attacks' part of audit.json; `units`: what one candidate is, plural."""
     start = time.perf_counter()
     if target.config.task == "survival":
         raise ConfigError(f"{target.run_dir}: task 'survival' has no class labels; the membership audit needs them")
@@ -181,16 +251,15 @@ def _membership(
     return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
-        "unit": "patient: a patient's items are included or left out together",
         "candidates": {
             "members": int(cand.members.sum()), "non_members": int((~cand.members).sum()),
             "population": int(len(cand.population_labels)),
             "drawn_from": (
-                "non-members: the pooled test patients; members: the sites' training patients, as "
+                f"non-members: the pooled test {units}; members: the sites' training {units}, as "
                 "many of each label; population: the sites' validation items" if non_members == "test"
-                else "non-members: half of the sites' validation patients (the training split's "
-                "distribution); members: the sites' training patients, as many of each label; "
-                "population: the other half of the validation patients"),
+                else f"non-members: half of the sites' validation {units} (the training split's "
+                f"distribution); members: the sites' training {units}, as many of each label; "
+                f"population: the other half of the validation {units}"),
         },
         "shadows": shadow_info,
         "attacks": results,

@@ -7,6 +7,11 @@ the only function that writes (plots/<name>.png and report.html, atomically).
 The report follows the run's task: "classification" (images), "tabular-classification" (a feature
 table: the same scores, nothing about images) and "survival" (concordance index, Kaplan-Meier curves
 of the predicted risk groups instead of ROC and calibration).
+
+Two reports (privmed.report.private): RUN_DIR/report.html may be shared: of an audit it says when
+it ran, which attacks and what each attacker assumes, never a result. With `private=True` the
+report also shows the audit's results and figures (computed from patients outside the DP mechanism,
+training images among them) and goes to RUN_DIR/private/report.html, its figures to private/plots/.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import yaml
 from privmed.errors import RunDirError
 from privmed.io import write_bytes, write_text
 from privmed.report import plots, words
+from privmed.report.private import PRIVATE_DIR, PRIVATE_NOTE, audit_file, inversion_file, shareable_audit
+from privmed.report.released import released_inversion_of_run
 from privmed.tasks.names import metric_label
 from privmed.report.readers import read_json as _read_json
 from privmed.report.readers import read_jsonl as _read_jsonl
@@ -93,7 +100,7 @@ DENSE_ROWS = {
 UNITS, UNIT_COUNTS, PRIVATE_MODES, fmt_budget = words.UNITS, words.UNIT_COUNTS, words.PRIVATE_MODES, words.fmt_budget
 COUNTS = ("n", "events", "volumes")  # metrics that are counts: integers, summed (not averaged) over sites
 PERSONALISED = ("local", "fedbn")  # strategies that keep one model per site
-INVERSION_IMAGES = "audit_inversion.npz"  # privmed.audit.inversion_audit.IMAGES_FILE
+INVERSION_IMAGES = "audit_inversion.npz"  # under private/: privmed.report.private.INVERSION_FILE
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,11 @@ class RunFiles:
     time: np.ndarray | None = None
     risk: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    audit: dict | None = None  # audit.json (privmed audit), when the run was audited
-    # audit_inversion.npz: per attacked setting, '<setting>__originals' and '__reconstructions'
+    audit: dict | None = None  # private/audit.json (privmed audit); shareable_audit's view of it unless private
+    # private/audit_inversion.npz (private reports only): per attacked setting, '<setting>__originals'
+    # and '__reconstructions'
     inversion_images: dict[str, np.ndarray] = field(default_factory=dict)
+    private: bool = False  # the report that shows the audit's results (never shared)
 
 
 @dataclass(frozen=True)
@@ -196,17 +205,25 @@ class FigureOut:
     note: str | None = None
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write `run_dir/report.html` (and each figure as `run_dir/plots/<name>.png`); return its path.
+def write_report(run_dir: Path, private: bool = False) -> Path:
+    """Write `run_dir/report.html` (and each figure as `run_dir/plots/<name>.png`), which may be
+    shared; with `private`, the report with the audit's results to `run_dir/private/report.html`
+    (figures under private/plots/). Returns its path.
 
     Raises RunDirError when `run_dir` is not a privmed run directory or one of its files is corrupt.
     """
-    run = read_run(Path(run_dir))
+    run = read_run(Path(run_dir), private=private)
     figures = make_figures(run)
+    if private:
+        from privmed.report.private import private_dir
+
+        home = private_dir(run.path)
+    else:
+        home = run.path
     for fig in figures:
         if fig.png is not None:
-            write_bytes(run.path / "plots" / f"{fig.name}.png", fig.png)
-    out = run.path / "report.html"
+            write_bytes(home / "plots" / f"{fig.name}.png", fig.png)
+    out = home / "report.html"
     write_text(out, render(run, figures))
     return out
 
@@ -230,7 +247,10 @@ def task_view(run: RunFiles) -> TaskView:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def read_run(run_dir: Path) -> RunFiles:
+def read_run(run_dir: Path, private: bool = False) -> RunFiles:
+    """The run's files as the report reads them. The audit (private/audit.json) comes whole, with
+    the inversion's images, only when `private`; else as privmed.report.private.shareable_audit
+    gives it, with none of its results."""
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: not a directory")
     for name in REQUIRED_FILES:
@@ -241,9 +261,13 @@ def read_run(run_dir: Path) -> RunFiles:
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     labels, probs, time, risk = _read_predictions(run_dir / "predictions.npz")
     counts = _read_counts(run_dir / "test_counts.npz")
-    audit = _read_json(run_dir / "audit.json") if (run_dir / "audit.json").is_file() else None
-    images = _read_arrays(run_dir / INVERSION_IMAGES) if _get(audit, "inversion") else {}
-    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk, counts, audit, images)
+    audit = _read_json(audit_file(run_dir)) if audit_file(run_dir).is_file() else None
+    if not private:
+        return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk, counts,
+                        shareable_audit(audit))
+    images = _read_arrays(inversion_file(run_dir)) if _get(audit, "inversion") else {}
+    return RunFiles(run_dir, config, summary, metrics, labels, probs, time, risk, counts, audit, images,
+                    private=True)
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -315,7 +339,9 @@ def make_figures(run: RunFiles) -> list[FigureOut]:
         predictions = _dense_figures(run, view)
     else:
         predictions = _survival_figures(run) if view.survival else _prediction_figures(run, view)
-    audits = [f for f in (_audit_figure(run), _inversion_figure(run)) if f is not None]
+    audits = []
+    if run.private:  # drawn from the audit's results: never in a shareable report
+        audits = [f for f in (_audit_figure(run, view), _inversion_figure(run)) if f is not None]
     return [_learning_curves(run, view), *([privacy] if privacy else []), *predictions, *audits]
 
 
@@ -332,11 +358,12 @@ def _inversion_figure(run: RunFiles) -> FigureOut | None:
     if not rows:
         return None
     caption = (
-        "Gradient inversion (privmed audit --attack inversion): for each update the coordinator saw, "
-        "the training images of the first batch attacked (top) and what the attacker rebuilt from "
-        "the update alone (below), with each reconstruction's PSNR against its original. Above about "
-        "18 dB an image is recognisable; the table in the Audit section gives the means over all "
-        "batches attacked."
+        "Gradient inversion (privmed audit --attack inversion): for each update attacked, the "
+        "training images of the first batch attacked (top: the sites' own images, the reason this "
+        "report is private) and what the attacker rebuilt from the update alone (below), with each "
+        "reconstruction's PSNR against its original. Above about 18 dB an image is recognisable; "
+        "the table in the Audit section gives the means over all batches attacked, and which update "
+        "this run released."
     )
     return FigureOut("audit_inversion", "Audit: gradient inversion", caption, png=plots.inversion_examples(rows))
 
@@ -354,7 +381,7 @@ def _inversion_label(key: str, r: dict) -> str:
     return f"{view}\n{batch} per site, {work}\nrebuilt {rebuilt}"
 
 
-def _audit_figure(run: RunFiles) -> FigureOut | None:
+def _audit_figure(run: RunFiles, view: TaskView | None = None) -> FigureOut | None:
     """The membership attacks' ROC curves on log axes (audit.json), or None when not audited."""
     attacks = _dict(_get(run.audit, "attacks"))
     curves, n_out = {}, 0
@@ -366,10 +393,11 @@ def _audit_figure(run: RunFiles) -> FigureOut | None:
             n_out = max(n_out, int(_num(r.get("n_nonmembers")) or 0))
     if not curves:
         return None
+    units = _audit_units(run, view)
     caption = (
         "Membership inference against the selected model (privmed audit): for each attack, the share "
-        "of training patients it finds (true positive rate) against the share of other patients it "
-        "wrongly calls members (false positive rate), on log axes, where the patients an attacker can "
+        f"of training {units} it finds (true positive rate) against the share of other {units} it "
+        f"wrongly calls members (false positive rate), on log axes, where the {units} an attacker can "
         "name with confidence show. The dashed line is guessing."
     )
     return FigureOut("audit_membership", "Audit: membership inference", caption,
@@ -409,8 +437,9 @@ def _learning_curves(run: RunFiles, view: TaskView | None = None) -> FigureOut:
         )
     caption += " Bottom: mean training loss of each site's local training in that round."
     if _dict(run.summary.get("privacy")).get("mode") == "dp-sgd":
+        units = words.unit_nouns(_get(run.summary, "privacy", "unit"), tabular=view.tabular)
         caption += (" Under DP-SGD the sites do not report their training loss (it is computed from "
-                    "training patients outside the privacy mechanism), so that panel is empty.")
+                    f"training {units} outside the privacy mechanism), so that panel is empty.")
     if not rows:
         return FigureOut("learning_curves", title, caption, note="No completed rounds: nothing to plot.")
     sites = _site_names(run)
@@ -786,6 +815,9 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
     headline = _headline(run, view)
     return {
         "name": str(s.get("name") or run.path.name),
+        "private": run.private,
+        "private_note": PRIVATE_NOTE,
+        "shareable_report": str(run.path / "report.html"),
         "synthetic": data.get("synthetic") is True,
         "synthetic_what": "records" if view.tabular else "phantom images",
         "task": view.task,
@@ -813,16 +845,19 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
 
 
 def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
-    """The Audit section from audit.json: the epsilon the run claims; the membership attacks, one
-    row per attack (what it sees, ROC-AUC and TPR at low FPR with their 95% intervals), when they
-    ran; and gradient inversion, one row per update attacked (PSNR and SSIM), when it ran."""
+    """The Audit section from private/audit.json: the epsilon the run claims and, in a private
+    report, the membership attacks, one row per attack (what it sees, ROC-AUC and TPR at low FPR
+    with their 95% intervals), when they ran; and gradient inversion, one row per update attacked
+    (PSNR and SSIM, the one this run released marked), when it ran. In a shareable report, which
+    attacks ran and what each attacker sees, and where the results are; none of them."""
     a = run.audit
     if not a:
         return None
-    membership = _membership_rows(a) if "attacks" in a else None
+    units = _audit_units(run, view)
     claimed = _dict(a.get("claimed"))
     eps = _num(claimed.get("epsilon"))
     bound = _num(claimed.get("max_roc_auc"))
+    membership = "attacks" in a
     if eps is None:
         claim = "The run claims no differential-privacy guarantee: nothing bounds what these attacks find."
     else:
@@ -831,31 +866,65 @@ def _audit(run: RunFiles, view: TaskView | None = None) -> dict | None:
         claim += f"; its unit of privacy is {unit}." if unit else "."
         if claimed.get("mode") == "central":
             claim += " Central DP protects a whole site, so it bounds a site's membership, not a patient's."
-        if bound is not None and membership is not None:
+        if bound is not None and membership:
             # Rounded up: a bound printed below its value would claim more than the epsilon backs.
             claim += (f" Whatever the attacker, that bounds a membership attack's ROC-AUC by "
                       f"{fmt_bound(bound)}; an audit finds what a given attacker "
                       "reaches, a lower bound on the leak.")
+    if a.get("withheld"):
+        return {"claim": claim, "created": a.get("created") or NA, "withheld": _withheld(run, a, units),
+                "a_unit": ("an " if units[0] in "aeiou" else "a ") + units[:-1],
+                "rows": None, "inversion": None, "canaries": None, "input_canaries": None,
+                "attribute": None, "setting": None}
+    rows = _membership_rows(a) if membership else None
     setting = None
-    if membership is not None:
+    if rows is not None:
         cand, sh = _dict(a.get("candidates")), _dict(a.get("shadows"))
-        setting = (f"{_int(cand.get('members'))} training patients and {_int(cand.get('non_members'))} "
-                   f"patients no site trained on ({cand.get('drawn_from', '')}); seed {a.get('seed')}")
+        setting = (f"{_int(cand.get('members'))} training {units} and {_int(cand.get('non_members'))} "
+                   f"{units} no site trained on ({cand.get('drawn_from', '')}); seed {a.get('seed')}")
         if sh:
             setting += f"; {_int(sh.get('trained'))} shadow runs ({fmt_seconds(sh.get('seconds'))})"
-    return {"rows": membership, "claim": claim, "setting": setting, "created": a.get("created", NA),
-            "inversion": _inversion(_dict(a.get("inversion"))), "canaries": _canaries(_dict(a.get("canaries"))),
-            "input_canaries": _input_canaries(_dict(a.get("input-canaries"))),
-            "attribute": _attribute(_dict(a.get("attribute")))}
+    return {"rows": rows, "claim": claim, "setting": setting, "created": a.get("created", NA), "withheld": None,
+            "a_unit": ("an " if units[0] in "aeiou" else "a ") + units[:-1],
+            "inversion": _inversion(_dict(a.get("inversion")), run.summary),
+            "canaries": _canaries(_dict(a.get("canaries")), units),
+            "input_canaries": _input_canaries(_dict(a.get("input-canaries")), units),
+            "attribute": _attribute(_dict(a.get("attribute")), units)}
 
 
-def _canaries(c: dict) -> str | None:
+def _withheld(run: RunFiles, a: dict, units: str) -> dict:
+    """What a shareable report says of an audit whose results it does not show: the attacks that
+    ran, each with what its attacker sees, and where the results are."""
+    ran = [{"title": str(r.get("title") or n), "sees": str(r.get("sees") or NA)}
+           for n, r in _dict(a.get("attacks")).items()]
+    for key in ("inversion", "canaries", "input-canaries", "attribute"):
+        r = _dict(a.get(key))
+        if r:
+            sees = r.get("sees") or "; ".join(dict.fromkeys(
+                str(_dict(x).get("sees")) for x in _dict(r.get("settings")).values() if _dict(x).get("sees")))
+            ran.append({"title": str(r.get("title") or key), "sees": str(sees or NA)})
+    return {"ran": ran, "units": units, "file": f"{PRIVATE_DIR}/audit.json",
+            "command": f"privmed report {run.path} --private",
+            "report": f"{PRIVATE_DIR}/report.html"}
+
+
+def _audit_units(run: RunFiles, view: TaskView | None = None) -> str:
+    """What the audit asked about, plural: patients, or the data's items where its unit is one
+    record (audit.json's unit; the run's unit of privacy before audits recorded theirs)."""
+    view = view or task_view(run)
+    unit = _get(run.audit, "unit")
+    if unit not in ("patient", "record"):
+        unit = _get(run.summary, "privacy", "unit")
+    return words.unit_nouns(unit, tabular=view.tabular)
+
+
+def _canaries(c: dict, units: str = "patients") -> str | None:
     """The gradient-canary audit in a sentence: the lower bound beside the site's claimed epsilon."""
     if not c:
         return None
     claimed = _num(c.get("claimed_epsilon"))
     lower = _num(c.get("epsilon_lower"))
-    text = (f"{_int(c.get('canaries'))} canary patients joined site {c.get('site')} "
+    text = (f"{_int(c.get('canaries'))} canary {units} joined site {c.get('site')} "
             f"({_int(c.get('included'))} of them trained), each a gradient of norm {c.get('clip')} on one "
             f"coordinate; the attacker ({c.get('sees')}) guessed {_int(c.get('correct'))} of "
             f"{_int(c.get('guesses'))} right. Epsilon is at least {fmt_lower_bound(lower)} at "
@@ -863,13 +932,13 @@ def _canaries(c: dict) -> str | None:
     return text + _canary_verdict(lower, claimed)
 
 
-def _input_canaries(c: dict) -> str | None:
+def _input_canaries(c: dict, units: str = "patients") -> str | None:
     """The input-canary audit (black box) in a sentence: the lower bound beside the site's claim."""
     if not c:
         return None
     auc = _num(c.get("roc_auc"))
     separation = "" if auc is None else f" (which separate the trained canaries at ROC-AUC {auc:.3f})"
-    text = (f"{_int(c.get('canaries'))} canary patients joined site {c.get('site')} "
+    text = (f"{_int(c.get('canaries'))} canary {units} joined site {c.get('site')} "
             f"({_int(c.get('included'))} of them trained), each a real image no site trains on with a "
             f"wrong label; the attacker ({c.get('sees')}) guessed {_int(c.get('correct'))} of "
             f"{_int(c.get('guesses'))} right from the model's log-odds of those labels{separation}. Epsilon "
@@ -891,7 +960,7 @@ def _canary_verdict(lower: float | None, claimed: float | None) -> str:
     return f", ABOVE the site's claimed epsilon {fmt_epsilon(claimed)}: the claim does not hold."
 
 
-def _attribute(a: dict) -> dict | None:
+def _attribute(a: dict, units: str = "patients") -> dict | None:
     """Attribute inference: per group, the attack's and the population's accuracy (95% CI)."""
     if not a:
         return None
@@ -904,7 +973,7 @@ def _attribute(a: dict) -> dict | None:
 
     rows = [{"group": label, "n": _int(_dict(_dict(a.get(key)).get("attack")).get("n")),
              "attack": pct(_dict(a.get(key)).get("attack")), "baseline": pct(_dict(a.get(key)).get("baseline"))}
-            for key, label in (("members", "training patients"), ("non_members", "test patients"))]
+            for key, label in (("members", f"training {units}"), ("non_members", f"test {units}"))]
     return {"rows": rows, "attribute": a.get("attribute"), "title": a.get("title"), "assumes": a.get("assumes"),
             "share": _num(a.get("population_share"))}
 
@@ -932,23 +1001,34 @@ def _membership_rows(a: dict) -> list[dict]:
     return rows
 
 
-def _inversion(inv: dict) -> dict | None:
+def _inversion(inv: dict, summary: dict | None = None) -> dict | None:
     """The gradient-inversion table: per update attacked, what the attacker saw, the local work,
-    PSNR and SSIM (mean ± sd, best PSNR) and the PSNR of the data's mean image beside them."""
+    PSNR and SSIM (mean ± sd, best PSNR) and the PSNR of the data's mean image beside them; the
+    row that stands for what this run released marked (privmed.report.released), and a sentence
+    saying what that was."""
     if not inv:
         return None
+    released = released_inversion_of_run(inv, summary)
+    if released.key is None:
+        sent = (f"This run released {released.words}; the audit attacked no such update, so every row "
+                "below is an update this run never sent, shown for comparison only.")
+    else:
+        sent = (f"This run released {released.words}: the row marked “released” stands for it. The "
+                "other rows are updates this run never sent, shown for comparison only.")
     rows = []
     for key, r in _dict(inv.get("settings")).items():
         r = _dict(r)
         label = _inversion_label(key, r).replace("\n", ", ")
+        mark = "released" if key == released.key else "not sent"
         if "skipped" in r:
-            rows.append({"setting": label, "sees": r.get("sees", NA), "cells": [f"not run: {r['skipped']}", "", "", "", ""]})
+            rows.append({"setting": label, "sees": r.get("sees", NA), "released": mark,
+                         "cells": [f"not run: {r['skipped']}", "", "", "", ""]})
             continue
         p, q = _dict(r.get("psnr")), _dict(r.get("ssim"))
         labels = "inferred" if str(r.get("labels", "")).startswith("inferred") else "known"
         if r.get("label_accuracy") is not None:
             labels += f", {100 * _num(r.get('label_accuracy')):.0f}% right"
-        rows.append({"setting": label, "sees": r.get("sees", NA), "cells": [
+        rows.append({"setting": label, "sees": r.get("sees", NA), "released": mark, "cells": [
             f"{_num(p.get('mean')):.1f} ± {_num(p.get('std')):.1f} (best {_num(p.get('max')):.1f})",
             f"{_num(q.get('mean')):.3f} ± {_num(q.get('std')):.3f}",
             f"{_num(r.get('psnr_mean_image')):.1f} / {_num(r.get('ssim_mean_image')):.3f}",
@@ -961,7 +1041,7 @@ def _inversion(inv: dict) -> dict | None:
            f"random start(s) and one at the data's brightness, total-variation weight "
            f"{search.get('tv_weight')}. {inv.get('metrics', '')}. Seed {inv.get('seed')}; audited "
            f"{inv.get('created', NA)}.")
-    return {"rows": rows, "how": how}
+    return {"rows": rows, "how": how, "released": sent}
 
 
 def _overview(run: RunFiles) -> list[tuple[str, str]]:

@@ -5,12 +5,19 @@ cover; and the audit's attacks with what each attacker assumed, in plain words.
 
 Every figure on the page is read from the run directory (config.yaml, run.json, summary.json,
 metrics.jsonl, privacy_ledger.json, the site's own ledger where the run keeps it) and its
-audit.json; a file that is missing is named on the page, never filled in. Epsilons are the ledger's,
-recomputed from its recorded releases and rounded UP, in the report's words (privmed.report.words).
+private/audit.json; a file that is missing is named on the page, never filled in. Epsilons are the
+ledger's, recomputed from its recorded releases and rounded UP, in the report's words
+(privmed.report.words). The page speaks of one unit throughout, the run's (patients, or its items
+where each counts as its own patient: privmed.report.words.unit_nouns).
+
+The statement may be shared, so of an audit it says which attacks ran and what each attacker
+assumes, and where their results are; the results are computed from patients outside the DP
+mechanism (privmed.report.private). `private=True` writes the page with them, under private/.
 
     files = read_statement(run_dir, site)        reading: RunDirError / PrivmedError naming the input
     html = render_statement(files)               pure (what left the site: privmed.report.released)
     path = write_statement(run_dir, site)        the only writer: RUN_DIR/statement-NAME.html, atomic
+                                                 (private=True: RUN_DIR/private/statement-NAME.html)
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from privmed.io import write_text
 from privmed.privacy.figures import format_epsilon
 from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
+from privmed.report.private import PRIVATE_DIR, PRIVATE_NOTE, audit_file, shareable_audit
 from privmed.report.readers import read_json, read_jsonl, read_yaml
-from privmed.report.released import released_rows
+from privmed.report.released import released_inversion_of_run, released_rows
 from privmed.report.words import (
     NA,
     as_dict,
@@ -48,11 +56,12 @@ from privmed.report.words import (
     get,
     num,
     privacy_section,
+    unit_nouns,
     unit_words,
     utc_time,
 )
 
-AUDIT_FILE = "audit.json"  # privmed.audit.run.AUDIT_FILE (not imported: it loads torch)
+AUDIT_FILE = f"{PRIVATE_DIR}/audit.json"  # privmed.report.private.audit_file, as the page names it
 PREDICTIONS_FILE = "predictions.npz"  # written only when the coordinator scored a public test set
 # what each strategy does with a site's update, in words ({items}: images or records)
 STRATEGIES = {
@@ -92,11 +101,12 @@ class StatementFiles:
     ledger: PrivacyLedger | None
     site_ledger: SiteLedger | None
     site_ledger_file: Path | None
-    audit: dict | None
+    audit: dict | None  # private/audit.json; privmed.report.private.shareable_audit's view unless `private`
     simulated: bool  # the site's own state (secret key, ledger) lives in this run directory
     public_test: bool  # the coordinator scored a public test set itself (predictions.npz)
     missing: tuple[str, ...]  # files the statement draws on that the run directory lacks
     sources: tuple[str, ...]  # the files it read, as the page lists them
+    private: bool = False  # the page that shows the audit's results (never shared)
 
     @property
     def mode(self) -> str:
@@ -111,10 +121,10 @@ class StatementFiles:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def read_statement(run_dir: Path, site: str, state_dir: Path | None = None) -> StatementFiles:
+def read_statement(run_dir: Path, site: str, state_dir: Path | None = None, private: bool = False) -> StatementFiles:
     """The files for `site`'s statement. RunDirError when `run_dir` holds no privmed run or a
     file is corrupt; StatementError for a site the run does not name (listing those it does), or a
-    `state_dir` that holds no ledger of that site."""
+    `state_dir` that holds no ledger of that site. The audit comes whole only when `private`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         what = "is not a directory" if run_dir.exists() else "does not exist"
@@ -136,10 +146,11 @@ def read_statement(run_dir: Path, site: str, state_dir: Path | None = None) -> S
     sources = [name for name in read if (run_dir / name).is_file()]
     if site_ledger_file is not None:
         sources.append(_shown(site_ledger_file, run_dir))
+    audit = _optional(audit_file(run_dir), read_json)
     return StatementFiles(
         run_dir, site, config, summary, metrics, None if run_id is None else str(run_id), ledger,
-        site_ledger, site_ledger_file, _optional(run_dir / AUDIT_FILE, read_json), own_dir.is_dir(),
-        (run_dir / PREDICTIONS_FILE).is_file(), missing, tuple(sources),
+        site_ledger, site_ledger_file, audit if private else shareable_audit(audit), own_dir.is_dir(),
+        (run_dir / PREDICTIONS_FILE).is_file(), missing, tuple(sources), private,
     )
 
 
@@ -190,11 +201,27 @@ def _site_ledger(site: str, state_dir: Path | None, own_dir: Path) -> tuple[Site
 # ---------------------------------------------------------------------------------------- writing
 
 
-def write_statement(run_dir: Path, site: str, out: Path | None = None, state_dir: Path | None = None) -> Path:
+def write_statement(run_dir: Path, site: str, out: Path | None = None, state_dir: Path | None = None,
+                    private: bool = False) -> Path:
     """Write `site`'s statement to `out` (default RUN_DIR/statement-SITE.html), atomically and only
-    once it is complete; return its path."""
-    files = read_statement(run_dir, site, state_dir)
-    out = Path(out) if out is not None else Path(run_dir) / default_name(site)
+    once it is complete; return its path. `private`: the page with the audit's results, by default
+    to RUN_DIR/private/statement-SITE.html; StatementError for an `out` in the run directory
+    outside private/ (a page computed from patients outside the DP mechanism stays out of what
+    may be shared)."""
+    files = read_statement(run_dir, site, state_dir, private)
+    run_dir = Path(run_dir)
+    if private:
+        home = run_dir / PRIVATE_DIR
+        if out is not None and Path(out).resolve().is_relative_to(run_dir.resolve()) \
+                and not Path(out).resolve().is_relative_to(home.resolve()):
+            raise StatementError(f"--out: {out} is in the run directory outside {PRIVATE_DIR}/; a --private "
+                                 f"statement shows results computed from patients outside the DP mechanism: "
+                                 f"write it under {home} (the default) or outside the run directory")
+        if out is None:
+            from privmed.report.private import private_dir
+
+            out = private_dir(run_dir) / default_name(site)
+    out = Path(out) if out is not None else run_dir / default_name(site)
     if out.is_dir():
         raise StatementError(f"--out: {out} is a directory; give a file name such as {out / default_name(site)}")
     write_text(out, render_statement(files))
@@ -226,21 +253,37 @@ def statement_context(f: StatementFiles) -> dict:
     """Everything the template shows, as text; nothing here reads a file."""
     tabular = get(f.summary, "data", "tabular") is True
     items = "records" if tabular else "images"
+    units = page_units(f, tabular)
     guarantee = _guarantee(f, tabular)
     return {
         "site": f.site,
         "name": str(get(f.summary, "name") or f.config.get("name") or f.path.name),
         "synthetic": get(f.summary, "data", "synthetic") is True,
         "items": items,
+        "units": units,
+        "unit_one": units[:-1],
+        "a_unit": ("an " if units[0] in "aeiou" else "a ") + units[:-1],
+        "private": f.private,
+        "private_note": PRIVATE_NOTE,
+        "shareable_statement": str(f.path / default_name(f.site)),
         "missing": list(f.missing),
         "run_rows": _run_rows(f, items),
-        "released": released_rows(f, items),
+        "released": released_rows(f, items, units),
         "guarantee": guarantee,
-        "not_covered": _not_covered(f, guarantee, items),
-        "audit": _audit(f, guarantee),
+        # a list of guarantees (training patients today; a line for validation and test patients
+        # fits beside it), each shown in full; then what none of them covers
+        "not_covered": _not_covered(f, guarantee, items, units),
+        "audit": _audit(f, guarantee, units),
         "sources": list(f.sources),
         "version": __version__,
     }
+
+
+def page_units(f: StatementFiles, tabular: bool) -> str:
+    """The one unit the page speaks of, plural: the run's unit of privacy (summary.json, else its
+    ledger), else the audit's (a run without privacy), in words (privmed.report.words.unit_nouns)."""
+    unit = get(f.summary, "privacy", "unit") or (f.ledger.unit if f.ledger is not None else None)
+    return unit_nouns(unit or get(f.audit, "unit"), tabular)
 
 
 def _run_rows(f: StatementFiles, items: str) -> list[list[tuple[str, str]]]:
@@ -365,7 +408,7 @@ def _own_ledger(f: StatementFiles) -> dict | None:
 # ---------------------------------------------------------------------------------------- not covered
 
 
-def _not_covered(f: StatementFiles, g: dict, items: str) -> list[str]:
+def _not_covered(f: StatementFiles, g: dict, items: str, units: str = "patients") -> list[str]:
     """What the guarantee does not cover, for this site, in plain words."""
     if g["status"] == "none":
         return ["Everything: without differential privacy there is no formal guarantee, and what "
@@ -384,9 +427,11 @@ def _not_covered(f: StatementFiles, g: dict, items: str) -> list[str]:
         out.append("Anything against the coordinator, which saw the site's updates before adding "
                    "the noise" + ("" if get(f.summary, "secure_aggregation") else " (and before clipping them)")
                    + "; and one patient's privacy on its own: central DP protects the site as a whole.")
-    out.append(f"Its validation and test patients ({as_int(site.get('n_val'))} and "
-               f"{as_int(site.get('n_test'))} {items}): their scores and counts went without noise "
-               "(each one's rounded score and class, not who they are).")
+    held_out = (f"Its validation and test patients ({as_int(site.get('n_val'))} and {as_int(site.get('n_test'))} "
+                f"{items})" if units == "patients" else
+                f"Its {as_int(site.get('n_val'))} validation and {as_int(site.get('n_test'))} test {units}")
+    out.append(f"{held_out}: their scores and counts went without noise (each one's rounded score "
+               "and class, not who they are).")
     out.append("Its public facts: its counts, the data's shape and classes, and when its replies arrived.")
     rule = get(f.summary, "selection_rule") or get(f.config, "federation", "model_selection")
     if rule == "best-validation":
@@ -396,8 +441,8 @@ def _not_covered(f: StatementFiles, g: dict, items: str) -> list[str]:
                    f"{get(f.summary, 'selection') or NA}).")
     out.append("Settings tuned on this hospital's data outside this run (the run's ledger counts "
                "this run only" + ("; its own ledger, every run)." if g["own"] else ")."))
-    out.append("Patients the model is later used on or fine-tuned with (using the model reveals "
-               "nothing more about the training patients).")
+    out.append(f"{units.capitalize()} the model is later used on or fine-tuned with (using the model "
+               f"reveals nothing more about the training {units}).")
     if f.simulated and g["mode"] == "dp-sgd":
         out.append(f"Anyone holding the run directory's private/ folder: it holds {f.site}'s secret "
                    "key, from which its noise derives. Never share it.")
@@ -407,7 +452,10 @@ def _not_covered(f: StatementFiles, g: dict, items: str) -> list[str]:
 # ---------------------------------------------------------------------------------------- audit
 
 
-def _audit(f: StatementFiles, g: dict) -> dict:
+def _audit(f: StatementFiles, g: dict, units: str = "patients") -> dict:
+    """The audit section: what the run's epsilon bounds, each attack with what its attacker
+    assumes, and (on a private page) what each found; on a shareable page, where those results are
+    instead of them."""
     a = f.audit
     if a is None:
         return {"run": False, "command": f"privmed audit {f.path}"}
@@ -426,50 +474,81 @@ def _audit(f: StatementFiles, g: dict) -> dict:
                  + (" (at this epsilon, no limit in practice)." if fmt_bound(bound) == "1.000" else "."))
     else:
         claim = (f"The run claims epsilon {fmt_epsilon(claimed.get('epsilon'))}"
-                 + (" for each site as a whole: it bounds a site's membership, not a patient's."
+                 + (f" for each site as a whole: it bounds a site's membership, not a {units[:-1]}'s."
                     if claimed.get("mode") == "central" else "."))
-    cand, shadows = as_dict(a.get("candidates")), as_dict(a.get("shadows"))
-    setting = (f"Asked about {as_int(cand.get('members'))} training patients of all sites (not only "
-               f"{f.site}'s) and {as_int(cand.get('non_members'))} patients no site trained on")
-    if shadows:
-        setting += f"; {as_int(shadows.get('trained'))} shadow runs trained"
     created = utc_time(a.get("created"))
     last = max((t for t in (utc_time(r.get("finished")) for r in f.metrics) if t is not None), default=None)
     stale = created is not None and last is not None and created < last
-    return {"run": True, "rows": rows, "sees": sees.pop() if len(sees) == 1 else None, "claim": claim,
-            "shared": shared, "sharing": sharing, "others": _other_findings(a, f.site),
-            "setting": setting, "created": f"{fmt_day(created)} {fmt_clock(created)} UTC" if created else NA,
-            "stale": stale}
+    out = {"run": True, "rows": rows, "sees": sees.pop() if len(sees) == 1 else None, "claim": claim,
+           "shared": shared, "sharing": sharing, "setting": None, "withheld": None,
+           "created": f"{fmt_day(created)} {fmt_clock(created)} UTC" if created else NA, "stale": stale}
+    if a.get("withheld"):
+        return {**out, "others": [f"{t}: ran" for t in _other_titles(a)], "withheld": {
+            "file": AUDIT_FILE, "command": f"privmed statement {f.path} --site {f.site} --private",
+            "page": f"{PRIVATE_DIR}/{default_name(f.site)}"}}
+    cand, shadows = as_dict(a.get("candidates")), as_dict(a.get("shadows"))
+    setting = (f"Asked about {as_int(cand.get('members'))} training {units} of all sites (not only "
+               f"{f.site}'s) and {as_int(cand.get('non_members'))} {units} no site trained on")
+    if shadows:
+        setting += f"; {as_int(shadows.get('trained'))} shadow runs trained"
+    return {**out, "setting": setting, "others": _other_findings(f, a, units)}
 
 
-def _other_findings(a: dict, site: str) -> list[str]:
+def _other_titles(a: dict) -> list[str]:
+    """The titles of the attacks beyond membership that audit.json records."""
+    return [str(as_dict(a.get(k)).get("title") or k) for k in ("canaries", "input-canaries", "inversion", "attribute")
+            if as_dict(a.get(k))]
+
+
+def _other_findings(f: StatementFiles, a: dict, units: str = "patients") -> list[str]:
     """One plain sentence for each attack beyond membership that audit.json holds: gradient
     canaries and input canaries (lower bounds on epsilon, white box and black box), gradient
-    inversion (images rebuilt from updates), attribute inference."""
+    inversion (images rebuilt from the update this run released), attribute inference."""
     out = []
-    kinds = (("canaries", "Canary patients added {where}, scored from its updates (white box: a test "
+    kinds = (("canaries", f"Canary {units} added {{where}}, scored from its updates (white box: a test "
                           "of the guarantee itself)"),
-             ("input-canaries", "Mislabelled canary patients added {where}, scored from the final model alone "
+             ("input-canaries", f"Mislabelled canary {units} added {{where}}, scored from the final model alone "
                                 "(black box, weaker than white box)"))
     for key, words in kinds:
         c = as_dict(a.get(key))
         if c:
-            out.append(_canary_finding(c, site, words))
-    inv = as_dict(as_dict(a.get("inversion")).get("settings"))
-    ran = {k: as_dict(r) for k, r in inv.items() if "psnr" in as_dict(r)}
-    if ran:
-        k, r = max(ran.items(), key=lambda kr: num(as_dict(kr[1]["psnr"]).get("mean")) or 0.0)
-        out.append(f"Images rebuilt from a site's update by the coordinator (gradient inversion): at best "
-                   f"PSNR {num(as_dict(r['psnr']).get('mean')):.1f} dB, SSIM {num(as_dict(r.get('ssim')).get('mean')):.2f} "
-                   f"({r.get('sees', k)}; the data's mean image scores {num(r.get('psnr_mean_image')):.1f} dB).")
+            out.append(_canary_finding(c, f.site, words))
+    inversion = as_dict(a.get("inversion"))
+    if inversion:
+        out.append(_inversion_finding(f, inversion))
     at = as_dict(a.get("attribute"))
     if at:
         m = as_dict(as_dict(at.get("members")).get("attack")), as_dict(as_dict(at.get("members")).get("baseline"))
         if num(m[0].get("accuracy")) is not None:
-            out.append(f"Guessing each training patient's {at.get('attribute')} from the model: right for "
+            out.append(f"Guessing each training {units[:-1]}'s {at.get('attribute')} from the model: right for "
                        f"{100 * num(m[0]['accuracy']):.1f}%, against {100 * num(m[1].get('accuracy')):.1f}% "
                        "by guessing the commoner value.")
     return out
+
+
+def _inversion_finding(f: StatementFiles, inversion: dict) -> str:
+    """Gradient inversion in one sentence, of the update this run released (privmed.report.released):
+    the DP-SGD update under DP-SGD, the secure sum under secure aggregation, else the plain update."""
+    released = released_inversion_of_run(inversion, f.summary, f.config)
+    head = f"Images rebuilt by the coordinator from what this run released, {released.words}"
+    if released.key is None:
+        return (f"{head}: the audit attacked no such update (its other settings are updates this run "
+                "never sent); run privmed audit --attack inversion again to attack it.")
+    r = released.setting
+    return (f"{head} (gradient inversion; attacked as {_setting_words(r)}): PSNR "
+            f"{num(get(r, 'psnr', 'mean')):.1f} dB, SSIM {num(get(r, 'ssim', 'mean')):.2f}, where the "
+            f"data's mean image scores {num(r.get('psnr_mean_image')):.1f} dB.")
+
+
+def _setting_words(r: dict) -> str:
+    """An attacked setting in a few words: the batch, the local work, the noise."""
+    batch = as_int(r.get("batch"))
+    work = "one local step" if r.get("local") == "step" else f"one local epoch ({as_int(r.get('local_steps'))} steps)"
+    text = (f"{batch} per site, {work}, rebuilt as {r.get('rebuilt_as', NA)}" if r.get("view") == "secure-sum"
+            else f"a batch of {batch}, {work}")
+    if num(r.get("noise_multiplier")) is not None:
+        text += f", noise multiplier {fmt_number(r.get('noise_multiplier'))}"
+    return text
 
 
 def _canary_finding(c: dict, site: str, words: str) -> str:
@@ -513,6 +592,8 @@ def _attack_row(name: str, r: dict, common: bool, shared: str = "") -> dict:
         assumes = "as above" + (f"; {rest}" if rest and not rest.startswith("(") else f" {rest}" if rest else "")
     if not common and r.get("sees"):
         assumes = f"sees {r['sees']}; {assumes}"
+    if "roc_auc" not in r and "skipped" not in r:  # a shareable page: the results stay private
+        return {"title": title, "assumes": assumes, "auc": "", "found": ""}
     if "skipped" in r:
         return {"title": title, "assumes": assumes, "auc": f"not run: {r['skipped']}", "found": ""}
     auc = num(r.get("roc_auc"))

@@ -66,6 +66,15 @@ def unit_words(unit: Any, tabular: bool = False) -> tuple[str | None, str | None
     )
 
 
+def unit_nouns(unit: Any, tabular: bool = False) -> str:
+    """What one unit of privacy is, plural, as a page counts and names them: 'patients' for the
+    unit 'patient'; the data's items ('images', or 'records' for a table) for 'record', where each
+    item counts as its own patient; 'patients' otherwise (a site's patients; no unit recorded)."""
+    if unit == "record":
+        return "records" if tabular else "images"
+    return "patients"
+
+
 def privacy_section(privacy: Any, tabular: bool = False) -> dict:
     """The Privacy section: the guarantee in a sentence, its terms, each site's spend and plan, and
     what the guarantee covers (the runner's statement, verbatim)."""
