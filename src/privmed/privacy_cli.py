@@ -130,6 +130,15 @@ def plan_config(path: Path, overrides: list[str], hospitals: list[Path] | None =
     ]
     how = "calibrated to the budget" if p.calibrated else "fixed by privacy.noise_multiplier"
     note = unit_note(p.unit)
+    finetune = [f"  {site}: fine-tuning turn of {s.finetune.steps} steps after the last round, planned with the rounds"
+                for site, s in p.sites.items() if s.finetune is not None]
+    scoring = []
+    if p.scoring is not None:
+        names = {"val": "validation", "test": "test"}
+        scoring = ["", f"validation and test patients: {p.scoring.to_dict()['mechanism']}, each split within "
+                       f"epsilon {format_budget(p.scoring.epsilon)} (privacy.scoring_epsilon)",
+                   table(["split", "scorings per site", "noise"],
+                         [[names[sp], str(n), format_epsilon(p.scoring.noise[sp], 4)] for sp, n in p.scoring.releases.items()])]
     return "\n".join([
         f"{p.mechanism} plan for {path} (unit: {p.unit}; delta {p.delta:g}; {p.accountant} accountant; "
         f"clip {p.max_grad_norm:g}; budget epsilon {format_budget(p.budget)}; noise {how})",
@@ -137,6 +146,8 @@ def plan_config(path: Path, overrides: list[str], hospitals: list[Path] | None =
         "",
         table(["site", {"patient": "patients", "record": "records"}.get(p.unit, "units"), "sample rate",
                "steps/turn", "turns", "noise", "epsilon"], rows),
+        *finetune,
+        *scoring,
     ])
 
 

@@ -8,8 +8,8 @@ Layout (every file written atomically):
     summary.json, test_counts.npz, predictions.npz (with a public test set), model.pt, report.html,
     plots/   at the end of the run
     private/                    NEVER SHARE: what, in a simulation, stands for each hospital's own
-                                state (sites/NAME: its secret key, its ledger, its last release)
-                                and the server's secret key (coordinator/), owner-only
+                                state (sites/NAME: its secret key, its ledger, its last release),
+                                and what audits computed from patients (audit.json, ...), owner-only
 A checkpoint holds the metrics history too, so `--resume` rewrites metrics.jsonl from it: a kill
 between the two writes can neither lose nor double a round.
 """
@@ -37,9 +37,10 @@ PRIVATE_DIR = "private"
 _NEVER_SHARE = (
     "NEVER SHARE this folder. In this simulation it stands for what each hospital keeps to itself\n"
     "(sites/NAME: its secret key, from which all of its DP noise and sampling derive; its own privacy\n"
-    "ledger; its last release) and the server's secret key (coordinator/). With these keys anyone\n"
-    "can replay the DP noise, and the privacy guarantee is void. Everything else in the run directory\n"
-    "may be shared; this folder is only needed to continue the run (--resume).\n"
+    "ledger; its last release). With these keys anyone can replay the DP noise, and the privacy\n"
+    "guarantee is void. It also holds what audits computed from patients outside the DP mechanism\n"
+    "(audit.json, the inversion audit's images, the private report and statements). Everything else\n"
+    "in the run directory may be shared; this folder is needed to continue the run (--resume).\n"
 )
 
 

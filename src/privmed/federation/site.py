@@ -367,7 +367,8 @@ class Site:
 
     def check_weights(self, weights: Weights, what: str = "weights") -> None:
         """ValueError (saying what is wrong, never what a patient's data did) unless `weights` are
-        one finite array per entry of the model's state, each of that entry's shape and dtype."""
+        one finite array per entry of the model's state, each of that entry's shape and dtype (a
+        SCAFFOLD 'correction' may be of any float dtype: the server keeps it in float64)."""
         state = self.model.state_dict()
         if not isinstance(weights, (list, tuple)) or len(weights) != len(state):
             n = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
@@ -375,7 +376,9 @@ class Site:
         for (name, ref), w in zip(state.items(), weights):
             w = np.asarray(w)
             want = torch.empty(0, dtype=ref.dtype).numpy().dtype
-            if w.shape != tuple(ref.shape) or w.dtype != want:
+            dtype_ok = w.dtype == want or (what == "correction" and np.issubdtype(w.dtype, np.floating)
+                                           and np.issubdtype(want, np.floating))
+            if w.shape != tuple(ref.shape) or not dtype_ok:
                 raise ValueError(f"{what}: '{name}' is {w.dtype}{list(w.shape)}, the run's model has "
                                  f"{want}{list(ref.shape)}")
             if np.issubdtype(w.dtype, np.floating) and not np.all(np.isfinite(w)):

@@ -52,10 +52,10 @@ NO_PRIVACY = (
     "patients they were trained on, and the scores may reveal the validation and test patients."
 )
 _PUBLIC = (
-    "Not covered, public and released as they are: each site's numbers of training patients and "
-    "images (its FedAvg weight) and of validation and test images, its data's shape and classes, "
-    "and when its replies arrive. The DP noise and sampling come from each site's own secret key, "
-    "never from the run's public seed."
+    "Not covered, public and released as they are: each site's numbers of {counted} (its FedAvg "
+    "weight) and of validation and test {items}, its data's shape and classes, and when its replies "
+    "arrive. The DP noise and sampling come from each site's own secret key, never from the run's "
+    "public seed."
 )
 _UNSCORED = (
     "Not covered: what each site computed from its validation and test patients (its scores and "
@@ -135,7 +135,9 @@ def guarantee_statement(
     else:
         scoring_unit = scoring_unit or ("record" if unit == "record" else "patient")
         text += _SCORED[scoring_unit].format(scoring=scoring, delta=delta)
-    return text + _PUBLIC
+    records = unit == "record" or scoring_unit == "record"
+    return text + _PUBLIC.format(counted="training records" if records else "training patients and images",
+                                 items="records" if records else "images")
 
 
 @dataclass(frozen=True)
