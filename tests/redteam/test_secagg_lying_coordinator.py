@@ -23,11 +23,17 @@ j, sk1_T or sk1_j, strips every mask from T's vector.
   list whose other "hospitals" are keys it made itself; T's shares are encrypted to it.
 - (e) two sums of one round over different sets of sites; their difference is T's update.
 
-After privmed's site-side checks (`secagg_checks_mod`), (a) and (c) are refused by the sites.
-(b), (d) and (e) still succeed, and no check a site can make alone in this protocol stops them:
-(d) and (e) need no lie a site could see, and (b)'s lists are each consistent. They are the
-evidence that each hospital must account for its own update as released with its own share of the
-noise only.
+After privmed's site-side checks (`secagg_checks_mod`), (a) and (c) are refused by the sites
+(and a control shows both succeed against Flower's mod alone). (b), (d) and (e) still succeed, and
+no check a site can make alone in this protocol stops them: (d) and (e) need no lie a site could
+see, and (b)'s lists are each consistent (with 5 sites or more; a search over every assignment of
+lists shows none passes the checks with 3 or 4). They are the evidence that each hospital must
+account for its own update as released with its own share of the noise only.
+
+Last, what even a coordinator that follows the protocol can search: every mask is drawn from a
+32-bit seed, a pairwise mask from a 28-bit one (benchmarks/secagg_mask_search.py recovers every
+update of a 3-site round from what the protocol hands the coordinator).
+See benchmarks/results/secagg_cheating_coordinator.md.
 """
 
 from __future__ import annotations
@@ -462,3 +468,66 @@ def test_two_sums_of_one_round_give_the_target_by_their_difference(monkeypatch, 
     err = max(float(np.max(np.abs(g - s))) for g, s in zip(got, sent))
     assert err <= bound
     assert max(float(np.max(np.abs(s))) for s in sent) > 100 * bound
+
+
+def lists_that_unmask_one_site(n: int, t: int) -> dict | None:
+    """Per-site unmask lists, each passing every check a site makes, that give site 0's self-mask
+    seed and, for each of its mask partners S, that partner's mask key (t shares each); None when
+    there are none. Every site holds a share of every other's secrets (privmed's default), and the
+    coordinator picks S (the partners whose key shares it forwards to site 0, at least t-1).
+    Site 0's own mask key is no way in: t sites naming it dropped and t others naming it active
+    would take 2t > n answers. A site h names a set dead among its partners, itself and the rest
+    active (at least t of them), or is not asked."""
+    from itertools import combinations, product
+
+    nodes = range(n)
+    for k in range(t - 1, n):
+        for partners in map(set, combinations(range(1, n), k)):
+            options = []
+            for h in nodes:
+                mine = partners if h == 0 else set(nodes) - {h}
+                options.append([frozenset(d) for r in range(len(mine) + 2 - t) for d in combinations(sorted(mine), r)]
+                               + [None])
+            for choice in product(*options):
+                asked = {h: d for h, d in enumerate(choice) if d is not None}
+                if (sum(0 not in d for d in asked.values()) >= t
+                        and all(sum(j in d for d in asked.values()) >= t for j in partners)):
+                    return {"partners": sorted(partners), "dead": {h: sorted(d) for h, d in asked.items()}}
+    return None
+
+
+def test_per_site_lists_that_pass_every_check_need_5_sites():
+    """Where (b) starts: with privmed's majority threshold, no per-site lists that the sites accept
+    unmask a site of 3 or 4; with 5, some do (the ones FewPartnersSplitLists sends)."""
+    assert lists_that_unmask_one_site(3, 2) is None
+    assert lists_that_unmask_one_site(4, 3) is None
+    found = lists_that_unmask_one_site(5, 3)
+    assert found is not None and len(found["partners"]) == 2
+
+
+# ---------------------------------------------------------------------------- what an honest coordinator holds
+
+def _fold(seed: bytes) -> int:
+    out = 0
+    for i in range(0, len(seed), 4):
+        out ^= int.from_bytes(seed[i:i + 4], "little")
+    return out
+
+
+def test_every_mask_is_one_of_2_to_the_32_and_a_pairwise_mask_one_of_2_to_the_28():
+    """Why a coordinator that follows the protocol can search the masks: Flower's pseudo_rand_gen
+    seeds numpy's RandomState with the XOR of the key's 4-byte words, and a pairwise key is base64
+    text (ASCII: each byte below 128). benchmarks/secagg_mask_search.py uses this to recover every
+    update of a 3-site round from what the protocol hands the coordinator. When Flower draws masks
+    from the whole key, this test fails: then update that benchmark and the guarantee text."""
+    shapes = [(1,), (3, 4)]
+    for _ in range(20):
+        key = pair_key(private_key_to_bytes(generate_key_pairs()[0]), public_key_to_bytes(generate_key_pairs()[1]))
+        assert len(key) == 44 and _fold(key) & 0x80808080 == 0  # 28 bits
+        other = bytearray(os.urandom(44))  # any other seed with the same fold gives the same mask
+        other[:4] = (int.from_bytes(other[:4], "little") ^ _fold(bytes(other)) ^ _fold(key)).to_bytes(4, "little")
+        assert bytes(other) != key and _fold(bytes(other)) == _fold(key)
+        masks = pseudo_rand_gen(key, 2**32, shapes)
+        assert all(np.array_equal(a, b) for a, b in zip(masks, pseudo_rand_gen(bytes(other), 2**32, shapes)))
+        drawn = np.random.RandomState(_fold(key)).randint(0, 2**32 - 1, 13, dtype=np.int64)
+        assert np.array_equal(np.concatenate([m.ravel() for m in masks]), drawn)

@@ -4,7 +4,13 @@ Grid: the SuperLink's in a deployment, or `LocalGrid`, which delivers messages t
 process, so the in-process runner runs the same protocol.
 
 What the coordinator receives from a site is its quantised contribution plus pairwise and private
-masks (uniform modulo 2^32); only the sum over the sites that took part can be unmasked. Each site
+masks modulo 2^32; a coordinator that follows the protocol unmasks only the sum over the sites that
+took part. It is no more than that: Flower draws each mask from numpy's RandomState seeded with 32
+bits (28 for a pairwise mask), so with 3 sites (2 mask partners each) such a coordinator can search
+every site's masks in minutes; and a coordinator that lies can obtain any one site's update
+(substituted keys, per-site dropout lists, two sums of a round). The sites refuse the lies they can
+see (`site_app.secagg_checks_mod`); what remains is in benchmarks/results/
+secagg_cheating_coordinator.md, and is why a hospital accounts for its own update alone. Each site
 i sends q(c_i * w_i / W) where c_i is its contribution (see strategies.contribution), w_i its weight
 (n_samples, or 1), W = SecAgg+'s max_weight, and q stochastic rounding to 2^bits levels on
 [-r, r]; the coordinator gets sum_i w_i c_i / sum_i w_i. W is the smallest power of two >= every
@@ -65,7 +71,8 @@ class _SecAggPlus(SecAggPlusWorkflow):
     The rule: the sum is unmasked only when at least `min_sites` sites sent masked updates. A sum
     over fewer would be thrown away and the round retried, and the coordinator would hold two sums
     of the same round over two sets of sites: their difference is the update of the sites in one
-    and not the other (one site's update, when a single site came back)."""
+    and not the other (one site's update, when a single site came back). It is this coordinator's
+    own rule: the sites cannot tell a second sum from a retry, so one that lies need not keep it."""
 
     def __init__(self, *args, min_sites: int = 0, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
