@@ -323,7 +323,8 @@ def test_bad_secure_aggregation_settings_are_refused(over, match):
 
 class _InstantSite:
     def train(self, content):
-        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(4, 0.25)]), 1, {})
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(4, 0.25)]), 1,
+                     {"site": "s", "model_key": GLOBAL, "n_samples": 1})
         return compat.fitres_to_recorddict(res, keep_input=True), 7
 
 
@@ -456,3 +457,16 @@ def test_a_plain_request_for_a_secure_instruction_is_refused():
             (reply,) = grid.send_and_receive([Message(content, 3001, M.TRAIN_PLAIN, group_id="1")])
         assert reply.has_error() == secure
     assert trained == [False]  # the secure one never reached the site
+
+
+def test_an_even_share_number_below_the_site_count_gives_a_sum():
+    # Flower's workflow gives each site 5 neighbours for 4 shares, and would tell the sites 4
+    grid = _stub_grid(5)
+    cfg = _cfg(sites__count=5, federation__secagg_shares=4, federation__secagg_threshold=3)
+    tasks = [TrainTask(site=f"s{i}", weights=[np.zeros(4)]) for i in range(5)]
+    shares, threshold = cfg.secagg_shares_threshold
+    with in_process_identity():
+        out = secure_stage(grid, {t.site: 3001 + i for i, t in enumerate(tasks)}, tasks, 1, "run", cfg.federation,
+                           shares, threshold, n_samples={t.site: 1 for t in tasks}, weighting="uniform", clip=None)
+    assert not any(m.has_error() for m in grid.seen)
+    assert np.allclose(out.mean[0], 0.25, atol=1e-5)  # every stub site sends 0.25

@@ -174,7 +174,7 @@ def secure_stage(
         raise SecAggError(
             f"round {rnd}: secure aggregation needs 3 sites or more, {len(tasks)} can be reached"
         )
-    n_shares = min(shares, len(tasks))
+    n_shares = share_count(shares, len(tasks))
     workflow = _SecAggPlus(
         num_shares=n_shares,
         reconstruction_threshold=min(threshold, n_shares - 1),
@@ -200,6 +200,17 @@ def secure_stage(
             f"{workflow.reconstruction_threshold}, federation.min_sites {min_sites or 'none'})"
         )
     return SecureSum(mean=[np.asarray(a, dtype=np.float64) for a in stage.mean], reports=stage.reports)
+
+
+def share_count(shares: int, sites: int) -> int:
+    """The number of shares each of `sites` sites splits its secrets into: `shares`, at most one
+    per site, and odd when below the number of sites. Flower's workflow gives each site the
+    `shares` nearest nodes on a ring, which is one more when `shares` is even, but tells the sites
+    the even number: they would split their secrets into fewer shares than they have neighbours
+    (and refuse: site_app.secagg_checks_mod). A threshold that is a strict majority of an even
+    number is one of the next odd number too."""
+    n = min(shares, sites)
+    return n + 1 if n < sites and n % 2 == 0 else n
 
 
 def _run_id(grid: Grid) -> int:
