@@ -13,8 +13,10 @@ import json
 import numpy as np
 import pytest
 from conftest import copy_keys, tiny_config
-from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 
 import privmed
 from privmed.config import validate_config
@@ -23,11 +25,14 @@ from privmed.federation.client import LEDGER_FILE as SITE_LEDGER_FILE
 from privmed.federation.experiment import prepare_experiment
 from privmed.federation.hospital import Hospital
 from privmed.federation.flower.coordinator import FlowerSites
-from privmed.federation.flower.secagg import LocalGrid, in_process_identity, quantization_bound
+from privmed.federation.flower import messages as M
+from privmed.federation.flower.secagg import (
+    LocalGrid, SecAggError, in_process_identity, quantization_bound, secure_stage,
+)
 from privmed.federation.flower.site_app import make_client_app
 from privmed.federation.flower.site_service import SiteEndpoint
 from privmed.federation.runner import RoundFailed
-from privmed.federation.strategies import GLOBAL, contribution
+from privmed.federation.strategies import GLOBAL, TrainTask, contribution
 from privmed.federation.transport import InProcessSites, StageFailed
 from privmed.privacy.site_ledger import SiteLedger
 
@@ -311,3 +316,159 @@ def test_secure_runs_reproduce_with_the_same_seed():
 def test_bad_secure_aggregation_settings_are_refused(over, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(**over)
+
+
+# ---------------------------------------------------------------------------- the sites' own checks
+# A site answers a SecAgg+ request only if it fits the rest of its session (site_app.secagg_checks_mod);
+# tests/redteam/test_secagg_lying_coordinator.py shows what each refusal protects. Here: stub sites
+# that train instantly, driven by privmed's own workflow up to the unmask stage, then sent requests.
+
+class _InstantSite:
+    def train(self, content):
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(4, 0.25)]), 1,
+                     {"site": "s", "model_key": GLOBAL, "n_samples": 1})
+        return compat.fitres_to_recorddict(res, keep_input=True), 7
+
+
+def _stub_grid(n):
+    grid = LocalGrid({3001 + i: make_client_app(lambda _ctx, e=_InstantSite(): e) for i in range(n)})
+    grid.seen = []
+    return grid
+
+
+def _send(grid, nid, stage, **values):
+    cfg = ConfigRecord({Key.STAGE: stage, **values})
+    with in_process_identity():
+        (reply,) = grid.send_and_receive([Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), nid, MessageType.TRAIN,
+                                                  group_id="1")])
+    return reply
+
+
+def _until_unmask(grid, monkeypatch):
+    """Run privmed's workflow over `grid`'s sites up to the unmask stage; its state then."""
+    from privmed.federation.flower import secagg
+
+    held = {}
+
+    class Halt(secagg._SecAggPlus):
+        def unmask_stage(self, grid, context, state):
+            held["state"] = state
+            return False
+
+    monkeypatch.setattr(secagg, "_SecAggPlus", Halt)
+    cfg = _cfg(sites__count=len(grid.apps))
+    tasks = [TrainTask(site=f"s{i}", weights=[np.zeros(4)]) for i in range(len(grid.apps))]
+    shares, threshold = cfg.secagg_shares_threshold
+    with in_process_identity(), pytest.raises(SecAggError):
+        secure_stage(grid, {t.site: 3001 + i for i, t in enumerate(tasks)}, tasks, 1, "run", cfg.federation,
+                     shares, threshold, n_samples={t.site: 1 for t in tasks}, weighting="uniform", clip=None)
+    assert not any(m.has_error() for m in grid.seen)
+    return held["state"]
+
+
+def _refused(reply, why):
+    return reply.has_error() and why in reply.error.reason and not reply.has_content()
+
+
+@pytest.mark.parametrize("lie, why", [
+    (lambda me, other: ([me, other], [other]), "both active and dropped"),
+    (lambda me, other: ([other], [me]), "named dropped or not active"),
+    (lambda me, other: ([other, 3003], []), "named dropped or not active"),
+    (lambda me, other: ([me, 3003], []), "must be named once"),  # a partner left out
+    (lambda me, other: ([me, other, 3003, 9999], []), "must be named once"),  # a node it never met
+    (lambda me, other: ([me, other, other, 3003], []), "named twice"),
+])
+def test_a_site_refuses_unmask_lists_it_cannot_have_been_sent_honestly(lie, why, monkeypatch):
+    grid = _stub_grid(3)
+    _until_unmask(grid, monkeypatch)
+    active, dead = lie(3001, 3002)
+    reply = _send(grid, 3001, Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})
+    assert _refused(reply, why), reply.error if reply.has_error() else reply.content
+    # the session is over for this site: the honest request now gets nothing either
+    honest = {Key.ACTIVE_NODE_ID_LIST: [3001, 3002, 3003], Key.DEAD_NODE_ID_LIST: []}
+    assert _refused(_send(grid, 3001, Stage.UNMASK, **honest), "aborted")
+
+
+def test_a_site_answers_the_honest_unmask_lists_once(monkeypatch):
+    grid = _stub_grid(3)
+    _until_unmask(grid, monkeypatch)
+    honest = {Key.ACTIVE_NODE_ID_LIST: [3001, 3002, 3003], Key.DEAD_NODE_ID_LIST: []}
+    reply = _send(grid, 3002, Stage.UNMASK, **honest)
+    assert not reply.has_error()
+    assert reply.content.config_records[RECORD_KEY_CONFIGS][Key.NODE_ID_LIST] == [3001, 3002, 3003]
+    assert _refused(_send(grid, 3002, Stage.UNMASK, **honest), "follows collect_masked_vectors")
+
+
+def _setup(shares, threshold, modulus=2**32):
+    return {Key.SAMPLE_NUMBER: shares, Key.SHARE_NUMBER: shares, Key.THRESHOLD: threshold,
+            Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 2**22, Key.MOD_RANGE: modulus, Key.MAX_WEIGHT: 1.0}
+
+
+@pytest.mark.parametrize("shares, threshold, modulus, why", [
+    (5, 2, 2**32, "not a strict majority"),
+    (4, 2, 2**32, "not a strict majority"),
+    (2, 2, 2**32, "at least 3"),
+    (3, 2, 2, "modulo 2^32"),
+    (3, 2, None, None),  # privmed's setup for 3 sites: accepted
+    (5, 3, None, None),
+])
+def test_a_site_refuses_a_setup_without_a_majority_threshold(shares, threshold, modulus, why):
+    grid = _stub_grid(1)
+    reply = _send(grid, 3001, Stage.SETUP, **_setup(shares, threshold, modulus or 2**32))
+    if why is None:
+        assert not reply.has_error() and Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
+    else:
+        assert _refused(reply, why)
+
+
+def test_a_site_refuses_more_keys_than_shares_and_key_shares_it_cannot_count():
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    def pk():
+        return public_key_to_bytes(generate_key_pairs()[1])
+
+    grid = _stub_grid(1)
+    own = _send(grid, 3001, Stage.SETUP, **_setup(3, 2)).content.config_records[RECORD_KEY_CONFIGS]
+    keys = {"3001": [own[Key.PUBLIC_KEY_1], own[Key.PUBLIC_KEY_2]], **{str(n): [pk(), pk()] for n in (3002, 3003, 3004)}}
+    assert _refused(_send(grid, 3001, Stage.SHARE_KEYS, **keys), "4 keys for 3 shares")
+
+    for srcs, why in [([3002, 3002], "same node twice"), ([3002, 3009], "outside this site's key list"),
+                      ([3001, 3002], "outside this site's key list"), ([], "threshold 2")]:
+        _send(grid, 3001, Stage.SETUP, **_setup(3, 2))  # a new session
+        own = grid.seen[-1].content.config_records[RECORD_KEY_CONFIGS]
+        keys = {"3001": [own[Key.PUBLIC_KEY_1], own[Key.PUBLIC_KEY_2]], "3002": [pk(), pk()], "3003": [pk(), pk()]}
+        assert not _send(grid, 3001, Stage.SHARE_KEYS, **keys).has_error()
+        reply = _send(grid, 3001, Stage.COLLECT_MASKED_VECTORS,
+                      **{Key.CIPHERTEXT_LIST: [b"x"] * len(srcs), Key.SOURCE_LIST: srcs})
+        assert _refused(reply, why), srcs
+
+
+def test_a_plain_request_for_a_secure_instruction_is_refused():
+    trained = []
+
+    class Site(_InstantSite):
+        def train(self, content):
+            trained.append(M.decode_instruction(content).secure)
+            return super().train(content)
+
+    grid = LocalGrid({3001: make_client_app(lambda _ctx: Site())})
+    task = TrainTask(site="s", weights=[np.zeros(4)])
+    for secure in (True, False):
+        content = M.encode_instruction(M.Instruction(task, 1, run="run", secure=secure))
+        with in_process_identity():
+            (reply,) = grid.send_and_receive([Message(content, 3001, M.TRAIN_PLAIN, group_id="1")])
+        assert reply.has_error() == secure
+    assert trained == [False]  # the secure one never reached the site
+
+
+def test_an_even_share_number_below_the_site_count_gives_a_sum():
+    # Flower's workflow gives each site 5 neighbours for 4 shares, and would tell the sites 4
+    grid = _stub_grid(5)
+    cfg = _cfg(sites__count=5, federation__secagg_shares=4, federation__secagg_threshold=3)
+    tasks = [TrainTask(site=f"s{i}", weights=[np.zeros(4)]) for i in range(5)]
+    shares, threshold = cfg.secagg_shares_threshold
+    with in_process_identity():
+        out = secure_stage(grid, {t.site: 3001 + i for i, t in enumerate(tasks)}, tasks, 1, "run", cfg.federation,
+                           shares, threshold, n_samples={t.site: 1 for t in tasks}, weighting="uniform", clip=None)
+    assert not any(m.has_error() for m in grid.seen)
+    assert np.allclose(out.mean[0], 0.25, atol=1e-5)  # every stub site sends 0.25

@@ -4,7 +4,13 @@ Grid: the SuperLink's in a deployment, or `LocalGrid`, which delivers messages t
 process, so the in-process runner runs the same protocol.
 
 What the coordinator receives from a site is its quantised contribution plus pairwise and private
-masks (uniform modulo 2^32); only the sum over the sites that took part can be unmasked. Each site
+masks modulo 2^32; a coordinator that follows the protocol unmasks only the sum over the sites that
+took part. It is no more than that: Flower draws each mask from numpy's RandomState seeded with 32
+bits (28 for a pairwise mask), so with 3 sites (2 mask partners each) such a coordinator can search
+every site's masks in minutes; and a coordinator that lies can obtain any one site's update
+(substituted keys, per-site dropout lists, two sums of a round). The sites refuse the lies they can
+see (`site_app.secagg_checks_mod`); what remains is in benchmarks/results/
+secagg_cheating_coordinator.md, and is why a hospital accounts for its own update alone. Each site
 i sends q(c_i * w_i / W) where c_i is its contribution (see strategies.contribution), w_i its weight
 (n_samples, or 1), W = SecAgg+'s max_weight, and q stochastic rounding to 2^bits levels on
 [-r, r]; the coordinator gets sum_i w_i c_i / sum_i w_i. W is the smallest power of two >= every
@@ -65,7 +71,8 @@ class _SecAggPlus(SecAggPlusWorkflow):
     The rule: the sum is unmasked only when at least `min_sites` sites sent masked updates. A sum
     over fewer would be thrown away and the round retried, and the coordinator would hold two sums
     of the same round over two sets of sites: their difference is the update of the sites in one
-    and not the other (one site's update, when a single site came back)."""
+    and not the other (one site's update, when a single site came back). It is this coordinator's
+    own rule: the sites cannot tell a second sum from a retry, so one that lies need not keep it."""
 
     def __init__(self, *args, min_sites: int = 0, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
@@ -167,7 +174,7 @@ def secure_stage(
         raise SecAggError(
             f"round {rnd}: secure aggregation needs 3 sites or more, {len(tasks)} can be reached"
         )
-    n_shares = min(shares, len(tasks))
+    n_shares = share_count(shares, len(tasks))
     workflow = _SecAggPlus(
         num_shares=n_shares,
         reconstruction_threshold=min(threshold, n_shares - 1),
@@ -193,6 +200,17 @@ def secure_stage(
             f"{workflow.reconstruction_threshold}, federation.min_sites {min_sites or 'none'})"
         )
     return SecureSum(mean=[np.asarray(a, dtype=np.float64) for a in stage.mean], reports=stage.reports)
+
+
+def share_count(shares: int, sites: int) -> int:
+    """The number of shares each of `sites` sites splits its secrets into: `shares`, at most one
+    per site, and odd when below the number of sites. Flower's workflow gives each site the
+    `shares` nearest nodes on a ring, which is one more when `shares` is even, but tells the sites
+    the even number: they would split their secrets into fewer shares than they have neighbours
+    (and refuse: site_app.secagg_checks_mod). A threshold that is a strict majority of an even
+    number is one of the next odd number too."""
+    n = min(shares, sites)
+    return n + 1 if n < sites and n % 2 == 0 else n
 
 
 def _run_id(grid: Grid) -> int:

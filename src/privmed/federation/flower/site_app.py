@@ -6,8 +6,9 @@ setting that keeps one alive), so this module stays light (no torch): its `app` 
 over a Unix socket to the `privmed join` process, which holds the site's data and model for the
 whole run. In the in-process runner (secure aggregation) the handlers call the endpoint directly.
 
-Message types: `train` (SecAgg+; `secaggplus_mod` masks the reply), `train.plain` (the reply is
-the trained weights), `evaluate` (scores and counts on the site's own validation / test patients),
+Message types: `train` (SecAgg+; `secaggplus_mod` masks the reply, after `secagg_checks_mod` has
+checked the request against the rest of the session), `train.plain` (the reply is the trained
+weights; an instruction marked secure is refused there), `evaluate` (scores and counts on the site's own validation / test patients),
 `query.describe` (which site this node serves, its counts and its data's shape), `query.setup` (a
 run's public settings, before the site's first instruction).
 """
@@ -15,6 +16,7 @@ run's public settings, before the site's first instruction).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import struct
@@ -23,9 +25,12 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
@@ -73,8 +78,14 @@ def make_client_app(endpoint_for: Callable[[Context], Endpoint]) -> ClientApp:
             np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
         return Message(content, reply_to=msg)
 
-    app.train(mods=[secaggplus_mod])(train)
-    app.train("plain")(train)
+    def train_plain(msg: Message, context: Context) -> Message:
+        if _marked_secure(msg.content):
+            return _refuse(msg, "an instruction marked for secure aggregation came as a plain request, "
+                          "whose reply the coordinator would see unmasked")
+        return train(msg, context)
+
+    app.train(mods=[secagg_checks_mod, secaggplus_mod])(train)
+    app.train("plain")(train_plain)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -101,6 +112,144 @@ def _trace_mod(msg: Message, context: Context, call_next: Callable) -> Message:
     trace.record("clientapp", mid=msg.metadata.message_id, type=msg.metadata.message_type,
                  node=context.node_id, started=entered[0], entered=entered[1])
     return reply
+
+
+def _refuse(msg: Message, why: str) -> Message:
+    """An error reply (nothing of the site's in it) that says why; the site's log says it too."""
+    logging.getLogger("privmed.site").warning("refused a %s request: %s", msg.metadata.message_type, why)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"privmed site refused: {why}"),
+                   reply_to=msg)
+
+
+def _marked_secure(content: RecordDict) -> bool:
+    try:
+        return bool(compat.recorddict_to_fitins(content, keep_input=True).config.get("secure", False))
+    except (KeyError, TypeError, ValueError):
+        return False  # not an instruction: the handler says so
+
+
+# ---------------------------------------------------------------------------- SecAgg+ checks
+
+SECAGG_CHECKS = "privmed.secagg_checks"  # this site's own record of its SecAgg+ session
+SECAGG_MODULUS = 2**32  # SecAgg+'s mask modulus as privmed runs it (Flower's default)
+ABORTED = "aborted"
+
+
+class _Refused(Exception):
+    pass
+
+
+def secagg_checks_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """Checks each SecAgg+ request against this site's own record of the session before Flower's
+    `secaggplus_mod` answers it. A request that fails is answered with an error and nothing of the
+    site's, and the rest of the session is refused until the coordinator starts a new one (a new
+    setup: new keys, new seeds, so nothing shared before can be asked for again).
+
+    Every request refused is one privmed's coordinator never sends (`secagg._SecAggPlus`), and one
+    that lets a coordinator that lies rebuild a site's masks:
+    - setup: a threshold t that is not a strict majority of the share number (with 2t <= shares,
+      t sites told "T sent its vector" and t others told "T dropped" give both of T's secrets); a
+      share number below 3; a mask modulus other than 2^32 (with a modulus of 2 there is no mask);
+    - share keys: more keys than the share number (shares the majority was not counted over);
+    - collect masked vectors: key shares from a node twice, from a node not in the key list, or
+      from fewer than t-1 others;
+    - unmask: active and dropped lists that overlap (which asks for both of a node's secrets at
+      once), that name this site dropped or leave it out of the active list (it sent its vector),
+      that repeat a node, or that do not name exactly the nodes it masked with, and itself.
+    With a majority threshold and each site answering once, no set of such requests gives both
+    secrets of one site. What the checks cannot see: keys substituted by the coordinator (nothing
+    authenticates a site's keys), lists that differ between sites but are each consistent, two
+    sessions of the same round over different sites (see benchmarks/results/
+    secagg_cheating_coordinator.md).
+    """
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if msg.metadata.message_type != MessageType.TRAIN or configs is None or Key.STAGE not in configs:
+        return call_next(msg, context)  # not SecAgg+: secaggplus_mod decides
+    stage = configs[Key.STAGE]
+    session = dict(context.state.config_records.get(SECAGG_CHECKS, {}))
+    try:
+        facts = _check(stage, configs, session, msg.metadata.dst_node_id)
+    except _Refused as e:
+        _save(context, {**session, "stage": ABORTED})
+        return _refuse(msg, f"SecAgg+ {stage}: {e}")
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        _save(context, {**({} if stage == Stage.SETUP else session), **facts, "stage": stage})
+    return reply
+
+
+def _save(context: Context, session: dict) -> None:
+    context.state.config_records[SECAGG_CHECKS] = ConfigRecord(session)
+
+
+def _check(stage: str, configs: ConfigRecord, session: dict, me: int) -> dict:
+    """What this request adds to the session's record; _Refused when the site must not answer it.
+    Values of the wrong type are left to secaggplus_mod, which refuses them."""
+    if stage == Stage.SETUP:
+        return _check_setup(configs, me)
+    expected = {Stage.SHARE_KEYS: Stage.SETUP, Stage.COLLECT_MASKED_VECTORS: Stage.SHARE_KEYS,
+                Stage.UNMASK: Stage.COLLECT_MASKED_VECTORS}.get(stage)
+    if session.get("stage") == ABORTED:
+        raise _Refused("this session was aborted (a request was refused); a new setup starts another")
+    if expected is None or session.get("stage") != expected:
+        raise _Refused(f"the session is at '{session.get('stage', 'none')}', "
+                       f"{'an unknown stage' if expected is None else f'{stage} follows {expected}'}")
+    if stage == Stage.SHARE_KEYS:
+        return _check_keys(configs, session)
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        return _check_sources(configs, session)
+    return _check_unmask(configs, session)
+
+
+def _check_setup(configs: ConfigRecord, me: int) -> dict:
+    shares, t, modulus = (configs.get(k) for k in (Key.SHARE_NUMBER, Key.THRESHOLD, Key.MOD_RANGE))
+    if not all(type(v) is int for v in (shares, t, modulus)):
+        return {}
+    if shares < 3:
+        raise _Refused(f"share number {shares}: at least 3 are needed")
+    if not 2 * t > shares:
+        raise _Refused(f"threshold {t} of {shares} shares is not a strict majority (at least {shares // 2 + 1})")
+    if modulus != SECAGG_MODULUS:
+        raise _Refused(f"mask modulus {modulus}: privmed masks modulo 2^32 only")
+    return {"me": me, "shares": shares, "threshold": t}
+
+
+def _check_keys(configs: ConfigRecord, session: dict) -> dict:
+    nodes = [int(k) for k in configs if k != Key.STAGE and k.isdigit()]
+    if len(nodes) > session["shares"]:
+        raise _Refused(f"{len(nodes)} keys for {session['shares']} shares")
+    return {"keys": sorted(nodes)}
+
+
+def _check_sources(configs: ConfigRecord, session: dict) -> dict:
+    srcs = configs.get(Key.SOURCE_LIST)
+    if not isinstance(srcs, list):
+        return {}
+    if len(set(srcs)) != len(srcs):
+        raise _Refused("key shares from the same node twice")
+    unknown = set(srcs) - set(session["keys"]) | ({session["me"]} & set(srcs))
+    if unknown:
+        raise _Refused(f"key shares from nodes outside this site's key list: {sorted(unknown)}")
+    if len(srcs) + 1 < session["threshold"]:
+        raise _Refused(f"key shares from {len(srcs)} nodes, threshold {session['threshold']}")
+    return {"partners": sorted(srcs)}
+
+
+def _check_unmask(configs: ConfigRecord, session: dict) -> dict:
+    active, dead = configs.get(Key.ACTIVE_NODE_ID_LIST), configs.get(Key.DEAD_NODE_ID_LIST)
+    if not (isinstance(active, list) and isinstance(dead, list)):
+        return {}
+    me, partners = session["me"], set(session["partners"])
+    if set(active) & set(dead):
+        raise _Refused(f"nodes named both active and dropped: {sorted(set(active) & set(dead))}")
+    if me in dead or me not in active:
+        raise _Refused(f"this site (node {me}) sent its masked vector, and is named dropped or not active")
+    if len(set(active)) != len(active) or len(set(dead)) != len(dead):
+        raise _Refused("a node named twice")
+    if set(active) | set(dead) != partners | {me}:
+        raise _Refused(f"the lists name {sorted(set(active) | set(dead))}; this site masked with "
+                       f"{sorted(partners)}, and each of them and itself must be named once")
+    return {}
 
 
 # ---------------------------------------------------------------------------- relay
