@@ -33,6 +33,7 @@ import math
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -76,11 +77,42 @@ def score_bins(p: np.ndarray, n_bins: int = SCORE_BINS, logit_max: float = LOGIT
     return np.clip(np.floor((z + logit_max) / width), 0, n_bins - 1).astype(np.int64)
 
 
+def grid_bins(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The bin (int64, same shape as `p`) of each probability on the grid whose inner edges, on the
+    logit scale, are `edges` (B - 1,) increasing: bin b holds logits in [edges[b-1], edges[b]) (bin
+    0 everything below edges[0], bin B - 1 everything from edges[-1] up, p = 0 and 1 included).
+    Non-decreasing in p. `p` must be finite."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # p = 0 or 1: an infinite logit, in an end bin
+        z = np.log(p) - np.log1p(-p)
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), z, side="right").astype(np.int64)
+
+
+def uniform_edges(n_bins: int, logit_max: float) -> np.ndarray:
+    """Inner edges (n_bins - 1,) of `n_bins` equal-width bins on logits in [-logit_max, logit_max]
+    (the grid of `score_bins`; beyond it, the end bins)."""
+    return np.linspace(-logit_max, logit_max, n_bins + 1)[1:-1]
+
+
+def asinh_edges(n_bins: int, logit_max: float, scale: float = 1.0) -> np.ndarray:
+    """Inner edges (n_bins - 1,) of `n_bins` (even) bins, symmetric about logit 0 (an edge) and
+    equal-width in asinh(logit / scale) over +-logit_max (the end bins reach past it): about
+    `scale` x 2 asinh(logit_max / scale) / n_bins wide near 0, growing geometrically beyond
+    |logit| = scale. One grid resolves
+    both a young model's logits (all within +-1) and an over-confident one's (+-10)."""
+    if n_bins < 2 or n_bins % 2:
+        raise ValueError(f"n_bins: {n_bins} must be even and >= 2 (the grid has an edge at p = 0.5)")
+    u = np.linspace(0.0, math.asinh(logit_max / scale), n_bins // 2 + 1)[1:-1]
+    half = scale * np.sinh(u)
+    return np.concatenate([-half[::-1], [0.0], half])
+
+
 def classification_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = SCORE_BINS, *,
-                          logit_max: float = LOGIT_MAX, weights: np.ndarray | None = None,
+                          edges: np.ndarray | None = None, weights: np.ndarray | None = None,
                           loss_max: float | None = None) -> Counts:
     """Counts of one set's predictions `probs` (N, K) (rows of class probabilities) with `labels`
-    (N,) ints in 0..K-1, on the grid of `n_bins` bins over logits in [-logit_max, logit_max]:
+    (N,) ints in 0..K-1, on the grid of `score_bins` with `n_bins` bins, or with `edges` on that
+    of `grid_bins` (len(edges) + 1 bins):
 
     n (int64), loss_sum (float64: sum of -log clip(p_true, 1e-12), nats),
     confusion (K, K) int64 [true class, predicted class (argmax)],
@@ -113,8 +145,11 @@ def classification_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = S
     if loss_max is not None:
         loss = np.minimum(loss, loss_max)
     finite = np.isfinite(probs).all(axis=1)
+    if edges is not None:
+        n_bins = len(edges) + 1
     hist = np.zeros((k, 2, n_bins), dtype=kind)
-    bins = score_bins(probs[finite], n_bins, logit_max)  # (N_finite, K)
+    # (N_finite, K)
+    bins = score_bins(probs[finite], n_bins) if edges is None else grid_bins(probs[finite], edges)
     for cls in range(k):
         np.add.at(hist, (cls, (labels[finite] == cls).astype(np.int64), bins[:, cls]),
                   1 if w is None else w[finite])
@@ -185,7 +220,10 @@ def _auc(c: Counts) -> float:
         return math.nan
     k = c["confusion"].shape[0]
     classes = [1] if k == 2 else present
-    return float(np.mean([_auc_one(*_pos_neg(c, cls)) for cls in classes]))
+    # noisy counts: a class whose noisy histogram has no patient on one side gives no AUC and is
+    # left out of the mean (on exact counts every present class gives one)
+    aucs = [a for a in (_auc_one(*_pos_neg(c, cls)) for cls in classes) if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else math.nan
 
 
 def _present(c: Counts) -> np.ndarray:
@@ -478,14 +516,16 @@ def load_counts(path: Path) -> dict[str, Counts]:
 # whether a patient's prediction overflowed. Everything the coordinator (or the site's own metrics)
 # computes from the release is post-processing of it.
 
-PRIVATE_BINS = 16
-"""Bins of the score grid of the private release (the exact counts use SCORE_BINS): as coarse as
-the pooled AUC allows. Measured on PneumoniaMNIST under DP-SGD (benchmarks/noisy_scoring.py): the
-noise's error on the AUC grows with the bins, the rounding's falls; 16 bins over logits in
-[-PRIVATE_LOGIT_MAX, PRIVATE_LOGIT_MAX] were about the best of both at the noise of epsilon 4-16."""
+PRIVATE_BINS = 32
 PRIVATE_LOGIT_MAX = 12.0
-"""The private grid spans logits in [-12, 12] (p from 6e-6 to 1 - 6e-6), bins 1.5 wide; beyond go
-to the end bins. The DP-SGD PneumoniaMNIST model puts 98% of its test logits within +-11."""
+PRIVATE_EDGES = asinh_edges(PRIVATE_BINS, PRIVATE_LOGIT_MAX, 1.0)
+"""The score grid of the private release (the exact counts use SCORE_BINS = 8,192 bins): 32 bins
+equal in asinh(logit) over +-12, inner edges at 0, +-0.20, +-0.41, +-0.63, ..., +-1.5, ..., +-6.6,
++-8.0, +-9.8 (the end bins hold the rest). Chosen by measurement on PneumoniaMNIST under DP-SGD (benchmarks/noisy_scoring.py): the
+AUC's error from the noise grows with the bins where the scores are, its error from rounding falls.
+Equal-width grids of 8-32 bins over +-12 did as well on the final model (its logits reach +-11),
+but moved the AUC of the early rounds' models (all logits within 1-3) by up to 0.13-0.25; this
+grid by at most 0.07 there, 0.0005 on the final model."""
 LOSS_MAX = 8.0
 """nats: each item's cross-entropy is clipped here before it is summed (p of the true class below
 3.4e-4 counts as 3.4e-4) in the private release, so that one patient moves loss_sum by <= 8."""
@@ -520,25 +560,27 @@ def safe_probabilities(probs: np.ndarray) -> np.ndarray:
 
 
 def private_classification_counts(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-                                  n_bins: int = PRIVATE_BINS,
-                                  logit_max: float = PRIVATE_LOGIT_MAX) -> tuple[Counts, list[Block]]:
+                                  edges: np.ndarray = PRIVATE_EDGES) -> tuple[Counts, list[Block]]:
     """The blocks a site releases for `probs` (N, K) with `labels` (N,) and item `weights` (N,)
-    (`patient_weights`), exact, and how far one patient can move each (the Block's bound):
+    (`patient_weights`) on the score grid `edges` (`grid_bins`; K = 2: symmetric about logit 0,
+    with 0 an edge), exact, and how far one patient can move each (the Block's bound):
 
-    score_hist: K = 2: (2, n_bins), the histogram of p_1 (counts' score_hist[1]); one patient adds
-        weights summing to 1 to its cells: L2 <= 1. K > 2: (K, 2, n_bins); one patient adds 1 to
+    score_hist: K = 2: (2, B), the histogram of p_1 (counts' score_hist[1]); one patient adds
+        weights summing to 1 to its cells: L2 <= 1. K > 2: (K, 2, B); one patient adds 1 to
         one cell of each class's slice: L2 <= sqrt(K).
     confusion (K > 2): (K, K); L2 <= 1.
     rel: (3, 15), rel_count, rel_conf_sum, rel_correct_sum; a patient adds (1, conf, correct) to one
         bin (weights summing to 1 over its items): L2 <= sqrt(3).
     loss_sum: the cross-entropy clipped at LOSS_MAX per item: <= LOSS_MAX.
     Shares: CLASSIFICATION_SHARES (K = 2), MULTICLASS_SHARES."""
-    if n_bins % 2:
-        raise ValueError(f"n_bins: {n_bins} must be even (the grid needs an edge at p = 0.5)")
     probs = safe_probabilities(probs)
     k = probs.shape[1]
-    c = classification_counts(probs, labels, n_bins, logit_max=logit_max, weights=weights,
-                              loss_max=LOSS_MAX)
+    edges = np.asarray(edges, dtype=np.float64)
+    if k == 2 and not (len(edges) % 2 and np.array_equal(edges, -edges[::-1])):
+        raise ValueError("edges: a binary release's score grid must be symmetric about logit 0, "
+                         "with 0 an edge (the class-0 histogram and the confusion matrix are read "
+                         "from it)")
+    c = classification_counts(probs, labels, edges=edges, weights=weights, loss_max=LOSS_MAX)
     rel = np.stack([c["rel_count"], c["rel_conf_sum"], c["rel_correct_sum"]])
     if k == 2:
         released = {"score_hist": c["score_hist"][1], "rel": rel, "loss_sum": c["loss_sum"]}
@@ -614,42 +656,45 @@ def survival_from_release(r: Counts) -> Counts:
 
 
 def noisy_counts(task, pred: np.ndarray, data, noise_multiplier: float, rng: np.random.Generator, *,
-                 n_bins: int = PRIVATE_BINS, logit_max: float = PRIVATE_LOGIT_MAX,
-                 max_patients: int | None = None) -> Counts:
+                 edges: np.ndarray = PRIVATE_EDGES, max_patients: int | None = None) -> Counts:
     """The counts a site releases for the task's predictions `pred` on `data` (an ImageSet): the
     task's counts keys, float64, made per patient bounded (`private_*_counts`) and noised by the
     Gaussian mechanism at `noise_multiplier` times its sensitivity (privmed.privacy.noisy_counts;
     one release = Release(noise_multiplier, 1.0, 1) on this split), noise drawn from `rng` only.
-    {} for empty data (nothing is released). `n_bins`, `logit_max`: the classification score
-    grid; `max_patients`: survival's public bound on the split's patients. noise_multiplier 0 gives
-    the bounded counts without noise (for tests; a site refuses it)."""
+    {} for empty data (nothing is released). `edges`: the classification score grid (any grid
+    fixed before the data is seen, e.g. one the request carries; `grid_bins`); `max_patients`:
+    survival's public bound on the split's patients. noise_multiplier 0 gives the bounded counts
+    without noise (for tests; a site refuses it)."""
     if len(data) == 0:
         return {}
-    released, blocks, assemble = _private(task, pred, data, n_bins, logit_max, max_patients)
+    released, blocks, assemble = private_release(task, pred, data, edges, max_patients)
     return assemble(gaussian_release(released, blocks, noise_multiplier, rng))
 
 
 def noisy_metrics_and_counts(task, pred: np.ndarray, data, noise_multiplier: float,
-                             rng: np.random.Generator, **grid) -> tuple[dict, Counts]:
+                             rng: np.random.Generator, **options) -> tuple[dict, Counts]:
     """(metrics, counts) as tasks.base.metrics_and_counts gives them, but both from the release:
     the counts are `noisy_counts`, the metrics the task's metrics_from_counts of them. What a site
     returns for a scoring request."""
-    counts = noisy_counts(task, pred, data, noise_multiplier, rng, **grid)
+    counts = noisy_counts(task, pred, data, noise_multiplier, rng, **options)
     return task.metrics_from_counts(counts), counts
 
 
-def release_blocks(task, pred: np.ndarray, data, **grid) -> list[Block]:
+def release_blocks(task, pred: np.ndarray, data, *, edges: np.ndarray = PRIVATE_EDGES,
+                   max_patients: int | None = None) -> list[Block]:
     """The blocks (keys, bounds, shares) `noisy_counts` releases for `task` on `data`."""
-    return _private(task, pred, data, grid.get("n_bins", PRIVATE_BINS),
-                    grid.get("logit_max", PRIVATE_LOGIT_MAX), grid.get("max_patients"))[1]
+    return private_release(task, pred, data, edges, max_patients)[1]
 
 
-def _private(task, pred, data, n_bins, logit_max, max_patients):
-    """(exact released blocks, their Blocks, the function from the noisy blocks to Counts)."""
+def private_release(task, pred: np.ndarray, data, edges: np.ndarray = PRIVATE_EDGES,
+                    max_patients: int | None = None) -> tuple[Counts, list[Block], Callable[[Counts], Counts]]:
+    """(the exact blocks `noisy_counts` releases, their Blocks, the function from the noisy blocks
+    to the task's Counts): noisy_counts is assemble(gaussian_release(blocks..., rng)). For
+    benchmarks that draw many releases of one prediction."""
     name = task.name
     if name in ("classification", "tabular-classification"):
         weights = patient_weights(data.patient, len(data))
-        return (*private_classification_counts(pred, data.labels, weights, n_bins, logit_max),
+        return (*private_classification_counts(pred, data.labels, weights, edges),
                 classification_from_release)
     if name == "survival":
         if data.time is None:
