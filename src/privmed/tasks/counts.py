@@ -14,6 +14,16 @@ compute from the pooled predictions.
 Counts are `dict[str, np.ndarray]`: every value a numpy array (0-d for a number), so that they can
 be summed, sent as arrays and saved in an .npz (`save_counts`, `load_counts`).
 
+What a site releases to the coordinator goes through the private release instead (the end of this
+module): the same keys, per patient bounded and noised by the Gaussian mechanism
+(privmed.privacy.noisy_counts), float64 and possibly negative:
+
+    metrics, c = noisy_metrics_and_counts(task, pred, data, noise_multiplier, rng)   # at the site
+    task.metrics_from_counts(merge_counts([c_a, c_b, c_c]))                            # coordinator
+
+Every function here that reads counts takes noisy ones and post-processes them (clipping at 0,
+into a figure's range); on exact counts that post-processing changes nothing.
+
 What is exact and what is not:
 - classification: n, loss, accuracy, balanced accuracy, ECE and the reliability diagram equal
   `classification_metrics` / `reliability_bins` on the pooled predictions (up to float summation
@@ -251,8 +261,8 @@ def _auc_one(pos: np.ndarray, neg: np.ndarray) -> float:
 
     On noisy counts the same formula on the counts as released, not clipped at 0, then clipped to
     [0, 1]: numerator and denominator are then sums of unbiased terms, where clipping every bin at 0
-    adds the positive part of the noise of every empty bin (measured on PneumoniaMNIST, 3 sites, 16
-    bins: clipping doubled the mean error; benchmarks/noisy_scoring.py)."""
+    adds the positive part of the noise of every empty bin (benchmarks/noisy_scoring.py measures
+    both on PneumoniaMNIST)."""
     pos, neg = pos.astype(np.float64), neg.astype(np.float64)
     p, n = pos.sum(), neg.sum()
     if not (p > 0 and n > 0):
