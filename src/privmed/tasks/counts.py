@@ -531,11 +531,11 @@ PRIVATE_LOGIT_MAX = 12.0
 PRIVATE_EDGES = asinh_edges(PRIVATE_BINS, PRIVATE_LOGIT_MAX, 1.0)
 """The score grid of the private release (the exact counts use SCORE_BINS = 8,192 bins): 32 bins
 equal in asinh(logit) over +-12, inner edges at 0, +-0.20, +-0.41, +-0.63, ..., +-1.5, ..., +-6.6,
-+-8.0, +-9.8 (the end bins hold the rest). Chosen by measurement on PneumoniaMNIST under DP-SGD (benchmarks/noisy_scoring.py): the
-AUC's error from the noise grows with the bins where the scores are, its error from rounding falls.
-Equal-width grids of 8-32 bins over +-12 did as well on the final model (its logits reach +-11),
-but moved the AUC of the early rounds' models (all logits within 1-3) by up to 0.13-0.25; this
-grid by at most 0.07 there, 0.0005 on the final model."""
++-8.0, +-9.8 (the end bins hold the rest). Chosen by measurement on PneumoniaMNIST under DP-SGD
+(benchmarks/noisy_scoring.py): the AUC's error from the noise grows with the bins where the scores
+are, its error from rounding falls. On the final model (logits up to +-11) equal-width grids of
+12-16 bins over +-12 did about as well; on the early rounds' models (every logit within 1-3) they
+moved the AUC by up to 0.13-0.25, this grid by at most 0.07."""
 LOSS_MAX = 8.0
 """nats: each item's cross-entropy is clipped here before it is summed (p of the true class below
 3.4e-4 counts as 3.4e-4) in the private release, so that one patient moves loss_sum by <= 8."""
@@ -645,7 +645,7 @@ def private_survival_counts(risk: np.ndarray, time, event, patient: np.ndarray |
     time = np.asarray(time, dtype=np.float64).reshape(-1)
     event = np.asarray(event).reshape(-1).astype(np.float64)
     if patient is not None:
-        ids, first, inverse = np.unique(np.asarray(patient), return_index=True, return_inverse=True)
+        _, first, inverse = np.unique(np.asarray(patient), return_index=True, return_inverse=True)
         risk = np.bincount(inverse.reshape(-1), weights=risk) / np.bincount(inverse.reshape(-1))
         time, event = time[first], event[first]
     m = len(risk) if max_patients is None else int(max_patients)
