@@ -14,6 +14,16 @@ compute from the pooled predictions.
 Counts are `dict[str, np.ndarray]`: every value a numpy array (0-d for a number), so that they can
 be summed, sent as arrays and saved in an .npz (`save_counts`, `load_counts`).
 
+What a site releases to the coordinator goes through the private release instead (the end of this
+module): the same keys, per patient bounded and noised by the Gaussian mechanism
+(privmed.privacy.noisy_counts), float64 and possibly negative:
+
+    metrics, c = noisy_metrics_and_counts(task, pred, data, noise_multiplier, rng)   # at the site
+    task.metrics_from_counts(merge_counts([c_a, c_b, c_c]))                            # coordinator
+
+Every function here that reads counts takes noisy ones and post-processes them (clipping at 0,
+into a figure's range); on exact counts that post-processing changes nothing.
+
 What is exact and what is not:
 - classification: n, loss, accuracy, balanced accuracy, ECE and the reliability diagram equal
   `classification_metrics` / `reliability_bins` on the pooled predictions (up to float summation
@@ -33,8 +43,11 @@ import math
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from privmed.privacy.noisy_counts import Block, gaussian_release
 
 Counts = dict[str, np.ndarray]
 
@@ -74,9 +87,42 @@ def score_bins(p: np.ndarray, n_bins: int = SCORE_BINS, logit_max: float = LOGIT
     return np.clip(np.floor((z + logit_max) / width), 0, n_bins - 1).astype(np.int64)
 
 
-def classification_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = SCORE_BINS) -> Counts:
+def grid_bins(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The bin (int64, same shape as `p`) of each probability on the grid whose inner edges, on the
+    logit scale, are `edges` (B - 1,) increasing: bin b holds logits in [edges[b-1], edges[b]) (bin
+    0 everything below edges[0], bin B - 1 everything from edges[-1] up, p = 0 and 1 included).
+    Non-decreasing in p. `p` must be finite."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # p = 0 or 1: an infinite logit, in an end bin
+        z = np.log(p) - np.log1p(-p)
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), z, side="right").astype(np.int64)
+
+
+def uniform_edges(n_bins: int, logit_max: float) -> np.ndarray:
+    """Inner edges (n_bins - 1,) of `n_bins` equal-width bins on logits in [-logit_max, logit_max]
+    (the grid of `score_bins`; beyond it, the end bins)."""
+    return np.linspace(-logit_max, logit_max, n_bins + 1)[1:-1]
+
+
+def asinh_edges(n_bins: int, logit_max: float, scale: float = 1.0) -> np.ndarray:
+    """Inner edges (n_bins - 1,) of `n_bins` (even) bins, symmetric about logit 0 (an edge) and
+    equal-width in asinh(logit / scale) over +-logit_max (the end bins reach past it): about
+    `scale` x 2 asinh(logit_max / scale) / n_bins wide near 0, growing geometrically beyond
+    |logit| = scale. One grid resolves
+    both a young model's logits (all within +-1) and an over-confident one's (+-10)."""
+    if n_bins < 2 or n_bins % 2:
+        raise ValueError(f"n_bins: {n_bins} must be even and >= 2 (the grid has an edge at p = 0.5)")
+    u = np.linspace(0.0, math.asinh(logit_max / scale), n_bins // 2 + 1)[1:-1]
+    half = scale * np.sinh(u)
+    return np.concatenate([-half[::-1], [0.0], half])
+
+
+def classification_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = SCORE_BINS, *,
+                          edges: np.ndarray | None = None, weights: np.ndarray | None = None,
+                          loss_max: float | None = None) -> Counts:
     """Counts of one set's predictions `probs` (N, K) (rows of class probabilities) with `labels`
-    (N,) ints in 0..K-1:
+    (N,) ints in 0..K-1, on the grid of `score_bins` with `n_bins` bins, or with `edges` on that
+    of `grid_bins` (len(edges) + 1 bins):
 
     n (int64), loss_sum (float64: sum of -log clip(p_true, 1e-12), nats),
     confusion (K, K) int64 [true class, predicted class (argmax)],
@@ -86,6 +132,10 @@ def classification_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = S
     nonfinite (int64: patients with a non-finite probability; they are left out of score_hist),
     rel_count (15,) int64, rel_conf_sum (15,) and rel_correct_sum (15,) float64: patients, summed
         top-label confidence and correct predictions per confidence bin of `reliability_bins`.
+
+    With `weights` (N,) (each item's weight, e.g. 1/k for a patient with k items: `patient_weights`)
+    every count is the weighted sum instead, all float64; with `loss_max`, each item's loss is
+    clipped to it first. What the private release (`noisy_counts`) starts from.
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -95,36 +145,48 @@ def classification_counts(probs: np.ndarray, labels: np.ndarray, n_bins: int = S
     n, k = probs.shape
     if n and (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"classification_counts: labels must lie in 0..{k - 1}")
+    w = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w is not None and len(w) != n:
+        raise ValueError(f"classification_counts: {len(w)} weights for {n} predictions")
+    ones = np.ones(n) if w is None else w
+    kind = np.int64 if w is None else np.float64
     pred = probs.argmax(axis=1)
-    p_true = np.clip(probs[np.arange(n), labels], 1e-12, 1.0)
+    loss = -np.log(np.clip(probs[np.arange(n), labels], 1e-12, 1.0))
+    if loss_max is not None:
+        loss = np.minimum(loss, loss_max)
     finite = np.isfinite(probs).all(axis=1)
-    hist = np.zeros((k, 2, n_bins), dtype=np.int64)
-    bins = score_bins(probs[finite], n_bins)  # (N_finite, K)
+    if edges is not None:
+        n_bins = len(edges) + 1
+    hist = np.zeros((k, 2, n_bins), dtype=kind)
+    # (N_finite, K)
+    bins = score_bins(probs[finite], n_bins) if edges is None else grid_bins(probs[finite], edges)
     for cls in range(k):
-        np.add.at(hist, (cls, (labels[finite] == cls).astype(np.int64), bins[:, cls]), 1)
-    rel_count, rel_conf, rel_correct = _reliability_sums(probs, labels)
+        np.add.at(hist, (cls, (labels[finite] == cls).astype(np.int64), bins[:, cls]),
+                  1 if w is None else w[finite])
+    rel_count, rel_conf, rel_correct = _reliability_sums(probs, labels, ones)
+    confusion = np.bincount(labels * k + pred, weights=ones, minlength=k * k).reshape(k, k)
     return {
-        "n": np.asarray(n, dtype=np.int64),
-        "loss_sum": np.asarray(-np.sum(np.log(p_true)), dtype=np.float64),
-        "confusion": np.bincount(labels * k + pred, minlength=k * k).reshape(k, k).astype(np.int64),
+        "n": np.asarray(n if w is None else w.sum(), dtype=kind),
+        "loss_sum": np.asarray(np.sum(ones * loss), dtype=np.float64),
+        "confusion": confusion.astype(kind),
         "score_hist": hist,
-        "nonfinite": np.asarray(n - int(finite.sum()), dtype=np.int64),
-        "rel_count": rel_count,
+        "nonfinite": np.asarray(np.sum(ones[~finite]), dtype=kind),
+        "rel_count": rel_count.astype(kind),
         "rel_conf_sum": rel_conf,
         "rel_correct_sum": rel_correct,
     }
 
 
-def _reliability_sums(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+def _reliability_sums(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     # The binning of classification.reliability_bins: bin i holds confidences in (i/n, (i+1)/n].
     # A NaN confidence (a diverged model) goes to bin 0, as it does there.
     ceil = np.where(np.isnan(conf), 0.0, np.ceil(conf * RELIABILITY_BINS))
     idx = np.clip(ceil.astype(int) - 1, 0, RELIABILITY_BINS - 1)
-    return (np.bincount(idx, minlength=RELIABILITY_BINS).astype(np.int64),
-            np.bincount(idx, weights=conf, minlength=RELIABILITY_BINS).astype(np.float64),
-            np.bincount(idx, weights=correct, minlength=RELIABILITY_BINS).astype(np.float64))
+    return (np.bincount(idx, weights=weights, minlength=RELIABILITY_BINS),
+            np.bincount(idx, weights=weights * conf, minlength=RELIABILITY_BINS).astype(np.float64),
+            np.bincount(idx, weights=weights * correct, minlength=RELIABILITY_BINS).astype(np.float64))
 
 
 def classification_metrics_from_counts(c: Counts) -> dict:
@@ -132,13 +194,18 @@ def classification_metrics_from_counts(c: Counts) -> dict:
     floats; n: int) from counts, merged or not. All but the AUC equal `classification_metrics` on the
     pooled predictions; the AUC is that of the scores rounded to the grid (`score_bins`), within
     `auc_rounding_bound(c)` of the exact one. NaN AUC with one class present or any non-finite
-    probability; every metric NaN when n is 0."""
+    probability; every metric NaN when n is 0.
+
+    Noisy counts (`noisy_counts`: floats, some negative) give post-processed figures: counts
+    clipped at 0 (the AUC excepted: `_auc_one`), accuracy over the clipped confusion matrix, loss
+    at least 0, n rounded; every metric NaN when the noisy n is not above 0. On exact counts the
+    clipping changes nothing."""
     check_counts(c)
-    n = int(c["n"])
-    if n == 0:
+    n = float(c["n"])
+    if not n > 0:
         nan = math.nan
         return {"auc": nan, "accuracy": nan, "balanced_accuracy": nan, "ece": nan, "loss": nan, "n": 0}
-    confusion = c["confusion"]
+    confusion = np.maximum(c["confusion"], 0)
     true_n = confusion.sum(axis=1)
     present = true_n > 0
     recall = np.diag(confusion)[present] / true_n[present]
@@ -146,31 +213,40 @@ def classification_metrics_from_counts(c: Counts) -> dict:
     seen = count > 0
     return {
         "auc": _auc(c),
-        "accuracy": float(np.trace(confusion) / n),
-        "balanced_accuracy": float(np.mean(recall)),
+        # confusion.sum() is n on exact counts
+        "accuracy": float(np.trace(confusion) / confusion.sum()) if present.any() else math.nan,
+        "balanced_accuracy": float(np.mean(recall)) if present.any() else math.nan,
         "ece": float(np.sum(count[seen] / count.sum() * np.abs(acc[seen] - conf[seen]))),
-        "loss": float(c["loss_sum"] / n),
-        "n": n,
+        "loss": max(float(c["loss_sum"] / n), 0.0),
+        "n": int(round(n)),
     }
 
 
 def _auc(c: Counts) -> float:
     """Binary: the AUC of p_1; K > 2: the mean one-vs-rest AUC over the classes present (as
     classification.roc_auc)."""
-    present = np.flatnonzero(c["confusion"].sum(axis=1) > 0)
-    if len(present) < 2 or int(c["nonfinite"]) > 0:
+    present = _present(c)
+    if len(present) < 2 or float(c["nonfinite"]) > 0:
         return math.nan
     k = c["confusion"].shape[0]
     classes = [1] if k == 2 else present
-    return float(np.mean([_auc_one(*_pos_neg(c, cls)) for cls in classes]))
+    # noisy counts: a class whose noisy histogram has no patient on one side gives no AUC and is
+    # left out of the mean (on exact counts every present class gives one)
+    aucs = [a for a in (_auc_one(*_pos_neg(c, cls)) for cls in classes) if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
+def _present(c: Counts) -> np.ndarray:
+    """The classes with patients: a positive row of the confusion matrix (noisy counts: a row
+    summing above 0 after clipping)."""
+    return np.flatnonzero(np.maximum(c["confusion"], 0).sum(axis=1) > 0)
 
 
 def one_vs_rest_auc(c: Counts, k: int) -> float:
     """The AUC of p_k for class `k` against the rest, on the scores rounded to the grid; NaN when
     class k or the rest has no patient."""
     check_counts(c)
-    pos, neg = _pos_neg(c, k)
-    return _auc_one(pos, neg) if pos.sum() > 0 and neg.sum() > 0 else math.nan
+    return _auc_one(*_pos_neg(c, k))
 
 
 def _pos_neg(c: Counts, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,10 +257,18 @@ def _pos_neg(c: Counts, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _auc_one(pos: np.ndarray, neg: np.ndarray) -> float:
     """AUC = sum_b pos[b] (neg below b + neg[b] / 2) / (P N): each positive-negative pair counts 1
-    when the positive's bin is higher, 1/2 when they share a bin."""
+    when the positive's bin is higher, 1/2 when they share a bin. NaN unless P > 0 and N > 0.
+
+    On noisy counts the same formula on the counts as released, not clipped at 0, then clipped to
+    [0, 1]: numerator and denominator are then sums of unbiased terms, where clipping every bin at 0
+    adds the positive part of the noise of every empty bin (benchmarks/noisy_scoring.py measures
+    both on PneumoniaMNIST)."""
     pos, neg = pos.astype(np.float64), neg.astype(np.float64)
+    p, n = pos.sum(), neg.sum()
+    if not (p > 0 and n > 0):
+        return math.nan
     below = np.cumsum(neg) - neg
-    return float(np.sum(pos * (below + 0.5 * neg)) / (pos.sum() * neg.sum()))
+    return float(min(max(np.sum(pos * (below + 0.5 * neg)) / (p * n), 0.0), 1.0))
 
 
 def auc_rounding_bound(c: Counts, k: int | None = None) -> float:
@@ -195,15 +279,15 @@ def auc_rounding_bound(c: Counts, k: int | None = None) -> float:
     `k` against the rest (`one_vs_rest_auc`). NaN where that AUC is NaN."""
     check_counts(c)
     if k is None:
-        present = np.flatnonzero(c["confusion"].sum(axis=1) > 0)
-        if len(present) < 2 or int(c["nonfinite"]) > 0:
+        present = _present(c)
+        if len(present) < 2 or float(c["nonfinite"]) > 0:
             return math.nan
         classes = [1] if c["confusion"].shape[0] == 2 else present
     else:
         classes = [k]
     bounds = []
     for cls in classes:
-        pos, neg = (a.astype(np.float64) for a in _pos_neg(c, cls))
+        pos, neg = (np.maximum(a, 0).astype(np.float64) for a in _pos_neg(c, cls))
         if pos.sum() == 0 or neg.sum() == 0:
             return math.nan
         bounds.append(np.sum(pos * neg) / (2 * pos.sum() * neg.sum()))
@@ -216,7 +300,7 @@ def roc_from_counts(c: Counts, k: int = 1, drop_intermediate: bool = True) -> tu
     point per occupied bin, highest first, after (0, 0); ends at (1, 1)). ValueError when class k or
     the rest has no patient."""
     check_counts(c)
-    pos, neg = _pos_neg(c, k)
+    pos, neg = (np.maximum(a, 0) for a in _pos_neg(c, k))  # noisy counts: clipped at 0
     occupied = np.flatnonzero(pos + neg > 0)[::-1]  # thresholds from the highest bin down
     tps = np.cumsum(pos[occupied]).astype(np.float64)
     fps = np.cumsum(neg[occupied]).astype(np.float64)
@@ -230,11 +314,14 @@ def roc_from_counts(c: Counts, k: int = 1, drop_intermediate: bool = True) -> tu
 
 def reliability_from_counts(c: Counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean confidence, accuracy, count), each (15,) float64, as `reliability_bins` gives them on
-    the pooled predictions: empty bins have count 0 and NaN means."""
+    the pooled predictions: empty bins have count 0 and NaN means. Noisy counts: each count clipped
+    at 0 and each sum to [0, count], so that the means lie in [0, 1]."""
     check_counts(c)
-    count = c["rel_count"].astype(np.float64)
+    count = np.maximum(c["rel_count"].astype(np.float64), 0.0)
+    conf_sum = np.clip(c["rel_conf_sum"], 0.0, count)
+    correct_sum = np.clip(c["rel_correct_sum"], 0.0, count)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return c["rel_conf_sum"] / count, c["rel_correct_sum"] / count, count
+        return conf_sum / count, correct_sum / count, count
 
 
 # ----------------------------------------------------------------------------------------- survival
@@ -294,15 +381,18 @@ def survival_metrics_from_counts(c: Counts) -> dict:
     One set's counts give exactly its survival_metrics. Counts merged over sites give the c-index over
     pairs of patients of the same site (sum concordant / sum comparable) and the Cox loss per event
     with risk sets stratified by site; both differ from the figures on the pooled patients. c_index
-    NaN without comparable pairs or with a non-finite risk; loss NaN without events."""
+    NaN without comparable pairs or with a non-finite risk; loss NaN without events.
+
+    Noisy counts (`noisy_counts`): the c-index clipped to [0, 1], NaN unless the noisy comparable
+    pairs are above 0; n and events rounded and at least 0; loss NaN (not released)."""
     check_counts(c)
-    comparable, events = int(c["comparable"]), int(c["events"])
-    ok = comparable > 0 and int(c["nonfinite"]) == 0
+    comparable, events = float(c["comparable"]), float(c["events"])
+    ok = comparable > 0 and float(c["nonfinite"]) == 0
     return {
-        "c_index": float(c["concordant"] / comparable) if ok else math.nan,
+        "c_index": min(max(float(c["concordant"]) / comparable, 0.0), 1.0) if ok else math.nan,
         "loss": float(c["loss_sum"]) / events if events > 0 else math.nan,
-        "n": int(c["n"]),
-        "events": events,
+        "n": max(int(round(float(c["n"]))), 0),
+        "events": max(int(round(events)), 0),
     }
 
 
@@ -423,3 +513,212 @@ def load_counts(path: Path) -> dict[str, Counts]:
         except ValueError as e:
             raise RunDirError(f"{path}: {model}: {e}") from None
     return out
+
+
+# ------------------------------------------------------------------------------- the private release
+#
+# What a site releases when the coordinator asks it to score a model: the counts above, made so
+# that one patient of the scored split moves each released block by at most a known L2 norm, then
+# noised by privmed.privacy.noisy_counts (the Gaussian mechanism; unit: one patient of the split,
+# add/remove neighbouring). A patient with k items (slices, views) weighs 1/k on each; every
+# per-patient quantity without a natural bound is clipped to a public one; a non-finite prediction
+# is replaced by a fixed one (uniform probabilities, risk 0, image 0), so that no reply depends on
+# whether a patient's prediction overflowed. Everything the coordinator (or the site's own metrics)
+# computes from the release is post-processing of it.
+
+PRIVATE_BINS = 32
+PRIVATE_LOGIT_MAX = 12.0
+PRIVATE_EDGES = asinh_edges(PRIVATE_BINS, PRIVATE_LOGIT_MAX, 1.0)
+"""The score grid of the private release (the exact counts use SCORE_BINS = 8,192 bins): 32 bins
+equal in asinh(logit) over +-12, inner edges at 0, +-0.20, +-0.41, +-0.63, ..., +-1.5, ..., +-6.6,
++-8.0, +-9.8 (the end bins hold the rest). Chosen by measurement on PneumoniaMNIST under DP-SGD
+(benchmarks/noisy_scoring.py): the AUC's error from the noise grows with the bins where the scores
+are, its error from rounding falls. On the final model (logits up to +-11) equal-width grids of
+12-16 bins over +-12 did about as well; on the early rounds' models (every logit within 1-3) they
+moved the AUC by up to 0.13-0.25, this grid by at most 0.07."""
+LOSS_MAX = 8.0
+"""nats: each item's cross-entropy is clipped here before it is summed (p of the true class below
+3.4e-4 counts as 3.4e-4) in the private release, so that one patient moves loss_sum by <= 8."""
+CLASSIFICATION_SHARES = {"score_hist": 0.9, "rel": 0.05, "loss_sum": 0.05}
+"""Binary: of the squared sensitivity, 0.9 to the score histogram (the AUC, the ROC, and the
+confusion matrix and n, both read from it: the grid has a bin edge at p = 0.5), 0.05 to the
+reliability sums and 0.05 to the loss."""
+MULTICLASS_SHARES = {"score_hist": 0.75, "confusion": 0.1, "rel": 0.1, "loss_sum": 0.05}
+SURVIVAL_SHARES = {"pairs": 0.8, "n": 0.1, "events": 0.1}
+"""Survival: 0.8 to the concordant and comparable pairs (the c-index), 0.1 each to n and events.
+The Cox loss is not released (one patient enters every risk set it is in: its sensitivity grows
+with the split's size times the risk's range, and the noise would drown it): loss_sum is NaN."""
+
+
+def patient_weights(patient: np.ndarray | None, n: int) -> np.ndarray:
+    """(n,) float64 weight of each item: 1/k for an item of a patient with k items in the set (so
+    every patient weighs 1 in total); 1 each when `patient` is None (each item its own patient)."""
+    if patient is None:
+        return np.ones(n)
+    _, inverse, k = np.unique(np.asarray(patient), return_inverse=True, return_counts=True)
+    return 1.0 / k[inverse.reshape(-1)]
+
+
+def safe_probabilities(probs: np.ndarray) -> np.ndarray:
+    """(N, K) float64 `probs` with every row that holds a non-finite value replaced by 1/K, and
+    every value clipped to [0, 1]: what the private release scores, so that an overflow is not a
+    reply."""
+    probs = np.asarray(probs, dtype=np.float64)
+    bad = ~np.isfinite(probs).all(axis=1)
+    out = np.clip(np.where(bad[:, None], 1.0 / probs.shape[1], probs), 0.0, 1.0)
+    return out
+
+
+def private_classification_counts(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                                  edges: np.ndarray = PRIVATE_EDGES) -> tuple[Counts, list[Block]]:
+    """The blocks a site releases for `probs` (N, K) with `labels` (N,) and item `weights` (N,)
+    (`patient_weights`) on the score grid `edges` (`grid_bins`; K = 2: symmetric about logit 0,
+    with 0 an edge), exact, and how far one patient can move each (the Block's bound):
+
+    score_hist: K = 2: (2, B), the histogram of p_1 (counts' score_hist[1]); one patient adds
+        weights summing to 1 to its cells: L2 <= 1. K > 2: (K, 2, B); one patient adds 1 to
+        one cell of each class's slice: L2 <= sqrt(K).
+    confusion (K > 2): (K, K); L2 <= 1.
+    rel: (3, 15), rel_count, rel_conf_sum, rel_correct_sum; a patient adds (1, conf, correct) to one
+        bin (weights summing to 1 over its items): L2 <= sqrt(3).
+    loss_sum: the cross-entropy clipped at LOSS_MAX per item: <= LOSS_MAX.
+    Shares: CLASSIFICATION_SHARES (K = 2), MULTICLASS_SHARES."""
+    probs = safe_probabilities(probs)
+    k = probs.shape[1]
+    edges = np.asarray(edges, dtype=np.float64)
+    if k == 2 and not (len(edges) % 2 and np.array_equal(edges, -edges[::-1])):
+        raise ValueError("edges: a binary release's score grid must be symmetric about logit 0, "
+                         "with 0 an edge (the class-0 histogram and the confusion matrix are read "
+                         "from it)")
+    c = classification_counts(probs, labels, edges=edges, weights=weights, loss_max=LOSS_MAX)
+    rel = np.stack([c["rel_count"], c["rel_conf_sum"], c["rel_correct_sum"]])
+    if k == 2:
+        released = {"score_hist": c["score_hist"][1], "rel": rel, "loss_sum": c["loss_sum"]}
+        bounds, shares = {"score_hist": 1.0}, CLASSIFICATION_SHARES
+    else:
+        released = {"score_hist": c["score_hist"], "confusion": c["confusion"], "rel": rel,
+                    "loss_sum": c["loss_sum"]}
+        bounds, shares = {"score_hist": math.sqrt(k), "confusion": 1.0}, MULTICLASS_SHARES
+    bounds |= {"rel": math.sqrt(3.0), "loss_sum": LOSS_MAX}
+    return released, [Block(key, bounds[key], shares[key]) for key in released]
+
+
+def classification_from_release(r: Counts) -> Counts:
+    """The counts (CLASSIFICATION_KEYS, float64) of a released `private_classification_counts`.
+    K = 2: score_hist[0] is score_hist[1] mirrored (p_0 = 1 - p_1 falls in the mirror bin, and the
+    classes swap), the confusion matrix is read from score_hist[1] on each side of p = 0.5, n is its
+    total. K > 2: n is the confusion matrix's total. nonfinite is 0: non-finite predictions were
+    scored as uniform (`safe_probabilities`)."""
+    hist = r["score_hist"]
+    if hist.ndim == 2:
+        half = hist.shape[1] // 2
+        hist = np.stack([hist[::-1, ::-1], hist])
+        confusion = np.array([[hist[1, 0, :half].sum(), hist[1, 0, half:].sum()],
+                              [hist[1, 1, :half].sum(), hist[1, 1, half:].sum()]])
+    else:
+        confusion = r["confusion"]
+    return {
+        "n": np.asarray(confusion.sum(), dtype=np.float64),
+        "loss_sum": np.asarray(r["loss_sum"], dtype=np.float64),
+        "confusion": confusion,
+        "score_hist": hist,
+        "nonfinite": np.asarray(0.0),
+        "rel_count": r["rel"][0],
+        "rel_conf_sum": r["rel"][1],
+        "rel_correct_sum": r["rel"][2],
+    }
+
+
+def private_survival_counts(risk: np.ndarray, time, event, patient: np.ndarray | None,
+                            max_patients: int | None = None) -> tuple[Counts, list[Block]]:
+    """The blocks a site releases for risks `risk` (N,) with `time` and `event` (N,), exact, and
+    their bounds. A patient with several items is one: its mean risk (non-finite risks count as 0),
+    the time and event of its first item. `max_patients` is a public upper bound on the split's
+    patients (default: how many it has, which a site's facts publish); adding or removing one
+    patient changes at most max_patients - 1 comparable pairs and as many concordant ones:
+
+    pairs: (2,) [concordant, comparable]: L2 <= sqrt(2) (max_patients - 1);
+    n, events: L2 <= 1 each.
+    Shares: SURVIVAL_SHARES."""
+    risk = np.asarray(risk, dtype=np.float64).reshape(-1)
+    risk = np.where(np.isfinite(risk), risk, 0.0)
+    time = np.asarray(time, dtype=np.float64).reshape(-1)
+    event = np.asarray(event).reshape(-1).astype(np.float64)
+    if patient is not None:
+        _, first, inverse = np.unique(np.asarray(patient), return_index=True, return_inverse=True)
+        risk = np.bincount(inverse.reshape(-1), weights=risk) / np.bincount(inverse.reshape(-1))
+        time, event = time[first], event[first]
+    m = len(risk) if max_patients is None else int(max_patients)
+    if len(risk) > m:
+        raise ValueError(f"max_patients: {m} is below the split's {len(risk)} patients")
+    c = survival_counts(risk, time, event)
+    released = {"pairs": np.array([float(c["concordant"]), float(c["comparable"])]),
+                "n": np.asarray(float(c["n"])), "events": np.asarray(float(c["events"]))}
+    bounds = {"pairs": math.sqrt(2.0) * max(m - 1, 1), "n": 1.0, "events": 1.0}
+    return released, [Block(key, bounds[key], SURVIVAL_SHARES[key]) for key in released]
+
+
+def survival_from_release(r: Counts) -> Counts:
+    """The counts (SURVIVAL_KEYS, float64) of a released `private_survival_counts`; loss_sum NaN."""
+    return {"n": r["n"], "events": r["events"], "loss_sum": np.asarray(math.nan),
+            "concordant": np.asarray(r["pairs"][0]), "comparable": np.asarray(r["pairs"][1]),
+            "nonfinite": np.asarray(0.0)}
+
+
+def noisy_counts(task, pred: np.ndarray, data, noise_multiplier: float, rng: np.random.Generator, *,
+                 edges: np.ndarray = PRIVATE_EDGES, max_patients: int | None = None) -> Counts:
+    """The counts a site releases for the task's predictions `pred` on `data` (an ImageSet): the
+    task's counts keys, float64, made per patient bounded (`private_*_counts`) and noised by the
+    Gaussian mechanism at `noise_multiplier` times its sensitivity (privmed.privacy.noisy_counts;
+    one release = Release(noise_multiplier, 1.0, 1) on this split), noise drawn from `rng` only.
+    {} for empty data (nothing is released). `edges`: the classification score grid (any grid
+    fixed before the data is seen, e.g. one the request carries; `grid_bins`); `max_patients`:
+    survival's public bound on the split's patients. noise_multiplier 0 gives the bounded counts
+    without noise (for tests; a site refuses it)."""
+    if len(data) == 0:
+        return {}
+    released, blocks, assemble = private_release(task, pred, data, edges, max_patients)
+    return assemble(gaussian_release(released, blocks, noise_multiplier, rng))
+
+
+def noisy_metrics_and_counts(task, pred: np.ndarray, data, noise_multiplier: float,
+                             rng: np.random.Generator, **options) -> tuple[dict, Counts]:
+    """(metrics, counts) as tasks.base.metrics_and_counts gives them, but both from the release:
+    the counts are `noisy_counts`, the metrics the task's metrics_from_counts of them. What a site
+    returns for a scoring request."""
+    counts = noisy_counts(task, pred, data, noise_multiplier, rng, **options)
+    return task.metrics_from_counts(counts), counts
+
+
+def release_blocks(task, pred: np.ndarray, data, *, edges: np.ndarray = PRIVATE_EDGES,
+                   max_patients: int | None = None) -> list[Block]:
+    """The blocks (keys, bounds, shares) `noisy_counts` releases for `task` on `data`."""
+    return private_release(task, pred, data, edges, max_patients)[1]
+
+
+def private_release(task, pred: np.ndarray, data, edges: np.ndarray = PRIVATE_EDGES,
+                    max_patients: int | None = None) -> tuple[Counts, list[Block], Callable[[Counts], Counts]]:
+    """(the exact blocks `noisy_counts` releases, their Blocks, the function from the noisy blocks
+    to the task's Counts): noisy_counts is assemble(gaussian_release(blocks..., rng)). For
+    benchmarks that draw many releases of one prediction."""
+    name = task.name
+    if name in ("classification", "tabular-classification"):
+        weights = patient_weights(data.patient, len(data))
+        return (*private_classification_counts(pred, data.labels, weights, edges),
+                classification_from_release)
+    if name == "survival":
+        if data.time is None:
+            raise ValueError("task: 'survival' needs survival times, and this data has none")
+        return (*private_survival_counts(pred, data.time, data.labels, data.patient, max_patients),
+                survival_from_release)
+    if name == "segmentation":
+        from privmed.tasks.segmentation import private_segmentation_counts, segmentation_from_release
+
+        return (*private_segmentation_counts(pred, task.target(data), data.patient_ids()),
+                segmentation_from_release)
+    if name == "reconstruction":
+        from privmed.tasks.reconstruction import private_reconstruction_counts, reconstruction_from_release
+
+        return (*private_reconstruction_counts(pred, task.target(data), data.images, data.patient_ids()),
+                reconstruction_from_release)
+    raise ValueError(f"noisy_counts: no private release for task '{name}'")

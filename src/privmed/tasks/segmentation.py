@@ -175,22 +175,86 @@ def segmentation_metrics_from_counts(c: dict, class_names: list[str] | tuple[str
     with `spacing_mm`), loss (per slice or patch), n (slices or patches), volumes; from (merged)
     counts."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(c["dice_n"] > 0, c["dice_sum"] / np.maximum(c["dice_n"], 1), np.nan)
-        hd = np.where(c["hd95_n"] > 0, c["hd95_sum"] / np.maximum(c["hd95_n"], 1), np.nan)
+        dice = np.where(c["dice_n"] > 0, c["dice_sum"] / c["dice_n"], np.nan)
+        hd = np.where(c["hd95_n"] > 0, c["hd95_sum"] / c["hd95_n"], np.nan)
+    # noisy counts (the private release): post-processed into each figure's range; no-ops on exact ones
+    dice, hd = np.clip(dice, 0.0, 1.0), np.maximum(hd, 0.0)
     scale = spacing_mm or 1.0
     fg_n = float(c["fg_dice_n"])
-    out = {"dice": _nanmean(dice), "dice_foreground": float(c["fg_dice_sum"]) / fg_n if fg_n else math.nan,
-           "hd95": _nanmean(hd) * scale}
+    fg = min(max(float(c["fg_dice_sum"]) / fg_n, 0.0), 1.0) if fg_n > 0 else math.nan
+    out = {"dice": _nanmean(dice), "dice_foreground": fg, "hd95": _nanmean(hd) * scale}
     for i, name in enumerate(class_names[1:]):
         out[f"dice_{name}"] = float(dice[i])
         out[f"hd95_{name}"] = float(hd[i]) * scale
     n = float(c["n"])
-    out["loss"] = float(c["loss_sum"]) / n if n else math.nan
-    out["n"] = int(n)
-    out["volumes"] = int(float(c["volumes"]))
+    out["loss"] = max(float(c["loss_sum"]) / n, 0.0) if n > 0 else math.nan
+    out["n"] = max(int(round(n)), 0)
+    out["volumes"] = max(int(round(float(c["volumes"]))), 0)
     return out
 
 
 def _nanmean(v: np.ndarray) -> float:
     v = v[~np.isnan(v)]
     return float(v.mean()) if len(v) else math.nan
+
+
+# ------------------------------------------------------------------------------- the private release
+
+HD95_MAX = 32.0
+"""pixels: each slice's HD95 is clipped here in the private release (a structure missed by more
+counts as 32 px), so that one patient moves hd95_sum by <= 32 per class. IXI at 2 mm: a trained
+model's HD95 is about 3 px, a DP-SGD one that learnt nothing about 32 (benchmarks/results/ixi_segmentation.md)."""
+SEGMENTATION_SHARES = {"dice": 0.5, "hd95_sum": 0.15, "hd95_n": 0.1, "loss_sum": 0.1, "volumes": 0.15}
+"""Of the squared sensitivity: half to the Dice sums and counts (the headline), the rest to HD95,
+loss and the number of patients that every figure divides by."""
+
+
+def private_segmentation_counts(probs: np.ndarray, target: np.ndarray, patient: np.ndarray,
+                                hd95_max: float = HD95_MAX, loss_max: float = 8.0) -> tuple[dict, list]:
+    """The blocks a site releases for class probabilities `probs` (N, K, H, W) (or 3D patches) against
+    `target`, exact, and how far one patient (volume: `patient` (N,) ids) can move each:
+
+    dice: (2K,) [dice_sum (K-1), dice_n (K-1), fg_dice_sum, fg_dice_n]: one Dice in [0, 1] and one
+        count per class and volume: L2 <= sqrt(2K);
+    hd95_sum, hd95_n: (K-1,): each 2D slice's HD95 clipped at `hd95_max`, weighted 1/(slices of its
+        patient): L2 <= hd95_max sqrt(K-1) and sqrt(K-1);
+    loss_sum: each item's cross-entropy clipped at `loss_max`, weighted 1/(items of its patient):
+        <= loss_max;
+    volumes: 1.
+    Non-finite probabilities count as 1/K. Shares: SEGMENTATION_SHARES."""
+    from privmed.privacy.noisy_counts import Block
+    from privmed.tasks.counts import patient_weights
+
+    k = probs.shape[1]
+    probs = np.where(np.isfinite(probs), probs, 1.0 / k)
+    w = patient_weights(patient, len(probs))
+    pred = probs.argmax(axis=1)
+    p_true = np.take_along_axis(probs, target[:, None].astype(np.int64), axis=1)[:, 0]
+    loss = np.minimum(-np.log(np.clip(p_true, 1e-12, 1.0)).reshape(len(probs), -1).mean(axis=1), loss_max)
+    dice = volume_dice(pred, target, patient, k)
+    fg = volume_dice((pred > 0).astype(np.int64), (target > 0).astype(np.int64), patient, 2)[:, 0]
+    slices = pred.reshape(-1, *pred.shape[-2:])
+    hd = hd95_per_slice(slices, target.reshape(-1, *target.shape[-2:]), k)
+    w_slice = np.repeat(w / (len(slices) // len(pred)), len(slices) // len(pred))[:, None]
+    finite = np.isfinite(hd)
+    released = {
+        "dice": np.concatenate([np.nansum(dice, axis=0), np.sum(~np.isnan(dice), axis=0),
+                                [np.nansum(fg), np.sum(~np.isnan(fg))]]).astype(np.float64),
+        "hd95_sum": np.sum(np.where(finite, np.minimum(hd, hd95_max), 0.0) * w_slice, axis=0),
+        "hd95_n": np.sum(finite * w_slice, axis=0),
+        "loss_sum": np.asarray(float(np.sum(w * loss))),
+        "volumes": np.asarray(float(len(np.unique(patient)))),
+    }
+    bounds = {"dice": math.sqrt(2 * k), "hd95_sum": hd95_max * math.sqrt(k - 1),
+              "hd95_n": math.sqrt(k - 1), "loss_sum": loss_max, "volumes": 1.0}
+    return released, [Block(key, bounds[key], SEGMENTATION_SHARES[key]) for key in released]
+
+
+def segmentation_from_release(r: dict) -> dict:
+    """The counts (counts.SEGMENTATION_KEYS) of a released `private_segmentation_counts`: n, which
+    counts slices in the exact counts, is the number of patients here (each weighs 1)."""
+    dice = r["dice"]
+    k1 = (len(dice) - 2) // 2
+    return {"dice_sum": dice[:k1], "dice_n": dice[k1:2 * k1], "fg_dice_sum": np.asarray(dice[-2]),
+            "fg_dice_n": np.asarray(dice[-1]), "hd95_sum": r["hd95_sum"], "hd95_n": r["hd95_n"],
+            "loss_sum": r["loss_sum"], "n": r["volumes"], "volumes": r["volumes"]}
