@@ -313,8 +313,9 @@ class FederationConfig(_Section):
     secagg_threshold: int | None = Field(
         None, ge=2, le=1000,
         description="secure aggregation: shares needed to rebuild a secret, i.e. to remove a "
-        "dropped site's masks (below secagg_shares; default: a majority of the shares). Fewer "
-        "colluding with the server learn nothing of a site's update",
+        "dropped site's masks (a strict majority of secagg_shares and below it; default: the "
+        "smallest majority). Sites refuse a smaller one: with it a coordinator that tells sites "
+        "different lists of who dropped rebuilds both masks of one site",
     )
     secagg_clipping_range: float = Field(
         8.0, gt=0, le=1e6,
@@ -727,10 +728,10 @@ class RunConfig(_Section):
         shares, threshold = self.secagg_shares_threshold
         if shares > n:
             raise ValueError(f"federation.secagg_shares: {shares} is more than sites.count {n}")
-        if not 2 <= threshold < shares:
+        if not (2 <= threshold < shares and 2 * threshold > shares):
             raise ValueError(
-                f"federation.secagg_threshold: {threshold} must be at least 2 and below "
-                f"secagg_shares ({shares})"
+                f"federation.secagg_threshold: {threshold} must be at least 2, a strict majority of "
+                f"secagg_shares ({shares}: more than {shares / 2:g}) and below it"
             )
         if n * 2**fed.secagg_quantization_bits > 2**32:
             raise ValueError(

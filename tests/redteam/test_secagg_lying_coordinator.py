@@ -70,7 +70,7 @@ from privmed.federation.flower.secagg import (
 )
 from privmed.federation.flower.site_app import make_client_app
 from privmed.federation.flower.site_service import SiteEndpoint
-from privmed.federation.transport import site_clients
+from privmed.federation.transport import site_client
 
 HonestWorkflow = secagg._SecAggPlus  # privmed's coordinator, which each attacker extends
 TARGET = 2003  # the hospital whose update the attacker wants (node ids 2001.. in site order)
@@ -107,7 +107,8 @@ class Federation:
         s = self.exp.strategy
         self.tasks = s.configure(s.init_state(self.exp.initial_weights, self.exp.trainer_names), self.exp.trainer_names)
         self.node_of, apps, self.endpoints = {}, {}, {}
-        for i, (name, client) in enumerate(site_clients(self.exp, None).items()):
+        clients = {name: site_client(self.exp, site, None) for name, site in self.exp.trainers.items()}
+        for i, (name, client) in enumerate(clients.items()):
             nid = 2001 + i
             self.endpoints[nid] = RecordingEndpoint(SiteEndpoint(client))
             self.node_of[name] = nid

@@ -25,6 +25,7 @@ from privmed.federation.strategies import SiteUpdate, TrainTask, Weights
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import dp_train, make_optimizer
 from privmed.tasks.base import Task, get_task, metrics_and_counts
+from privmed.tasks.counts import noisy_metrics_and_counts
 
 
 def resolve_device(training: TrainingConfig, private: bool = False) -> torch.device:
@@ -390,17 +391,16 @@ class Site:
         `noise_multiplier`: the task's metrics, and the exact counts from which pooled metrics over
         several sites are computed (privmed.tasks.counts; no patient's prediction is in them). With
         it: the counts through the Gaussian mechanism of privmed.privacy.noisy_counts (noise drawn
-        from `rng` only), and the metrics computed from those noisy counts. ({}, {}) without such
-        data."""
+        from `rng` only; the task's private counts in privmed.tasks.counts: each patient weighs 1,
+        unbounded figures clipped, non-finite predictions scored as a fixed value, so nothing here
+        raises on a patient's data), and the metrics computed from those noisy counts. ({}, {})
+        without such data."""
         data = self._split(split)
         if data is None or len(data) == 0:
             return {}, {}
         pred = self.predict(weights, data.images)
         if noise_multiplier is not None:
-            from privmed.privacy.noisy_counts import noisy_counts
-
-            counts = noisy_counts(self.task, pred, data, noise_multiplier, rng)
-            return self.task.metrics_from_counts(counts), counts
+            return noisy_metrics_and_counts(self.task, pred, data, noise_multiplier, rng)
         if not np.all(np.isfinite(pred)):
             raise TrainingDiverged(
                 f"site '{self.name}': the model's outputs on its {split} data are not finite numbers "

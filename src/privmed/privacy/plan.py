@@ -36,6 +36,7 @@ from privmed.privacy.accountants import Release, epsilon_spent
 from privmed.privacy.calibration import check_delta, noise_for_epsilon
 from privmed.privacy.figures import format_budget, format_epsilon
 from privmed.privacy.ledger import PrivacyLedger
+from privmed.privacy.noisy_counts import scoring_noise
 
 # The units each mode may protect, the weaker claim first: dp-sgd one record, or a patient when the
 # data names each item's patient; central a whole site.
@@ -365,7 +366,7 @@ def scoring_plan(epsilon: float, delta: float, releases: Mapping[str, int], acco
     """The noise of each split's scorings: `releases[split]` Gaussian releases of its counts (each
     patient in every one: sample rate 1) spend at most `epsilon` at `delta`. A split with no
     planned scoring gets no noise entry (and a site refuses to score it)."""
-    noise = {split: noise_for_epsilon(epsilon, delta, 1.0, n, accountant) for split, n in releases.items() if n > 0}
+    noise = {split: scoring_noise(epsilon, delta, n, accountant) for split, n in releases.items() if n > 0}
     return ScoringPlan(float(epsilon), {s: int(n) for s, n in releases.items() if n > 0}, noise)
 
 
