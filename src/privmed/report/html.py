@@ -654,8 +654,13 @@ def _count_figures(run: RunFiles, counts: dict[str, dict], items: str) -> list[F
         classes = [1] if k == 2 else present
         bound = max(evaluation_counts.auc_rounding_bound(c, int(i))
                     for c in finite.values() for i in classes)
-        roc_caption += (f"{sent}; the rounding moves an AUC by at most {bound:.2g} from that of the "
-                        f"unrounded scores.{skipped}")
+        if _dict(run.summary.get("privacy")).get("scoring"):
+            roc_caption += (f"{sent}, each count with Gaussian noise added at the site (the scoring "
+                            "mechanism of the privacy section): the curve and AUC are those of the noisy "
+                            f"counts, clipped at zero.{skipped}")
+        else:
+            roc_caption += (f"{sent}; the rounding moves an AUC by at most {bound:.2g} from that of the "
+                            f"unrounded scores.{skipped}")
         roc_out = FigureOut("roc", ROC_TITLE, roc_caption, png=plots.roc_curves(curves, title))
     bins = {m: evaluation_counts.reliability_from_counts(c) for m, c in finite.items()}
     ece = {m: evaluation_counts.classification_metrics_from_counts(c)["ece"] for m, c in finite.items()}

@@ -109,6 +109,21 @@ def privacy_section(privacy: Any, tabular: bool = False) -> dict:
         ("Budget", NA if budget is None else f"epsilon ≤ {fmt_budget(budget)} per site"),
         ("Clipping norm", fmt_number(privacy.get("max_grad_norm"))),
     ]
+    scoring = as_dict(privacy.get("scoring"))
+    if scoring:
+        releases, noise = as_dict(scoring.get("releases")), as_dict(scoring.get("noise_multiplier"))
+        names = {"val": "validation", "test": "test"}
+        how = "; ".join(f"{names.get(sp, sp)}: {as_int(n)} scoring{'s' if n != 1 else ''} per site, noise "
+                        f"{fmt_number(noise.get(sp))}" for sp, n in releases.items())
+        scored = "records" if scoring.get("unit") == "record" else "patients"
+        rows.append((f"Validation and test {scored}",
+                     f"epsilon ≤ {fmt_epsilon(scoring.get('epsilon'))} at delta = {delta}, from the noisy "
+                     f"counts of every scoring ({how})"))
+    honest = privacy.get("honest_secure_epsilon")
+    if honest is not None:
+        rows.append(("Against a coordinator that follows SecAgg+",
+                     f"epsilon ≤ {fmt_epsilon(honest)} per site (the sum of at least "
+                     f"{as_int(privacy.get('honest_min_sites'))} sites' noise shares)"))
     spent, plan = as_dict(privacy.get("sites")), as_dict(privacy.get("plan"))
     sites = []
     for name in dict.fromkeys([*plan, *spent]):
