@@ -158,10 +158,10 @@ def patient_batches(
 # A per-sample gradient whose L2 norm is not finite (an inf or NaN entry, from weights crafted to
 # overflow on one patient), or above MAX_NORM_RATIO x C, counts as zero. Opacus would multiply it by a
 # NaN or zero clip factor, and 0 x inf is NaN: the whole sum, and so the release, would be NaN exactly
-# when that patient is drawn. Above 2^64 x C a clip factor is below 2^-64; ghost clipping's float32
-# coefficients then lose bits (subnormal below 2^-126, after the 1/B scaling of its second pass).
-# No honest gradient comes near 1.8e19 x C.
-MAX_NORM_RATIO = 2.0**64
+# when that patient is drawn. Above 2^100 x C a clip factor is below 2^-100, and ghost clipping's
+# float32 coefficients (scaled by 2^-ceil(log2 B) >= 2^-21 in its second pass) would turn subnormal,
+# losing the bits that keep a clipped gradient within C. No honest gradient comes near 1.3e30 x C.
+MAX_NORM_RATIO = 2.0**100
 # The noised sum is formed on a grid: the clipped sum (float64) is rounded to a multiple of GRID = the
 # largest power of two <= C, times 2^-GRID_BITS, the float64 Gaussian noise is rounded to one, and
 # the two integers are added exactly (both below 2^53 for batches of up to MAX_BATCH patients and
