@@ -58,8 +58,8 @@ def _step(model, x, y, *, mode, c=1.0, sigma=0.0, seed=0, criterion=None, lr=1.0
 def _crafted_mlp(x: torch.Tensor, target: int) -> nn.Module:
     """privmed's 'mlp' with weights an attacker crafts so that its logit overflows (3e38 x 1.46)
     only on patient `target` (the largest feature 0): hidden unit 0 is +1 there and -1 elsewhere; the
-    next layer's unit 0 sits at 0.5 there and at -100 (tanh exactly -1) elsewhere. With label 0 the
-    target's backpropagated gradient overflows into inf x 0 = NaN."""
+    next layer's unit 0, 1000 (h + 1) - 1999.5, sits at 0.5 there and at -1999.5 (tanh exactly -1)
+    elsewhere. With label 0 the target's backpropagated gradient overflows into inf x 0 = NaN."""
     model = build_model("mlp", in_channels=D, num_classes=1, image_size=0, width=8)
     top = torch.sort(x[:, 0]).values
     assert int(torch.argmax(x[:, 0])) == target
@@ -68,8 +68,8 @@ def _crafted_mlp(x: torch.Tensor, target: int) -> nn.Module:
             p.zero_()
         model.net[0].weight[0, 0] = 1000.0
         model.net[0].bias[0] = -1000.0 * float(top[-1] + top[-2]) / 2
-        model.net[2].weight[0, 0] = 50.25
-        model.net[2].bias[0] = 50.25 - 100.0
+        model.net[2].weight[0, 0] = 1000.0
+        model.net[2].bias[0] = 0.5 - 1000.0
         model.net[4].weight[0, 0] = 3e38
         model.net[4].bias[0] = 3e38
     return model
