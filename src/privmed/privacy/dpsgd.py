@@ -234,13 +234,13 @@ def clip_factors(norms: torch.Tensor, clip: float, keep: torch.Tensor) -> torch.
 
 def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor, scratch: Float64Scratch | None = None) -> torch.Tensor:
     """sum_i factors[i] x grad_sample[i] in float64, shape grad_sample.shape[1:], from per-sample
-    gradients (B, ...) of any float dtype. A row whose factor is 0 adds exactly 0, even when it holds
-    inf or NaN (such rows are zeroed first, at a cost that does not depend on how many there are)."""
+    gradients (B, ...) of any float dtype, with every factor 0 where a row is not finite (as
+    clip_factors gives them). Such a row adds exactly 0: its inf and NaN entries are zeroed first (0 x
+    inf is NaN), in a pass over every row, so that the cost does not depend on how many there are."""
     scratch = scratch or Float64Scratch()
     total = torch.zeros(math.prod(grad_sample.shape[1:]), dtype=torch.float64, device=grad_sample.device)
-    dropped = (factors == 0).to(grad_sample.device)
     for rows, block in scratch.rows(grad_sample):
-        block.masked_fill_(dropped[rows, None], 0.0)
+        block.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         total.addmv_(block.t(), factors[rows].to(block.device))
     return total.view(grad_sample.shape[1:])
 
