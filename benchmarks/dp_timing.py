@@ -1,22 +1,24 @@
 """Benchmark: does a site's DP-SGD reply time follow the batch size it drew (issue 25, item 6)?
 
-    .venv/bin/python benchmarks/dp_timing.py [--sites 300 700 1500] [--modes ew ghost] [--turns 30]
-        [--steps 30] [--local-steps 1] [--repeats 5] [--out DIR]
+    .venv/bin/python benchmarks/dp_timing.py [--sites 300 1500] [--modes ew ghost hooks functorch]
+        [--turns 40] [--steps 40] [--repeats 7] [--local-steps 1] [--out DIR]
 
 privmed's default DP model (dpcnn, 28 px, 1 channel, 2 classes) at sites of `--sites` patients,
 expected batch 256 as configs/pneumonia-dp.yaml (q = min(1, 256 / n)), sigma 1, C 1, SGD lr 0.5, the
 site's random shifts. Synthetic images: the time does not depend on pixel values. One torch thread.
+Every comparison is interleaved (one of each setting in turn), so that the settings share the load
+of a shared machine.
 
-- per turn: `--turns` calls of dp_train as Site.train makes them (`--local-steps` steps, default
-  privmed's 1), each timed whole; the drawn batch size is its sample_gradient_steps;
-- per step: `--steps` DPSGD steps on Poisson batches, each timed;
-each with constant_work off (the drawn batch as it is) and on (DPSGD's fixed physical batch P),
-interleaved turn by turn with the same generator seed, so both see the same batch sizes and the
-same load; and the work itself: the fastest of `--repeats` steps at each of 7 batch sizes (mean - 3
-sd .. mean + 3 sd), which filters out most of the load. Reported: Pearson's r between batch size and seconds, the slope (ms per patient), and
-the cost: seconds per epoch (n / 256 steps) with and without the fixed batch, against Opacus' own
-DP step as before issue 25 (float32 clipping and noise, no padding) and a plain SGD step of 256.
-The machine is shared: the load average before and after is in the table.
+1. Drawn batches: `--turns` dp_train calls as Site.train makes them (`--local-steps` steps, privmed's
+   default 1), each timed whole, and `--steps` DPSGD steps on Poisson batches, each timed; with
+   constant work off (the drawn batch as it is) and on (DPSGD's fixed physical batch P). Pearson's r
+   between the drawn batch size and the seconds, and the slope.
+2. The work itself: at 7 batch sizes from the mean - 3 sd to the mean + 3 sd, `--repeats` steps each
+   (sizes in a shuffled order each round), off, on, and Opacus' own DP step as before issue 25
+   (float32 clipping and noise, no padding); the fastest of the repeats, which filters out most of
+   the load, is what the step costs at that size.
+3. Cost: the medians at the mean batch size of (2), and a plain SGD step on the same batch, in
+   the same rounds: seconds per step and per epoch (n / 256 steps), DP / non-DP.
 
 Writes benchmarks/results/dp_timing.md.
 """
@@ -26,25 +28,30 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import prepare_module
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 from privmed import io
 from privmed.federation.site import random_shift
 from privmed.models import build_model
-from privmed.privacy.dpsgd import DPSGD, dp_train, physical_batch_size, poisson_batches
+from privmed.privacy.dpsgd import CLIP_MARGIN, DPSGD, dp_train, physical_batch_size, poisson_batches
+from privmed.tasks.base import ClassificationLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, EXPECTED = 28, 256
 SIGMA, C, LR = 1.0, 1.0, 0.5
 SHIFT = max(1, SIZE // 14)  # the site's random shift for 28 px images
+SETTINGS = ("off", "constant", "before", "plain")
 
 
 def _model() -> torch.nn.Module:
@@ -61,8 +68,57 @@ def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return random_shift(xb, SHIFT, gen)
 
 
+def _timed(step, x: torch.Tensor, y: torch.Tensor) -> float:
+    t = time.perf_counter()
+    step(x, y)
+    return time.perf_counter() - t
+
+
+class _Before:
+    """One DP step as privmed ran it before issue 25: Opacus' DPOptimizer (ghost: its
+    fast-gradient-clipping optimizer and loss), float32 clipping and noise, the batch as it is."""
+
+    def __init__(self, mode: str, expected: float):
+        self.model = _model().train()
+        clip = C * (1 - CLIP_MARGIN)
+        self.gsm = prepare_module(self.model, mode, loss_reduction="mean",
+                                  **({"max_grad_norm": clip} if mode == "ghost" else {}))
+        cls = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
+        self.opt = cls(torch.optim.SGD(self.model.parameters(), lr=LR), noise_multiplier=SIGMA / (1 - CLIP_MARGIN),
+                       max_grad_norm=clip, expected_batch_size=expected, generator=torch.Generator().manual_seed(0))
+        self.loss = DPLossFastGradientClipping(self.gsm, self.opt, ClassificationLoss(), "mean") if mode == "ghost" else None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        out = self.gsm(x)
+        (self.loss(out, y) if self.loss else F.cross_entropy(out, y)).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class _Plain:
+    """The non-private step: mean loss over the batch, SGD."""
+
+    def __init__(self):
+        self.model = _model().train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(x), y).backward()
+        self.opt.step()
+
+
+def _dpsgd(mode: str, n: int, constant: bool) -> DPSGD:
+    q = min(1.0, EXPECTED / n)
+    model = _model()
+    return DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=SIGMA, max_grad_norm=C,
+                 expected_batch_size=q * n, generator=torch.Generator().manual_seed(0), grad_sample_mode=mode,
+                 criterion=ClassificationLoss(), physical_batch=physical_batch_size(n, q) if constant else None)
+
+
 def turn_times(n: int, mode: str, turns: int, local_steps: int) -> dict[bool, list[tuple[int, float]]]:
-    """{constant_work: [(patients drawn in the turn, seconds of the dp_train call)]}."""
+    """{constant_work: [(patients drawn in the turn, seconds of the dp_train call)]}: the same
+    generator seed for both, so the same batches."""
     x, y = _data(n)
     q = min(1.0, EXPECTED / n)
     model = _model()
@@ -75,108 +131,51 @@ def turn_times(n: int, mode: str, turns: int, local_steps: int) -> dict[bool, li
             t = time.perf_counter()
             m = dp_train(model, x, y, steps=local_steps, sample_rate=q, noise_multiplier=SIGMA,
                          max_grad_norm=C, lr=LR, generator=gen, grad_sample_mode=mode,
-                         augment=_augment, constant_work=constant)
+                         augment=_augment, criterion=ClassificationLoss(), constant_work=constant)
             if turn >= 0:
                 out[constant].append((m["sample_gradient_steps"], time.perf_counter() - t))
     return out
 
 
 def step_times(n: int, mode: str, steps: int) -> dict[bool, list[tuple[int, float]]]:
-    """{constant_work: [(patients drawn, seconds of the DPSGD step)]}, the same batches for both."""
+    """{constant_work: [(patients drawn, seconds of the DPSGD step)]} on the same Poisson batches."""
     x, y = _data(n)
     q = min(1.0, EXPECTED / n)
-    physical = physical_batch_size(n, q)
-    batches = list(poisson_batches(n, q, steps + 1, torch.Generator().manual_seed(7)))
-    out: dict[bool, list[tuple[int, float]]] = {}
-    sessions = {}
-    for constant in (False, True):
-        model = _model()
-        sessions[constant] = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR),
-                                   noise_multiplier=SIGMA, max_grad_norm=C, expected_batch_size=q * n,
-                                   generator=torch.Generator().manual_seed(0), grad_sample_mode=mode,
-                                   physical_batch=physical if constant else None)
-        out[constant] = []
+    sessions = {c: _dpsgd(mode, n, c) for c in (False, True)}
+    out: dict[bool, list[tuple[int, float]]] = {False: [], True: []}
     gen = torch.Generator().manual_seed(3)
-    for k, idx in enumerate(batches):
+    for k, idx in enumerate(poisson_batches(n, q, steps + 1, torch.Generator().manual_seed(7))):
         xb = _augment(x[idx], gen) if len(idx) else x[idx]
-        for constant in (False, True):
-            t = time.perf_counter()
-            sessions[constant].step(xb, y[idx])
+        for constant, dp in sessions.items():
+            seconds = _timed(dp.step, xb, y[idx])
             if k > 0:  # step 0 warms up
-                out[constant].append((len(idx), time.perf_counter() - t))
-    for s in sessions.values():
-        s.close()
+                out[constant].append((len(idx), seconds))
+    for dp in sessions.values():
+        dp.close()
     return out
 
 
-def min_step_seconds(n: int, mode: str, repeats: int) -> dict[bool, list[tuple[int, float]]]:
-    """{constant_work: [(batch size B, fastest of `repeats` DPSGD steps on B patients)]} for B from
-    the mean - 3 sd to the mean + 3 sd of a Poisson batch: the fastest of several timings is what the
-    work costs, without most of what other processes on a shared machine add."""
+def work_times(n: int, mode: str, repeats: int) -> tuple[list[int], dict[str, dict[int, list[float]]]]:
+    """The 7 batch sizes (mean - 3 sd .. mean + 3 sd) and {setting: {size: [seconds]}}: in each of
+    `repeats` rounds, every size (in a shuffled order) by every setting in turn."""
     x, y = _data(n)
     q = min(1.0, EXPECTED / n)
-    physical = physical_batch_size(n, q)
     mean, sd = q * n, (q * n * (1 - q)) ** 0.5
     sizes = sorted({min(n, max(1, round(mean + k * sd))) for k in (-3, -2, -1, 0, 1, 2, 3)})
-    out: dict[bool, list[tuple[int, float]]] = {}
-    for constant in (False, True):
-        model = _model()
-        dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=SIGMA,
-                   max_grad_norm=C, expected_batch_size=q * n, generator=torch.Generator().manual_seed(0),
-                   grad_sample_mode=mode, physical_batch=physical if constant else None)
-        dp.step(x[:sizes[-1]], y[:sizes[-1]])  # warm-up
-        fastest = {b: float("inf") for b in sizes}
-        for _ in range(repeats):
-            for b in sizes:
-                t = time.perf_counter()
-                dp.step(x[:b], y[:b])
-                fastest[b] = min(fastest[b], time.perf_counter() - t)
-        dp.close()
-        out[constant] = sorted(fastest.items())
-    return out
+    steps = {"off": _dpsgd(mode, n, False).step, "constant": _dpsgd(mode, n, True).step,
+             "before": _Before(mode, mean), "plain": _Plain()}
+    times: dict[str, dict[int, list[float]]] = {s: {b: [] for b in sizes} for s in SETTINGS}
+    order = random.Random(0)
+    for step in steps.values():  # warm-up
+        step(x[: sizes[-1]], y[: sizes[-1]])
+    for _ in range(repeats):
+        for b in order.sample(sizes, len(sizes)):
+            for setting, step in steps.items():
+                times[setting][b].append(_timed(step, x[:b], y[:b]))
+    return sizes, times
 
 
-def opacus_step_seconds(n: int, steps: int) -> float:
-    """Median seconds of a DP step as before issue 25: Opacus' DPOptimizer ("ew"), its float32
-    clipping and noise, the drawn batch as it is."""
-    x, y = _data(n)
-    q = min(1.0, EXPECTED / n)
-    model = _model().train()
-    gsm = prepare_module(model, "ew", loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=SIGMA,
-                      max_grad_norm=C, expected_batch_size=q * n, generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(3)
-    times = []
-    for k, idx in enumerate(poisson_batches(n, q, steps + 1, torch.Generator().manual_seed(7))):
-        t = time.perf_counter()
-        F.cross_entropy(gsm(_augment(x[idx], gen)), y[idx]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if k > 0:
-            times.append(time.perf_counter() - t)
-    gsm.to_standard_module()
-    return statistics.median(times)
-
-
-def plain_step_seconds(n: int, steps: int) -> float:
-    """Median seconds of the non-private step: a batch of 256, mean loss, SGD."""
-    x, y = _data(n)
-    model = _model().train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    gen = torch.Generator().manual_seed(3)
-    times = []
-    for k in range(steps + 1):
-        idx = torch.randint(0, n, (min(EXPECTED, n),), generator=gen)
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(_augment(x[idx], gen)), y[idx]).backward()
-        opt.step()
-        if k > 0:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _r(pairs: list[tuple[int, float]]) -> tuple[float, float]:
+def _r(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     """Pearson's r between batch size and seconds, and the least-squares slope in ms per patient."""
     b = np.array([p[0] for p in pairs], dtype=float)
     s = np.array([p[1] for p in pairs], dtype=float)
@@ -185,28 +184,52 @@ def _r(pairs: list[tuple[int, float]]) -> tuple[float, float]:
     return float(np.corrcoef(b, s)[0, 1]), float(np.polyfit(b, s, 1)[0] * 1000)
 
 
-def _row(n: int, mode: str, unit: str, constant: bool, pairs: list[tuple[int, float]], physical: int) -> str:
-    b = [p[0] for p in pairs]
-    s = [p[1] for p in pairs]
+def _label(constant: bool, physical: int) -> str:
+    return f"P = {physical}" if constant else "off"
+
+
+def drawn_row(n: int, mode: str, unit: str, constant: bool, pairs: list[tuple[int, float]], physical: int) -> str:
+    b, s = [p[0] for p in pairs], [p[1] for p in pairs]
     r, slope = _r(pairs)
-    return (f"| {n} | {mode} | {unit} | {'P = ' + str(physical) if constant else 'off'} | {len(pairs)} | "
+    return (f"| {n} | {mode} | {unit} | {_label(constant, physical)} | {len(pairs)} | "
             f"{statistics.mean(b):.1f} ± {statistics.stdev(b):.1f} | {statistics.median(s):.3f} | "
             f"{statistics.stdev(s):.3f} | {r:+.2f} | {slope:+.2f} |")
 
 
+def work_rows(n: int, mode: str, sizes: list[int], times: dict, physical: int) -> list[str]:
+    rows = []
+    for setting, label in (("off", "off"), ("constant", f"P = {physical}"), ("before", "before issue 25")):
+        fastest = [(b, min(times[setting][b])) for b in sizes]
+        r, slope = _r(fastest)
+        rows.append(f"| {n} | {mode} | {label} | {sizes[0]} .. {sizes[-1]} | "
+                    f"{' '.join(f'{s * 1000:.0f}' for _, s in fastest)} | {r:+.2f} | {slope:+.3f} |")
+    return rows
+
+
+def cost_row(n: int, mode: str, sizes: list[int], times: dict) -> str:
+    b = sizes[len(sizes) // 2]
+    med = {s: statistics.median(times[s][b]) for s in SETTINGS}
+    epoch = n / EXPECTED
+    return (f"| {n} | {mode} | {b} | {med['off']:.3f} | {med['constant']:.3f} | {med['before']:.3f} | "
+            f"{med['plain']:.3f} | {med['constant'] / med['off']:.2f} | {med['off'] * epoch:.2f} | "
+            f"{med['constant'] * epoch:.2f} | {med['off'] / med['plain']:.2f} | "
+            f"{med['constant'] / med['plain']:.2f} | {med['before'] / med['plain']:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sites", type=int, nargs="+", default=[300, 700, 1500])
-    ap.add_argument("--modes", nargs="+", default=["ew", "ghost"])
-    ap.add_argument("--turns", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--sites", type=int, nargs="+", default=[300, 1500])
+    ap.add_argument("--modes", nargs="+", default=["ew", "ghost", "hooks", "functorch"])
+    ap.add_argument("--turns", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--local-steps", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5, help="timings per batch size in the controlled test")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     load_before = os.getloadavg()
-    rows, cost, controlled = [], [], []
+    drawn, work, cost = [], [], []
     started = time.perf_counter()
     for n in args.sites:
         physical = physical_batch_size(n, min(1.0, EXPECTED / n))
@@ -214,71 +237,56 @@ def main() -> None:
             turns = turn_times(n, mode, args.turns, args.local_steps)
             steps = step_times(n, mode, args.steps)
             for constant in (False, True):
-                rows.append(_row(n, mode, "turn", constant, turns[constant], physical))
-                rows.append(_row(n, mode, "step", constant, steps[constant], physical))
-            fastest = min_step_seconds(n, mode, args.repeats)
-            for constant in (False, True):
-                pairs = fastest[constant]
-                r, slope = _r(pairs)
-                spread = f"{pairs[0][1]:.3f} .. {pairs[-1][1]:.3f}"
-                controlled.append(f"| {n} | {mode} | {'P = ' + str(physical) if constant else 'off'} | "
-                                  f"{pairs[0][0]} .. {pairs[-1][0]} | {spread} | {r:+.2f} | {slope:+.3f} |")
-            per_step = {c: statistics.median(s for _, s in steps[c]) for c in (False, True)}
-            cost.append((n, mode, per_step))
-            print(rows[-4:], flush=True)
-    n = max(args.sites)
-    opacus = opacus_step_seconds(n, max(5, args.steps // 3))
-    plain = plain_step_seconds(n, max(5, args.steps // 3))
+                drawn.append(drawn_row(n, mode, "turn", constant, turns[constant], physical))
+                drawn.append(drawn_row(n, mode, "step", constant, steps[constant], physical))
+            sizes, times = work_times(n, mode, args.repeats)
+            work += work_rows(n, mode, sizes, times, physical)
+            cost.append(cost_row(n, mode, sizes, times))
+            print(*drawn[-4:], *work[-3:], cost[-1], sep="\n", flush=True)
     load_after = os.getloadavg()
-    epoch = {n_: n_ / EXPECTED for n_ in args.sites}  # steps per epoch at q = 256 / n
+    command = (f"python benchmarks/dp_timing.py --sites {' '.join(map(str, args.sites))} --modes "
+               f"{' '.join(args.modes)} --turns {args.turns} --steps {args.steps} --repeats {args.repeats} "
+               f"--local-steps {args.local_steps}")
     lines = [
         "# DP-SGD reply time against the drawn batch size (issue 25, item 6)",
         "",
-        f"`python benchmarks/dp_timing.py --sites {' '.join(map(str, args.sites))} --modes "
-        f"{' '.join(args.modes)} --turns {args.turns} --steps {args.steps} --local-steps {args.local_steps} "
-        f"--repeats {args.repeats}`: "
-        f"dpcnn ({sum(p.numel() for p in _model().parameters())} parameters), 28 px, expected batch "
-        f"{EXPECTED}, sigma {SIGMA}, C {C}, random shifts, 1 torch thread, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}. Load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/"
-        f"{load_before[2]:.2f}, after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on "
-        f"{os.cpu_count()} cores (a shared machine: other sessions' work is in every figure); "
-        f"{time.perf_counter() - started:.0f} s in all.",
+        f"`{command}`: dpcnn ({sum(p.numel() for p in _model().parameters())} parameters), 28 px, "
+        f"expected batch {EXPECTED}, sigma {SIGMA}, C {C}, random shifts, 1 torch thread, "
+        f"{platform.machine()}, torch {torch.__version__}, {os.cpu_count()} cores shared with other "
+        f"sessions: load average (1/5/15 min) {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f} "
+        f"before, {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after; "
+        f"{time.perf_counter() - started:.0f} s in all. Constant work off: the drawn batch as it is; "
+        "P: every batch padded to the fixed physical batch physical_batch_size(n, q) (P(B > P) <= 1e-9 "
+        "a step), the padding masked before clipping.",
         "",
-        "A turn is one dp_train call as Site.train makes it (privmed's DP default: 1 local step a round); "
-        "a step is one DPSGD step. Constant work off: the drawn batch as it is; on: every batch padded "
-        "to the fixed physical batch P = physical_batch_size(n, q) (P(B > P) <= 1e-9 per step), the "
-        "padding masked before clipping. r: Pearson's correlation of the drawn batch size B with the "
-        "seconds; slope: ms per patient drawn.",
+        "## 1. Drawn batches: reply time against the batch size B drawn",
+        "",
+        "A turn is one dp_train call as Site.train makes it; a step is one DPSGD step. r: Pearson's "
+        "correlation of B with the seconds (its standard error is about 1/sqrt(samples) = 0.16); "
+        "slope: ms per patient drawn. Other sessions' load adds most of the spread.",
         "",
         "| patients n | mode | unit | constant work | samples | B (mean ± sd) | median s | sd s | r(B, s) | slope ms/patient |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        *drawn,
         "",
-        f"## The work itself: the fastest of {args.repeats} steps at each batch size from mean - 3 sd to mean + 3 sd",
+        f"## 2. The work itself: the fastest of {args.repeats} steps at each batch size",
         "",
-        "The fastest of several timings filters out most of what other processes add on a shared "
-        "machine: what is left is what the step costs at that batch size. r and slope over the 7 sizes.",
+        "Sizes from the mean - 3 sd to the mean + 3 sd of a Poisson batch; ms of the fastest step at "
+        "each size, and r and slope over the 7 sizes.",
         "",
-        "| patients n | mode | constant work | B | fastest s | r(B, s) | slope ms/patient |",
+        "| patients n | mode | step | B | fastest ms at each B | r(B, s) | slope ms/patient |",
         "|---|---|---|---|---|---|---|",
-        *controlled,
+        *work,
         "",
-        f"## Cost (median seconds per DP step; an epoch is n / {EXPECTED} steps)",
+        "## 3. Cost: median seconds per step at the mean batch size, in the same rounds",
         "",
-        "| patients n | mode | s/step off | s/step constant | constant / off | s/epoch off | s/epoch constant |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for n_, mode, per_step in cost:
-        lines.append(f"| {n_} | {mode} | {per_step[False]:.3f} | {per_step[True]:.3f} | "
-                     f"{per_step[True] / per_step[False]:.2f} | {per_step[False] * epoch[n_]:.2f} | "
-                     f"{per_step[True] * epoch[n_]:.2f} |")
-    ew = {c: dict(((n_, m), s) for n_, m, s in cost).get((n, "ew"), {}).get(c) for c in (False, True)}
-    lines += [
+        f"An epoch is n / {EXPECTED} steps. Before: Opacus' own DP step as privmed ran it before issue 25 "
+        "(float32 clipping and noise, no padding). Plain: a non-private SGD step on the same batch.",
         "",
-        f"At n = {n}: Opacus' own DP step as before issue 25 (ew, float32 clipping and noise, no padding) "
-        f"{opacus:.3f} s; a plain SGD step of {EXPECTED} {plain:.3f} s."
-        + (f" DP / non-DP: {ew[False] / plain:.2f} without the fixed batch, {ew[True] / plain:.2f} with it, "
-           f"{opacus / plain:.2f} before issue 25." if ew[False] else ""),
+        "| patients n | mode | B | s off | s constant | s before | s plain | constant / off | s/epoch off | "
+        "s/epoch constant | DP/plain off | DP/plain constant | DP/plain before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *cost,
     ]
     path = args.out / "dp_timing.md"
     io.write_text(path, "\n".join(lines) + "\n")

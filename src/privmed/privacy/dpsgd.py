@@ -163,8 +163,8 @@ def patient_batches(
 # losing the bits that keep a clipped gradient within C. No honest gradient comes near 1.3e30 x C.
 MAX_NORM_RATIO = 2.0**100
 # The noised sum is formed on a grid: the clipped sum (float64) is rounded to a multiple of GRID = the
-# largest power of two <= C, times 2^-GRID_BITS, the float64 Gaussian noise is rounded to one, and
-# the two integers are added exactly (both below 2^53 for batches of up to MAX_BATCH patients and
+# largest power of two <= C, times 2^-GRID_BITS, the float64 Gaussian noise (noised_sum) is rounded
+# to one, and the two integers are added exactly (both below 2^53 for batches of up to MAX_BATCH patients and
 # noise multipliers up to MAX_NOISE_MULTIPLIER). So the output is m(S) + round(N / GRID): a fixed
 # function of the exact-arithmetic Gaussian mechanism on m(S), whose sensitivity is at most the
 # clipped one plus sqrt(parameters) x GRID (<= 1e-6 C below 1e6 parameters), which CLIP_MARGIN pays
@@ -351,7 +351,6 @@ def physical_batch_size(n: int, sample_rate: float, tail: float = PAD_TAIL) -> i
 
 # ---------------------------------------------------------------------------------------------------
 # DP steps
-
 
 
 def _prepare(model: nn.Module, mode: str, max_grad_norm: float) -> nn.Module:
