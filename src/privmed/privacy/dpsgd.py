@@ -41,8 +41,12 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 # ew 799, functorch 969, ghost 1061, hooks 1211. ew (torch's ExpandedWeights) is the fastest or tied.
 DEFAULT_GRAD_SAMPLE_MODE = "ew"
 OPTIMIZERS = ("sgd", "adam")
-# Float32 per-sample norms can come out low by up to ~1e-4 relative (measured on resnet18), so such
-# models are clipped 1e-3 below C: their sensitivity is then at most C, as accounted.
+# Models are clipped 1e-3 below C (the noise stays sigma x C), so that one patient moves the noised
+# sum by at most C, as accounted: in hooks/functorch/ew mode the norms, clipping and sum are float64
+# and what the margin must pay for is the noise grid, sqrt(parameters) x 2^-30 C (provably, for up to
+# 2.9e11 parameters); in ghost mode it also pays for Opacus' float32 norms and float32 sum, which
+# have no such bound: measured, a resnet18 patient's clipped gradient came out 4.4e-5 above the clip
+# (benchmarks/results/dp_float.md), 4% of the margin.
 CLIP_MARGIN = 1e-3
 
 # torch warns that the first layer's full backward hook fires with no input gradient (images never
@@ -429,8 +433,8 @@ class DPSGD:
     So that the sensitivity is at most C as the accountant assumes, the clip is C x (1 -
     CLIP_MARGIN) while the noise stays noise_multiplier x C, for float32 models and for any model
     with noise; the margin pays for the grid (sqrt(parameters) x 2^-30 C), and in ghost mode for
-    Opacus' float32 norms and sum (measured low by up to ~1e-4 relative on resnet18). Float64 models
-    without noise (tests' references) clip exactly at C.
+    Opacus' float32 norms and sum (measured 4.4e-5 relative on resnet18: see CLIP_MARGIN). Float64
+    models without noise (tests' references) clip exactly at C.
 
     While open, `model` carries Opacus' hooks (it stays the same object, with the same state_dict
     keys); `close()` (or leaving a `with` block) removes them and Opacus' attributes.
