@@ -68,7 +68,8 @@ def _answers(site: Site, weights: list[np.ndarray], key: SecretKey, run: str) ->
     counts = {"non-finite": 0, "error": 0, "unchanged": 0}
     for rnd in range(1, RELEASES + 1):
         try:
-            update = site.train(TrainTask("h", weights), rnd, generator=key.torch_generator("train", run, rnd, "train"))
+            generator = key.torch_generator("train", run, rnd, "train")
+            update = site.train(TrainTask("h", weights), rnd, generator=generator)
         except Exception:  # an error is a reply too
             counts["error"] += 1
             continue

@@ -202,7 +202,8 @@ class Float64Scratch:
             rows = slice(start, min(start + per, b))
             n = (rows.stop - rows.start) * d
             if self._buffer.numel() < n or self._buffer.device != g.device:
-                self._buffer = torch.empty(max(n, min(self.limit, b * d)), dtype=torch.float64, device=g.device)
+                size = max(n, min(self.limit, b * d))
+                self._buffer = torch.empty(size, dtype=torch.float64, device=g.device)
             block = self._buffer[:n].view(rows.stop - rows.start, d)
             block.copy_(flat[rows])
             yield rows, block
@@ -236,7 +237,9 @@ def clip_factors(norms: torch.Tensor, clip: float, keep: torch.Tensor) -> torch.
     return torch.where(keep, factors, torch.zeros_like(factors))
 
 
-def clipped_sum(grad_sample: torch.Tensor, factors: torch.Tensor, scratch: Float64Scratch | None = None) -> torch.Tensor:
+def clipped_sum(
+    grad_sample: torch.Tensor, factors: torch.Tensor, scratch: Float64Scratch | None = None
+) -> torch.Tensor:
     """sum_i factors[i] x grad_sample[i] in float64, shape grad_sample.shape[1:], from per-sample
     gradients (B, ...) of any float dtype, with every factor 0 where a row is not finite (as
     clip_factors gives them). Such a row adds exactly 0: its inf and NaN entries are zeroed first (0 x
@@ -462,8 +465,12 @@ class DPSGD:
             raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm!r}")
         if not expected_batch_size > 0:
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
-        if physical_batch is not None and not (isinstance(physical_batch, int) and 1 <= physical_batch <= MAX_BATCH):
-            raise ValueError(f"physical_batch must be an integer in 1..{MAX_BATCH} or None, got {physical_batch!r}")
+        if physical_batch is not None and not (
+            isinstance(physical_batch, int) and 1 <= physical_batch <= MAX_BATCH
+        ):
+            raise ValueError(
+                f"physical_batch must be an integer in 1..{MAX_BATCH} or None, got {physical_batch!r}"
+            )
         check_grad_sample_mode(grad_sample_mode)
         validate_model(model)
         self.model = model
@@ -554,7 +561,9 @@ class DPSGD:
         losses = self._row_loss(out, y)
         return losses if tuple(losses.shape) == (len(out),) else None
 
-    def _ghost_backward(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> float:
+    def _ghost_backward(
+        self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, mask: torch.Tensor
+    ) -> float:
         """Ghost clipping in two passes, as Opacus' DPTensorFastGradientClipping does, made exact.
         Pass 1 (Opacus' hooks) gives each row's gradient norm. Pass 2 takes the gradient of
         sum_i coefficient_i x loss_i, with coefficient 0 for rows that count as zero; as 0 x inf is
