@@ -8,8 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import prepare_module
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from privmed.errors import ConfigError
@@ -21,6 +19,8 @@ from privmed.privacy.dpsgd import (
     DPSGD,
     GRAD_SAMPLE_MODES,
     dp_train,
+    grid_spacing,
+    noised_sum,
     per_sample_gradients,
     poisson_batches,
     validate_model,
@@ -209,21 +209,25 @@ def test_empty_batch_step_is_noise_only(mode):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_empty_batch_step_matches_opacus_own_empty_batch_handling():
-    # Opacus' DPDataLoader yields empty batches and its hooks then leave (0, ...) per-sample
-    # gradients; DPSGD skips the forward pass instead (functorch and ew cannot run on 0 items).
+def test_empty_batch_step_is_exactly_the_noise_on_its_grid():
+    # An empty batch still takes a step (the accountant counts it): its gradient is noised_sum's
+    # noise alone (two float64 draws from the generator, on the grid of the clip C(1 - CLIP_MARGIN),
+    # rounded once to float32) over the expected batch size. DPSGD skips the forward pass then
+    # (functorch and ew cannot run on 0 items).
     x, y = _data(0)
-    ours = _cnn()
-    _dp_step_gradient(ours, x, y, mode="hooks", c=1.0, sigma=1.0, expected=4.0, seed=7)
-    theirs = _cnn().train()
-    gsm = prepare_module(theirs, "hooks", loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(theirs.parameters(), lr=1.0), noise_multiplier=1.0,
-                      max_grad_norm=1.0, expected_batch_size=4.0,
-                      generator=torch.Generator().manual_seed(7))
-    F.cross_entropy(gsm(x), y).backward()
-    opt.step()
-    gsm.to_standard_module()
-    assert torch.equal(_flat(ours), _flat(theirs))
+    model = _cnn()
+    seen = []
+    with DPSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
+               max_grad_norm=1.0, expected_batch_size=4.0, generator=torch.Generator().manual_seed(7),
+               grad_sample_mode="hooks",
+               after_noise=lambda: seen.extend(p.grad.clone() for p in model.parameters())) as dp:
+        dp.step(x, y)
+    clip = 1 - CLIP_MARGIN
+    gen = torch.Generator().manual_seed(7)
+    assert len(seen) == len(list(_cnn().parameters()))
+    for p, got in zip(_cnn().parameters(), seen):
+        noise = noised_sum(torch.zeros(p.shape), (1.0 / clip) * clip, grid_spacing(clip), gen).float() / 4.0
+        assert torch.equal(got, noise)
 
 
 def test_dp_train_counts_empty_batches_as_steps():

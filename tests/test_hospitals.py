@@ -103,11 +103,15 @@ def test_the_hospitals_simulated_from_their_own_configs(folders, tmp_path, one_t
     # the coordinator held no test data: the pooled figure is merged from the sites' counts
     assert not (out / "predictions.npz").exists()
     counts = load_counts(out / "test_counts.npz")["global"]
-    assert summary["test"]["n"] == int(counts["n"]) == sum(s["n_test"] for s in summary["sites"].values())
+    # under DP the sites' test counts are noisy (one scoring release each): the pooled figure is
+    # computed from them as released, and n is near the test patients' number
+    n_test = sum(s["n_test"] for s in summary["sites"].values())
+    assert summary["test"]["n"] == round(float(counts["n"])) and abs(summary["test"]["n"] - n_test) < 0.5 * n_test
+    assert not np.allclose(counts["score_hist"], np.round(counts["score_hist"]))  # noisy, not whole counts
     assert "each site's own test patients" in summary["evaluation"]["test"]
     assert set(summary["sites"]) == set(HOSPITALS) and all(s["test"]["n"] for s in summary["sites"].values())
     assert summary["test_mean_over_sites"]["auc"] == pytest.approx(
-        np.mean([s["test"]["auc"] for s in summary["sites"].values()]))
+        np.nanmean([s["test"]["auc"] for s in summary["sites"].values()]), nan_ok=True)
     # each hospital guarded itself with its own budget, and its ledger agrees with the coordinator's
     ledger = json.loads((out / "privacy_ledger.json").read_text())
     for name in HOSPITALS:
@@ -118,9 +122,11 @@ def test_the_hospitals_simulated_from_their_own_configs(folders, tmp_path, one_t
 
 
 def test_pooled_figures_from_the_sites_counts_equal_the_pooled_predictions(folders, tmp_path, one_thread):
+    """Without privacy (hospitals that accept it), the counts are exact and merge to the pooled
+    predictions' figures."""
     root, dirs = folders
-    cfg = _run_config(coordinator_config(tmp_path, federation__rounds=1))
-    hospitals = [load_site_config(p) for p in _configs(tmp_path, dirs)]
+    cfg = _run_config(coordinator_config(tmp_path, federation__rounds=1, privacy={"mode": "none"}))
+    hospitals = [load_site_config(p) for p in _configs(tmp_path, dirs, require_dp=False)]
     result = privmed.run(cfg, hospitals=hospitals, report=False)
     exp = prepare_experiment(cfg, hospitals=hospitals)
     weights = get_weights(result.model)

@@ -242,8 +242,12 @@ def test_privacy_spent_reads_a_hospitals_own_ledger(tmp_path):
 
     own = SiteLedger.load(state / "site_ledger.json")
     assert "site 'site-2', its own privacy ledger" in r.stdout
-    assert f"epsilon {format_epsilon(own.epsilon)} spent of its budget 4" in r.stdout
+    assert "budget 4 for each group of patients" in r.stdout
+    assert f"training patients: epsilon {format_epsilon(own.epsilon)} spent, over 2 release(s)" in r.stdout
     assert len([ln for ln in r.stdout.splitlines() if " train " in ln]) == 2  # one row per round
+    # the second line: its validation patients scored in both rounds, its test patients once
+    assert f"validation patients: epsilon {format_epsilon(own.scoring_epsilon('val'))}" in r.stdout
+    assert [s.split for s in own.scorings] == ["val", "val", "test"]
 
 
 def test_the_plan_needs_only_the_sites_public_facts():

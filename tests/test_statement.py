@@ -91,7 +91,12 @@ def test_a_dp_statement_shows_the_ledgers_epsilon_budget_unit_and_releases(dp_ru
     patients = summary["privacy"]["plan"]["site-2"]["n_patients"]
     assert f"{patients} training patients ({n['n_train']} images)" in text
     assert "patients sampled at rate" in text
-    assert f"its {n['n_val']} validation and {n['n_test']} test images" in text
+    # its validation patients scored each round and its test patients once at the end, as noisy
+    # counts: the second guarantee, from the ledger's scorings, rounded up
+    assert f"its {n['n_val']} validation images, as noisy counts" in text
+    assert f"the scores of the final model on its {n['n_test']} test images, as noisy counts" in text
+    scoring = max(ledger.scoring_epsilon("site-2", split) for split in ("val", "test"))
+    assert _by_id(page, "scoring-epsilon") == format_epsilon(scoring) and scoring > 0
     # the site's own ledger (a simulation keeps it in the run directory) agrees with the run's
     assert "it agrees with the coordinator's ledger" in text
     assert "private/sites/site-2/site_ledger.json" in text
@@ -177,7 +182,7 @@ def test_a_record_unit_is_worded_as_the_report_words_it_with_the_group_guarantee
     n = json.loads((run / "summary.json").read_text())["sites"]["site-1"]
     text = _text(_statement(run, "site-1", capsys, "--private"))
     assert "images sampled at rate" in text and f"{n['n_train']} training images" in text
-    assert f"Its {n['n_val']} validation and {n['n_test']} test images:" in text
+    assert "Its validation and test images: epsilon ≤" in text and "per image" in text
     assert "training images of all sites" in text
     assert "patients sampled" not in text and "training patients" not in text
 
@@ -222,14 +227,15 @@ def test_central_dp_and_secure_aggregation_say_who_saw_what(tmp_path, one_thread
     assert _by_id(page, "epsilon") == format_epsilon(ledger.epsilon("site-1"))
     sigma = ledger.releases("site-1")[0][1].noise_multiplier
     text = _text(page)
-    assert f"the coordinator added Gaussian noise of multiplier {fmt_number(sigma)}" in text
-    assert "not against the coordinator" in text
+    assert f"with Gaussian noise of multiplier {fmt_number(sigma)} added by the site itself" in text
+    assert "It holds against the coordinator, even one that sends crafted weights" in text
+    assert "site-1 clipped its update and added its own share of the noise before anything left it" in text
     secure = tmp_path / "secure"
     privmed.run(tiny_config(name="st-secure", data__samples_per_site=60, federation__secure_aggregation=True), secure)
     text = _text(write_statement(secure, "site-2", out=tmp_path / "s.html").read_text())
     protocol = json.loads((secure / "summary.json").read_text())["secure_aggregation"]["protocol"]
-    assert (f"by secure aggregation ({protocol}) saw only the sum of all sites' updates, never this "
-            "site's alone") in text
+    assert (f"masked by secure aggregation ({protocol}): one that follows the protocol unmasks only the "
+            "sum of the sites' updates, but one that deviates can isolate this site's") in text
 
 
 def test_errors_are_one_line_exit_2_and_write_nothing(plain_run, tmp_path, capsys):

@@ -91,3 +91,62 @@ def test_crafted_weights_make_no_membership_oracle():
     present = _answers(_hospital(x, y), weights, key, "present")
     absent = _answers(_hospital(replaced, y), weights, key, "absent")
     assert present == absent == {"non-finite": 0, "error": 0, "unchanged": 0}, (present, absent)
+
+
+def _endpoint(x: np.ndarray, y: np.ndarray, state):
+    """The same table as a hospital in a deployment (`privmed join`'s endpoint, its key and ledger
+    in `state`, no budget cap so that all 40 releases are answered), set up by the coordinator for a
+    40-round DP-SGD run of the 'mlp' at sample rate 0.3."""
+    from hospital_endpoint import set_up
+
+    from privmed.config import SitePrivacyConfig, validate_config
+    from privmed.federation.experiment import remote_experiment
+    from privmed.federation.facts import DataFacts
+    from privmed.federation.flower.site_service import SiteEndpoint
+    from privmed.federation.hospital import Hospital
+
+    data = SiteData("h", train=ImageSet(x, y), val=ImageSet(x[:4], y[:4]))
+    facts = DataFacts(in_channels=FEATURES, image_size=0, n_classes=2, tabular=True, source="heart-disease",
+                      class_names=("no", "yes"), feature_names=tuple(f"f{i}" for i in range(FEATURES)),
+                      image_shape=(FEATURES,))
+    hospital = Hospital(data, facts, SitePrivacyConfig(max_epsilon=None, delta=1e-3), state)
+    cfg = validate_config({
+        "data": {"source": "sites"}, "task": "tabular-classification", "sites": {"names": ["h"], "count": 1},
+        "model": {"name": "mlp", "width": 8}, "federation": {"rounds": RELEASES, "local_steps": 1},
+        "training": {"batch_size": 36, "lr": 0.1, "optimizer": "sgd", "momentum": 0.0},
+        "privacy": {"mode": "dp-sgd", "noise_multiplier": 1.0, "delta": 1e-3, "accountant": "rdp"},
+    })
+    setup = remote_experiment(cfg, {"h": hospital.describe()}).plan.setup_for("h")
+    assert setup.release == (1.0, 0.3, 1)
+    endpoint = SiteEndpoint(hospital)
+    set_up(endpoint, setup)
+    return endpoint
+
+
+def test_crafted_weights_make_no_membership_oracle_at_the_hospitals_endpoint(tmp_path):
+    """The same attack as the coordinator runs it: Flower's training messages to the endpoint of
+    `privmed join`, one per round, the replies counted (a refusal or error counts as an error)."""
+    from hospital_endpoint import train
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(PATIENTS, FEATURES)).astype(np.float32)
+    y = rng.integers(0, 2, PATIENTS)
+    target = int(np.argmax(x[:, 0]))
+    y[target] = 0
+    replaced = x.copy()
+    replaced[target] = rng.normal(size=FEATURES).astype(np.float32) * 0.1
+    weights = _crafted_weights(x, target)
+    seen = {}
+    for name, table in (("present", x), ("absent", replaced)):
+        endpoint = _endpoint(table, y, tmp_path / name)
+        counts = {"non-finite": 0, "error": 0, "unchanged": 0}
+        for rnd in range(1, RELEASES + 1):
+            try:
+                update = train(endpoint, weights, rnd, run=name)
+            except Exception:  # noqa: BLE001 - an error is a reply too
+                counts["error"] += 1
+                continue
+            counts["non-finite"] += not all(np.isfinite(w).all() for w in update)
+            counts["unchanged"] += all(np.array_equal(w, s) for w, s in zip(update, weights))
+        seen[name] = counts
+    assert seen["present"] == seen["absent"] == {"non-finite": 0, "error": 0, "unchanged": 0}, seen

@@ -54,6 +54,7 @@ from privmed.federation.instructions import Instruction, release_digest, scoring
 from privmed.federation.site import Site, derive_seed
 from privmed.federation.strategies import GLOBAL, SiteUpdate, contribution
 from privmed.privacy.accountants import Release
+from privmed.privacy.dpsgd import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 from privmed.privacy.ledger import BudgetExceeded, LedgerError
 from privmed.privacy.plan import PrivacyPlan, ScoringPlan
 from privmed.privacy.secret import SecretKey
@@ -176,6 +177,12 @@ class GuardPolicy:
         if release is None:
             raise SiteRefused(f"site '{site}' refused {where}: privacy.mode dp-sgd, but the setup "
                               "names no release")
+        if release.noise_multiplier and not MIN_NOISE_MULTIPLIER <= release.noise_multiplier <= MAX_NOISE_MULTIPLIER:
+            raise SiteRefused(
+                f"site '{site}' refused {where}: noise multiplier {release.noise_multiplier:g} (allowed: "
+                f"{MIN_NOISE_MULTIPLIER:g} to {MAX_NOISE_MULTIPLIER:g}; below {MIN_NOISE_MULTIPLIER:g} the "
+                "noise sampler's finite support would tell patients apart)"
+            )
         return release
 
 

@@ -6,6 +6,7 @@ Weights travel as lists of numpy arrays in the order of the model's state_dict.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import zlib
@@ -26,6 +27,8 @@ from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import dp_train, make_optimizer
 from privmed.tasks.base import Task, get_task, metrics_and_counts
 from privmed.tasks.counts import noisy_metrics_and_counts
+
+log = logging.getLogger("privmed.site")
 
 
 def resolve_device(training: TrainingConfig, private: bool = False) -> torch.device:
@@ -301,7 +304,7 @@ class Site:
         """A DP-SGD turn: the release's steps, or `steps` (fine-tuning) at its noise and rate."""
         dp, t = self.dp, self.training
         r = dp.release if steps is None else Release(dp.release.noise_multiplier, dp.release.sample_rate, steps)
-        dp_train(
+        stats = dp_train(
             self.model, self._x, self._y,
             steps=r.steps,
             sample_rate=r.sample_rate,
@@ -316,6 +319,14 @@ class Site:
             after_noise=adjust,
             expected_batch_size=r.sample_rate * self.counts[1],
         )
+        # What the weights did to the patients' gradients (any counted as zero, a non-finite release
+        # given back as the starting weights) depends on the data: it goes to the site's own log,
+        # never into the reply.
+        if stats["zeroed_gradients"] or stats["nonfinite_release"]:
+            log.warning("site '%s': %d drawn gradient(s) of a DP-SGD turn were not finite (or past the "
+                        "clipping range) and counted as zero%s", self.name, stats["zeroed_gradients"],
+                        "; the release was not finite: the weights sent back unchanged"
+                        if stats["nonfinite_release"] else "")
         # The training loss and the sizes of the batches drawn are computed from the training
         # patients outside the DP mechanism: they stay at the site (the guarantee covers only what
         # leaves it; SiteClient._released also keeps the timing here). The work done is reported as

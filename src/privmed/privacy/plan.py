@@ -34,6 +34,7 @@ from privmed.config import PrivacyConfig
 from privmed.errors import ConfigError
 from privmed.privacy.accountants import Release, epsilon_spent
 from privmed.privacy.calibration import check_delta, noise_for_epsilon
+from privmed.privacy.dpsgd import MIN_NOISE_MULTIPLIER
 from privmed.privacy.figures import format_budget, format_epsilon
 from privmed.privacy.ledger import PrivacyLedger
 from privmed.privacy.noisy_counts import scoring_noise
@@ -312,11 +313,19 @@ def make_plan(
         total = steps * facts.turns + tuning
         if privacy.noise_multiplier is not None:
             sigma = privacy.noise_multiplier
+            if mode == "dp-sgd" and sigma < MIN_NOISE_MULTIPLIER:
+                raise ConfigError(
+                    f"privacy.noise_multiplier: {sigma:g} is below {MIN_NOISE_MULTIPLIER:g}, the least a "
+                    "site accepts under dp-sgd (its noise sampler's finite support would tell patients "
+                    "apart); allowed: >= 0.2"
+                )
         else:
             if (q, total) not in calibrated:
                 calibrated[q, total] = noise_for_epsilon(
                     privacy.epsilon, privacy.delta, q, total, privacy.accountant
                 )
+                if mode == "dp-sgd":  # a budget met with less noise still gets the floor
+                    calibrated[q, total] = max(calibrated[q, total], MIN_NOISE_MULTIPLIER)
             sigma = calibrated[q, total]
         releases[name] = Release(sigma, q, steps)
     plans = {

@@ -189,8 +189,9 @@ def _runs_of_rounds(f: StatementFiles, releases: dict[int, Release]) -> list[tup
             dropped=s in (row.get("dropped") or []),
             release=releases.get(rnd),
             loss=s in as_dict(row.get("train_loss")) and not private,
-            val_n=get(scores, "val", "n") if as_dict(scores.get("val")) else None,
-            test_n=get(scores, "test", "n") if as_dict(scores.get("test")) else None,
+            # how many it scored: its public counts (under privacy the scores' own n is noisy)
+            val_n=get(f.summary, "sites", s, "n_val") if as_dict(scores.get("val")) else None,
+            test_n=get(f.summary, "sites", s, "n_test") if as_dict(scores.get("test")) else None,
             pooled="test_pooled" in scores,
             unscored=s in (row.get("unscored") or []),
         )
@@ -223,10 +224,10 @@ def _update_words(f: StatementFiles, t: _Turn, items: str, units: str) -> str:
     n = num(get(f.summary, "sites", f.site, "n_train"))
     clip = fmt_number(get(f.summary, "privacy", "max_grad_norm"))
     words = "its model update"
-    if f.mode == "central":  # the ledger's release is the coordinator's noise, not the site's
+    if f.mode == "central":  # the ledger's release is the site's own noise share
         noise = "" if t.release is None else f" of multiplier {fmt_number(t.release.noise_multiplier)}"
-        words += (f" each round; the update was clipped to norm {clip} and the coordinator added "
-                  f"Gaussian noise{noise} to the sum of all sites' updates")
+        words += (f" each round, clipped to norm {clip} and with Gaussian noise{noise} added by the "
+                  "site itself before it left")
     elif t.release is not None:
         r = t.release
         words += (f" after {r.steps} DP-SGD step{'s' if r.steps != 1 else ''} each round ({units} "
@@ -243,8 +244,9 @@ def _score_words(f: StatementFiles, t: _Turn, items: str, units: str) -> list[tu
     parts = [f"{as_int(n)} {split}" for n, split in ((t.val_n, "validation"), (t.test_n, "test"))
              if n is not None]
     if parts:
-        out.append((f"the scores of {model} on its {' and '.join(parts)} {items}, with the counts "
-                    "behind them, as computed", COORDINATOR))
+        how = (", as noisy counts (each a release on those patients, in the ledger's second line)"
+               if f.mode != "none" else ", with the counts behind them, as computed")
+        out.append((f"the scores of {model} on its {' and '.join(parts)} {items}{how}", COORDINATOR))
     if t.pooled and not f.public_test:
         out.append(("its own model, to be scored", "the other sites with test data, which scored "
                     f"it on their test {units}"))
@@ -256,11 +258,13 @@ def _score_words(f: StatementFiles, t: _Turn, items: str, units: str) -> list[tu
 def _to_whom(f: StatementFiles) -> str:
     secure = as_dict(get(f.summary, "secure_aggregation"))
     if secure:
-        return (f"the coordinator, which by secure aggregation ({secure.get('protocol', NA)}) saw "
-                "only the sum of all sites' updates, never this site's alone; its count went in the clear")
+        return (f"the coordinator, masked by secure aggregation ({secure.get('protocol', NA)}): one "
+                "that follows the protocol unmasks only the sum of the sites' updates, but one that "
+                "deviates can isolate this site's (the guarantee does not count on the masking); its "
+                "count went in the clear")
     who = TO_WHOM.get(f.strategy, AVERAGED)
     if f.mode == "central":
-        who += "; it saw this site's update before it clipped it and added the noise"
+        who += "; it received this site's update already clipped and noised by the site"
     return who
 
 
@@ -272,8 +276,9 @@ def _end_row(f: StatementFiles, items: str) -> dict | None:
     to = "the coordinator, who keeps the final model (model.pt) and may share it"
     sent = []
     if num(site.get("n_test")) and not f.public_test:
-        sent.append((f"the scores of the final model on its {as_int(site.get('n_test'))} test {items}, "
-                     "with the counts behind them", to))
+        how = ("as noisy counts (a release on those patients, in the ledger's second line)" if f.mode != "none"
+               else "with the counts behind them")
+        sent.append((f"the scores of the final model on its {as_int(site.get('n_test'))} test {items}, {how}", to))
     if as_dict(site.get("test_finetuned")):
         steps = as_int(get(f.config, "federation", "finetune_steps"))
         sent.append((f"the scores of the final model after {steps} more training steps on its own "

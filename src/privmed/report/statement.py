@@ -353,10 +353,43 @@ def _guarantee(f: StatementFiles, tabular: bool) -> dict:
         "budget": fmt_budget(budget), "share": _share(eps, budget),
         "odds": _odds(eps_text),
         # the report's terms (mechanism, accountant, clipping norm); unit, delta and budget are above
-        "terms": [row for row in section["rows"] if row[0] not in ("Unit of privacy", "Budget", "Delta")],
+        "terms": [row for row in section["rows"] if row[0] not in ("Unit of privacy", "Budget", "Delta")
+                  and not row[0].startswith(("Validation and test", "Against a coordinator"))],
         "own": _own_ledger(f),
+        "scoring": _scoring(f, privacy, tabular),
+        "honest": None if privacy.get("honest_secure_epsilon") is None else {
+            "epsilon": fmt_epsilon(privacy.get("honest_secure_epsilon")),
+            "min_sites": as_int(privacy.get("honest_min_sites"))},
     }
     return out
+
+
+def _scoring(f: StatementFiles, privacy: dict, tabular: bool) -> dict | None:
+    """The second line: the site's validation and test patients, from the noisy counts of every
+    scoring it released; None for a run whose scores went without noise."""
+    plan = as_dict(privacy.get("scoring"))
+    if not plan:
+        return None
+    splits = {"val": "validation", "test": "test"}
+    if f.ledger is not None and f.ledger.scorings(f.site):
+        eps = {sp: f.ledger.scoring_epsilon(f.site, sp) for sp in splits}
+        made = {sp: len(f.ledger.scorings(f.site, sp)) for sp in splits}
+        source = f"{LEDGER_FILE}, recomputed from {sum(made.values())} scoring{'s' if sum(made.values()) != 1 else ''}"
+    else:
+        eps = {sp: num(get(plan, "sites", f.site, sp)) for sp in splits}
+        made = {}
+        source = f"summary.json ({LEDGER_FILE} records no scoring of this site)"
+    known = [e for e in eps.values() if e is not None]
+    own = f.site_ledger
+    return {
+        "epsilon": fmt_epsilon(max(known)) if known else NA,
+        "splits": "; ".join(f"{name}: epsilon {fmt_epsilon(eps[sp])}"
+                            + (f" over {made[sp]} scoring{'s' if made[sp] != 1 else ''}" if sp in made else "")
+                            for sp, name in splits.items() if eps[sp] is not None),
+        "from": source,
+        "unit": unit_words(plan.get("unit") or "patient", tabular)[1],
+        "own": None if own is None else fmt_epsilon(max(own.scoring_epsilon(sp) for sp in splits)),
+    }
 
 
 def _site_epsilon(f: StatementFiles, privacy: dict) -> tuple[float | None, str]:
@@ -423,15 +456,12 @@ def _not_covered(f: StatementFiles, g: dict, items: str, units: str = "patients"
     if g["unit"] in ("patient", "record"):
         out.append("A patient treated at several participating hospitals: each hospital's guarantee "
                    "holds on its own; together they add up.")
-    if g["unit"] == "site":
-        out.append("Anything against the coordinator, which saw the site's updates before adding "
-                   "the noise" + ("" if get(f.summary, "secure_aggregation") else " (and before clipping them)")
-                   + "; and one patient's privacy on its own: central DP protects the site as a whole.")
-    held_out = (f"Its validation and test patients ({as_int(site.get('n_val'))} and {as_int(site.get('n_test'))} "
-                f"{items})" if units == "patients" else
-                f"Its {as_int(site.get('n_val'))} validation and {as_int(site.get('n_test'))} test {units}")
-    out.append(f"{held_out}: their scores and counts went without noise (each one's rounded score "
-               "and class, not who they are).")
+    if g.get("scoring") is None:
+        held_out = (f"Its validation and test patients ({as_int(site.get('n_val'))} and {as_int(site.get('n_test'))} "
+                    f"{items})" if units == "patients" else
+                    f"Its {as_int(site.get('n_val'))} validation and {as_int(site.get('n_test'))} test {units}")
+        out.append(f"{held_out}: their scores and counts went without noise (each one's rounded score "
+                   "and class, not who they are).")
     out.append("Its public facts: its counts, the data's shape and classes, and when its replies arrived.")
     rule = get(f.summary, "selection_rule") or get(f.config, "federation", "model_selection")
     if rule == "best-validation":
