@@ -389,6 +389,13 @@ def _print_summary(s: dict, out: Path) -> int:
         )
         if unit_note(privacy["unit"]):
             print(f"  unit: {unit_note(privacy['unit'])}")
+        scoring = privacy.get("scoring") or {}
+        if scoring:
+            print(f"  validation and test {scoring.get('unit', 'patient')}s: ({format_epsilon(scoring['epsilon'])}, "
+                  f"{privacy['delta']:g})-differential privacy at every site, from their noisy scores")
+        if privacy.get("honest_secure_epsilon") is not None:
+            print(f"  against a coordinator that follows the secure-aggregation protocol: epsilon "
+                  f"{format_epsilon(privacy['honest_secure_epsilon'])}")
     else:
         print("privacy: none (privacy.mode none): the model may reveal its training patients")
     print(f"report: {(out / 'report.html').resolve()}")

@@ -1127,11 +1127,27 @@ def _headline(run: RunFiles, view: TaskView) -> dict:
         columns.append(("val", "Validation (mean over the sites' own models)" if view.personalised
                         else "Validation"))
     pooled_counts = _pooled_counts(run) if view.personalised else {}
-    rows = [{"label": label, "cells": [
-        fmt_metric(key, pooled_counts[key] if part == "test" and key in pooled_counts
-                   else _get(s, part, key)) for part, _ in columns]}
-        for key, label in view.metric_rows]
-    return {"columns": [label for _, label in columns], "rows": rows, "no_validation": no_val}
+    noisy = bool(_dict(s.get("privacy")).get("scoring"))
+    public = _public_counts(run) if noisy else {}
+
+    def cell(part: str, key: str) -> str:
+        if key == "n" and part in public:  # under noisy scoring n is noisy too: the sites' public counts
+            return fmt_metric(key, public[part])
+        if part == "test" and key in pooled_counts:
+            return fmt_metric(key, pooled_counts[key])
+        return fmt_metric(key, _get(s, part, key))
+
+    rows = [{"label": label, "cells": [cell(part, key) for part, _ in columns]} for key, label in view.metric_rows]
+    return {"columns": [label for _, label in columns], "rows": rows, "no_validation": no_val, "noisy": noisy}
+
+
+def _public_counts(run: RunFiles) -> dict:
+    """Each column's item count from the sites' public counts (summary.json's sites), where the
+    scores themselves come from noisy counts."""
+    sites = [_dict(v) for v in _dict(run.summary.get("sites")).values()]
+    n_test = sum(int(_num(v.get("n_test")) or 0) for v in sites)
+    return {"test": n_test, "test_mean_over_sites": n_test, "test_finetuned_mean_over_sites": n_test,
+            "val": sum(int(_num(v.get("n_val")) or 0) for v in sites)}
 
 
 def _pooled_counts(run: RunFiles) -> dict:

@@ -281,6 +281,8 @@ def _end_row(f: StatementFiles, items: str) -> dict | None:
         sent.append((f"the scores of the final model on its {as_int(site.get('n_test'))} test {items}, {how}", to))
     if as_dict(site.get("test_finetuned")):
         steps = as_int(get(f.config, "federation", "finetune_steps"))
+        how = {"dp-sgd": f", a DP-SGD turn its ledger counts, and those scores as noisy counts of its test {items}",
+               "none": ""}.get(f.mode, f", and those scores as noisy counts of its test {items}")
         sent.append((f"the scores of the final model after {steps} more training steps on its own "
-                     f"training {items} (that model stayed at the site)", to))
+                     f"training {items} (that model stayed at the site){how}", to))
     return _row("End of the run", "", sent or [("nothing more", to)])
