@@ -63,7 +63,7 @@ def _weights(model) -> np.ndarray:
 
 
 @pytest.mark.parametrize("every_patient", [False, True], ids=["poisson-batches", "sample-rate-1"])
-def test_the_seed_attack_fails_without_the_keys_and_the_keys_replay_exactly(tmp_path, every_patient):
+def test_the_seed_attack_fails_without_the_keys_and_the_keys_replay_exactly(tmp_path, every_patient, one_thread):
     """With sample rate 1 (a batch larger than any site's patients) every step takes every patient,
     whoever draws the batches: the re-run must still miss, so the noise itself comes from the keys,
     not only the Poisson batches."""
