@@ -183,12 +183,13 @@ def test_the_noise_a_hospital_adds_is_its_ledgers_sigma_times_c_round_after_roun
 
 def test_no_two_releases_share_noise(deployed, honest, halved, tmp_path, monkeypatch):
     """Each pair of the ROUNDS honest releases passes the difference check (chi-square, central
-    interval) at alpha = ALPHA / pairs: an honest hospital fails this test with probability at most
-    ALPHA = 1e-6. Two releases from a generator that ignores the release's digest (the same noise
-    twice: a difference of 0) fail it, and so do two releases made with half the noise."""
+    interval), and one release of the digest-blind control below the scale check, each at alpha =
+    ALPHA / (pairs + 1): an honest hospital fails this test with probability at most ALPHA = 1e-6.
+    Two releases from a generator that ignores the release's digest (the same noise twice: a
+    difference of 0) fail the difference check, and so do two releases made with half the noise."""
     noises, stds = honest
     pairs = list(itertools.combinations(range(ROUNDS), 2))
-    alpha = ALPHA / len(pairs)
+    alpha = ALPHA / (len(pairs) + 1)
     for i, j in pairs:
         verdict = difference_check(noises[i], noises[j], stds[i], alpha)
         assert verdict.holds, (i + 1, j + 1, verdict)
