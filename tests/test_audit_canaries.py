@@ -75,6 +75,21 @@ def test_the_lower_bound_never_passes_the_claimed_epsilon(tmp_path, one_thread, 
         assert r["epsilon_lower"] > 0.3, r
 
 
+def test_with_the_noise_off_the_bound_passes_the_claimed_epsilon(tmp_path, one_thread, monkeypatch):
+    """Negative control of the test above at epsilon 1: the same run audited with DP-SGD's noise off
+    where the noise multiplier reaches it (the claim still 1). Every canary is then told apart and
+    the bound, 4.6, passes the claim. (1000 canaries bound epsilon by 4.6 at most, all guessed
+    right, so the epsilon 8 case above can never be refuted: there it only shows the audit's power.)"""
+    from privmed.federation import site as site_module
+
+    claimed = _dp_run(tmp_path, 1.0).summary["privacy"]["epsilon"]
+    dp_train = site_module.dp_train
+    monkeypatch.setattr(site_module, "dp_train",
+                        lambda *args, noise_multiplier, **kw: dp_train(*args, noise_multiplier=0.0, **kw))
+    r = canary_audit(load_target(tmp_path / "eps1"), m=1000, seed=0)
+    assert r["epsilon_lower"] > claimed, r
+
+
 def test_a_canary_that_escapes_the_clipping_is_caught(tmp_path, one_thread, monkeypatch):
     """The same audit against a broken mechanism: canaries whose gradient is 10 C, a patient the
     clipping missed. The bound then passes the claimed epsilon (1): the test above could fail."""

@@ -142,12 +142,11 @@ def test_ledger_of_a_run_matches_dp_accounting_and_the_budget(dp_run):
     out, result = dp_run
     data = json.loads((out / "privacy_ledger.json").read_text())
     assert data["unit"] == "patient" and data["accountant"] == "prv" and data["budget_epsilon"] == 4.0
-    plan = result.summary["privacy"]["plan"]
+    expected = _releases_the_config_calls_for(validate_config(dp_config(privacy__accountant="prv")))
+    assert set(data["sites"]) == set(expected)
     for site, entry in data["sites"].items():
         releases = [Release(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in entry["releases"]]
-        assert [r["round"] for r in entry["releases"]] == [1, 2, 3]
-        assert all(r == Release(plan[site]["noise_multiplier"], plan[site]["sample_rate"], plan[site]["steps"])
-                   for r in releases)
+        _counts_each_round_once_at([(r["round"], x) for r, x in zip(entry["releases"], releases)], *expected[site], rounds=3)
         reference = independent_epsilon(releases, 1e-5, "pld")
         assert entry["epsilon"] == pytest.approx(reference, rel=0.02), site
         assert entry["epsilon"] <= 4.0
@@ -231,13 +230,49 @@ def test_kill_and_resume_keeps_the_ledger_exact(tmp_path):
     a = torch.load(out / "model.pt", weights_only=True)["state_dicts"][GLOBAL]
     b = torch.load(ref / "model.pt", weights_only=True)["state_dicts"][GLOBAL]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # each site's own ledger counts what the coordinator's does, each round once
+    # each site's own ledger and the coordinator's count, each round once, the release the config
+    # calls for: recomputed here from the config and the sites' data, not read back from the plan
+    # that both ledgers took it from (compared with each other, a wrong plan would agree with itself)
     ledger = PrivacyLedger.load(out / "privacy_ledger.json")
     run_id = json.loads((out / "run.json").read_text())["run_id"]
-    for site in ledger.sites:
+    expected = _releases_the_config_calls_for(validate_config(dp_config(federation__rounds=3)))
+    assert set(ledger.sites) == set(expected)
+    for site, (rate, steps) in expected.items():
         own = SiteLedger.load(out / "private" / "sites" / site / "site_ledger.json")
-        assert own.releases_of(run_id) == ledger.releases(site)
-        assert own.epsilon == pytest.approx(ledger.epsilon(site))
+        _counts_each_round_once_at(own.releases_of(run_id), rate, steps, rounds=3)
+        _counts_each_round_once_at(ledger.releases(site), rate, steps, rounds=3)
+        # the noise multiplier is the one calibrated to the budget (4, by the run's RDP accountant):
+        # by dp-accounting's own RDP accountant the rounds spend within 3% below it, never over it
+        reference = independent_epsilon([r for _, r in own.releases_of(run_id)], 1e-5, "rdp")
+        assert 0.97 * 4.0 < reference <= 4.0, own.releases_of(run_id)
+        assert own.epsilon == pytest.approx(reference, rel=1e-3)
+        assert ledger.epsilon(site) == pytest.approx(reference, rel=1e-3)
+        assert len({r.digest for r in own.releases if r.run == run_id}) == 3  # three releases, not one thrice
+
+
+def _releases_the_config_calls_for(cfg) -> dict[str, tuple[float, int]]:
+    """Each site's DP-SGD sample rate and steps per round, from the config and the site's training
+    patients counted here: a batch of batch_size expected out of the site's patients, and the
+    configured local steps (or the local epochs' worth of batches)."""
+    from privmed.federation.experiment import simulated_sites
+
+    _, site_data, _ = simulated_sites(cfg)
+    out = {}
+    for sd in site_data:
+        n = len(sd.train) if sd.train.patient is None else len(np.unique(sd.train.patient))
+        rate = min(1.0, cfg.training.batch_size / n)
+        steps = cfg.federation.local_steps or math.ceil(cfg.federation.local_epochs / rate)
+        out[sd.name] = (rate, steps)
+    return out
+
+
+def _counts_each_round_once_at(counted: list[tuple[int, Release]], rate: float, steps: int, rounds: int) -> None:
+    """`counted` (round, release) holds rounds 1..rounds once each, every one at `rate` and `steps`
+    with one noise multiplier."""
+    assert [r for r, _ in counted] == list(range(1, rounds + 1))
+    assert len({r.noise_multiplier for _, r in counted}) == 1, counted
+    for _, r in counted:
+        assert r.sample_rate == pytest.approx(rate, rel=1e-12) and r.steps == steps, r
 
 
 def test_same_seed_fresh_keys_a_different_dp_run():

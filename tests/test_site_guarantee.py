@@ -62,9 +62,15 @@ def _weights(model) -> np.ndarray:
     return np.concatenate([v.detach().numpy().ravel().astype(np.float64) for v in model.state_dict().values()])
 
 
-def test_the_seed_attack_fails_without_the_keys_and_the_keys_replay_exactly(tmp_path):
+@pytest.mark.parametrize("every_patient", [False, True], ids=["poisson-batches", "sample-rate-1"])
+def test_the_seed_attack_fails_without_the_keys_and_the_keys_replay_exactly(tmp_path, every_patient, one_thread):
+    """With sample rate 1 (a batch larger than any site's patients) every step takes every patient,
+    whoever draws the batches: the re-run must still miss, so the noise itself comes from the keys,
+    not only the Poisson batches."""
     run = tmp_path / "released"
-    released = privmed.run(dp_config(), run, report=False)
+    released = privmed.run(dp_config(**({"training__batch_size": 256} if every_patient else {})), run, report=False)
+    rates = {site: p["sample_rate"] for site, p in released.summary["privacy"]["plan"].items()}
+    assert all((rate == 1.0) == every_patient for rate in rates.values()), rates
     # the attacker: the released config (with its seed) run again, as anyone can
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["seed"] == json.loads((run / "summary.json").read_text())["seed"]
