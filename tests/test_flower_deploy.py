@@ -247,8 +247,8 @@ def test_hospitals_refuse_what_their_own_budget_and_ledger_do_not_allow(federati
     lax = _config(tmp_path, "lax", federation__rounds=1, **{**dp, "privacy__mode": "none"})
     res = fed.run(lax, tmp_path / "lax")
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "refused round 1 of run" in res.stderr and "trains only under privacy.mode dp-sgd" in res.stderr
-    assert "trains only under privacy.mode dp-sgd" in fed.log("site-1").read_text()  # the hospital's own log
+    assert "refused round 1 of run" in res.stderr and "takes part only under DP it runs itself" in res.stderr
+    assert "takes part only under DP it runs itself" in fed.log("site-1").read_text()  # the hospital's own log
 
     # a proper run of 2 rounds, then (b): its round 1 checkpoint tampered with and round 2 asked again
     good = _config(tmp_path, "good", federation__rounds=2, **dp)
@@ -308,8 +308,10 @@ def test_three_hospitals_each_with_only_its_own_folder_and_a_coordinator_with_no
     summary = json.loads((out / "summary.json").read_text())
     # per-site and mean-over-sites test scores, the pooled one merged from the sites' counts
     assert set(summary["sites"]) == set(HOSPITALS)
-    assert all(summary["sites"][h]["test"]["n"] > 0 for h in HOSPITALS)
-    assert summary["test"]["n"] == sum(summary["sites"][h]["n_test"] for h in HOSPITALS)
+    assert all(summary["sites"][h]["test"] for h in HOSPITALS)
+    # under DP the sites' scores are noisy counts: n is near the test images' number, not equal
+    n_test = sum(summary["sites"][h]["n_test"] for h in HOSPITALS)
+    assert abs(summary["test"]["n"] - n_test) < 0.5 * n_test
     assert summary["test_mean_over_sites"] and "each site's own test patients" in summary["evaluation"]["test"]
     assert summary["data"]["source"] == "sites" and summary["data"]["class_names"] == ["lesion", "no lesion"]
     assert not (out / "predictions.npz").exists() and load_counts(out / "test_counts.npz")["global"]

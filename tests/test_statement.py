@@ -228,7 +228,7 @@ def test_central_dp_and_secure_aggregation_say_who_saw_what(tmp_path, one_thread
     sigma = ledger.releases("site-1")[0][1].noise_multiplier
     text = _text(page)
     assert f"with Gaussian noise of multiplier {fmt_number(sigma)} added by the site itself" in text
-    assert "It holds against the coordinator, even one that sends crafted weights" in text
+    assert "It holds against the coordinator, even one that cheats" in text
     assert "site-1 clipped its update and added its own share of the noise before anything left it" in text
     secure = tmp_path / "secure"
     privmed.run(tiny_config(name="st-secure", data__samples_per_site=60, federation__secure_aggregation=True), secure)

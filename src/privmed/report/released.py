@@ -244,7 +244,7 @@ def _score_words(f: StatementFiles, t: _Turn, items: str, units: str) -> list[tu
     parts = [f"{as_int(n)} {split}" for n, split in ((t.val_n, "validation"), (t.test_n, "test"))
              if n is not None]
     if parts:
-        how = (", as noisy counts (each a release on those patients, in the ledger's second line)"
+        how = (", as noisy counts (releases the second guarantee counts)"
                if f.mode != "none" else ", with the counts behind them, as computed")
         out.append((f"the scores of {model} on its {' and '.join(parts)} {items}{how}", COORDINATOR))
     if t.pooled and not f.public_test:
@@ -276,7 +276,7 @@ def _end_row(f: StatementFiles, items: str) -> dict | None:
     to = "the coordinator, who keeps the final model (model.pt) and may share it"
     sent = []
     if num(site.get("n_test")) and not f.public_test:
-        how = ("as noisy counts (a release on those patients, in the ledger's second line)" if f.mode != "none"
+        how = ("as noisy counts (a release the second guarantee counts)" if f.mode != "none"
                else "with the counts behind them")
         sent.append((f"the scores of the final model on its {as_int(site.get('n_test'))} test {items}, {how}", to))
     if as_dict(site.get("test_finetuned")):
