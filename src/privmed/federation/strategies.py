@@ -11,6 +11,9 @@ the model's state entries.
 A round is a list of *stages*. Sites within a stage train in parallel, each from the weights that
 `configure` hands it; `aggregate` then folds their updates into the state. FedAvg has one stage with
 every site; cyclic training has one stage per site, in the order the model travels.
+
+Which strategies exist, and what each can do, is privmed.catalog.STRATEGIES: each entry names its
+class, which builds itself from the config (`from_config`).
 """
 
 from __future__ import annotations
