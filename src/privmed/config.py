@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from privmed import catalog
 from privmed.errors import ConfigError
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -26,49 +27,48 @@ VOLUME_MODEL = "cnn3d"  # the model a volume source gets where the config names 
 # nifti's 3D patches (data.patch): each side's range, and the segmentation model they get by default
 PATCH_SIDES = (16, 512)
 PATCH_MODEL = "unet3d"
+# The catalog's tables (privmed.catalog), in the shapes the validators below read.
+SOURCE_NAMES = catalog.names(catalog.SOURCES)
+TASK_NAMES = catalog.names(catalog.TASKS)
+ACCOUNTANTS = catalog.names(catalog.ACCOUNTANTS)
 # Which task each tabular source's data is for; image sources serve "classification".
-TABULAR_SOURCES = ("heart-disease", "tcga-brca")
-SOURCE_TASK = {"heart-disease": "tabular-classification", "tcga-brca": "survival"}
-SOURCE_SITES = {"heart-disease": 4, "tcga-brca": 6}  # their natural sites (hospitals, regions)
+TABULAR_SOURCES = tuple(s.name for s in catalog.SOURCES if s.tabular)
+SOURCE_TASK = {s.name: s.task for s in catalog.SOURCES if s.tabular}
+SOURCE_SITES = {s.name: s.natural_sites for s in catalog.SOURCES if s.natural_sites}  # their natural sites (hospitals, regions)
+# sources whose data.root is required
+ROOT_SOURCES = tuple(s.name for s in catalog.SOURCES if s.needs_root)
 # Dense tasks (a target image per item) and the sources that hold data for them; the first task
 # listed is a source's default. The phantom makes volumes for them when the task asks.
-DENSE_TASKS = ("segmentation", "reconstruction")
-SOURCE_TASKS = {"ixi": DENSE_TASKS, "nifti": ("segmentation",),
-                "phantom": ("classification",) + DENSE_TASKS}
+DENSE_TASKS = tuple(t.name for t in catalog.TASKS if t.dense)
+SOURCE_TASKS = {s.name: s.tasks for s in catalog.SOURCES if any(t in DENSE_TASKS for t in s.tasks)}
 # Each dense task's model where the config names none (privmed.models).
-TASK_MODEL = {"segmentation": "unet", "reconstruction": "cascade"}
-STRATEGIES = (
-    "fedavg", "fedprox", "scaffold", "fedadam", "fedyogi", "fedadagrad", "fedbn", "cyclic", "local",
-    "pooled",
-)
-ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
+TASK_MODEL = {t.name: t.default_model for t in catalog.TASKS if t.default_model}
+STRATEGIES = catalog.names(catalog.STRATEGIES)
+ADAPTIVE_STRATEGIES = tuple(s.name for s in catalog.STRATEGIES if s.adaptive)
 # Strategies whose server needs only the weighted mean of the sites' updates, which is what secure
 # aggregation reveals; the others, and why not.
-SECURE_STRATEGIES = ("fedavg", "fedprox") + ADAPTIVE_STRATEGIES
-SECURE_REFUSED = {
-    "scaffold": "its server keeps a control variate per site, computed from that site's update",
-    "fedbn": "every site keeps its own model, there is no sum to hide behind",
-    "local": "nothing is aggregated",
-    "cyclic": "the model travels from one site to the next, so each site's model is seen whole",
-    "pooled": "all data is in one place",
-}
+SECURE_STRATEGIES = tuple(s.name for s in catalog.STRATEGIES if s.secure)
+SECURE_REFUSED = {s.name: s.not_secure for s in catalog.STRATEGIES if not s.secure}
+# strategies that share no model between sites (nothing to fine-tune, nothing to attack)
+UNSHARED_STRATEGIES = tuple(s.name for s in catalog.STRATEGIES if not s.federated)
+# strategies privacy.mode central (DP-FedAvg) serves
+CENTRAL_STRATEGIES = tuple(s.name for s in catalog.STRATEGIES if s.central_dp)
 
 # federation.aggregator's rules (privmed.federation.robust) and the strategies they serve: those
 # that step one shared model from the sites' mean update.
-AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "norm-clip")
-ROBUST_STRATEGIES = ("fedavg", "fedprox") + ADAPTIVE_STRATEGIES
+AGGREGATORS = catalog.names(catalog.AGGREGATORS)
+ROBUST_STRATEGIES = tuple(s.name for s in catalog.STRATEGIES if s.robust)
 # Simulated malicious sites (privmed.federation.adversary); the ones that craft an update.
-ATTACKS = ("none", "sign-flip", "scaling", "gaussian", "label-flip", "little-is-enough")
-MODEL_ATTACKS = ("sign-flip", "scaling", "gaussian", "little-is-enough")
+ATTACKS = catalog.names(catalog.ADVERSARIES)
+MODEL_ATTACKS = tuple(a.name for a in catalog.ADVERSARIES if a.crafts_update)
 
 
 def aggregator_min_sites(rule: str, byzantine: int) -> int:
     """The fewest updates with which aggregation `rule` withstands `byzantine` malicious ones (the
     assumption its guarantee is proved under): median and trimmed mean need an honest majority,
     Krum n >= 2f + 3 (Blanchard et al. 2017), Bulyan n >= 4f + 3 (El Mhamdi et al. 2018)."""
-    f = byzantine
-    return {"median": 2 * f + 1, "trimmed-mean": 2 * f + 1, "krum": 2 * f + 3, "multi-krum": 2 * f + 3,
-            "bulyan": 4 * f + 3}.get(rule, 1)
+    rules = catalog.by_name(catalog.AGGREGATORS)
+    return rules[rule].min_sites(byzantine) if rule in rules else 1
 
 
 def is_volume_source(source: Any, name: Any) -> bool:
@@ -81,9 +81,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal[
-        "medmnist", "image-folder", "dicom", "phantom", "heart-disease", "tcga-brca", "ixi", "nifti", "sites"
-    ] = "phantom"
+    source: Literal[SOURCE_NAMES] = "phantom"
     name: str | None = Field(None, description="medmnist: which file, e.g. pneumoniamnist")
     root: Path | None = Field(None, description="folder holding the data")
     size: int | None = Field(
@@ -177,7 +175,7 @@ class DataConfig(_Section):
                     f"data.size: {self.size} is not a size of the 3D MedMNIST set '{self.name}'; "
                     "allowed: 28, 64"
                 )
-        if self.source in TABULAR_SOURCES + ("medmnist", "image-folder", "dicom", "ixi") and self.root is None:
+        if self.source in ROOT_SOURCES and self.root is None:
             raise ValueError(f"data.root is required for source '{self.source}'")
         if self.source == "dicom" and self.csv is None:
             raise ValueError("data.csv is required for source 'dicom' (columns file, label[, site, patient])")
@@ -437,11 +435,9 @@ def _fill_defaults(data: dict, defaults: dict[str, dict[str, Any]], unless: dict
 # larger step, measured over 5 seeds on each source's natural sites: Fed-Heart-Disease fedavg
 # mean-over-sites accuracy 0.662 -> 0.724 (DP-SGD at epsilon 1: 0.600 -> 0.721); Fed-TCGA-BRCA fedavg
 # C-index 0.680 -> 0.811 (benchmarks/defaults.py). A coordinator config with data.source 'sites'
-# does not know the source, so these apply only where the config names it.
-SOURCE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "heart-disease": {"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.05}},
-    "tcga-brca": {"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.1}},
-}
+# does not know the source, so these apply only where the config names it. (Each source's
+# `defaults` in privmed.catalog.)
+SOURCE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {s.name: s.defaults for s in catalog.SOURCES if s.defaults}
 
 # A dense task's training defaults, where the config is silent (the learning rate goes with the
 # default optimizer: a config naming its optimizer keeps the generic one). Segmentation, phantom
@@ -450,12 +446,9 @@ SOURCE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # cosine schedule, as in benchmarks/recon_pilot.py (+5.07 dB over zero-filling at 4x on IXI); at a
 # constant 1e-3 pooled training on IXI diverged for a round (benchmarks/results/ixi_reconstruction.md).
 # Both score in batches of 16 images: on one CPU thread the cascade predicted 64 IXI slices 2-3x
-# slower in one batch of 64 than in batches of 16 or 4 (its activations outgrow the caches).
-TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "segmentation": {"training": {"batch_size": 16, "lr": 0.05, "eval_batch_size": 16}},
-    "reconstruction": {"training": {"batch_size": 4, "optimizer": "adam", "lr": 2e-3, "lr_schedule": "cosine",
-                                    "eval_batch_size": 16}},
-}
+# slower in one batch of 64 than in batches of 16 or 4 (its activations outgrow the caches). (Each
+# task's `defaults` in privmed.catalog.)
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {t.name: t.defaults for t in catalog.TASKS if t.defaults}
 
 # A 3D MedMNIST set's defaults where the config is silent (without DP-SGD: with it, DP_SGD_DEFAULTS
 # apply, the model being VOLUME_MODEL). The image defaults (lr 0.01, one local epoch a round)
@@ -472,9 +465,10 @@ VOLUME_DEFAULTS: dict[str, dict[str, Any]] = {
     "federation": {"local_epochs": 3},
 }
 
-# What a strategy needs where the config is silent (see RunConfig._strategy_defaults).
+# What a strategy needs where the config is silent (see RunConfig._strategy_defaults; each
+# strategy's `defaults` in privmed.catalog).
 STRATEGY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "scaffold": {"training": {"optimizer": "sgd", "momentum": 0.0}},
+    s.name: s.defaults for s in catalog.STRATEGIES if s.defaults
 }
 
 
@@ -502,7 +496,7 @@ class PrivacyConfig(_Section):
         description="fix the noise instead of calibrating it to epsilon; the epsilon the run will "
         "spend is then computed and reported (with epsilon also given, it is the budget)",
     )
-    accountant: Literal["prv", "rdp", "pld"] = "prv"
+    accountant: Literal[ACCOUNTANTS] = "prv"
     grad_sample_mode: Literal["ew", "hooks", "functorch", "ghost"] = Field(
         "ew", description="how Opacus computes per-sample gradients (dp-sgd); ew was fastest on CPU"
     )
@@ -552,7 +546,7 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     name: str | None = None
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    task: Literal["classification", "tabular-classification", "survival", "segmentation", "reconstruction"] = Field(
+    task: Literal[TASK_NAMES] = Field(
         "classification",
         description="classification (images), tabular-classification, survival (Cox model, "
         "concordance index), segmentation (a class per pixel: Dice, HD95), reconstruction (MRI "
@@ -697,7 +691,7 @@ class RunConfig(_Section):
                 "come from its secret key through a CPU generator, which a GPU step cannot use yet; "
                 "use device cpu (or auto) for DP-SGD runs"
             )
-        if fed.finetune_steps and fed.strategy in ("local", "pooled"):
+        if fed.finetune_steps and fed.strategy in UNSHARED_STRATEGIES:
             raise ValueError(
                 f"federation.finetune_steps: fine-tuning personalises a federated model; strategy "
                 f"'{fed.strategy}' has none (set finetune_steps: 0)"
@@ -758,10 +752,11 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check_privacy(self) -> "RunConfig":
         mode, strategy = self.privacy.mode, self.federation.strategy
-        if mode == "central" and strategy != "fedavg":
+        if mode == "central" and strategy not in CENTRAL_STRATEGIES:
             raise ValueError(
                 f"privacy.mode 'central' (DP-FedAvg: the server clips and noises the sites' updates) "
-                f"needs federation.strategy 'fedavg', got '{strategy}'; use privacy.mode 'dp-sgd'"
+                f"needs federation.strategy {' or '.join(repr(s) for s in CENTRAL_STRATEGIES)}, got "
+                f"'{strategy}'; use privacy.mode 'dp-sgd'"
             )
         if mode == "dp-sgd" and self.training.logit_adjustment == "on":
             raise ValueError(
@@ -812,7 +807,7 @@ class RunConfig(_Section):
         if att.kind == "none":
             return self
         what = f"attack.kind: '{att.kind}'"
-        if fed.strategy in ("local", "pooled"):
+        if fed.strategy in UNSHARED_STRATEGIES:
             raise ValueError(f"{what}: strategy '{fed.strategy}' shares no model, so no site can attack it")
         if isinstance(att.sites, int):
             if not 1 <= att.sites < len(names):
@@ -860,7 +855,7 @@ class SitePrivacyConfig(_Section):
         "against it; null: no cap (each release still counted, and unbounded ones refused)",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta its ledger reports epsilon at")
-    accountant: Literal["prv", "rdp", "pld"] = "prv"
+    accountant: Literal[ACCOUNTANTS] = "prv"
     require_dp: bool = Field(
         True,
         description="take part only under a DP mechanism the hospital runs itself: privacy.mode "

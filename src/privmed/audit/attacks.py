@@ -13,11 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-FINAL_MODEL = "the final shared model, as a black box: its outputs (class probabilities) on inputs of its choice"
-SHADOW_ASSUMPTION = (
-    "knows the training recipe (the run's config) and holds patients of the same distribution, "
-    "on which it trains shadow runs of the federation"
-)
+from privmed import catalog
+from privmed.catalog import FINAL_MODEL, SHADOW_ASSUMPTION  # noqa: F401  (the attacks' words, in the catalog)
+
 FEW_SHADOWS = 64  # below this many shadows LiRA fits one variance for all patients (Carlini et al.)
 
 
@@ -75,20 +73,13 @@ def _rmia(d: AttackData) -> np.ndarray:
     return mia.rmia(target, refs, ref_in, population_idx=np.arange(n, total))[:n]
 
 
+_lira_online = _lira(online=True)
+_lira_offline = _lira(online=False)
+
+# The membership attacks the catalog lists (privmed.catalog.AUDIT_ATTACKS with a `score`), by name.
 ATTACKS: dict[str, Attack] = {
-    a.name: a
-    for a in (
-        Attack("loss", "Loss threshold (Yeom et al. 2018)", FINAL_MODEL,
-               "knows each patient's label; scores by the model's loss on the patient", False, _loss),
-        Attack("lira-online", "LiRA, online (Carlini et al. 2022)", FINAL_MODEL,
-               SHADOW_ASSUMPTION + "; each patient asked about is in half of the shadow runs",
-               True, _lira(online=True)),
-        Attack("lira-offline", "LiRA, offline (Carlini et al. 2022)", FINAL_MODEL,
-               SHADOW_ASSUMPTION + "; uses only the shadow runs without the patient", True, _lira(online=False)),
-        Attack("rmia", "RMIA (Zarifzadeh et al. 2024)", FINAL_MODEL,
-               SHADOW_ASSUMPTION + " (its reference models), and a population sample of patients "
-               "that no model trained on", True, _rmia, needs_population=True),
-    )
+    a.name: Attack(a.name, a.title, a.sees, a.assumes, a.needs_shadows, catalog.load(a.score), a.needs_population)
+    for a in catalog.AUDIT_ATTACKS if a.membership
 }
 
 
@@ -102,24 +93,11 @@ class UpdateAttack:
     sees: str
 
 
+# The catalog's other attacks, run only when named: on the sites' updates (gradient inversion,
+# gradient canaries), input canaries (on the final model, but they train the run again) and
+# attribute inference (on the final model, tabular only).
 UPDATE_ATTACKS: dict[str, UpdateAttack] = {
-    "inversion": UpdateAttack(
-        "inversion", "Gradient inversion (Geiping et al. 2020): images rebuilt from a site's update",
-        "the coordinator: one site's update (plain or DP-SGD), or under secure aggregation only the "
-        "sum of all sites'",
-    ),
-    "canaries": UpdateAttack(
-        "canaries", "Gradient canaries (white box): a lower bound on epsilon from one run's updates (Steinke et al. 2023)",
-        "the coordinator: one site's update every round (white box)",
-    ),
-    "input-canaries": UpdateAttack(  # on the final model, but it trains the run again: run when named
-        "input-canaries", "Input canaries (black box): a lower bound on epsilon from one run's final model (Steinke et al. 2023)",
-        "the final shared model only, its outputs on mislabelled images (black box)",
-    ),
-    "attribute": UpdateAttack(  # on the final model, but tabular only: run when named
-        "attribute", "Attribute inference on a tabular model (Fredrikson et al. 2014)",
-        "the final shared model, as a black box",
-    ),
+    a.name: UpdateAttack(a.name, a.title, a.sees) for a in catalog.AUDIT_ATTACKS if not a.membership
 }
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from privmed import catalog
 from privmed.config import RunConfig, validate_config
 from privmed.data import load_source
 from privmed.data.base import ImageSet, SourceData
@@ -110,7 +111,7 @@ def load_target(run_dir: Path) -> Target:
             f"{run_dir / 'config.yaml'}: data.source 'sites': the hospitals hold the data, so the "
             "coordinator cannot audit membership (it has no patient to ask about)"
         )
-    if cfg.federation.strategy in ("local", "fedbn"):
+    if catalog.strategy(cfg.federation.strategy).personalised:
         raise ConfigError(
             f"{run_dir / 'config.yaml'}: federation.strategy '{cfg.federation.strategy}' leaves one "
             "model per site; the membership audit attacks one shared model"

@@ -12,6 +12,7 @@ features take the place of images. Bad input raises privmed.errors.DataError.
 
 from __future__ import annotations
 
+from privmed import catalog
 from privmed.config import DataConfig, SitesConfig
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import DataError
@@ -27,47 +28,68 @@ def load_source(data: DataConfig, sites: SitesConfig, seed: int, task: str = "cl
     """
     if data.channels not in (None, 1, 3):
         raise DataError(f"data.channels: {data.channels} is not allowed; use 1 (grey) or 3 (RGB)")
-    if data.source == "medmnist":
-        from privmed.data.medmnist import load_medmnist
+    entry = catalog.by_name(catalog.SOURCES).get(data.source)
+    if entry is None or entry.loader is None:
+        known = ", ".join(s.name for s in catalog.SOURCES if s.loader is not None)
+        raise DataError(f"data.source: unknown source '{data.source}' (known: {known})")
+    return catalog.load(entry.loader)(data, sites, seed, task)
 
-        return load_medmnist(data)
-    if data.source == "image-folder":
-        from privmed.data.image_folder import load_image_folder
 
-        return load_image_folder(data, seed)
-    if data.source == "dicom":
-        from privmed.data.dicom import load_dicom
+# Each source's loader, as the catalog names it (privmed.catalog.SOURCES: `loader`): (data, sites,
+# seed, task) -> SourceData. A new source's module may hold its own.
 
-        return load_dicom(data, seed)
-    if data.source == "phantom":
-        if task in ("segmentation", "reconstruction"):
-            from privmed.data.phantom_volumes import load_phantom_volumes
 
-            volumes = load_phantom_volumes(data, sites, seed, noise=task != "reconstruction")
-            return _for_task(volumes, task, sites, seed, data)
-        from privmed.data.phantom import load_phantom
+def _load_medmnist(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> SourceData:
+    from privmed.data.medmnist import load_medmnist
 
-        return load_phantom(data, sites, seed)
-    if data.source == "nifti":
-        from privmed.data.nifti import load_nifti
+    return load_medmnist(data)
 
-        return _for_task(load_nifti(data, sites, seed), task, sites, seed, data)
-    if data.source == "ixi":
-        from privmed.data.ixi import load_ixi
 
-        return _for_task(load_ixi(data, sites, seed), task, sites, seed, data)
-    if data.source == "heart-disease":
-        from privmed.data.heart_disease import load_heart_disease
+def _load_image_folder(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> SourceData:
+    from privmed.data.image_folder import load_image_folder
 
-        return load_heart_disease(data)
-    if data.source == "tcga-brca":
-        from privmed.data.tcga_brca import load_tcga_brca
+    return load_image_folder(data, seed)
 
-        return load_tcga_brca(data)
-    raise DataError(
-        f"data.source: unknown source '{data.source}' (known: medmnist, image-folder, dicom, "
-        "phantom, heart-disease, tcga-brca, ixi, nifti)"
-    )
+
+def _load_dicom(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> SourceData:
+    from privmed.data.dicom import load_dicom
+
+    return load_dicom(data, seed)
+
+
+def _load_phantom(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> SourceData:
+    if task in ("segmentation", "reconstruction"):
+        from privmed.data.phantom_volumes import load_phantom_volumes
+
+        volumes = load_phantom_volumes(data, sites, seed, noise=task != "reconstruction")
+        return _for_task(volumes, task, sites, seed, data)
+    from privmed.data.phantom import load_phantom
+
+    return load_phantom(data, sites, seed)
+
+
+def _load_nifti(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> SourceData:
+    from privmed.data.nifti import load_nifti
+
+    return _for_task(load_nifti(data, sites, seed), task, sites, seed, data)
+
+
+def _load_ixi(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> SourceData:
+    from privmed.data.ixi import load_ixi
+
+    return _for_task(load_ixi(data, sites, seed), task, sites, seed, data)
+
+
+def _load_heart_disease(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> SourceData:
+    from privmed.data.heart_disease import load_heart_disease
+
+    return load_heart_disease(data)
+
+
+def _load_tcga_brca(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> SourceData:
+    from privmed.data.tcga_brca import load_tcga_brca
+
+    return load_tcga_brca(data)
 
 
 def _for_task(source: SourceData, task: str, sites: SitesConfig, seed: int, data: DataConfig) -> SourceData:

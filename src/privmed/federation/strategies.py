@@ -11,6 +11,9 @@ the model's state entries.
 A round is a list of *stages*. Sites within a stage train in parallel, each from the weights that
 `configure` hands it; `aggregate` then folds their updates into the state. FedAvg has one stage with
 every site; cyclic training has one stage per site, in the order the model travels.
+
+Which strategies exist, and what each can do, is privmed.catalog.STRATEGIES: each entry names its
+class, which builds itself from the config (`from_config`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from privmed import catalog
 from privmed.errors import ConfigError, unknown_name
 
 if TYPE_CHECKING:
@@ -162,6 +166,10 @@ class FedAvg:
     def __init__(self, server_lr: float = 1.0):
         self.server_lr = _check_server_lr(server_lr)
 
+    @classmethod
+    def from_config(cls, fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None):
+        return cls(server_lr=fed.effective_server_lr)
+
     def init_state(self, weights: Weights, sites: list[str]) -> State:
         return {GLOBAL: weights}
 
@@ -206,6 +214,10 @@ class Cyclic:
             raise ValueError(f"order must be 'fixed' or 'shuffled', got {order!r}")
         self.order, self.seed = order, seed
 
+    @classmethod
+    def from_config(cls, fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None):
+        return cls(order=fed.cyclic_order, seed=seed)
+
     def init_state(self, weights: Weights, sites: list[str]) -> State:
         return {GLOBAL: weights}
 
@@ -232,6 +244,10 @@ class Local:
     name = "local"
     pools_data = False
 
+    @classmethod
+    def from_config(cls, fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None):
+        return cls()
+
     def init_state(self, weights: Weights, sites: list[str]) -> State:
         return {s: weights for s in sites}
 
@@ -251,6 +267,10 @@ class Pooled(FedAvg):
 
     name = "pooled"
     pools_data = True
+
+    @classmethod
+    def from_config(cls, fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None):
+        return cls()
 
     def stages(self, rnd: int, sites: list[str]) -> list[list[str]]:
         return [[POOLED_SITE]]
@@ -324,6 +344,10 @@ class FedProx(FedAvg):
             raise ValueError(f"mu must be a non-negative number, got {mu!r}")
         self.mu = float(mu)
 
+    @classmethod
+    def from_config(cls, fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None):
+        return cls(fed.mu, server_lr=fed.effective_server_lr)
+
     def configure(self, state: State, stage: list[str]) -> list[TrainTask]:
         return [TrainTask(s, state[GLOBAL], prox_mu=self.mu) for s in stage]
 
@@ -353,6 +377,10 @@ class Scaffold:
             raise ValueError(f"local_lr must be a positive number, got {local_lr!r}")
         self.local_lr = float(local_lr)
         self.server_lr = _check_server_lr(server_lr)
+
+    @classmethod
+    def from_config(cls, fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None):
+        return cls(local_lr, server_lr=fed.effective_server_lr)
 
     @staticmethod
     def _key(site: str) -> str:
@@ -426,6 +454,10 @@ class FedOpt:
                 f"need 0 <= beta1, beta2 < 1 and tau > 0, got {beta1!r}, {beta2!r}, {tau!r}"
             )
         self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+
+    @classmethod
+    def from_config(cls, fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None):
+        return cls(server_lr=fed.effective_server_lr, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -506,6 +538,12 @@ class FedBN(Local):
         if not any(self.shared):
             raise ValueError("FedBN needs a shared entry; with none shared it is local training")
 
+    @classmethod
+    def from_config(cls, fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None):
+        if shared is None:
+            raise ConfigError("federation.strategy: 'fedbn' needs a model with normalisation layers")
+        return cls(shared)
+
     def _check(self, weights: Weights) -> None:
         if len(weights) != len(self.shared):
             raise ValueError(f"FedBN's mask has {len(self.shared)} entries, the weights {len(weights)}")
@@ -534,11 +572,18 @@ class FedBN(Local):
         return new
 
 
-_REGISTRY = {
-    "fedavg": FedAvg, "fedprox": FedProx, "scaffold": Scaffold, "fedadam": FedAdam,
-    "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedbn": FedBN, "cyclic": Cyclic, "local": Local,
-    "pooled": Pooled,
-}
+def strategy_class(name: str) -> type:
+    """The class the catalog names for strategy `name` (privmed.catalog.STRATEGIES); ConfigError
+    naming the known strategies for any other name."""
+    known = catalog.by_name(catalog.STRATEGIES)
+    if name not in known:
+        raise ConfigError(unknown_name("federation.strategy", "strategy", name, known))
+    return catalog.load(known[name].impl)
+
+
+def registry() -> dict[str, type]:
+    """Every strategy's class by name, as the catalog lists them."""
+    return {s.name: strategy_class(s.name) for s in catalog.STRATEGIES}
 
 
 def build_strategy(
@@ -547,31 +592,10 @@ def build_strategy(
     """The strategy `fed` names. `local_lr`: the sites' learning rate (SCAFFOLD's control variates);
     `shared`: one flag per state entry, False for normalisation layers (FedBN), None when the model
     has none."""
-    name = fed.strategy
-    if name not in _REGISTRY:
-        raise ConfigError(unknown_name("federation.strategy", "strategy", name, _REGISTRY))
-    inner = _build(fed, name, seed=seed, local_lr=local_lr, shared=shared)
+    cls = strategy_class(fed.strategy)
+    inner = cls.from_config(fed, seed=seed, local_lr=local_lr, shared=shared)
     if fed.aggregator == "mean":
         return inner
     from privmed.federation.robust import RobustAggregation
 
     return RobustAggregation(inner, fed.aggregator, byzantine=fed.byzantine, clip=fed.update_clip)
-
-
-def _build(fed: FederationConfig, name: str, *, seed: int, local_lr: float, shared: list[bool] | None) -> Strategy:
-    lr = fed.effective_server_lr
-    if name == "fedavg":
-        return FedAvg(server_lr=lr)
-    if name == "fedprox":
-        return FedProx(fed.mu, server_lr=lr)
-    if name == "scaffold":
-        return Scaffold(local_lr, server_lr=lr)
-    if name in ("fedadam", "fedyogi", "fedadagrad"):
-        return _REGISTRY[name](server_lr=lr, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
-    if name == "fedbn":
-        if shared is None:
-            raise ConfigError("federation.strategy: 'fedbn' needs a model with normalisation layers")
-        return FedBN(shared)
-    if name == "cyclic":
-        return Cyclic(order=fed.cyclic_order, seed=seed)
-    return _REGISTRY[name]()

@@ -23,34 +23,19 @@ from typing import Callable
 
 from torch import nn
 
+from privmed import catalog
 from privmed.errors import ConfigError, unknown_name
-from privmed.models.cnn import SmallCNN, small_cnn_3d
-from privmed.models.dpcnn import TemperedSigmoidCNN
-from privmed.models.resnet import resnet18, resnet18_3d
-from privmed.models.tabular import linear, mlp
-from privmed.models.cascade import cascade
-from privmed.models.unet import unet, unet3d
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "cnn": SmallCNN,
-    "dpcnn": TemperedSigmoidCNN,
-    "resnet18": resnet18,
-    "cnn3d": small_cnn_3d,
-    "resnet18-3d": resnet18_3d,
-    "linear": linear,
-    "mlp": mlp,
-    "unet": unet,
-    "unet3d": unet3d,
-    "cascade": cascade,
-}
+# Every model the catalog lists (privmed.catalog.MODELS), by name.
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {m.name: catalog.load(m.impl) for m in catalog.MODELS}
 
 # Models that take (N, D) feature tables rather than images.
-TABULAR_MODELS = frozenset({"linear", "mlp"})
+TABULAR_MODELS = frozenset(m.name for m in catalog.MODELS if m.tabular)
 # Models whose output is an image (N, K, H, W) or volume (N, K, D, H, W): the dense tasks'
 # (segmentation, reconstruction).
-DENSE_MODELS = frozenset({"unet", "unet3d", "cascade"})
+DENSE_MODELS = frozenset(m.name for m in catalog.MODELS if m.dense)
 # Models that take (N, C, D, H, W) volumes.
-VOLUME_MODELS = frozenset({"cnn3d", "resnet18-3d", "unet3d"})
+VOLUME_MODELS = frozenset(m.name for m in catalog.MODELS if m.dims == 3)
 
 # Normalisation layers, whose state FedBN keeps at each site.
 _NORM_LAYERS: tuple[type[nn.Module], ...] = (

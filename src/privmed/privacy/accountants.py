@@ -22,6 +22,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from privmed import catalog
 from privmed.errors import ConfigError, unknown_name
 
 # PRV adds this to its estimate to report a guaranteed upper bound, so no PRV epsilon is below it.
@@ -200,4 +201,6 @@ def _dp_event(history: History) -> dp_accounting.DpEvent:
     )
 
 
-_REGISTRY: dict[str, Callable[[History, float], float]] = {"prv": _prv, "rdp": _rdp, "pld": _pld}
+# Every accountant the catalog lists (privmed.catalog.ACCOUNTANTS), by name: each names a function
+# of this module.
+_REGISTRY: dict[str, Callable[[History, float], float]] = {a.name: catalog.load(a.impl) for a in catalog.ACCOUNTANTS}

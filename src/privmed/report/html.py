@@ -29,6 +29,7 @@ import jinja2
 import numpy as np
 import yaml
 
+from privmed import catalog
 from privmed.errors import RunDirError
 from privmed.io import write_bytes, write_text
 from privmed.report import plots, words
@@ -99,7 +100,7 @@ DENSE_ROWS = {
 # these are the names older callers import from here
 UNITS, UNIT_COUNTS, PRIVATE_MODES, fmt_budget = words.UNITS, words.UNIT_COUNTS, words.PRIVATE_MODES, words.fmt_budget
 COUNTS = ("n", "events", "volumes")  # metrics that are counts: integers, summed (not averaged) over sites
-PERSONALISED = ("local", "fedbn")  # strategies that keep one model per site
+PERSONALISED = tuple(s.name for s in catalog.STRATEGIES if s.personalised)  # strategies that keep one model per site
 INVERSION_IMAGES = "audit_inversion.npz"  # under private/: privmed.report.private.INVERSION_FILE
 
 

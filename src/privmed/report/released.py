@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from privmed import catalog
 from privmed.report.words import NA, as_dict, as_int, fmt_number, fmt_span, get, num, utc_time
 
 if TYPE_CHECKING:  # for annotations only: the report imports this module without torch
@@ -18,12 +19,11 @@ if TYPE_CHECKING:  # for annotations only: the report imports this module withou
     from privmed.report.statement import StatementFiles
 
 COORDINATOR = "the coordinator"
-TO_WHOM = {  # strategy -> who received a site's update, and what became of it
-    "cyclic": "the coordinator, which handed it on as it was to the next site to train",
-    "local": "the coordinator, which kept it as this site's own model",
-    "fedbn": "the coordinator, which averaged its shared layers with the other sites' and sent "
-             "the average to every site",
-}
+# strategy -> who received a site's update, and what became of it (privmed.catalog: `to_whom`;
+# the others average it, AVERAGED)
+TO_WHOM = {s.name: s.to_whom for s in catalog.STRATEGIES if s.to_whom}
+# strategies that keep one model per site
+PERSONALISED = tuple(s.name for s in catalog.STRATEGIES if s.personalised)
 AVERAGED = "the coordinator, which averaged it with the other sites' into the shared model"
 _SAME_NOISE = 1e-9  # relative: a setting's noise multiplier counts as the run's within rounding
 
@@ -240,7 +240,7 @@ def _update_words(f: StatementFiles, t: _Turn, items: str, units: str) -> str:
 
 def _score_words(f: StatementFiles, t: _Turn, items: str, units: str) -> list[tuple[str, str]]:
     out = []
-    model = "its own model" if f.strategy in ("local", "fedbn") else "the round's shared model"
+    model = "its own model" if f.strategy in PERSONALISED else "the round's shared model"
     parts = [f"{as_int(n)} {split}" for n, split in ((t.val_n, "validation"), (t.test_n, "test"))
              if n is not None]
     if parts:

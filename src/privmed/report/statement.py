@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jinja2
 
-from privmed import __version__
+from privmed import __version__, catalog
 from privmed.errors import PrivmedError, RunDirError, unknown_name
 from privmed.io import write_text
 from privmed.privacy.figures import format_epsilon
@@ -63,23 +63,9 @@ from privmed.report.words import (
 
 AUDIT_FILE = f"{PRIVATE_DIR}/audit.json"  # privmed.report.private.audit_file, as the page names it
 PREDICTIONS_FILE = "predictions.npz"  # written only when the coordinator scored a public test set
-# what each strategy does with a site's update, in words ({items}: images or records)
-STRATEGIES = {
-    "fedavg": ("FedAvg", "each round every site trains the shared model on its own data and the "
-               "coordinator averages the updates, weighted by the sites' numbers of training {items}"),
-    "fedprox": ("FedProx", "as FedAvg, each site's training held close to the shared model"),
-    "scaffold": ("SCAFFOLD", "as FedAvg, with corrections for the differences between the sites' "
-                 "data that the coordinator computes from the updates"),
-    "fedadam": ("FedAdam", "as FedAvg, the coordinator moving the shared model by an adaptive step"),
-    "fedyogi": ("FedYogi", "as FedAvg, the coordinator moving the shared model by an adaptive step"),
-    "fedadagrad": ("FedAdagrad", "as FedAvg, the coordinator moving the shared model by an adaptive step"),
-    "cyclic": ("Cyclic (clinic to clinic)", "the model travels from site to site: each site trains "
-               "the model the previous one handed on, through the coordinator"),
-    "local": ("Local", "every site trains a model of its own on its own data; nothing is averaged"),
-    "fedbn": ("FedBN", "every site keeps its own normalisation layers; the coordinator averages "
-              "the other layers"),
-    "pooled": ("Pooled", "all data in one place (a reference run, not a federation)"),
-}
+# what each strategy does with a site's update, in words ({items}: images or records): its title and
+# words in privmed.catalog
+STRATEGIES = {s.name: (s.title, s.how) for s in catalog.STRATEGIES}
 PRIVATE_SITE_DIR = ("private", "sites")  # where a simulation keeps each site's own state
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privmed.data.base import ImageSet, SourceData
+from privmed import catalog
 from privmed.errors import ConfigError, unknown_name
 from privmed.tasks.classification import classification_metrics
 from privmed.tasks.counts import (
@@ -341,8 +342,8 @@ class Reconstruction(DenseTask):
 
 
 Task = Classification | Survival | Segmentation | Reconstruction
-_TASKS = {t.name: t for t in (Classification(), TabularClassification(), Survival(), Segmentation(),
-                              Reconstruction())}
+# Every task the catalog lists (privmed.catalog.TASKS), by name: each names a class of this module.
+_TASKS = {t.name: catalog.load(t.impl)() for t in catalog.TASKS}
 
 
 def metrics_and_counts(task: Task, pred: np.ndarray, data: ImageSet) -> tuple[dict, dict]:
