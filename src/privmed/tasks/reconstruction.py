@@ -1,5 +1,5 @@
 """Reconstruction: an image from undersampled k-space. The metrics per volume and the sums a site
-reports (metrics and loss per item: privmed.tasks.recon_metrics; k-space: privmed.tasks.kspace).
+reports (metrics and loss per item: privmed.tasks.recon_metrics; k-space: privmed.kspace).
 
 Inputs are packed k-space (N, 3, H, W) [k_re, k_im, mask]; predictions and targets magnitude images
 (N, 1, H, W) in [0, 1]. PSNR, SSIM and NMSE are computed per slice, averaged over each volume's
@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from privmed.tasks.kspace import unpack_input, zero_filled
+from privmed.kspace import unpack_input, zero_filled
 from privmed.tasks.recon_metrics import nmse, psnr, ssim
 
 FIGURES = ("psnr", "ssim", "nmse")
