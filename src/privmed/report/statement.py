@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jinja2
 
-from privmed import __version__
+from privmed._version import __version__
 from privmed.errors import PrivmedError, RunDirError, unknown_name
 from privmed.io import write_text
 from privmed.privacy.figures import format_epsilon
