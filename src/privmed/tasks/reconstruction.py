@@ -83,8 +83,7 @@ def private_reconstruction_counts(pred: np.ndarray, target: np.ndarray, inputs: 
     loss_sum: each slice's L1 clipped at L1_MAX, weighted 1/(slices of its patient): <= L1_MAX;
     volumes: 1.
     Non-finite predictions count as 0. Shares: RECONSTRUCTION_SHARES."""
-    from privmed.privacy.noisy_counts import Block
-    from privmed.tasks.counts import patient_weights
+    from privmed.privacy.noisy_counts import Block, patient_weights
 
     pred = np.where(np.isfinite(pred), pred, 0.0).astype(np.float32)
     zf = zero_filled_images(inputs)
