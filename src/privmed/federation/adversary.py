@@ -27,7 +27,7 @@ import numpy as np
 from privmed.config import ATTACKS, MODEL_ATTACKS, AttackConfig
 from privmed.data.sites import SiteData
 from privmed.federation.site import derive_seed
-from privmed.federation.strategies import SiteUpdate, TrainTask, Weights, is_float, contribution
+from privmed.federation.strategies import SiteUpdate, TrainTask, Weights, contribution, is_float
 
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from privmed.config import AGGREGATORS, aggregator_min_sites
-from privmed.federation.strategies import GLOBAL, SiteUpdate, State, Weights, is_float, contribution, weighted_mean
+from privmed.federation.strategies import GLOBAL, SiteUpdate, State, Weights, contribution, is_float, weighted_mean
 
 if TYPE_CHECKING:
     from privmed.config import FederationConfig
