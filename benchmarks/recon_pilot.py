@@ -34,7 +34,7 @@ from privmed import io
 from privmed.data.ixi import load_subject, subjects_in
 from privmed.data.recon import ScannerProfile, acquire
 from privmed.models.cascade import cascade
-from privmed.tasks.kspace import zero_filled
+from privmed.kspace import zero_filled
 from privmed.tasks.recon_metrics import ReconLoss, nmse, psnr, ssim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def table(args, results: list[dict], command: str) -> str:
         f"IXI T1 (CC BY-SA 3.0), 10 subjects split by subject: train {', '.join(r0['train_subjects'])}; "
         f"test {', '.join(r0['test_subjects'])}. Axial slices through the brain, 112 x 80 (one in {args.step}): "
         f"{r0['n_train']} train, {r0['n_test']} test. Single-coil k-space simulated from the magnitude "
-        f"(privmed.tasks.kspace), {args.mask} mask with fastMRI's centre (0.32 / acceleration), "
+        f"(privmed.kspace), {args.mask} mask with fastMRI's centre (0.32 / acceleration), "
         f"noise std {args.noise} per k-space entry, one mask per slice drawn once.",
         f"Cascade: {args.cascades} cascades x {args.convs} convs, width {args.width} "
         f"({r0['parameters']:,} parameters), noiseless DC; Adam lr {args.lr} ({args.schedule}), batch {args.batch}, "

@@ -8,7 +8,7 @@ from opacus.validators import ModuleValidator
 
 from privmed.models.cascade import DeepCascade, cascade, data_consistency
 from privmed.privacy.dpsgd import DPSGD, GRAD_SAMPLE_MODES, per_sample_gradients
-from privmed.tasks.kspace import fft2c, simulate_kspace, undersample, unpack_input
+from privmed.kspace import fft2c, simulate_kspace, undersample, unpack_input
 from privmed.tasks.recon_metrics import ReconLoss
 
 

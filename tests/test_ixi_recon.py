@@ -7,7 +7,7 @@ import torch
 
 from privmed.data.ixi import load_subject, subjects_in
 from privmed.data.recon import ScannerProfile, acquire
-from privmed.tasks.kspace import zero_filled
+from privmed.kspace import zero_filled
 
 
 def test_profile_fields_are_checked():

@@ -1,4 +1,4 @@
-"""Simulated single-coil k-space (privmed.tasks.kspace): the FFT against numpy's, masks against
+"""Simulated single-coil k-space (privmed.kspace): the FFT against numpy's, masks against
 their definition (lines per acceleration, fully sampled centre, equal spacing), the noise level
 within a statistical bound, and explicit randomness that leaves global state alone."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from privmed.tasks.kspace import (
+from privmed.kspace import (
     ACCELERATIONS,
     MASK_KINDS,
     cartesian_mask,

@@ -15,7 +15,7 @@ from privmed.config import DataConfig, SitesConfig, read_yaml, validate_config
 from privmed.data import load_source
 from privmed.data.recon import SCANNERS, TEST_NOISE
 from privmed.tasks.counts import check_counts, merge_counts
-from privmed.tasks.kspace import unpack_input, zero_filled
+from privmed.kspace import unpack_input, zero_filled
 from privmed.tasks.recon_metrics import psnr, ssim
 from privmed.tasks.reconstruction import reconstruction_counts, reconstruction_metrics_from_counts
 

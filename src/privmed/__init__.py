@@ -1,8 +1,7 @@
 """privmed: train medical-imaging models across hospitals without moving patient data."""
 
-__version__ = "0.1.0"
-
-from privmed.errors import PrivmedError  # noqa: E402
+from privmed._version import __version__
+from privmed.errors import PrivmedError
 
 __all__ = ["PrivmedError", "__version__", "run", "load_config"]
 

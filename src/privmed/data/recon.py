@@ -1,5 +1,5 @@
 """Reconstruction data: each site's scanner acquires the slices of a volume source (IXI, the
-phantom volumes) as undersampled single-coil k-space (privmed.tasks.kspace).
+phantom volumes) as undersampled single-coil k-space (privmed.kspace).
 
     recon = as_reconstruction(source, sites, seed, data)
     recon.train.images   # (N, 3, H, W) [k_re, k_im, mask]: what the site's scanner measured
@@ -23,7 +23,7 @@ import torch
 from privmed.config import DataConfig, SitesConfig
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import DataError
-from privmed.tasks.kspace import MASK_KINDS, default_center_fraction, undersample
+from privmed.kspace import MASK_KINDS, default_center_fraction, undersample
 
 # (mask kind, noise std per k-space entry in units of the [0, 1] image) of site i, cycled
 SCANNERS = (("random", 0.0), ("equispaced", 0.01), ("random", 0.02))

@@ -27,7 +27,7 @@ import numpy as np
 from privmed.config import ATTACKS, MODEL_ATTACKS, AttackConfig
 from privmed.data.sites import SiteData
 from privmed.federation.site import derive_seed
-from privmed.federation.strategies import SiteUpdate, TrainTask, Weights, _is_float, contribution
+from privmed.federation.strategies import SiteUpdate, TrainTask, Weights, contribution, is_float
 
 
 
@@ -90,14 +90,14 @@ class Adversary:
             elif self.kind == "scaling":
                 new = [self.scale * a for a in d]
             elif self.kind == "gaussian":
-                floats = [a for a, w in zip(d, u.weights) if _is_float(w)]
+                floats = [a for a, w in zip(d, u.weights) if is_float(w)]
                 rms = math.sqrt(sum(float(np.sum(a * a)) for a in floats) / max(1, sum(a.size for a in floats)))
                 rng = np.random.default_rng(derive_seed(self.seed, "attack", rnd, u.site))
                 new = [rng.normal(0.0, self.scale * rms, size=a.shape) for a in d]
             else:
                 new = crafted
             # integer entries (counters) keep what the site trained
-            new = [n if _is_float(w) else a for n, a, w in zip(new, d, u.weights)]
+            new = [n if is_float(w) else a for n, a, w in zip(new, d, u.weights)]
             out.append(replace(u, weights=_apply(sent[u.site], new)))
         return out
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
 from privmed.errors import TrainingDiverged
 from privmed.federation.experiment import Experiment, validation_rounds
+from privmed.federation.instructions import SPLITS, ScoreRequest, Scores
 from privmed.federation.site import predict, resolve_device
 from privmed.federation.strategies import GLOBAL, State, Weights
 from privmed.federation.transport import Sites
@@ -44,20 +44,6 @@ from privmed.tasks.base import metrics_and_counts
 SELECTION = "highest validation {metric} over all sites' validation data (pooled), earliest round on ties"
 SELECTION_LOCAL = "each site's model: highest {metric} on that site's own validation data"
 SELECTION_LAST = "the last round's model (no validation data plays a part in the choice)"
-SPLITS = ("val", "test")
-
-# per split: (metrics, counts) of one model on one site's patients
-Scores = dict[str, tuple[dict, dict]]
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """Score `weights` (the model `model_key`) on site `site`'s own patients of `splits`."""
-
-    site: str
-    model_key: str
-    weights: Weights
-    splits: tuple[str, ...] = SPLITS
 
 
 def model_keys(state: State) -> list[str]:

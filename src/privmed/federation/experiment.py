@@ -17,6 +17,7 @@ from privmed.data.sites import SiteData, own_site, pooled_site, split_into_sites
 from privmed.federation.adversary import Adversary, adversary_for
 from privmed.federation.client import LedgerTerms
 from privmed.federation.facts import DataFacts, SiteProfile, reference_label_shares
+from privmed.federation.robust import with_aggregator
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError, PrivmedError
@@ -306,10 +307,10 @@ def plan_experiment(
     model_factory = make_model_factory(cfg, data, task)
     initial = get_weights(model_factory())
     norm = norm_state_mask(model_factory())
-    strategy = build_strategy(
+    strategy = with_aggregator(build_strategy(
         cfg.federation, seed=cfg.seed, local_lr=cfg.training.lr,
         shared=[not m for m in norm] if any(norm) else None,
-    )
+    ), cfg.federation)
     if strategy.pools_data and pooled is None:
         raise ConfigError("federation.strategy: 'pooled' puts all data in one place; it has no sites")
     trainers = [pooled()] if strategy.pools_data else sites

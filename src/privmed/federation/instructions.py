@@ -1,5 +1,6 @@
 """What a coordinator asks of a site, in any runner: train from these weights in this round of this
-run (and, under secure aggregation, how to shape the contribution). Platform-free; the Flower
+run (and, under secure aggregation, how to shape the contribution), or score these weights on the
+site's own patients (ScoreRequest; the site answers Scores). Platform-free; the Flower
 runner carries it in Flower's records (privmed.federation.flower.messages).
 
 Every reply a site computes from its patients is bound to a digest of everything that shaped it:
@@ -16,7 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privmed.federation.strategies import TrainTask
+from privmed.federation.strategies import TrainTask, Weights
+
+SPLITS = ("val", "test")
+
+# per split: (metrics, counts) of one model on one site's patients
+Scores = dict[str, tuple[dict, dict]]
 
 
 def _hash_arrays(h: "hashlib._Hash", arrays) -> None:  # noqa: ANN001
@@ -54,6 +60,16 @@ class Instruction:
         h.update(repr(fields).encode())
         _hash_arrays(h, list(t.weights) + list(t.correction or []))
         return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score `weights` (the model `model_key`) on site `site`'s own patients of `splits`."""
+
+    site: str
+    model_key: str
+    weights: Weights
+    splits: tuple[str, ...] = SPLITS
 
 
 def release_digest(ins: Instruction, setup_digest: str) -> str:

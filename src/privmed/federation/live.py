@@ -28,8 +28,8 @@ from privmed.federation.stages import StageFailed
 from privmed.tasks.names import metric_label
 
 if TYPE_CHECKING:
-    from privmed.federation.evaluation import ScoreRequest, Scores
     from privmed.federation.experiment import Experiment
+    from privmed.federation.instructions import ScoreRequest, Scores
     from privmed.federation.run_state import RunState
     from privmed.federation.stages import StageOutcome
     from privmed.federation.strategies import SecureStrategy, TrainTask

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from privmed.config import AGGREGATORS, aggregator_min_sites
-from privmed.federation.strategies import GLOBAL, SiteUpdate, State, Weights, _is_float, contribution, weighted_mean
+from privmed.federation.strategies import GLOBAL, SiteUpdate, State, Weights, contribution, is_float, weighted_mean
 
 if TYPE_CHECKING:
+    from privmed.config import FederationConfig
     from privmed.federation.strategies import Strategy
 
 RULES = AGGREGATORS
@@ -78,6 +79,14 @@ def combine(
                                      aggregation_rule=flwr_agg.aggregate_krum, to_keep=0)
 
 
+def with_aggregator(inner: Strategy, fed: FederationConfig) -> Strategy:
+    """`inner` (strategies.build_strategy's) aggregating by `fed.aggregator`: itself for 'mean',
+    else wrapped in RobustAggregation."""
+    if fed.aggregator == "mean":
+        return inner
+    return RobustAggregation(inner, fed.aggregator, byzantine=fed.byzantine, clip=fed.update_clip)
+
+
 class RobustAggregation:
     """A strategy whose one-model aggregation goes through a robust rule: the inner strategy
     (FedAvg, FedProx or an adaptive server optimizer) gets, in place of the sites' updates, one
@@ -104,8 +113,8 @@ class RobustAggregation:
         robust = combine(self.rule, deltas, counts, byzantine=self.byzantine, clip=self.clip)
         mean = weighted_mean(deltas, counts)
         # integer entries (counters) take the mean, as every strategy gives them
-        change = [r if _is_float(a) else m for r, m, a in zip(robust, mean, x, strict=True)]
-        combined = [np.asarray(a.astype(np.float64) + c if _is_float(a) else np.rint(a.astype(np.float64) + c))
+        change = [r if is_float(a) else m for r, m, a in zip(robust, mean, x, strict=True)]
+        combined = [np.asarray(a.astype(np.float64) + c if is_float(a) else np.rint(a.astype(np.float64) + c))
                     .astype(a.dtype, copy=False) for a, c in zip(x, change)]
         first = updates[0]
         merged = SiteUpdate(site=f"{self.rule}({len(updates)} sites)", weights=combined,

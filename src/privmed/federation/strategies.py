@@ -111,7 +111,7 @@ def _mean64(updates: list[SiteUpdate]) -> Weights:
     )
 
 
-def _is_float(a: np.ndarray) -> bool:
+def is_float(a: np.ndarray) -> bool:
     """Floating entries move by the strategies' rules; integer ones (e.g. BatchNorm's
     num_batches_tracked) just take the weighted mean."""
     return np.issubdtype(np.asarray(a).dtype, np.floating)
@@ -194,8 +194,8 @@ class FedAvg:
         new = []
         for x, d in zip(state[GLOBAL], delta, strict=True):
             x64 = x.astype(np.float64)
-            m = x64 + (self.server_lr if _is_float(x) else 1.0) * d
-            if not _is_float(x):
+            m = x64 + (self.server_lr if is_float(x) else 1.0) * d
+            if not is_float(x):
                 m = np.rint(m)
             new.append(np.asarray(m).astype(x.dtype, copy=False))
         return {**state, GLOBAL: new}
@@ -416,14 +416,14 @@ class Scaffold:
                 raise ValueError(f"SCAFFOLD needs the local steps taken (> 0); {u.site!r} reports {k!r}")
             step = float(k) * self.local_lr
             new_ci[u.site] = [
-                ci - cj + (xj - np.asarray(y, dtype=np.float64)) / step if _is_float(xo)
+                ci - cj + (xj - np.asarray(y, dtype=np.float64)) / step if is_float(xo)
                 else np.zeros_like(ci)
                 for ci, cj, xj, y, xo in zip(state[self._key(u.site)], c, x64, u.weights, x, strict=True)
             ]
         mean = _mean64(updates)
         new_x = []
         for xo, xj, m in zip(x, x64, mean, strict=True):
-            if _is_float(xo):
+            if is_float(xo):
                 m = xj + self.server_lr * (m - xj)
             new_x.append(np.asarray(m).astype(xo.dtype, copy=False))
         new_c = weighted_mean([new_ci[u.site] for u in updates], [u.n_samples for u in updates])
@@ -482,7 +482,7 @@ class FedOpt:
         new_x, new_m, new_v = [], [], []
         for xo, mo, vo, d in zip(state[GLOBAL], state["_m"], state["_v"], delta, strict=True):
             x = xo.astype(np.float64)
-            if _is_float(xo):
+            if is_float(xo):
                 m = self.beta1 * mo + (1 - self.beta1) * d
                 v = self._second_moment(vo, d * d)
                 y = x + self.server_lr * m / (np.sqrt(v) + self.tau)
@@ -589,13 +589,7 @@ def registry() -> dict[str, type]:
 def build_strategy(
     fed: FederationConfig, *, seed: int, local_lr: float, shared: list[bool] | None = None
 ) -> Strategy:
-    """The strategy `fed` names. `local_lr`: the sites' learning rate (SCAFFOLD's control variates);
-    `shared`: one flag per state entry, False for normalisation layers (FedBN), None when the model
-    has none."""
-    cls = strategy_class(fed.strategy)
-    inner = cls.from_config(fed, seed=seed, local_lr=local_lr, shared=shared)
-    if fed.aggregator == "mean":
-        return inner
-    from privmed.federation.robust import RobustAggregation
-
-    return RobustAggregation(inner, fed.aggregator, byzantine=fed.byzantine, clip=fed.update_clip)
+    """The strategy `fed` names (aggregating by the mean: `robust.with_aggregator` applies
+    `fed.aggregator`). `local_lr`: the sites' learning rate (SCAFFOLD's control variates); `shared`:
+    one flag per state entry, False for normalisation layers (FedBN), None when the model has none."""
+    return strategy_class(fed.strategy).from_config(fed, seed=seed, local_lr=local_lr, shared=shared)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from privmed import __version__
+from privmed._version import __version__
 from privmed.federation.accounting import privacy_summary, secure_summary
 from privmed.federation.evaluation import Evaluator, mean_metrics, pooled_test_source
 from privmed.federation.experiment import Experiment

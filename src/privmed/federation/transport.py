@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Protocol
 from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
 from privmed.federation.site import Site
 from privmed.federation.experiment import scoring_site
-from privmed.federation.instructions import Instruction
+from privmed.federation.instructions import Instruction, ScoreRequest, Scores
 from privmed.federation.stages import StageFailed, StageOutcome
 from privmed.federation.strategies import SecureStrategy, SecureSum, TrainTask
 
 __all__ = ["InProcessSites", "Sites", "StageFailed", "StageOutcome", "required_sites", "secure_round"]
 
 if TYPE_CHECKING:
-    from privmed.federation.evaluation import Scores, ScoreRequest
     from privmed.federation.experiment import Experiment
 
 

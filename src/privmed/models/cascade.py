@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from privmed.tasks.kspace import complex_abs, fft2c, ifft2c, unpack_input
+from privmed.kspace import complex_abs, fft2c, ifft2c, unpack_input
 
 # Keeps the gradient of |x| finite at 0 (background pixels); adds at most 1e-6 to a magnitude.
 _ABS_EPS = 1e-12
@@ -58,7 +58,7 @@ def residual_cnn(width: int, n_convs: int) -> nn.Sequential:
 
 
 class DeepCascade(nn.Module):
-    """(N, 3, H, W) packed [k_re, k_im, mask] (see `privmed.tasks.kspace.pack_input`) ->
+    """(N, 3, H, W) packed [k_re, k_im, mask] (see `privmed.kspace.pack_input`) ->
     (N, 1, H, W) magnitude image. Any H, W: the network is fully convolutional."""
 
     def __init__(

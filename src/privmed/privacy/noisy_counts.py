@@ -8,9 +8,9 @@ test patients, and the noise multiplier a number of such releases needs.
 
 The unit is one patient of the scored split, under add/remove-one-patient neighbouring. The caller
 (privmed.tasks.counts) computes the exact counts so that one patient moves each block `key` by a
-vector of L2 norm at most `bound` (clipping and per-patient weighting make that true). The
-mechanism adds N(0, (noise_multiplier * bound / sqrt(share))^2) to every entry of block `key`:
-equivalently, it scales block `key` by sqrt(share) / bound, which gives the whole released vector
+vector of L2 norm at most `bound` (clipping and per-patient weighting, `patient_weights`, make that
+true). The mechanism adds N(0, (noise_multiplier * bound / sqrt(share))^2) to every entry of block
+`key`: equivalently, it scales block `key` by sqrt(share) / bound, which gives the whole released vector
 an L2 sensitivity of sqrt(sum of shares) = 1, and adds N(0, noise_multiplier^2) to every entry. So
 one release is the Gaussian mechanism with that noise multiplier at sensitivity 1: the accountants'
 Release(noise_multiplier, 1.0, 1) (every patient of the split is in it, no subsampling), and
@@ -77,6 +77,15 @@ def sensitivity(blocks: Sequence[Block]) -> float:
     """The L2 sensitivity of the released vector after each block is scaled by sqrt(share) / bound:
     sqrt(sum of shares), 1 for valid blocks. What the noise multiplier multiplies."""
     return math.sqrt(sum(b.share for b in blocks))
+
+
+def patient_weights(patient: np.ndarray | None, n: int) -> np.ndarray:
+    """(n,) float64 weight of each item: 1/k for an item of a patient with k items in the set (so
+    every patient weighs 1 in total); 1 each when `patient` is None (each item its own patient)."""
+    if patient is None:
+        return np.ones(n)
+    _, inverse, k = np.unique(np.asarray(patient), return_inverse=True, return_counts=True)
+    return 1.0 / k[inverse.reshape(-1)]
 
 
 def gaussian_release(counts: Counts, blocks: Sequence[Block], noise_multiplier: float,

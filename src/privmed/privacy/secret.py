@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
@@ -93,8 +92,3 @@ class SecretKey:
 
     def __reduce__(self):  # noqa: ANN204 - a key is never pickled into a checkpoint or message
         raise TypeError("a SecretKey is not picklable: it never leaves the party that holds it")
-
-
-def is_private_file(path: Path) -> bool:
-    """Whether only the owner can read `path` (POSIX modes)."""
-    return (os.stat(path).st_mode & 0o077) == 0

@@ -68,7 +68,6 @@ CLASSIFICATION_ROWS = (  # (key, label) of the metrics shown in the headline tab
     ("loss", "Loss (cross-entropy)"),
     ("n", None),  # None: the count of what the task scores ("Images", "Patients")
 )
-METRIC_ROWS = CLASSIFICATION_ROWS  # the name older callers know
 SURVIVAL_ROWS = (
     ("c_index", "C-index (concordance)"),
     ("loss", "Loss (Cox partial likelihood)"),

@@ -16,7 +16,7 @@ from privmed.report.words import NA, as_dict, as_int, fmt_number, fmt_span, get,
 
 if TYPE_CHECKING:  # for annotations only: the report imports this module without torch
     from privmed.privacy.accountants import Release
-    from privmed.report.statement import StatementFiles
+    from privmed.report.statement_files import StatementFiles
 
 COORDINATOR = "the coordinator"
 # strategy -> who received a site's update, and what became of it (privmed.catalog: `to_whom`;

@@ -26,12 +26,12 @@ import functools
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
-from privmed import __version__, catalog
+from privmed import catalog
+from privmed._version import __version__
 from privmed.errors import PrivmedError, RunDirError, unknown_name
 from privmed.io import write_text
 from privmed.privacy.figures import format_epsilon
@@ -40,6 +40,7 @@ from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
 from privmed.report.private import PRIVATE_DIR, PRIVATE_NOTE, audit_file, shareable_audit
 from privmed.report.readers import read_json, read_jsonl, read_yaml
 from privmed.report.released import released_inversion_of_run, released_rows
+from privmed.report.statement_files import StatementFiles
 from privmed.report.words import (
     NA,
     as_dict,
@@ -71,37 +72,6 @@ PRIVATE_SITE_DIR = ("private", "sites")  # where a simulation keeps each site's 
 
 class StatementError(PrivmedError):
     """The statement cannot be made: no such site, no such state directory, nothing to say."""
-
-
-@dataclass(frozen=True)
-class StatementFiles:
-    """What the statement reads: the run's files (None or [] where missing) and, where the run
-    keeps it or `--state` names it, the site's own ledger (every release it made, in any run)."""
-
-    path: Path
-    site: str
-    config: dict
-    summary: dict | None
-    metrics: list[dict]
-    run_id: str | None
-    ledger: PrivacyLedger | None
-    site_ledger: SiteLedger | None
-    site_ledger_file: Path | None
-    audit: dict | None  # private/audit.json; privmed.report.private.shareable_audit's view unless `private`
-    simulated: bool  # the site's own state (secret key, ledger) lives in this run directory
-    public_test: bool  # the coordinator scored a public test set itself (predictions.npz)
-    missing: tuple[str, ...]  # files the statement draws on that the run directory lacks
-    sources: tuple[str, ...]  # the files it read, as the page lists them
-    private: bool = False  # the page that shows the audit's results (never shared)
-
-    @property
-    def mode(self) -> str:
-        """The run's privacy.mode: 'dp-sgd', 'central' or 'none'."""
-        return str(get(self.summary, "privacy", "mode") or get(self.config, "privacy", "mode") or "none")
-
-    @property
-    def strategy(self) -> str:
-        return str(get(self.summary, "strategy") or get(self.config, "federation", "strategy") or NA)
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -10,8 +10,6 @@ import math
 import numpy as np
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
-METRICS = ("auc", "accuracy", "balanced_accuracy", "ece")
-
 
 def roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:
     """Binary: AUC of the positive-class probability. K > 2: one-vs-rest macro AUC over the classes

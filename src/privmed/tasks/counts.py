@@ -47,7 +47,7 @@ from typing import Callable
 
 import numpy as np
 
-from privmed.privacy.noisy_counts import Block, gaussian_release
+from privmed.privacy.noisy_counts import Block, gaussian_release, patient_weights
 
 Counts = dict[str, np.ndarray]
 
@@ -548,15 +548,6 @@ SURVIVAL_SHARES = {"pairs": 0.8, "n": 0.1, "events": 0.1}
 """Survival: 0.8 to the concordant and comparable pairs (the c-index), 0.1 each to n and events.
 The Cox loss is not released (one patient enters every risk set it is in: its sensitivity grows
 with the split's size times the risk's range, and the noise would drown it): loss_sum is NaN."""
-
-
-def patient_weights(patient: np.ndarray | None, n: int) -> np.ndarray:
-    """(n,) float64 weight of each item: 1/k for an item of a patient with k items in the set (so
-    every patient weighs 1 in total); 1 each when `patient` is None (each item its own patient)."""
-    if patient is None:
-        return np.ones(n)
-    _, inverse, k = np.unique(np.asarray(patient), return_inverse=True, return_counts=True)
-    return 1.0 / k[inverse.reshape(-1)]
 
 
 def safe_probabilities(probs: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Reconstruction: an image from undersampled k-space. The metrics per volume and the sums a site
-reports (metrics and loss per item: privmed.tasks.recon_metrics; k-space: privmed.tasks.kspace).
+reports (metrics and loss per item: privmed.tasks.recon_metrics; k-space: privmed.kspace).
 
 Inputs are packed k-space (N, 3, H, W) [k_re, k_im, mask]; predictions and targets magnitude images
 (N, 1, H, W) in [0, 1]. PSNR, SSIM and NMSE are computed per slice, averaged over each volume's
@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from privmed.tasks.kspace import unpack_input, zero_filled
+from privmed.kspace import unpack_input, zero_filled
 from privmed.tasks.recon_metrics import nmse, psnr, ssim
 
 FIGURES = ("psnr", "ssim", "nmse")
@@ -83,8 +83,7 @@ def private_reconstruction_counts(pred: np.ndarray, target: np.ndarray, inputs: 
     loss_sum: each slice's L1 clipped at L1_MAX, weighted 1/(slices of its patient): <= L1_MAX;
     volumes: 1.
     Non-finite predictions count as 0. Shares: RECONSTRUCTION_SHARES."""
-    from privmed.privacy.noisy_counts import Block
-    from privmed.tasks.counts import patient_weights
+    from privmed.privacy.noisy_counts import Block, patient_weights
 
     pred = np.where(np.isfinite(pred), pred, 0.0).astype(np.float32)
     zf = zero_filled_images(inputs)

@@ -222,8 +222,7 @@ def private_segmentation_counts(probs: np.ndarray, target: np.ndarray, patient: 
         <= loss_max;
     volumes: 1.
     Non-finite probabilities count as 1/K. Shares: SEGMENTATION_SHARES."""
-    from privmed.privacy.noisy_counts import Block
-    from privmed.tasks.counts import patient_weights
+    from privmed.privacy.noisy_counts import Block, patient_weights
 
     k = probs.shape[1]
     probs = np.where(np.isfinite(probs), probs, 1.0 / k)

@@ -14,8 +14,8 @@ from flwr.serverapp.grid import Grid
 
 from privmed.config import RunConfig
 from privmed.errors import PrivmedError
-from privmed.federation.evaluation import ScoreRequest, Scores
 from privmed.federation.experiment import Experiment
+from privmed.federation.instructions import ScoreRequest, Scores
 from privmed.federation.flower import messages as M
 from privmed.federation.flower import trace
 from privmed.federation.strategies import SecureStrategy, SiteUpdate, TrainTask

@@ -1,5 +1,6 @@
-"""Single-coil Cartesian k-space, simulated from magnitude images: the maths of the reconstruction
-task (torch and MONAI only; no files, no global random state).
+"""Single-coil Cartesian k-space, simulated from magnitude images: the maths that the reconstruction
+data (privmed.data.recon), model (privmed.models.cascade) and task share. Imports only torch and
+MONAI, no privmed module, so it sits below data, models and tasks; no files, no global random state.
 
     mask = cartesian_mask("random", 4, width=W, generator=g)          # (1, 1, 1, W) float32 0/1
     k = simulate_kspace(image, mask, noise_std=0.01, generator=g)     # (N, 2, H, W) real, imag
