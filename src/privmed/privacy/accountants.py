@@ -14,15 +14,17 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
-from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privmed.errors import ConfigError, unknown_name
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# opacus (which imports torch) and dp_accounting (scipy.signal) are imported where an accountant
+# runs, not here: a ledger that is read, a release that is checked, `privmed --help` need neither.
 
 # PRV adds this to its estimate to report a guaranteed upper bound, so no PRV epsilon is below it.
 PRV_EPS_ERROR = 0.01
@@ -30,8 +32,9 @@ PRV_EPS_ERROR = 0.01
 # 0.1% of it for epsilon >= 1 (always on the safe side).
 PLD_DISCRETIZATION = 1e-3
 REFERENCE_PLD_DISCRETIZATION = 1e-4
-# Opacus' default orders stop at 63, which is loose for epsilon above ~10; dp-accounting goes to 1024.
-RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, 128, 256, 512, 1024]
+# Opacus' default orders (RDPAccountant.DEFAULT_ALPHAS) stop at 63, which is loose for epsilon above
+# ~10; dp-accounting goes to 1024. `_rdp` uses Opacus' orders and these.
+MORE_RDP_ORDERS = [128, 256, 512, 1024]
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,9 @@ def independent_epsilon(releases: Sequence[Release], delta: float, method: str =
         return math.inf
     if not history:
         return 0.0
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     if method == "pld":
         accountant = PLDAccountant(value_discretization_interval=REFERENCE_PLD_DISCRETIZATION)
     else:
@@ -154,6 +160,8 @@ def _merged(releases: Sequence[Release]) -> History | None:
 
 
 def _prv(history: History, delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
     accountant = PRVAccountant()
     accountant.history = list(history)
     # Far past any sane budget (epsilon in the hundreds) PRV's grid overflows or it gives up; the RDP
@@ -167,10 +175,12 @@ def _prv(history: History, delta: float) -> float:
 
 
 def _rdp(history: History, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     with _no_order_range_warning():
-        return accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS)
+        return accountant.get_epsilon(delta=delta, alphas=[*RDPAccountant.DEFAULT_ALPHAS, *MORE_RDP_ORDERS])
 
 
 @contextlib.contextmanager
@@ -184,12 +194,16 @@ def _no_order_range_warning() -> Iterator[None]:
 
 
 def _pld(history: History, delta: float) -> float:
+    from dp_accounting.pld import PLDAccountant
+
     accountant = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     accountant.compose(_dp_event(history))
     return accountant.get_epsilon(delta)
 
 
 def _dp_event(history: History) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     return dp_accounting.ComposedDpEvent(
         [
             dp_accounting.SelfComposedDpEvent(
