@@ -160,27 +160,73 @@ def _merged(releases: Sequence[Release]) -> History | None:
 
 
 def _prv(history: History, delta: float) -> float:
-    from opacus.accountants import PRVAccountant
-
-    accountant = PRVAccountant()
-    accountant.history = list(history)
     # Far past any sane budget (epsilon in the hundreds) PRV's grid overflows or it gives up; the RDP
     # bound is still a valid upper bound there.
     try:
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"), _no_order_range_warning():
-            eps = float(accountant.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+            eps = float(_prv_epsilon(history, delta, PRV_EPS_ERROR))
     except (RuntimeError, ValueError, MemoryError):
         eps = math.nan
     return eps if not math.isnan(eps) else _rdp(history, delta)
 
 
+def _prv_epsilon(history: History, delta: float, eps_error: float) -> float:
+    """Opacus' `PRVAccountant.get_epsilon(delta, eps_error=eps_error)` of `history`, the same steps on
+    the same numbers (opacus 1.6: prv.py and analysis/prv/domain.py), except that the RDP bounds that
+    size its grid come from `_rdp_epsilon`, which computes each order's RDP of one step once per noise
+    and sample rate. Opacus recomputes them on every call, most of the time of a call; a calibration
+    and an epsilon curve ask for the same noise and sample rate again and again.
+    tests/test_privacy_accounting.py checks that the two agree exactly."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.prv import (
+        Domain,
+        PoissonSubsampledGaussianPRV,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        discretize,
+    )
+
+    delta_error = delta / 1000
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    counts = [steps for _, _, steps in history]
+    total = sum(counts)
+    # compute_safe_domain_size: the RDP bound at delta_error / 4 of all the steps, and of each
+    # mechanism's single step at delta_error / (8 x the steps)
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    size = _rdp_epsilon(history, delta_error / 4, orders)
+    for sigma, q, _ in history:
+        size = max(size, _rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total), orders))
+    size = max(size, eps_error) + 3
+    mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+    domain = Domain.create_aligned(-size, size, mesh_size)
+    dprvs = [discretize(TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max), domain) for prv in prvs]
+    dprv = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+    _, _, eps_upper = dprv.compute_epsilon(delta, delta_error, eps_error)
+    return eps_upper
+
+
 def _rdp(history: History, delta: float) -> float:
     from opacus.accountants import RDPAccountant
 
-    accountant = RDPAccountant()
-    accountant.history = list(history)
     with _no_order_range_warning():
-        return accountant.get_epsilon(delta=delta, alphas=[*RDPAccountant.DEFAULT_ALPHAS, *MORE_RDP_ORDERS])
+        return _rdp_epsilon(history, delta, [*RDPAccountant.DEFAULT_ALPHAS, *MORE_RDP_ORDERS])
+
+
+def _rdp_epsilon(history: History, delta: float, orders: Sequence[float]) -> float:
+    """Opacus' `RDPAccountant.get_epsilon(delta, alphas=orders)` of `history`, the same sum of the
+    same arrays, with each order's RDP of one step memoised (`_rdp_of_one_step`)."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    rdp = sum([np.array([_rdp_of_one_step(q, sigma, a) for a in orders]) * steps for sigma, q, steps in history])
+    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _rdp_of_one_step(q: float, sigma: float, order: float) -> float:
+    from opacus.accountants.analysis.rdp import _compute_rdp
+
+    return _compute_rdp(q, sigma, order)
 
 
 @contextlib.contextmanager
