@@ -71,33 +71,6 @@ def test_prv_and_rdp_are_opacus_accountants_to_the_last_bit(name):
             assert _prv_epsilon(history, delta, PRV_EPS_ERROR) == prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR)
         assert _rdp(history, delta) == rdp.get_epsilon(delta=delta, alphas=[*rdp.DEFAULT_ALPHAS, *MORE_RDP_ORDERS])
 
-
-def test_without_opacus_loaded_the_accountants_load_no_torch_and_give_opacus_numbers():
-    """Where opacus is not imported yet (`privmed privacy plan`), privmed loads opacus' accountant
-    analysis without `import opacus` (torch): the numbers must still be opacus' own, to the bit."""
-    import subprocess
-    import sys
-
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    from privmed.privacy.accountants import MORE_RDP_ORDERS, OPACUS_RDP_ORDERS, PRV_EPS_ERROR
-
-    assert OPACUS_RDP_ORDERS == RDPAccountant.DEFAULT_ALPHAS
-    history = [(1.0, 0.01, 1000), (2.0, 0.03, 500)]
-    code = (
-        "import sys\n"
-        "from privmed.privacy.accountants import PRV_EPS_ERROR, _prv_epsilon, _rdp\n"
-        f"h = {history!r}\n"
-        f"print(repr(float(_prv_epsilon(h, {DELTA!r}, PRV_EPS_ERROR))), repr(float(_rdp(h, {DELTA!r}))))\n"
-        "assert 'torch' not in sys.modules and 'opacus' not in sys.modules, 'torch loaded'\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    prv_eps, rdp_eps = map(float, out.split())
-    prv, rdp = PRVAccountant(), RDPAccountant()
-    prv.history, rdp.history = list(history), list(history)
-    assert prv_eps == prv.get_epsilon(delta=DELTA, eps_error=PRV_EPS_ERROR)
-    assert rdp_eps == rdp.get_epsilon(delta=DELTA, alphas=[*rdp.DEFAULT_ALPHAS, *MORE_RDP_ORDERS])
-
 def test_releases_of_one_setting_compose_like_one_run():
     rounds = [Release(1.0, 0.01, 100)] * 10
     for accountant in ("prv", "rdp", "pld"):

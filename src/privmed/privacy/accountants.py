@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
-import importlib.util
 import math
 import numbers
-import sys
-import types
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
@@ -39,7 +34,6 @@ PLD_DISCRETIZATION = 1e-3
 REFERENCE_PLD_DISCRETIZATION = 1e-4
 # Opacus' default orders (RDPAccountant.DEFAULT_ALPHAS) stop at 63, which is loose for epsilon above
 # ~10; dp-accounting goes to 1024. `_rdp` uses Opacus' orders and these.
-OPACUS_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # as opacus 1.6 has them
 MORE_RDP_ORDERS = [128, 256, 512, 1024]
 
 
@@ -183,9 +177,14 @@ def _prv_epsilon(history: History, delta: float, eps_error: float) -> float:
     and sample rate. Opacus recomputes them on every call, most of the time of a call; a calibration
     and an epsilon curve ask for the same noise and sample rate again and again.
     tests/test_privacy_accounting.py checks that the two agree exactly."""
-    prv_analysis = _opacus_analysis("prv")
-    Domain, PoissonSubsampledGaussianPRV = prv_analysis.Domain, prv_analysis.PoissonSubsampledGaussianPRV
-    TruncatedPrivacyRandomVariable = prv_analysis.TruncatedPrivacyRandomVariable
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.prv import (
+        Domain,
+        PoissonSubsampledGaussianPRV,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        discretize,
+    )
 
     delta_error = delta / 1000
     prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
@@ -193,29 +192,31 @@ def _prv_epsilon(history: History, delta: float, eps_error: float) -> float:
     total = sum(counts)
     # compute_safe_domain_size: the RDP bound at delta_error / 4 of all the steps, and of each
     # mechanism's single step at delta_error / (8 x the steps)
-    orders = OPACUS_RDP_ORDERS
+    orders = RDPAccountant.DEFAULT_ALPHAS
     size = _rdp_epsilon(history, delta_error / 4, orders)
     for sigma, q, _ in history:
         size = max(size, _rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total), orders))
     size = max(size, eps_error) + 3
     mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
     domain = Domain.create_aligned(-size, size, mesh_size)
-    dprvs = [prv_analysis.discretize(TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max), domain)
-             for prv in prvs]
-    dprv = prv_analysis.compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+    dprvs = [discretize(TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max), domain) for prv in prvs]
+    dprv = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
     _, _, eps_upper = dprv.compute_epsilon(delta, delta_error, eps_error)
     return eps_upper
 
 
 def _rdp(history: History, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
     with _no_order_range_warning():
-        return _rdp_epsilon(history, delta, [*OPACUS_RDP_ORDERS, *MORE_RDP_ORDERS])
+        return _rdp_epsilon(history, delta, [*RDPAccountant.DEFAULT_ALPHAS, *MORE_RDP_ORDERS])
 
 
 def _rdp_epsilon(history: History, delta: float, orders: Sequence[float]) -> float:
     """Opacus' `RDPAccountant.get_epsilon(delta, alphas=orders)` of `history`, the same sum of the
     same arrays, with each order's RDP of one step memoised (`_rdp_of_one_step`)."""
-    get_privacy_spent = _opacus_analysis("rdp").get_privacy_spent
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     rdp = sum([np.array([_rdp_of_one_step(q, sigma, a) for a in orders]) * steps for sigma, q, steps in history])
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
@@ -223,34 +224,9 @@ def _rdp_epsilon(history: History, delta: float, orders: Sequence[float]) -> flo
 
 @functools.lru_cache(maxsize=1 << 16)
 def _rdp_of_one_step(q: float, sigma: float, order: float) -> float:
-    return _opacus_analysis("rdp")._compute_rdp(q, sigma, order)
+    from opacus.accountants.analysis.rdp import _compute_rdp
 
-
-_OPACUS_ALIAS = "privmed.privacy._opacus_accountants"
-
-
-@functools.cache
-def _opacus_analysis(name: str) -> types.ModuleType:
-    """opacus.accountants.analysis.`name` (`prv` or `rdp`: numpy and scipy only)."""
-    return importlib.import_module(f"{_opacus_accountants()}.analysis.{name}")
-
-
-@functools.cache
-def _opacus_accountants() -> str:
-    """`import opacus` runs opacus/__init__.py, which imports torch: most of the time of `privmed
-    privacy plan`. So where opacus is not loaded yet, the files of opacus.accountants are loaded as a
-    private package instead: the same code, less its `rdp` module (the accountant class, which imports
-    opacus' optimizers and torch), which analysis/prv/domain.py imports for compute_safe_domain_size
-    only, and `_prv_epsilon` does those steps itself. tests/test_privacy_accounting.py checks the
-    numbers against opacus' own accountants, loaded either way."""
-    if "opacus" in sys.modules:
-        return "opacus.accountants"
-    package = types.ModuleType(_OPACUS_ALIAS)
-    package.__path__ = [str(Path(importlib.util.find_spec("opacus").origin).parent / "accountants")]
-    left_out = types.ModuleType(f"{_OPACUS_ALIAS}.rdp")
-    left_out.RDPAccountant = None  # used by compute_safe_domain_size only
-    sys.modules[_OPACUS_ALIAS], sys.modules[left_out.__name__] = package, left_out
-    return _OPACUS_ALIAS
+    return _compute_rdp(q, sigma, order)
 
 
 @contextlib.contextmanager
