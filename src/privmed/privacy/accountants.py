@@ -224,9 +224,9 @@ def _rdp_epsilon(history: History, delta: float, orders: Sequence[float]) -> flo
 
 @functools.lru_cache(maxsize=1 << 16)
 def _rdp_of_one_step(q: float, sigma: float, order: float) -> float:
-    from opacus.accountants.analysis.rdp import _compute_rdp
+    from opacus.accountants.analysis.rdp import compute_rdp
 
-    return _compute_rdp(q, sigma, order)
+    return float(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[order])[0])
 
 
 @contextlib.contextmanager
