@@ -53,6 +53,24 @@ def test_rdp_matches_dp_accounting_rdp(name):
     assert eps >= reference(name)
 
 
+
+@pytest.mark.parametrize("name", HISTORIES)
+def test_prv_and_rdp_are_opacus_accountants_to_the_last_bit(name):
+    """privmed's PRV and RDP (opacus' steps, with each order's RDP of one step memoised) give exactly
+    the numbers of opacus' own PRVAccountant and RDPAccountant."""
+    import numpy as np
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    from privmed.privacy.accountants import MORE_RDP_ORDERS, PRV_EPS_ERROR, _merged, _prv_epsilon, _rdp
+
+    history = _merged(HISTORIES[name])
+    for delta in (DELTA, 1e-7):
+        prv, rdp = PRVAccountant(), RDPAccountant()
+        prv.history, rdp.history = list(history), list(history)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            assert _prv_epsilon(history, delta, PRV_EPS_ERROR) == prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR)
+        assert _rdp(history, delta) == rdp.get_epsilon(delta=delta, alphas=[*rdp.DEFAULT_ALPHAS, *MORE_RDP_ORDERS])
+
 def test_releases_of_one_setting_compose_like_one_run():
     rounds = [Release(1.0, 0.01, 100)] * 10
     for accountant in ("prv", "rdp", "pld"):

@@ -30,7 +30,7 @@ from privmed.privacy import PrivacyLedger, Release, epsilon_spent, independent_e
 from privmed.privacy.dpsgd import patient_batches, poisson_batches
 from privmed.privacy.figures import format_epsilon
 from privmed.privacy.plan import SiteFacts, make_plan, sample_rate_and_steps
-from privmed.privacy_cli import plan_site
+from privmed.cli.privacy import plan_site
 
 
 def dp_config(**over) -> dict:

@@ -249,7 +249,7 @@ def test_the_inversion_line_is_what_the_run_released(audited, capsys):
     line = next(s for s in re.findall(r"<li>(.*?)</li>", text) if "Images rebuilt" in s)
     assert f"PSNR {released:.1f} dB" in line and "DP-SGD update" in line
     assert f"{plain:.1f}" not in line
-    from privmed.cli import _inversion_line
+    from privmed.cli.audit import inversion_line as _inversion_line
 
     assert f"PSNR {released:.1f} dB" in _inversion_line(results["inversion"])
 

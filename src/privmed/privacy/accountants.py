@@ -14,16 +14,18 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
-from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privmed import catalog
 from privmed.errors import ConfigError, unknown_name
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# opacus (which imports torch) and dp_accounting (scipy.signal) are imported where an accountant
+# runs, not here: a ledger that is read, a release that is checked, `privmed --help` need neither.
 
 # PRV adds this to its estimate to report a guaranteed upper bound, so no PRV epsilon is below it.
 PRV_EPS_ERROR = 0.01
@@ -31,8 +33,9 @@ PRV_EPS_ERROR = 0.01
 # 0.1% of it for epsilon >= 1 (always on the safe side).
 PLD_DISCRETIZATION = 1e-3
 REFERENCE_PLD_DISCRETIZATION = 1e-4
-# Opacus' default orders stop at 63, which is loose for epsilon above ~10; dp-accounting goes to 1024.
-RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, 128, 256, 512, 1024]
+# Opacus' default orders (RDPAccountant.DEFAULT_ALPHAS) stop at 63, which is loose for epsilon above
+# ~10; dp-accounting goes to 1024. `_rdp` uses Opacus' orders and these.
+MORE_RDP_ORDERS = [128, 256, 512, 1024]
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,9 @@ def independent_epsilon(releases: Sequence[Release], delta: float, method: str =
         return math.inf
     if not history:
         return 0.0
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     if method == "pld":
         accountant = PLDAccountant(value_discretization_interval=REFERENCE_PLD_DISCRETIZATION)
     else:
@@ -155,23 +161,73 @@ def _merged(releases: Sequence[Release]) -> History | None:
 
 
 def _prv(history: History, delta: float) -> float:
-    accountant = PRVAccountant()
-    accountant.history = list(history)
     # Far past any sane budget (epsilon in the hundreds) PRV's grid overflows or it gives up; the RDP
     # bound is still a valid upper bound there.
     try:
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"), _no_order_range_warning():
-            eps = float(accountant.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+            eps = float(_prv_epsilon(history, delta, PRV_EPS_ERROR))
     except (RuntimeError, ValueError, MemoryError):
         eps = math.nan
     return eps if not math.isnan(eps) else _rdp(history, delta)
 
 
+def _prv_epsilon(history: History, delta: float, eps_error: float) -> float:
+    """Opacus' `PRVAccountant.get_epsilon(delta, eps_error=eps_error)` of `history`, the same steps on
+    the same numbers (opacus 1.6: prv.py and analysis/prv/domain.py), except that the RDP bounds that
+    size its grid come from `_rdp_epsilon`, which computes each order's RDP of one step once per noise
+    and sample rate. Opacus recomputes them on every call, most of the time of a call; a calibration
+    and an epsilon curve ask for the same noise and sample rate again and again.
+    tests/test_privacy_accounting.py checks that the two agree exactly."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.prv import (
+        Domain,
+        PoissonSubsampledGaussianPRV,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        discretize,
+    )
+
+    delta_error = delta / 1000
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    counts = [steps for _, _, steps in history]
+    total = sum(counts)
+    # compute_safe_domain_size: the RDP bound at delta_error / 4 of all the steps, and of each
+    # mechanism's single step at delta_error / (8 x the steps)
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    size = _rdp_epsilon(history, delta_error / 4, orders)
+    for sigma, q, _ in history:
+        size = max(size, _rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total), orders))
+    size = max(size, eps_error) + 3
+    mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+    domain = Domain.create_aligned(-size, size, mesh_size)
+    dprvs = [discretize(TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max), domain) for prv in prvs]
+    dprv = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+    _, _, eps_upper = dprv.compute_epsilon(delta, delta_error, eps_error)
+    return eps_upper
+
+
 def _rdp(history: History, delta: float) -> float:
-    accountant = RDPAccountant()
-    accountant.history = list(history)
+    from opacus.accountants import RDPAccountant
+
     with _no_order_range_warning():
-        return accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS)
+        return _rdp_epsilon(history, delta, [*RDPAccountant.DEFAULT_ALPHAS, *MORE_RDP_ORDERS])
+
+
+def _rdp_epsilon(history: History, delta: float, orders: Sequence[float]) -> float:
+    """Opacus' `RDPAccountant.get_epsilon(delta, alphas=orders)` of `history`, the same sum of the
+    same arrays, with each order's RDP of one step memoised (`_rdp_of_one_step`)."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    rdp = sum([np.array([_rdp_of_one_step(q, sigma, a) for a in orders]) * steps for sigma, q, steps in history])
+    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _rdp_of_one_step(q: float, sigma: float, order: float) -> float:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return float(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[order])[0])
 
 
 @contextlib.contextmanager
@@ -185,12 +241,16 @@ def _no_order_range_warning() -> Iterator[None]:
 
 
 def _pld(history: History, delta: float) -> float:
+    from dp_accounting.pld import PLDAccountant
+
     accountant = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     accountant.compose(_dp_event(history))
     return accountant.get_epsilon(delta)
 
 
 def _dp_event(history: History) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     return dp_accounting.ComposedDpEvent(
         [
             dp_accounting.SelfComposedDpEvent(

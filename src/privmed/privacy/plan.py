@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from privmed.config import PrivacyConfig
 from privmed.errors import ConfigError
 from privmed.privacy.accountants import Release, epsilon_spent
 from privmed.privacy.calibration import check_delta, noise_for_epsilon
-from privmed.privacy.dpsgd import MIN_NOISE_MULTIPLIER
 from privmed.privacy.figures import format_budget, format_epsilon
 from privmed.privacy.ledger import PrivacyLedger
 from privmed.privacy.noisy_counts import scoring_noise
+
+if TYPE_CHECKING:  # the config and DP-SGD (torch, opacus) stay unloaded for `privmed privacy plan`
+    from privmed.config import PrivacyConfig
 
 # The units each mode may protect, the weaker claim first: dp-sgd one record, or a patient when the
 # data names each item's patient; central a whole site.
@@ -295,6 +296,8 @@ def make_plan(
     `finetune_steps` (dp-sgd): one more turn of that many steps after the last round, planned and
     calibrated with the rounds. `scorings`: per split, the scorings each site releases in the run
     (None: no scoring plan)."""
+    from privmed.privacy.dpsgd import MIN_NOISE_MULTIPLIER
+
     mode = privacy.mode
     if mode not in UNITS:
         raise ValueError(f"no privacy plan for mode {mode!r}")

@@ -4,17 +4,70 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from privmed.errors import ConfigError, RunDirError
-from privmed.privacy.accountants import Release, check_accountant_name, epsilon_spent
-from privmed.privacy.calibration import check_delta, noise_for_epsilon
 from privmed.privacy.figures import format_budget, format_epsilon, unit_note
-from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
-from privmed.privacy.plan import sample_rate_and_steps
-from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
 
 CURVE_POINTS = 12  # epochs shown in the epsilon curve (evenly spread, always the last)
+EXIT_BAD_INPUT = 2
+
+
+def add_parser(sub) -> None:  # noqa: ANN001
+    priv = sub.add_parser(
+        "privacy", help="plan a privacy budget, or show what a run has spent",
+        description="Differential privacy: `plan` finds the noise that meets a budget; `spent` shows "
+        "a run's privacy ledger.",
+    )
+    priv_sub = priv.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND")
+    plan = priv_sub.add_parser(
+        "plan", help="the noise multiplier for a budget, and the epsilon curve over epochs",
+        description="Given a budget (epsilon, delta), a site's size, the batch size and the training "
+        "length, print the DP-SGD noise multiplier that meets the budget and the epsilon spent after "
+        "each epoch. With CONFIG instead, plan every site of that run (loads its data).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  privmed privacy plan --epsilon 8 --patients 1570 --batch-size 256 --epochs 30\n"
+        "  privmed privacy plan --noise-multiplier 1.1 --patients 1570 --batch-size 256 --steps 200\n"
+        "  privmed privacy plan configs/pneumonia-dp.yaml --set privacy.epsilon=3",
+    )
+    plan.add_argument("config", nargs="?", type=Path, metavar="CONFIG", help="plan the sites of this run config")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="override a value of CONFIG (repeatable)")
+    plan.add_argument("--hospital", dest="hospitals", action="append", default=[], type=Path,
+                      metavar="SITE_CONFIG", help="with CONFIG: plan for the hospitals these site configs "
+                      "describe, each from its own data (repeatable)")
+    plan.add_argument("--epsilon", type=float, help="the budget (give this or --noise-multiplier)")
+    plan.add_argument("--noise-multiplier", type=float, help="fixed noise: report the epsilon it spends")
+    plan.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")
+    plan.add_argument("--patients", type=int,
+                      help="patients at the site (the privacy unit; images, where the data names no patients)")
+    plan.add_argument("--batch-size", type=int, help="expected batch size (patients per step)")
+    length = plan.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="passes over the data")
+    length.add_argument("--steps", type=int, help="DP-SGD steps in all")
+    plan.add_argument("--accountant", default="prv", help="prv (default), rdp or pld")
+    spent = priv_sub.add_parser(
+        "spent", help="a run's privacy ledger as a table",
+        description="Print RUN_DIR/privacy_ledger.json as a table: per site, the epsilon spent "
+        "(recomputed from the recorded releases), the budget and the releases. Given a hospital's "
+        "state directory (privmed join --state, or RUN_DIR/private/sites/SITE), its own ledger: "
+        "every release it made, in any run.",
+    )
+    spent.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.privacy_command == "plan":
+        print(plan(args))
+        return 0
+    if args.privacy_command == "spent":
+        print(spent(args.run_dir))
+        return 0
+    print("privmed privacy: give a subcommand: plan or spent (see privmed privacy --help)", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -58,19 +111,11 @@ def plan_site(
     accountant: str = "prv",
 ) -> str:
     """The noise for one site's DP-SGD training and its epsilon after each epoch, as text."""
-    for flag, value in (("--patients", patients), ("--batch-size", batch_size)):
-        if value is None:
-            raise ConfigError(f"privacy plan: {flag} is required (or give a CONFIG)")
-        if value < 1:
-            raise ConfigError(f"privacy plan: {flag}: {value} is not allowed (an integer >= 1)")
-    if epochs is None and steps is None:
-        raise ConfigError("privacy plan: give --epochs or --steps (how long the site trains)")
-    if (epochs if epochs is not None else steps) < 1:
-        raise ConfigError(f"privacy plan: --{'epochs' if epochs is not None else 'steps'} must be >= 1")
-    if epsilon is None and noise_multiplier is None:
-        raise ConfigError("privacy plan: give --epsilon (the budget) or --noise-multiplier")
-    if noise_multiplier is not None and not (0 < noise_multiplier < math.inf):
-        raise ConfigError(f"privacy plan: --noise-multiplier: {noise_multiplier} is not allowed (> 0)")
+    from privmed.privacy.accountants import Release, check_accountant_name, epsilon_spent
+    from privmed.privacy.calibration import check_delta, noise_for_epsilon
+    from privmed.privacy.plan import sample_rate_and_steps
+
+    _check_site_args(epsilon, noise_multiplier, patients, batch_size, epochs, steps)
     check_accountant_name(accountant)
     check_delta(delta, patients, "patients at the site")
     q, per_epoch = sample_rate_and_steps(patients, batch_size, 1, None)
@@ -107,6 +152,23 @@ def plan_site(
         "",
         table(["epoch", "steps", "epsilon"], rows),
     ])
+
+
+def _check_site_args(epsilon: float | None, noise_multiplier: float | None, patients: int | None,
+                     batch_size: int | None, epochs: int | None, steps: int | None) -> None:
+    for flag, value in (("--patients", patients), ("--batch-size", batch_size)):
+        if value is None:
+            raise ConfigError(f"privacy plan: {flag} is required (or give a CONFIG)")
+        if value < 1:
+            raise ConfigError(f"privacy plan: {flag}: {value} is not allowed (an integer >= 1)")
+    if epochs is None and steps is None:
+        raise ConfigError("privacy plan: give --epochs or --steps (how long the site trains)")
+    if (epochs if epochs is not None else steps) < 1:
+        raise ConfigError(f"privacy plan: --{'epochs' if epochs is not None else 'steps'} must be >= 1")
+    if epsilon is None and noise_multiplier is None:
+        raise ConfigError("privacy plan: give --epsilon (the budget) or --noise-multiplier")
+    if noise_multiplier is not None and not (0 < noise_multiplier < math.inf):
+        raise ConfigError(f"privacy plan: --noise-multiplier: {noise_multiplier} is not allowed (> 0)")
 
 
 def plan_config(path: Path, overrides: list[str], hospitals: list[Path] | None = None) -> str:
@@ -155,6 +217,9 @@ def spent(run_dir: Path) -> str:
     """The run's ledger as a table; every epsilon recomputed from the recorded releases. `run_dir`
     may also be a hospital's own state (`privmed join --state`, or RUN_DIR/private/sites/SITE):
     then its own ledger, every release it made in any run."""
+    from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
+    from privmed.privacy.site_ledger import SITE_LEDGER_FILE
+
     path = Path(run_dir) / LEDGER_FILE
     if not Path(run_dir).is_dir():
         raise RunDirError(f"{run_dir}: not a directory")
@@ -199,6 +264,8 @@ def spent(run_dir: Path) -> str:
 
 def _site_spent(state: Path) -> str:
     """A hospital's own ledger as a table: one row per release, in the order made."""
+    from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
+
     ledger = SiteLedger.load(state / SITE_LEDGER_FILE)
     rows = [
         [r.run, str(r.round), r.purpose, f"{r.noise_multiplier:.4g}", f"{r.sample_rate:.4g}", str(r.steps)]

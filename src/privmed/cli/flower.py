@@ -2,25 +2,81 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
-from tqdm import tqdm
-
-from privmed import io
-from privmed.config import RunConfig, load_config
+from privmed.cli.common import dashboard_arg, flower_args
 from privmed.errors import PrivmedError
 
+if TYPE_CHECKING:
+    from privmed.config import RunConfig
 
 REJOIN_SECONDS = 3.0
+
+
+def add_parser(sub) -> None:  # noqa: ANN001
+    certs = sub.add_parser(
+        "certs", help="make a certificate authority and the coordinator's TLS certificate",
+        description="Write DIR/ca.crt, ca.key, server.crt and server.key. The coordinator keeps "
+        "them all; every hospital gets a copy of ca.crt only.",
+    )
+    certs.add_argument("dir", type=Path, metavar="DIR")
+    certs.add_argument(
+        "--name", dest="names", action="append", metavar="HOST",
+        help="a host name or IP address the hospitals reach the coordinator at (repeatable; "
+        "localhost, 127.0.0.1 and ::1 are always covered)",
+    )
+    keys = sub.add_parser(
+        "keys", help="make a hospital's node-authentication key pair",
+        description="Write DIR/NAME (private: stays at the hospital) and DIR/NAME.pub (goes to the "
+        "coordinator, who passes its folder to `privmed serve --keys`).",
+    )
+    keys.add_argument("dir", type=Path, metavar="DIR")
+    keys.add_argument("--name", required=True, help="the site's name, as in the config")
+    serve = sub.add_parser(
+        "serve", help="start the coordinator (a Flower SuperLink) with TLS and node authentication",
+        description="Start a Flower SuperLink that hospitals join with `privmed join` and runs are "
+        "submitted to with `privmed run --runner flower`. Runs until interrupted (Ctrl-C).",
+    )
+    serve.add_argument("--certs", type=Path, help="the directory `privmed certs` wrote")
+    serve.add_argument("--keys", type=Path, help="the hospitals' public keys (*.pub files, or one file)")
+    serve.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT to listen on (default 0.0.0.0:9092)")
+    serve.add_argument("--home", type=Path, help="Flower's state directory (default ~/.privmed/flower)")
+    serve.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: local tests only")
+    dashboard_arg(serve, "the coordinator: the hospitals registered and online and the run in progress")
+    join = sub.add_parser(
+        "join", help="start one hospital (a Flower SuperNode) that trains on its own data",
+        description="Connect this hospital to the coordinator at --server and train and score there "
+        "when a run asks. SITE_CONFIG names the hospital, its own data (a folder or table of its "
+        "patients only), its split and its privacy budget; the coordinator learns its counts and "
+        "its data's shape, nothing else. With --site, CONFIG is instead a run config whose data "
+        "every party holds (a rehearsal on public data) and this hospital is its site NAME. Runs "
+        "until interrupted (Ctrl-C).",
+    )
+    join.add_argument("config", type=Path, metavar="SITE_CONFIG")
+    join.add_argument("--site", help="rehearsal: CONFIG is a run config, and this hospital is its site NAME")
+    join.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    join.add_argument("--key", type=Path, help="this hospital's private key (from `privmed keys`)")
+    join.add_argument(
+        "--state", type=Path,
+        help="this hospital's own state: its secret key for DP noise and its privacy ledger, kept "
+        "across runs and restarts (default: ~/.privmed/sites/SITE); never share it",
+    )
+    flower_args(join, server=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"certs": certs, "keys": keys, "serve": serve, "join": join}[args.command](args)
+
 
 
 def _stop_on_sigterm() -> None:
@@ -97,6 +153,10 @@ def serve(args) -> int:  # noqa: ANN001
 
 def _resolved_config(cfg: RunConfig, home: Path, kind: str) -> Path:
     """Write the resolved config (overrides applied) where Flower's processes read it."""
+    import yaml
+
+    from privmed import io
+
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = home / "configs" / f"{kind}-{cfg.name or 'run'}-{digest}.yaml"
@@ -107,7 +167,7 @@ def _resolved_config(cfg: RunConfig, home: Path, kind: str) -> Path:
 def join(args) -> int:  # noqa: ANN001
     """The hospital's process holds its site (data, model) for as long as it runs; the SuperNode's
     short-lived ClientApp processes relay each message to it."""
-    from privmed.config import load_site_config
+    from privmed.config import load_config, load_site_config
     from privmed.federation.client import lock_state
     from privmed.federation.flower import deploy
     from privmed.federation.flower.site_service import SiteEndpoint, serve_site
@@ -159,8 +219,11 @@ def join(args) -> int:  # noqa: ANN001
         sock.unlink(missing_ok=True)
 
 
-def run(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
-    """Submit the run to the coordinator at --server, follow it, and return its summary."""
+def submit(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
+    """`privmed run --runner flower`: submit the run to the coordinator at --server, follow it, and
+    return its summary."""
+    from tqdm import tqdm
+
     from privmed.federation.flower import deploy
     from privmed.federation.rundir import RunDir
     from privmed.models import check_model_name
