@@ -45,65 +45,87 @@ def test_an_included_canary_adds_its_clipped_gradient_over_the_divisor_and_nothi
     assert np.array_equal(torch.cat([p.grad.view(-1) for p in params]).numpy(), want)
 
 
-def _dp_run(tmp_path, epsilon: float):
+def _dp_run(out, epsilon: float):
     """A DP-SGD run where each round is one full-batch step, so the coordinator's view of a site's
-    update is one noisy gradient: the setting in which Dirac canaries audit most tightly."""
+    update is one noisy gradient: the setting in which Dirac canaries audit most tightly. No report:
+    the audit reads the run's summary, config and model."""
     cfg = tiny_config(federation__rounds=30, federation__local_steps=1, data__val_fraction=0.2,
                       training__batch_size=96, training__optimizer="sgd", training__lr=0.05,
                       training__momentum=0.0, model__name="dpcnn",
                       privacy={"mode": "dp-sgd", "epsilon": epsilon, "delta": 1e-5})
-    return privmed.run(cfg, tmp_path / f"eps{epsilon:g}")
+    return out, privmed.run(cfg, out, report=False).summary["privacy"]["epsilon"]
 
 
-def test_without_dp_the_canaries_stand_out(tmp_path, one_thread):
+@pytest.fixture(scope="module")
+def dp_runs(tmp_path_factory, one_thread):
+    """Each DP target trained once for the module: (run directory, claimed epsilon) by the epsilon
+    asked for, made on first use. The audits only read a run (each retrains its own copy with the
+    canaries in), so the tests and negative controls below share the one run per epsilon."""
+    made = {}
+
+    def get(epsilon: float):
+        if epsilon not in made:
+            made[epsilon] = _dp_run(tmp_path_factory.mktemp(f"eps{epsilon:g}") / "run", epsilon)
+        return made[epsilon]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def nodp_run(tmp_path_factory, one_thread):
+    """A 3-round run without DP, trained once: audited below and used for the refused requests
+    (no report: the audit reads the run's summary, config and model)."""
+    out = tmp_path_factory.mktemp("nodp") / "run"
     cfg = tiny_config(federation__rounds=3, data__val_fraction=0.2, training__optimizer="sgd",
                       training__lr=0.05, training__momentum=0.9)
-    privmed.run(cfg, tmp_path / "nodp")
-    r = canary_audit(load_target(tmp_path / "nodp"), m=1000, seed=0)
+    privmed.run(cfg, out, report=False)
+    return out
+
+
+def test_without_dp_the_canaries_stand_out(nodp_run):
+    r = canary_audit(load_target(nodp_run), m=1000, seed=0)
     assert r["epsilon_lower"] >= 2.0, r
     assert r["site"] == "site-1" and r["canaries"] == 1000
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])
-def test_the_lower_bound_never_passes_the_claimed_epsilon(tmp_path, one_thread, epsilon):
-    s = _dp_run(tmp_path, epsilon).summary
-    claimed = s["privacy"]["epsilon"]
+def test_the_lower_bound_never_passes_the_claimed_epsilon(dp_runs, epsilon):
+    run, claimed = dp_runs(epsilon)
     assert claimed <= epsilon
-    r = canary_audit(load_target(tmp_path / f"eps{epsilon:g}"), m=1000, seed=0)
+    r = canary_audit(load_target(run), m=1000, seed=0)
     assert r["epsilon_lower"] <= claimed, r
     if epsilon == 8.0:  # the audit has power here: the bound is well above zero
         assert r["epsilon_lower"] > 0.3, r
 
 
-def test_with_the_noise_off_the_bound_passes_the_claimed_epsilon(tmp_path, one_thread, monkeypatch):
+def test_with_the_noise_off_the_bound_passes_the_claimed_epsilon(dp_runs, monkeypatch):
     """Negative control of the test above at epsilon 1: the same run audited with DP-SGD's noise off
     where the noise multiplier reaches it (the claim still 1). Every canary is then told apart and
     the bound, 4.6, passes the claim. (1000 canaries bound epsilon by 4.6 at most, all guessed
     right, so the epsilon 8 case above can never be refuted: there it only shows the audit's power.)"""
     from privmed.federation import site as site_module
 
-    claimed = _dp_run(tmp_path, 1.0).summary["privacy"]["epsilon"]
+    run, claimed = dp_runs(1.0)  # the run the test above audits
     dp_train = site_module.dp_train
     monkeypatch.setattr(site_module, "dp_train",
                         lambda *args, noise_multiplier, **kw: dp_train(*args, noise_multiplier=0.0, **kw))
-    r = canary_audit(load_target(tmp_path / "eps1"), m=1000, seed=0)
+    r = canary_audit(load_target(run), m=1000, seed=0)
     assert r["epsilon_lower"] > claimed, r
 
 
-def test_a_canary_that_escapes_the_clipping_is_caught(tmp_path, one_thread, monkeypatch):
+def test_a_canary_that_escapes_the_clipping_is_caught(dp_runs, monkeypatch):
     """The same audit against a broken mechanism: canaries whose gradient is 10 C, a patient the
     clipping missed. The bound then passes the claimed epsilon (1): the test above could fail."""
-    claimed = _dp_run(tmp_path, 1.0).summary["privacy"]["epsilon"]
+    run, claimed = dp_runs(1.0)  # the run the tests above audit
     draw = GradientCanaries.draw.__func__
     monkeypatch.setattr(canaries_module.GradientCanaries, "draw",
                         classmethod(lambda cls, params, m, clip, seed: draw(cls, params, m, 10 * clip, seed)))
-    r = canary_audit(load_target(tmp_path / "eps1"), m=1000, seed=0)
+    r = canary_audit(load_target(run), m=1000, seed=0)
     assert r["epsilon_lower"] > claimed, r
 
 
-def test_bad_requests_name_the_option(tmp_path, one_thread):
-    privmed.run(tiny_config(federation__rounds=1), tmp_path / "run")
-    target = load_target(tmp_path / "run")
+def test_bad_requests_name_the_option(nodp_run):
+    target = load_target(nodp_run)
     with pytest.raises(ConfigError, match="--site: 'nowhere' is not a site of this run"):
         canary_audit(target, m=10, site="nowhere")
     with pytest.raises(ConfigError, match="--canaries: 1; the audit needs at least 2"):

@@ -52,23 +52,41 @@ def test_the_patch_shortens_only_flowers_fixed_waits(monkeypatch):
 
 
 def test_content_pulls_back_off_briefly_once_patched(monkeypatch):
-    """An object not yet uploaded is asked for again after PULL_BACKOFF, not Flower's 1 s."""
+    """An object not yet uploaded is asked for again after PULL_BACKOFF, not Flower's 1 s: the waits
+    Flower's pull loop asks for are recorded (and skipped), not timed."""
+    import threading
+    import types
+
     from flwr.supercore.inflatable import inflatable_utils as iu
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
     for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
         monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))  # restored after the test
-    assert flower_patch.patch_object_pulls()
-    asked = []
+    waits = []
+
+    class Event(threading.Event):  # Flower waits on its stop event between tries
+        def wait(self, timeout=None):  # noqa: ANN001, ANN202
+            waits.append(timeout)
+            return super().wait(0)
+
+    monkeypatch.setattr(iu, "threading", types.SimpleNamespace(Event=Event, Lock=threading.Lock))
+    monkeypatch.setattr(iu.random, "uniform", lambda a, b: 0.0)  # Flower's +-20% jitter off
 
     def pull(object_id: str) -> bytes:
-        asked.append(time.monotonic())
-        if len(asked) < 3:
+        if len(waits) < 2:
             raise ObjectUnavailableError(object_id)
         return b"x"
 
     assert iu.pull_objects(["a"], pull) == {"a": b"x"}
-    assert asked[-1] - asked[0] < 0.6  # Flower's own: 1 s + 2 s
+    assert waits == [1.0, 2.0]  # Flower's own: 1 s, then twice that
+
+    waits.clear()
+    assert flower_patch.patch_object_pulls()
+    assert iu.pull_objects(["a"], pull) == {"a": b"x"}
+    assert waits == [flower_patch.PULL_BACKOFF, 2 * flower_patch.PULL_BACKOFF]
+    assert flower_patch.PULL_BACKOFF + 2 * flower_patch.PULL_BACKOFF < 0.6
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        assert fn.__kwdefaults__["backoff_cap"] == flower_patch.PULL_BACKOFF_CAP
 
 
 def test_the_superexec_poll_interval_is_one_flower_reads(monkeypatch):

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from conftest import copy_keys, tiny_config
 from privmed.config import DP_SGD_DEFAULTS, PrivacyConfig, validate_config
 from privmed.errors import ConfigError
 from privmed.federation.experiment import prepare_experiment
+from privmed.federation.runner import DIE_IN_ROUND
 from privmed.federation.strategies import GLOBAL, DPFedAvg, SiteUpdate
 from privmed.privacy.secret import SecretKey
 from privmed.privacy.site_ledger import SiteLedger
@@ -212,18 +212,16 @@ def test_kill_and_resume_keeps_the_ledger_exact(tmp_path):
     ref = tmp_path / "ref"
     assert _run(["run", str(cfg), "--out", str(ref), "--quiet"]).returncode == 0
     out = copy_keys(ref, tmp_path / "run")  # the same keys: bit for bit the same run, if uninterrupted
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "privmed", "run", str(cfg), "--out", str(out), "--quiet",
-                             "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / "round-0001.pt").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)  # into round 2
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # killed in round 2 (SIGKILL, by the runner's test-only crash point) once the sites have trained
+    # and released it and both ledgers count it, before the round is checkpointed: the resume must
+    # count round 2 once, not twice and not never
+    env = {**os.environ, "OMP_NUM_THREADS": "1", DIE_IN_ROUND: "2"}
+    r = subprocess.run([sys.executable, "-m", "privmed", "run", str(cfg), "--out", str(out), "--quiet", "--resume"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr
     assert not (out / "summary.json").exists(), "the run finished before it was killed"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["round-0001.pt"]
+    assert [rnd for rnd, _ in PrivacyLedger.load(out / "privacy_ledger.json").releases("site-1")] == [1, 2]
     r = _run(["run", str(cfg), "--out", str(out), "--quiet", "--resume"])
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "privacy_ledger.json").read_text()) == json.loads((ref / "privacy_ledger.json").read_text())

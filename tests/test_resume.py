@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,13 @@ import torch
 import yaml
 
 from conftest import tiny_config
+from privmed.federation.runner import DIE_AFTER_ROUND, DIE_IN_ROUND
 
 TIMING = {"seconds", "train_seconds", "finished"}  # wall-clock: differs between any two runs
 
 
 def _cfg_file(tmp_path: Path) -> Path:
-    cfg = tiny_config(federation__rounds=4)
-    cfg["data"]["samples_per_site"] = 200
+    cfg = tiny_config(federation__rounds=4)  # tiny's 120 images a site: the crash hooks need no long rounds
     f = tmp_path / "cfg.yaml"
     f.write_text(yaml.safe_dump(cfg))
     return f
@@ -40,16 +39,13 @@ def _final(out: Path):
     return summary, model
 
 
-def _kill_when(cfg: Path, out: Path, ready) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "privmed", "run", str(cfg), "--out", str(out), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not ready() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+def _crash(cfg: Path, out: Path, hook: str, rnd: int) -> None:
+    """Run `cfg` into `out` until the runner's test-only crash point `hook` (privmed.federation.runner)
+    at round `rnd` kills it with SIGKILL: at that exact moment, not after a guessed sleep."""
+    env = {**os.environ, hook: str(rnd)}
+    r = subprocess.run([sys.executable, "-m", "privmed", "run", str(cfg), "--out", str(out), "--quiet"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr  # killed by the hook, not finished or failed
 
 
 @pytest.fixture(scope="module")
@@ -62,25 +58,18 @@ def reference(tmp_path_factory):
     return cfg, out
 
 
-def _ckpt_written(out: Path, rnd: int):
-    return lambda: (out / "checkpoints" / f"round-{rnd:04d}.pt").exists()
-
-
 @pytest.mark.parametrize("when", ["after-round-1", "after-round-3", "mid-round-2"])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, reference, when):
     cfg, ref_out = reference
     out = tmp_path / "run"
     if when == "mid-round-2":
-        # Round 1 is checkpointed; kill a moment later, while round 2 is training.
-        ready_1 = _ckpt_written(out, 1)
-        t = {}
-        def ready():
-            if ready_1() and "at" not in t:
-                t["at"] = time.monotonic()
-            return "at" in t and time.monotonic() - t["at"] > 0.3
-        _kill_when(cfg, out, ready)
+        # Round 1 is checkpointed; killed in round 2, once its sites have trained, before it is
+        # scored or checkpointed.
+        _crash(cfg, out, DIE_IN_ROUND, 2)
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["round-0001.pt"]
     else:
-        _kill_when(cfg, out, _ckpt_written(out, int(when[-1])))
+        _crash(cfg, out, DIE_AFTER_ROUND, int(when[-1]))
+        assert (out / "checkpoints" / f"round-000{when[-1]}.pt").exists()
     assert not (out / "summary.json").exists(), "the run finished before it was killed"
 
     r = _run(["run", str(cfg), "--out", str(out), "--resume", "--quiet"])

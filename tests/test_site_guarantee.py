@@ -62,13 +62,24 @@ def _weights(model) -> np.ndarray:
     return np.concatenate([v.detach().numpy().ravel().astype(np.float64) for v in model.state_dict().values()])
 
 
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory, one_thread):
+    """A DP-SGD run of dp_config(), trained once for the module: the tests below only read it (its
+    files, keys and ledgers; a replay copies its keys elsewhere). (directory, its RunResult)"""
+    out = tmp_path_factory.mktemp("dp") / "run"
+    return out, privmed.run(dp_config(), out)
+
+
 @pytest.mark.parametrize("every_patient", [False, True], ids=["poisson-batches", "sample-rate-1"])
-def test_the_seed_attack_fails_without_the_keys_and_the_keys_replay_exactly(tmp_path, every_patient, one_thread):
+def test_the_seed_attack_fails_without_the_keys_and_the_keys_replay_exactly(tmp_path, every_patient, one_thread, request):
     """With sample rate 1 (a batch larger than any site's patients) every step takes every patient,
     whoever draws the batches: the re-run must still miss, so the noise itself comes from the keys,
     not only the Poisson batches."""
-    run = tmp_path / "released"
-    released = privmed.run(dp_config(**({"training__batch_size": 256} if every_patient else {})), run, report=False)
+    if every_patient:
+        run = tmp_path / "released"
+        released = privmed.run(dp_config(training__batch_size=256), run, report=False)
+    else:
+        run, released = request.getfixturevalue("dp_run")
     rates = {site: p["sample_rate"] for site, p in released.summary["privacy"]["plan"].items()}
     assert all((rate == 1.0) == every_patient for rate in rates.values()), rates
     # the attacker: the released config (with its seed) run again, as anyone can
@@ -83,23 +94,23 @@ def test_the_seed_attack_fails_without_the_keys_and_the_keys_replay_exactly(tmp_
     assert np.array_equal(_weights(again.model), w)
 
 
-def test_the_keys_are_private_and_in_nothing_released(tmp_path):
+def test_the_keys_are_private_and_in_nothing_released(tmp_path, dp_run):
     run = tmp_path / "run"
     privmed.run(dp_config(privacy__mode="central", privacy__epsilon=20.0, privacy__delta=0.01,
                           privacy__max_grad_norm=0.5), run)
-    privmed.run(dp_config(), tmp_path / "dp")
+    dp = dp_run[0]
     # central mode's noise too comes from each site's key: the coordinator holds none
     assert not (run / "private" / "coordinator").exists()
-    keys = [k for d in (run, tmp_path / "dp") for k in sorted((d / "private" / "sites").glob("*/secret.key"))]
+    keys = [k for d in (run, dp) for k in sorted((d / "private" / "sites").glob("*/secret.key"))]
     assert len(keys) == 6
-    for d in (run / "private", tmp_path / "dp" / "private"):
+    for d in (run / "private", dp / "private"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700 and (d / "NEVER-SHARE.txt").is_file()
     secrets = []
     for k in keys:
         assert stat.S_IMODE(k.stat().st_mode) == 0o600
         hexkey = [ln for ln in k.read_text().splitlines() if not ln.startswith("#")][0]
         secrets += [hexkey.encode(), bytes.fromhex(hexkey)]
-    released = [f for d in (run, tmp_path / "dp") for f in d.rglob("*") if f.is_file() and "private" not in f.parts]
+    released = [f for d in (run, dp) for f in d.rglob("*") if f.is_file() and "private" not in f.parts]
     assert any(f.name == "model.pt" for f in released) and any(f.suffix == ".pt" for f in released)
     for f in released:
         data = f.read_bytes()
@@ -234,12 +245,11 @@ def test_central_dp_with_secure_aggregation_leaves_room_for_the_rounding():
     assert float(np.sqrt(sum(np.sum(x * x) for x in q))) > clip
 
 
-def test_privacy_spent_reads_a_hospitals_own_ledger(tmp_path):
+def test_privacy_spent_reads_a_hospitals_own_ledger(dp_run):
     import subprocess
     import sys
 
-    privmed.run(dp_config(), tmp_path / "run", report=False)
-    state = tmp_path / "run" / "private" / "sites" / "site-2"
+    state = dp_run[0] / "private" / "sites" / "site-2"
     r = subprocess.run([sys.executable, "-m", "privmed", "privacy", "spent", str(state)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

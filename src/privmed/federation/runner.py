@@ -143,6 +143,7 @@ def _round(
         accounting.record_reported(ledger, rnd, releases, planned)
         if run_dir is not None:
             ledger.save(run_dir.path / LEDGER_FILE)
+    _die_here_in_tests(DIE_IN_ROUND, rnd)
     scores_row, scores = evaluator.evaluate(models, rnd, run)
     update_best(state, scores, models, rnd, keep_last=selects_last(exp))
     state.sample_gradient_steps += train_info["sample_gradient_steps"]
@@ -167,7 +168,26 @@ def _round(
     state.models, state.round = models, rnd
     if run_dir is not None:
         run_dir.save_checkpoint(state.to_checkpoint(exp.config), keep=exp.config.output.keep_checkpoints)
+    _die_here_in_tests(DIE_AFTER_ROUND, rnd)
     return row
+
+
+# Test-only crash points (tests/test_resume.py, tests/test_privacy_runs.py): a test kills a run at an
+# exact moment by setting one of these in the run's environment, instead of sleeping and guessing.
+# Unset (always, outside the tests) they do nothing.
+DIE_AFTER_ROUND = "PRIVMED_TEST_DIE_AFTER_ROUND"  # N: right after round N's checkpoint is written
+DIE_IN_ROUND = "PRIVMED_TEST_DIE_IN_ROUND"  # N: in round N once the sites have trained and the ledger
+# counted what they reported, before the round is scored or checkpointed (a crash mid-round)
+
+
+def _die_here_in_tests(variable: str, rnd: int) -> None:
+    """TEST ONLY. Kill this process with SIGKILL, as a crash or `kill -9` would (no cleanup, no
+    exception handler, no flush), when the environment variable `variable` names round `rnd`."""
+    import os
+    import signal
+
+    if os.environ.get(variable) == str(rnd):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _utc_now() -> str:
