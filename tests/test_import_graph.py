@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = "privmed"
 
 LOWER = ("data", "models", "tasks", "privacy")
-UPPER = ("federation", "report", "audit", "cli", "privacy_cli", "flower_cli", "api")
+UPPER = ("federation", "report", "audit", "cli", "api")
 NO_ROOT = LOWER + ("federation", "report", "audit")
 BELOW_TASKS = ("data", "models")
 LEAVES = ("kspace",)
@@ -159,6 +159,32 @@ def test_no_import_circles():
 def test_layers_point_one_way():
     bad = layer_violations(import_graph())
     assert not bad, "imports against the layers:\n" + "\n".join(bad)
+
+
+# The README's layout, bottom up: a module imports only from its own layer or one below it.
+README_LAYERS = (
+    ("catalog", "config", "errors", "io", "_version"),
+    ("kspace",),
+    ("data", "models", "tasks", "privacy"),
+    ("federation",),
+    ("audit", "report"),
+    ("cli", "api", "flower_server", "dashboard", "tune", "__main__"),
+)
+
+
+def _layer(name: str, root: str = ROOT) -> int | None:
+    top = name.split(".")[1] if name.count(".") else None
+    return next((i for i, tops in enumerate(README_LAYERS) if top in tops), None)
+
+
+def test_every_module_has_its_layer_in_the_readme_and_imports_none_above_it():
+    graph = import_graph()
+    unplaced = sorted({n.split(".")[1] for n in graph if n != ROOT and _layer(n) is None})
+    assert not unplaced, f"modules in no layer of README_LAYERS (and the README's Layout): {unplaced}"
+    bad = [f"{where}:{line}: {a} (layer {_layer(a) + 1}) imports {b} (layer {_layer(b) + 1})"
+           for a, edges in sorted(graph.items()) if a != ROOT
+           for b, (where, line) in sorted(edges.items()) if b != ROOT and _layer(b) > _layer(a)]
+    assert not bad, "imports of a higher layer than the README's Layout allows:\n" + "\n".join(bad)
 
 
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
