@@ -336,7 +336,11 @@ def test_three_hospitals_each_with_only_its_own_folder_and_a_coordinator_with_no
     local = privmed.run(validate_config(yaml.safe_load(coordinator.read_text())),
                         copy_keys(out, tmp_path / "local", tmp_path / "sites"), resume=True, report=False,
                         hospitals=[load_site_config(own[h]) for h in HOSPITALS])
-    for key, value in local.summary["test"].items():
+    # both as written to summary.json: a site whose noisy test counts leave one class empty has no
+    # AUC, which the file holds as null (NaN in memory); the keys are fresh each run, so this happens
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    for key, value in local_summary["test"].items():
         assert summary["test"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     for h in HOSPITALS:
-        assert summary["sites"][h]["test"]["auc"] == pytest.approx(local.summary["sites"][h]["test"]["auc"], rel=1e-6)
+        mine, theirs = summary["sites"][h]["test"]["auc"], local_summary["sites"][h]["test"]["auc"]
+        assert (mine is None and theirs is None) or mine == pytest.approx(theirs, rel=1e-6), (h, mine, theirs)
