@@ -22,7 +22,19 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+# --------------------------------------------------------------------------- privacy modes
+
+
+class PrivacyMode(StrEnum):
+    """How a run protects its patients (`privacy.mode`). A str: it compares equal to its value,
+    and it is written to YAML and JSON as that value."""
+
+    NONE = "none"  # no differential privacy
+    DP_SGD = "dp-sgd"  # each site trains with DP-SGD: per-patient clipping and noise, its own ledger
+    CENTRAL = "central"  # DP-FedAvg: each site's update clipped, noise on the sum (distributed DP)
 
 # --------------------------------------------------------------------------- tasks
 
