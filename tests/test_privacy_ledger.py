@@ -9,6 +9,7 @@ import privmed.privacy.ledger as ledger_module
 from privmed.errors import ConfigError
 from privmed.privacy import LEDGER_FILE, BudgetExceeded, LedgerError, PrivacyLedger, Release, epsilon_spent
 from privmed.privacy.figures import format_epsilon
+from privmed.privacy.ledger import LedgerRelease
 
 DELTA = 1e-5
 STEP = dict(noise_multiplier=1.0, sample_rate=0.02, steps=100)
@@ -103,6 +104,10 @@ def test_dict_round_trip_and_layout():
     assert data["sites"]["idle"] == {"epsilon": 0.0, "releases": []}
     again = PrivacyLedger.from_dict(json.loads(json.dumps(data)))
     assert again.to_dict() == data
+    # the file's releases as typed records, written key for key as they are read
+    assert again.records("a") == [LedgerRelease(r, **STEP) for r in (1, 2)]
+    assert [json.dumps(r.to_json()) for r in again.records("a")] == [json.dumps(d) for d in data["sites"]["a"]["releases"]]
+    assert again.records("a")[0].release == Release(**STEP)
 
 
 @pytest.mark.parametrize("unit", ["patient", "record", "site"])

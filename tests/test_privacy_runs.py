@@ -22,6 +22,8 @@ from conftest import copy_keys, tiny_config
 from privmed.config import DP_SGD_DEFAULTS, PrivacyConfig, validate_config
 from privmed.errors import ConfigError
 from privmed.federation.experiment import prepare_experiment
+from privmed.catalog import PrivacyMode
+from privmed.federation.records import read_metrics, read_summary
 from privmed.federation.runner import DIE_IN_ROUND
 from privmed.federation.strategies import GLOBAL, DPFedAvg, SiteUpdate
 from privmed.privacy.secret import SecretKey
@@ -353,6 +355,11 @@ def test_central_run_accounts_every_site_at_the_site_level(tmp_path):
         assert [r for _, r in ledger.releases(site)] == [Release(sigma, 1.0, 1)] * 2
         assert ledger.epsilon(site) <= 20.0
     assert "the coordinator included, even one that deviates from the protocol" in result.summary["privacy"]["statement"]
+    summary = read_summary(tmp_path / "run")  # typed, and written out again byte for byte
+    assert summary.privacy.mode is PrivacyMode.CENTRAL and summary.privacy.unit == "site"
+    assert json.dumps(summary.to_json(), indent=2) + "\n" == (tmp_path / "run" / "summary.json").read_text()
+    assert [json.dumps(r.to_json()) for r in read_metrics(tmp_path / "run")] == \
+        (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     with pytest.raises(ConfigError, match=r"privacy\.delta: 0\.5 .*1 / \(sites\)"):
         privmed.run(tiny_config(privacy__mode="central", privacy__epsilon=1.0, privacy__delta=0.5))
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import privmed
+from privmed.federation.records import read_metrics, read_summary
 from privmed.federation.strategies import GLOBAL
 from privmed.tasks.base import get_task
 from privmed.tasks.classification import classification_metrics
@@ -113,6 +114,10 @@ def test_run_directory_contents(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b)
     counts = load_counts(out / "test_counts.npz")[GLOBAL]
     assert get_task("classification").metrics_from_counts(counts) == summary["test"]
+    # the typed records read back and write out the files byte for byte
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.dumps(row.to_json()) for row in read_metrics(out)] == lines
+    assert json.dumps(read_summary(out).to_json(), indent=2) + "\n" == (out / "summary.json").read_text()
 
 
 def test_a_public_test_set_is_scored_by_the_coordinator(tmp_path):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import warnings
 
+from privmed.catalog import PrivacyMode
 from privmed.federation.experiment import Experiment
+from privmed.federation.records import PrivacySummary
 from privmed.privacy.accountants import Release
 from privmed.privacy.figures import format_epsilon
 from privmed.privacy.ledger import BudgetExceeded, PrivacyLedger
@@ -93,12 +95,12 @@ def record_reported(
         ledger.replace(site, rnd, releases[0])
 
 
-def privacy_summary(exp: Experiment, ledger: PrivacyLedger | None) -> dict:
+def privacy_summary(exp: Experiment, ledger: PrivacyLedger | None) -> PrivacySummary:
     """What the run's guarantee is, from the ledger: every epsilon here is the ledger's, and `unit`
     what one guarantee protects ('patient', 'record' when the data names no patients, or 'site')."""
     plan = exp.privacy
     if plan is None:
-        return {"mode": "none", "epsilon": None, "statement": NO_PRIVACY}
+        return PrivacySummary(mode=PrivacyMode.NONE, epsilon=None, statement=NO_PRIVACY)
     spent = {site: ledger.epsilon(site) for site in ledger.sites}
     epsilon = max(spent.values())
     scored = sorted(set(ledger.scored_sites) | set(exp.site_names))
@@ -106,7 +108,7 @@ def privacy_summary(exp: Experiment, ledger: PrivacyLedger | None) -> dict:
     scoring_epsilon = max((e for per in scoring.values() for e in per.values()), default=0.0)
     scoring_unit = "patient" if all(p.patient_ids for p in exp.plan.sites) else "record"
     honest = min_sites = None
-    if plan.mode == "central" and exp.config.federation.secure_aggregation:
+    if plan.mode == PrivacyMode.CENTRAL and exp.config.federation.secure_aggregation:
         min_sites = exp.config.federation.min_sites or len(exp.site_names)
         honest = plan.honest_epsilon(min_sites)
     # Rounded up: the statement must never claim a smaller epsilon than the ledger backs.
@@ -115,24 +117,25 @@ def privacy_summary(exp: Experiment, ledger: PrivacyLedger | None) -> dict:
         scoring=None if plan.scoring is None else format_epsilon(scoring_epsilon),
         honest=None if honest is None else format_epsilon(honest), min_sites=min_sites, scoring_unit=scoring_unit,
     )
-    return {
-        "mode": plan.mode,
-        "unit": plan.unit,
-        "mechanism": plan.mechanism,
-        "epsilon": epsilon,
-        "delta": plan.delta,
-        "accountant": plan.accountant,
-        "budget_epsilon": plan.budget,
-        "sites": spent,
-        "max_grad_norm": plan.max_grad_norm,
-        "plan": plan.to_dict()["sites"],
+    return PrivacySummary(
+        mode=PrivacyMode(plan.mode),
+        unit=plan.unit,
+        mechanism=plan.mechanism,
+        epsilon=epsilon,
+        delta=plan.delta,
+        accountant=plan.accountant,
+        budget_epsilon=plan.budget,
+        sites=spent,
+        max_grad_norm=plan.max_grad_norm,
+        plan=plan.to_dict()["sites"],
         # the validation and test patients' line: per site and split, from the scorings released
-        "scoring": None if plan.scoring is None else {
+        scoring=None if plan.scoring is None else {
             **plan.scoring.to_dict(), "unit": scoring_unit, "epsilon": scoring_epsilon, "sites": scoring,
         },
-        **({} if honest is None else {"honest_secure_epsilon": honest, "honest_min_sites": min_sites}),
-        "statement": statement,
-    }
+        honest_secure_epsilon=honest,
+        honest_min_sites=min_sites if honest is not None else None,
+        statement=statement,
+    )
 
 
 def secure_summary(exp: Experiment) -> dict | None:

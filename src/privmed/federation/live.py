@@ -125,9 +125,9 @@ class LiveState:
              "n_train": p.n_train, "n_patients": p.n_patients, "patient_ids": p.patient_ids}
             for name, p in planned.items()
         ] + [h for name, h in old.items() if name not in planned]  # expected, never connected
-        self._data["rounds"] = [_round_row(row, headline) for row in state.history]
+        self._data["rounds"] = [_round_row(row.to_json(), headline) for row in state.history]
         for row in state.history:
-            self._trained(row["round"], [h["name"] for h in self._data["hospitals"] if h["trains"]])
+            self._trained(row.round, [h["name"] for h in self._data["hospitals"] if h["trains"]])
         self._publish()
 
     def stage(self, rnd: int, what: str, sites: list[str] = (), training: bool = False) -> None:

@@ -2,7 +2,7 @@
 
     state = RunState.fresh(exp)                      # round 0
     state = RunState.from_checkpoint(run_dir.load_latest())
-    run_dir.save_checkpoint(state.to_checkpoint(cfg), keep=...)
+    run_dir.save_checkpoint(state.to_checkpoint(cfg), state.history, keep=...)
 
 A checkpoint is plain data (numbers, strings, lists of numpy arrays), so it loads with torch's
 weights_only=True; the layout is the one privmed has always written, so older run directories
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from privmed.config import RunConfig
 from privmed.federation.experiment import Experiment
+from privmed.federation.records import MetricsRow
 from privmed.federation.strategies import State, Weights
 from privmed.privacy.ledger import PrivacyLedger
 
@@ -39,7 +40,7 @@ class RunState:
     round: int  # rounds completed
     models: State  # the strategy's state after `round`
     best: dict[str, Best] = field(default_factory=dict)  # model key -> selected so far
-    history: list[dict] = field(default_factory=list)  # metrics.jsonl's rows
+    history: list[MetricsRow] = field(default_factory=list)  # metrics.jsonl's rows
     wall_seconds: float = 0.0
     train_seconds: float = 0.0  # waiting for the sites' training, as the coordinator saw it
     sample_gradient_steps: int = 0
@@ -62,7 +63,7 @@ class RunState:
             "round": self.round,
             "models": self.models,
             "best": {k: {"round": b.round, "score": b.score, "weights": b.weights} for k, b in self.best.items()},
-            "history": self.history,
+            "history": [row.to_json() for row in self.history],
             "wall_seconds": self.wall_seconds,
             "train_seconds": self.train_seconds,
             "sample_gradient_steps": self.sample_gradient_steps,
@@ -76,7 +77,7 @@ class RunState:
             round=int(ckpt["round"]),
             models=ckpt["models"],
             best={k: Best(int(b["round"]), float(b["score"]), b["weights"]) for k, b in ckpt["best"].items()},
-            history=list(ckpt["history"]),
+            history=[MetricsRow.from_json(row, "checkpoint") for row in ckpt["history"]],
             wall_seconds=float(ckpt["wall_seconds"]),
             train_seconds=float(ckpt["train_seconds"]),
             sample_gradient_steps=int(ckpt["sample_gradient_steps"]),

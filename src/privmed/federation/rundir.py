@@ -11,7 +11,8 @@ Layout (every file written atomically):
                                 state (sites/NAME: its secret key, its ledger, its last release),
                                 and what audits computed from patients (audit.json, ...), owner-only
 A checkpoint holds the metrics history too, so `--resume` rewrites metrics.jsonl from it: a kill
-between the two writes can neither lose nor double a round.
+between the two writes can neither lose nor double a round. summary.json and metrics.jsonl are
+written (here, and only here) and read through their typed records, privmed.federation.records.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import yaml
 from privmed import io
 from privmed.config import RunConfig
 from privmed.errors import RunDirError
+from privmed.federation.records import METRICS_FILE, SUMMARY_FILE, MetricsRow, Summary
 
 _CKPT = re.compile(r"^round-(\d{4,})\.pt$")
 PRIVATE_DIR = "private"
@@ -148,13 +150,18 @@ class RunDir:
         found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT.match(p.name))]
         return sorted(found)
 
-    def save_checkpoint(self, ckpt: dict, keep: int) -> None:
-        """Write round `ckpt['round']`'s checkpoint, then metrics.jsonl, then prune old rounds."""
+    def save_checkpoint(self, ckpt: dict, history: list[MetricsRow], keep: int) -> None:
+        """Write round `ckpt['round']`'s checkpoint, then metrics.jsonl (`history`, the rows the
+        checkpoint holds), then prune old rounds."""
         rnd = int(ckpt["round"])
         io.torch_save(self.path / "checkpoints" / f"round-{rnd:04d}.pt", _to_torch(ckpt))
-        io.write_jsonl(self.path / "metrics.jsonl", ckpt["history"])
+        self.write_metrics(history)
         for r, p in self.checkpoints()[:-keep]:
             p.unlink(missing_ok=True)
+
+    def write_metrics(self, rows: list[MetricsRow]) -> None:
+        """Rewrite metrics.jsonl with `rows`, one line each (the only writer of that file)."""
+        io.write_jsonl(self.path / METRICS_FILE, [row.to_json() for row in rows])
 
     def load_latest(self) -> dict | None:
         """The newest readable checkpoint (as numpy), or None when no round completed."""
@@ -173,7 +180,7 @@ class RunDir:
         return None if privacy is None else dict(privacy["noise"])
 
     # -------------------------------------------------------------- end of run
-    def finish(self, summary: dict, predictions: dict[str, np.ndarray] | None, model: dict,
+    def finish(self, summary: Summary, predictions: dict[str, np.ndarray] | None, model: dict,
                counts: dict[str, dict] | None = None) -> None:
         """Write the end of the run: predictions.npz (only when the coordinator scored a public test
         set itself), test_counts.npz (the pooled test counts of each selected model), model.pt
@@ -187,4 +194,4 @@ class RunDir:
 
             save_counts(self.path / COUNTS_FILE, counts)
         io.torch_save(self.path / "model.pt", _to_torch(model))
-        io.write_json(self.path / "summary.json", summary)
+        io.write_json(self.path / SUMMARY_FILE, summary.to_json())

@@ -21,12 +21,12 @@ import time
 
 from tqdm import tqdm
 
-from privmed import io
 from privmed.errors import RunDirError
 from privmed.federation import accounting
 from privmed.federation.evaluation import Evaluator
 from privmed.federation.experiment import Experiment
 from privmed.federation.live import LiveSites, LiveState
+from privmed.federation.records import MetricsRow
 from privmed.federation.rounds import RoundFailed, train_round_retrying
 from privmed.federation.run_state import RunState
 from privmed.federation.rundir import RunDir
@@ -82,7 +82,7 @@ def _run(
             bar.set_postfix_str(_progress(exp, row))
             bar.update(1)
             if live is not None:
-                live.round_done(row)
+                live.round_done(row.to_json())
     finally:
         bar.close()
     if live is not None:
@@ -106,7 +106,7 @@ def _open(exp: Experiment, run_dir: RunDir | None, resume: bool) -> RunState:
     if run_dir is not None:
         run_dir.start(exp.config)
         if state.history:  # resumed: metrics.jsonl may lag its checkpoint by one write
-            io.write_jsonl(run_dir.path / "metrics.jsonl", state.history)
+            run_dir.write_metrics(state.history)
         if state.privacy is not None:  # and the ledger file may count a round it lacks (written ahead)
             state.privacy.ledger.save(run_dir.path / LEDGER_FILE)
     return state
@@ -115,7 +115,7 @@ def _open(exp: Experiment, run_dir: RunDir | None, resume: bool) -> RunState:
 def _round(
     exp: Experiment, state: RunState, sites: Sites, evaluator: Evaluator, run_dir: RunDir | None, run: str,
     rnd: int, bar: tqdm | None,
-) -> dict:
+) -> MetricsRow:
     """Round `rnd`: charged, trained, scored, kept; returns its metrics row."""
     t0 = time.perf_counter()
     ledger = None if state.privacy is None else state.privacy.ledger
@@ -150,24 +150,26 @@ def _round(
     state.train_seconds += train_info["train_seconds"]
     seconds = time.perf_counter() - t0
     state.wall_seconds += seconds
-    row = {
-        "round": rnd,
+    row = MetricsRow(
+        round=rnd,
         # when the round completed (UTC, the coordinator's clock): what a site's privacy statement
         # says of when its releases left it
-        "finished": _utc_now(),
-        "seconds": seconds,
-        "train_seconds": train_info["train_seconds"],
-        "sample_gradient_steps": state.sample_gradient_steps,
-        "train_loss": train_info["train_loss"],
-        **{k: train_info[k] for k in ("dropped", "attempts") if k in train_info},
-        **({} if epsilon is None else {"epsilon": epsilon}),
+        finished=_utc_now(),
+        seconds=seconds,
+        train_seconds=train_info["train_seconds"],
+        sample_gradient_steps=state.sample_gradient_steps,
+        train_loss=train_info["train_loss"],
+        dropped=train_info.get("dropped"),
+        attempts=train_info.get("attempts"),
+        epsilon=epsilon,
         **scores_row,
         **best_rounds(state.best),
-    }
+    )
     state.history.append(row)
     state.models, state.round = models, rnd
     if run_dir is not None:
-        run_dir.save_checkpoint(state.to_checkpoint(exp.config), keep=exp.config.output.keep_checkpoints)
+        run_dir.save_checkpoint(state.to_checkpoint(exp.config), state.history,
+                                keep=exp.config.output.keep_checkpoints)
     _die_here_in_tests(DIE_AFTER_ROUND, rnd)
     return row
 
@@ -195,13 +197,13 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _progress(exp: Experiment, row: dict) -> str:
+def _progress(exp: Experiment, row: MetricsRow) -> str:
     """The progress bar's note: the headline metric on validation and test data."""
     metric = exp.task.headline
     label = metric_label(metric)
-    parts = [] if not row["val"] else [f"val {label} {_fmt(row['val'][metric])}"]
-    if row["test"]:
-        parts.append(f"test {label} {_fmt(row['test'][metric])}")
+    parts = [] if not row.val else [f"val {label} {_fmt(row.val[metric])}"]
+    if row.test:
+        parts.append(f"test {label} {_fmt(row.test[metric])}")
     return ", ".join(parts)
 
 

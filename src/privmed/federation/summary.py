@@ -12,6 +12,7 @@ from privmed._version import __version__
 from privmed.federation.accounting import privacy_summary, secure_summary
 from privmed.federation.evaluation import Evaluator, mean_metrics, pooled_test_source
 from privmed.federation.experiment import Experiment
+from privmed.federation.records import Summary
 from privmed.federation.run_state import RunState
 from privmed.federation.rundir import RunDir
 from privmed.federation.selection import selection_text, selects_last
@@ -23,7 +24,7 @@ from privmed.privacy.ledger import LEDGER_FILE
 
 @dataclass
 class RunResult:
-    summary: dict
+    summary: dict  # summary.json's content (Summary.to_json(); NaN where the file has null)
     models: dict[str, nn.Module]  # model key ('global', or a site for `local`) -> selected model
     predictions: dict[str, np.ndarray]  # 'labels' and 'probs:<key>' on the pooled test set
 
@@ -57,7 +58,7 @@ def finish(
         if state.privacy is not None:  # with the final scorings (and fine-tuning) counted
             state.privacy.ledger.save(run_dir.path / LEDGER_FILE)
         run_dir.finish(summary, sel.predictions, _model_file(exp, sel), sel.counts)
-    return RunResult(summary=summary, models=sel.models, predictions=sel.predictions or {})
+    return RunResult(summary=summary.to_json(), models=sel.models, predictions=sel.predictions or {})
 
 
 def _selected(exp: Experiment, state: RunState, evaluator: Evaluator, run: str) -> _Selected:
@@ -65,7 +66,7 @@ def _selected(exp: Experiment, state: RunState, evaluator: Evaluator, run: str) 
     coordinator holds a public test set, its counts in any case), and each site's row (its counts
     and the scores of the model that serves it, from the metrics row of the selected round)."""
     task, public = exp.task, exp.public_test
-    history = {row["round"]: row for row in state.history}
+    history = {row.round: row for row in state.history}
     predictions: dict[str, np.ndarray] | None = None
     if public is not None:
         predictions = {"labels": public.labels}
@@ -88,7 +89,7 @@ def _selected(exp: Experiment, state: RunState, evaluator: Evaluator, run: str) 
         set_weights(model, best.weights)
         models[key] = model.eval()
         rounds[key] = best.round
-        for name, scores in history[best.round]["sites"].items():
+        for name, scores in history[best.round].sites.items():
             if key == GLOBAL or key == name:
                 site_rows[name].update(scores)
                 if key != GLOBAL:
@@ -108,8 +109,8 @@ def _headline_scores(exp: Experiment, state: RunState, sel: _Selected, local: bo
         # every site's model scored the same pooled test patients: their counts are not summed
         test = {**mean_metrics(pooled), **{k: pooled[0][k] for k in ("n", "events") if k in pooled[0]}}
         return test, mean_metrics([sel.site_rows[k]["val"] for k in state.best])
-    history = {row["round"]: row for row in state.history}
-    return sel.test[GLOBAL], history[sel.rounds[GLOBAL]]["val"]
+    history = {row.round: row for row in state.history}
+    return sel.test[GLOBAL], history[sel.rounds[GLOBAL]].val
 
 
 def _finetune(exp: Experiment, state: RunState, site_rows: dict, sites: Sites, run: str,
@@ -140,35 +141,35 @@ def _finetune(exp: Experiment, state: RunState, site_rows: dict, sites: Sites, r
 def _summary(
     exp: Experiment, state: RunState, sel: _Selected, local: bool, test_scores: dict, val_scores: dict,
     finetuned: dict | None,
-) -> dict:
+) -> Summary:
     cfg, data = exp.config, exp.data
-    return {
-        "name": cfg.name,
-        "task": cfg.task,
-        "strategy": cfg.federation.strategy,
-        "rounds_completed": state.round,
-        "rounds_planned": cfg.federation.rounds,
-        "best_round": None if local else sel.rounds.get(GLOBAL),
-        "selection": selection_text(exp, local),
+    return Summary(
+        name=cfg.name,
+        task=cfg.task,
+        strategy=cfg.federation.strategy,
+        rounds_completed=state.round,
+        rounds_planned=cfg.federation.rounds,
+        best_round=None if local else sel.rounds.get(GLOBAL),
+        selection=selection_text(exp, local),
         # the rule, typed (federation.model_selection resolved): "best-validation" makes the result
         # depend on the validation scores, which no privacy guarantee covers
-        "selection_rule": "last" if selects_last(exp) else "best-validation",
-        "test": test_scores,
-        "evaluation": {
+        selection_rule="last" if selects_last(exp) else "best-validation",
+        test=test_scores,
+        evaluation={
             "test": pooled_test_source(exp),
             "sites": "each site scores the models on its own validation and test patients and returns "
                      "its metrics and counts; no patient's prediction leaves a site",
         },
-        "test_mean_over_sites": mean_metrics([r.get("test", {}) for r in sel.site_rows.values()]),
-        **({} if finetuned is None else {"test_finetuned_mean_over_sites": finetuned}),
-        "val": val_scores,
-        "sites": sel.site_rows,
-        "wall_seconds": state.wall_seconds,
-        "train_seconds": state.train_seconds,
-        "sample_gradient_steps": state.sample_gradient_steps,
-        "privacy": privacy_summary(exp, None if state.privacy is None else state.privacy.ledger),
-        "secure_aggregation": secure_summary(exp),
-        "data": {
+        test_mean_over_sites=mean_metrics([r.get("test", {}) for r in sel.site_rows.values()]),
+        test_finetuned_mean_over_sites=finetuned,
+        val=val_scores,
+        sites=sel.site_rows,
+        wall_seconds=state.wall_seconds,
+        train_seconds=state.train_seconds,
+        sample_gradient_steps=state.sample_gradient_steps,
+        privacy=privacy_summary(exp, None if state.privacy is None else state.privacy.ledger),
+        secure_aggregation=secure_summary(exp),
+        data={
             "source": cfg.data.source,
             "synthetic": data.synthetic,
             "description": data.description,
@@ -179,13 +180,13 @@ def _summary(
             "feature_names": list(data.feature_names),
             "n_test": len(exp.public_test) if exp.public_test is not None else sum(p.n_test for p in exp.plan.sites),
         },
-        "model": {
+        model={
             "name": cfg.model.name,
             "parameters": int(sum(p.size for p in exp.initial_weights)),
         },
-        "seed": cfg.seed,
-        "privmed_version": __version__,
-    }
+        seed=cfg.seed,
+        privmed_version=__version__,
+    )
 
 
 def _model_file(exp: Experiment, sel: _Selected) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import numbers
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -31,6 +32,30 @@ MECHANISM = "DP-SGD (Poisson-sampled Gaussian)"
 # its own patient); site: central DP (DP-FedAvg) protects a whole site.
 UNITS = ("patient", "record", "site")
 _CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class LedgerRelease:
+    """One DP release a site made in one round, as privacy_ledger.json's `releases` hold it: the
+    noise multiplier (noise std / clipping norm), the sample rate (0-1) and the number of steps."""
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    @property
+    def release(self) -> Release:
+        return Release(self.noise_multiplier, self.sample_rate, self.steps)
+
+    def to_json(self) -> dict:
+        return {"round": self.round, "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "steps": self.steps}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> LedgerRelease:
+        """KeyError or TypeError when `d` is not one (PrivacyLedger.from_dict names the file)."""
+        return cls(d["round"], d["noise_multiplier"], d["sample_rate"], d["steps"])
 
 
 class BudgetExceeded(PrivmedError):
@@ -78,6 +103,10 @@ class PrivacyLedger:
     def releases(self, site: str) -> list[tuple[int, Release]]:
         """[(round, release)] for `site`, in round order."""
         return list(self._site(site))
+
+    def records(self, site: str) -> list[LedgerRelease]:
+        """`site`'s releases as the ledger file holds them, in round order."""
+        return [LedgerRelease(r, rel.noise_multiplier, rel.sample_rate, rel.steps) for r, rel in self._site(site)]
 
     def epsilon(self, site: str) -> float:
         """Epsilon `site` has spent on its training patients over all its recorded releases (and
@@ -193,11 +222,7 @@ class PrivacyLedger:
             "sites": {
                 site: {
                     "epsilon": self.epsilon(site),
-                    "releases": [
-                        {"round": r, "noise_multiplier": rel.noise_multiplier,
-                         "sample_rate": rel.sample_rate, "steps": rel.steps}
-                        for r, rel in history
-                    ],
+                    "releases": [record.to_json() for record in self.records(site)],
                     **({} if site not in self._finetune else {"finetune": {
                         "noise_multiplier": self._finetune[site].noise_multiplier,
                         "sample_rate": self._finetune[site].sample_rate, "steps": self._finetune[site].steps}}),
@@ -224,9 +249,8 @@ class PrivacyLedger:
                 unit=data["unit"], mechanism=data["mechanism"],
             )
             for site, entry in data["sites"].items():
-                for rel in entry["releases"]:
-                    sigma, q, steps = rel["noise_multiplier"], rel["sample_rate"], rel["steps"]
-                    ledger.record(site, rel["round"], sigma, q, steps)
+                for rel in map(LedgerRelease.from_json, entry["releases"]):
+                    ledger.record(site, rel.round, rel.noise_multiplier, rel.sample_rate, rel.steps)
                 if "finetune" in entry:
                     f = entry["finetune"]
                     ledger.record_finetune(site, Release(f["noise_multiplier"], f["sample_rate"], f["steps"]))
