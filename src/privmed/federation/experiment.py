@@ -11,12 +11,13 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from privmed.catalog import PrivacyMode
 from privmed.config import RunConfig, SiteConfig, SitesConfig, validate_config
 from privmed.data import ImageSet, SourceData, load_source
 from privmed.data.sites import SiteData, own_site, pooled_site, split_into_sites
 from privmed.federation.adversary import Adversary, adversary_for
-from privmed.federation.client import LedgerTerms
 from privmed.federation.facts import DataFacts, SiteProfile, reference_label_shares
+from privmed.federation.guard import LedgerTerms
 from privmed.federation.robust import with_aggregator
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
@@ -62,7 +63,7 @@ class Plan:
                 release = (r.noise_multiplier, r.sample_rate, r.steps)
                 f = plan.sites[site].finetune
                 finetune = None if f is None else (f.noise_multiplier, f.sample_rate, f.steps)
-                if plan.mode == "central":
+                if plan.mode == PrivacyMode.CENTRAL:
                     clip = self.strategy.secure_clip if self.config.federation.secure_aggregation else plan.max_grad_norm
         return SiteSetup(self.config.to_dict(), self.data.to_dict(), self.local_steps, release, self.label_shares,
                          finetune, scoring, clip)
@@ -319,12 +320,12 @@ def plan_experiment(
         steps *= len(sites)  # the pooled site does the work of all sites together
     privacy = None
     if cfg.private:
-        if cfg.privacy.mode == "dp-sgd":
+        if cfg.privacy.mode == PrivacyMode.DP_SGD:
             validate_model(model_factory())
         privacy = _privacy_plan(cfg, strategy, trainers, steps, initial)
         if noise is not None:
             privacy = privacy.with_noise(noise)
-        if cfg.privacy.mode == "central":
+        if cfg.privacy.mode == PrivacyMode.CENTRAL:
             sigma = next(iter(privacy.noise_multipliers().values()))  # one server, one noise
             strategy = DPFedAvg(cfg.privacy.max_grad_norm, sigma, len(sites))
             if cfg.federation.secure_aggregation:
@@ -351,27 +352,22 @@ def make_model_factory(cfg: RunConfig, data: DataFacts, task: Task) -> Callable[
 
 
 def build_site(plan: Plan, sd: SiteData) -> Site:
-    """The site that trains on `sd`, as `plan` says (its DP-SGD release, under dp-sgd)."""
-    cfg = plan.config
-    dp = None
-    if plan.privacy is not None and cfg.privacy.mode == "dp-sgd":
-        dp = DPTraining(plan.privacy.release(sd.name), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
-    return Site(sd, plan.model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed,
-                plan.local_steps, dp=dp, task=plan.task, label_shares=plan.label_shares,
-                rounds=cfg.federation.rounds)
+    """The site that trains on `sd` in a simulation, built as a hospital builds its own: from the
+    public setup the plan gives that site (`site_from_setup`)."""
+    return site_from_setup(plan.setup_for(sd.name), sd, plan.data)
 
 
 def scoring_site(plan: Plan, sd: SiteData) -> Site:
     """A site that only scores models on `sd`'s validation and test data (the real sites of a run
-    whose training is pooled)."""
-    cfg = plan.config
-    return Site(sd, plan.model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, task=plan.task)
+    whose training is pooled), built from the public setup the plan gives it."""
+    return site_from_setup(plan.setup_for(sd.name), sd, plan.data, trains=False)
 
 
-def site_from_setup(setup: SiteSetup, sd: SiteData, own: DataFacts) -> Site:
-    """The site that trains on `sd` as the coordinator's `setup` says (a hospital in a deployment
-    builds its site so); ConfigError when the run's data shape is not that of the hospital's data
-    (`own`)."""
+def site_from_setup(setup: SiteSetup, sd: SiteData, own: DataFacts, trains: bool = True) -> Site:
+    """The site on `sd` as the coordinator's `setup` says: the one way a site is built, by a
+    hospital in a deployment and for each site of a simulation. `trains` False: a site that only
+    scores (no steps, no DP-SGD release, no label shares). ConfigError when the run's data shape is
+    not that of the site's data (`own`), or a DP-SGD setup names no release."""
     cfg = setup.run_config()
     data = DataFacts.from_dict(setup.data)
     try:
@@ -379,14 +375,21 @@ def site_from_setup(setup: SiteSetup, sd: SiteData, own: DataFacts) -> Site:
     except PrivmedError as e:
         raise ConfigError(str(e)) from None
     task = get_task(cfg.task, data)
-    dp = None
-    if cfg.privacy.mode == "dp-sgd":
-        if setup.release is None:
-            raise ConfigError("privacy.mode 'dp-sgd', but the coordinator's setup names no release")
-        dp = DPTraining(Release(*setup.release), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
-    return Site(sd, make_model_factory(cfg, data, task), cfg.training, cfg.federation.local_epochs,
-                cfg.seed, setup.local_steps, dp=dp, task=task, label_shares=setup.label_shares,
+    model_factory = make_model_factory(cfg, data, task)
+    if not trains:
+        return Site(sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, task=task)
+    return Site(sd, model_factory, cfg.training, cfg.federation.local_epochs, cfg.seed, setup.local_steps,
+                dp=_dp_training(cfg, setup), task=task, label_shares=setup.label_shares,
                 rounds=cfg.federation.rounds)
+
+
+def _dp_training(cfg: RunConfig, setup: SiteSetup) -> DPTraining | None:
+    """How the site trains under DP-SGD, from the release the setup names (None in another mode)."""
+    if cfg.privacy.mode != PrivacyMode.DP_SGD:
+        return None
+    if setup.release is None:
+        raise ConfigError("privacy.mode 'dp-sgd', but the coordinator's setup names no release")
+    return DPTraining(Release(*setup.release), cfg.privacy.max_grad_norm, cfg.privacy.grad_sample_mode)
 
 
 def secagg_rounding_bound(entries: int, clipping_range: float, bits: int) -> float:

@@ -24,11 +24,13 @@ from pathlib import Path
 from privmed.config import RunConfig, SiteConfig, SitePrivacyConfig
 from privmed.data.sites import SiteData
 from privmed.errors import ConfigError, PrivmedError
-from privmed.federation.client import GuardPolicy, LedgerTerms, SiteClient, SiteGuard
+from privmed.federation.client import SiteClient
 from privmed.federation.experiment import (
     SiteSetup, load_own_site, plan_experiment, simulated_sites, site_from_setup,
 )
 from privmed.federation.facts import DataFacts, SiteProfile
+from privmed.federation.guard import LedgerTerms, SiteGuard
+from privmed.federation.policy import GuardPolicy
 
 
 class NoSetup(PrivmedError):

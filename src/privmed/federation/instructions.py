@@ -84,3 +84,9 @@ def scoring_digest(run: str, rnd: int, split: str, model_key: str, weights, setu
     h.update(repr(("score", run, int(rnd), split, model_key, setup_digest)).encode())
     _hash_arrays(h, weights)
     return h.hexdigest()
+
+
+def described(ins: Instruction) -> str:
+    """An instruction in a refusal: "round 3 of run R", or "'finetune' for round 3 of run R"."""
+    where = f"round {ins.rnd} of run {ins.run or '?'}"
+    return where if ins.purpose == "train" else f"'{ins.purpose}' for {where}"

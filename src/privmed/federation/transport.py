@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from privmed.federation.client import GuardPolicy, SiteClient, SiteGuard
+from privmed.federation.client import SiteClient
+from privmed.federation.guard import SiteGuard
+from privmed.federation.policy import GuardPolicy
 from privmed.federation.site import Site
 from privmed.federation.experiment import scoring_site
 from privmed.federation.instructions import Instruction, ScoreRequest, Scores

@@ -1,7 +1,8 @@
 """A site's training behind Flower: `SiteEndpoint` answers the coordinator's instructions with the
-site's `privmed.federation.site.Site`; `serve_site` makes it reachable, for the whole run, from the
-short-lived ClientApp processes of the site's SuperNode (over a Unix socket only the site's user
-can open).
+site's client (`privmed.federation.client.SiteClient`, which computes every reply, its secure
+contribution included: this layer only carries it); `serve_site` makes it reachable, for the whole
+run, from the short-lived ClientApp processes of the site's SuperNode (over a Unix socket only the
+site's user can open).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import socket
 import struct
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import RecordDict
@@ -24,7 +24,6 @@ from privmed.federation.flower.site_app import (
 from privmed.federation.client import SiteClient
 from privmed.federation.experiment import SiteSetup
 from privmed.federation.hospital import Hospital
-from privmed.federation.strategies import contribution
 from privmed.privacy.site_ledger import SiteRefused
 
 log = logging.getLogger("privmed.site")
@@ -68,26 +67,11 @@ class SiteEndpoint:
         client = self.client
         if ins.purpose == "finetune":  # scored here; the fine-tuned model stays at the site
             return M.encode_scores(client.name, client.finetune(ins)), None
-        update = client.train(ins)
         if not ins.secure:
+            update = client.train(ins)
             return M.encode_update(update, update.weights, update.n_samples), None
-        # central mode: the site clipped its change and added its noise itself (clipping the
-        # noisy change again would only shrink the noise)
-        clip = None if client.policy.mode == "central" else ins.clip
-        arrays = contribution(ins.task.weights, update.weights, clip)
-        weight = update.n_samples if ins.weighting == "samples" else 1
-        # SecAgg+ scales the contribution by its weight share and clips each entry to the range
-        # before quantising: count the entries that clipped (a count, no values). It depends on
-        # the training patients, so under privacy it stays at the site (logged here).
-        share = weight / ins.max_weight
-        clipped = int(sum(int((abs(a * share) > ins.clipping_range).sum()) for a in arrays))
-        if client.policy.private:
-            if clipped:
-                log.warning("round %s: %d update entries outside the SecAgg+ clipping range were "
-                            "clipped", ins.rnd, clipped)
-        else:
-            update = replace(update, metrics={**update.metrics, "secagg_clipped": clipped})
-        return M.encode_update(update, arrays, weight, secure=True), client.secagg_seed(ins)
+        reply = client.contribute(ins)  # computed by the site's client; Flower only carries it
+        return M.encode_update(reply.update, reply.arrays, reply.weight, secure=True), reply.seed
 
 
 def serve_site(endpoint: SiteEndpoint, path: Path) -> threading.Thread:
