@@ -304,7 +304,7 @@ class PrivacyConfig(_Section):
     everything the site releases in the run; `central` gives every site (all its data at once) one
     over the server's noisy averages (DP-FedAvg)."""
 
-    mode: Literal["none", "dp-sgd", "central"] = "none"
+    mode: PrivacyMode = PrivacyMode.NONE
     epsilon: float | None = Field(
         None, gt=0, le=1000,
         description="the budget per site; noise is calibrated up front for all planned rounds and "
