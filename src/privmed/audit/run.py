@@ -33,6 +33,7 @@ from privmed.audit.inversion import InversionSettings
 from privmed.audit.inversion_audit import default_settings, run_inversion, write_images
 from privmed.audit.membership import Target, draw_candidates, load_target, logits_of, train_shadows
 from privmed.audit.updates import Setting
+from privmed.catalog import PrivacyMode
 from privmed.errors import ConfigError
 from privmed.report.private import AUDIT_FILE  # noqa: F401 (older callers import it from here)
 from privmed.report.private import audit_file, move_legacy, private_dir
@@ -192,7 +193,7 @@ class InversionOptions:
         p = target.config.privacy
         eps = self.epsilons
         if eps is None:
-            eps = (p.epsilon,) if p.mode == "dp-sgd" and p.epsilon is not None else (8.0,)
+            eps = (p.epsilon,) if p.mode == PrivacyMode.DP_SGD and p.epsilon is not None else (8.0,)
         bad = [e for e in eps if not (0 < e <= 1000)]
         if bad:
             raise ConfigError(f"--epsilon: {bad[0]:g}; allowed: above 0, up to 1000")
@@ -213,7 +214,7 @@ def _claimed(target: Target) -> dict:
     claimed = {"mode": target.config.privacy.mode, "epsilon": summary_privacy.get("epsilon"),
                "delta": summary_privacy.get("delta"),
                "secure_aggregation": bool(target.summary.get("secure_aggregation"))}
-    if target.config.privacy.mode == "dp-sgd" and claimed["epsilon"] is not None:
+    if target.config.privacy.mode == PrivacyMode.DP_SGD and claimed["epsilon"] is not None:
         # per patient at each site; the bound any membership attack on one patient obeys
         # (rounded up: never below what the claim allows)
         claimed["max_roc_auc"] = math.ceil(dp_roc_auc_bound(claimed["epsilon"], claimed["delta"] or 0.0) * 1e4) / 1e4

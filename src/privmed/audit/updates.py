@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from privmed.audit.membership import Target
+from privmed.catalog import PrivacyMode
 from privmed.config import RunConfig, validate_config
 from privmed.data.sites import SiteData
 from privmed.errors import ConfigError
@@ -213,7 +214,7 @@ class UpdateMaker:
         if epsilon not in self._noise:
             cfg = self.target.config
             p = cfg.privacy
-            if not (p.mode == "dp-sgd" and p.epsilon == epsilon):
+            if not (p.mode == PrivacyMode.DP_SGD and p.epsilon == epsilon):
                 d = cfg.to_dict()
                 d["privacy"] = {"mode": "dp-sgd", "epsilon": float(epsilon), "delta": p.delta,
                                 "max_grad_norm": p.max_grad_norm, "accountant": p.accountant,

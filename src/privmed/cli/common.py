@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from privmed.catalog import PrivacyMode
+
 
 def flower_args(p: argparse.ArgumentParser, server: bool) -> None:
     if server:
@@ -56,7 +58,7 @@ def print_summary(s: dict, out: Path) -> int:
     if s.get("test_finetuned_mean_over_sites"):
         print(f"after local fine-tuning, mean over sites: {scores(s['test_finetuned_mean_over_sites'])}")
     privacy = s.get("privacy") or {}
-    if privacy.get("mode") in ("dp-sgd", "central"):
+    if privacy.get("mode") in (PrivacyMode.DP_SGD, PrivacyMode.CENTRAL):
         _print_privacy(privacy, out)
     else:
         print("privacy: none (privacy.mode none): the model may reveal its training patients")

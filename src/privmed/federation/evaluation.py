@@ -31,6 +31,7 @@ import warnings
 
 import numpy as np
 
+from privmed.catalog import PrivacyMode
 from privmed.errors import TrainingDiverged
 from privmed.federation.experiment import Experiment, validation_rounds
 from privmed.federation.instructions import SPLITS, ScoreRequest, Scores
@@ -68,7 +69,7 @@ class Evaluator:
         self.exp, self.sites = exp, sites
         self.task = exp.task
         cfg = exp.config
-        self.model = exp.model_factory().to(resolve_device(cfg.training, cfg.privacy.mode == "dp-sgd"))
+        self.model = exp.model_factory().to(resolve_device(cfg.training, cfg.privacy.mode == PrivacyMode.DP_SGD))
         self.bs = exp.config.training.eval_batch_size
         self.rounds = set(validation_rounds(cfg))
         # each round's scoring: validation and test patients, or under privacy validation only

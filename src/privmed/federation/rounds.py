@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 from tqdm import tqdm
 
+from privmed.catalog import PrivacyMode
 from privmed.errors import TrainingDiverged
 from privmed.federation.experiment import Experiment
 from privmed.federation.strategies import State
@@ -56,7 +57,7 @@ def train_round(
             steps += upd.metrics["sample_gradient_steps"]
             if "release" in upd.metrics:
                 releases.setdefault(upd.site, []).append(upd.metrics["release"])
-            elif exp.privacy is not None and exp.privacy.mode == "central":
+            elif exp.privacy is not None and exp.privacy.mode == PrivacyMode.CENTRAL:
                 releases.setdefault(upd.site, []).append(exp.privacy.release(upd.site))
             if upd.metrics.get("secagg_clipped"):
                 warnings.warn(

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Mapping
 
+from privmed.catalog import PrivacyMode
 from privmed.errors import ConfigError
 from privmed.privacy.accountants import Release, epsilon_spent
 from privmed.privacy.calibration import check_delta, noise_for_epsilon
@@ -42,10 +43,10 @@ if TYPE_CHECKING:  # the config and DP-SGD (torch, opacus) stay unloaded for `pr
 
 # The units each mode may protect, the weaker claim first: dp-sgd one record, or a patient when the
 # data names each item's patient; central a whole site.
-UNITS = {"dp-sgd": ("record", "patient"), "central": ("site",)}
+UNITS = {PrivacyMode.DP_SGD: ("record", "patient"), PrivacyMode.CENTRAL: ("site",)}
 MECHANISMS = {
-    "dp-sgd": "DP-SGD (Poisson-sampled Gaussian)",
-    "central": "distributed DP-FedAvg (each site clips its update and adds its own Gaussian noise)",
+    PrivacyMode.DP_SGD: "DP-SGD (Poisson-sampled Gaussian)",
+    PrivacyMode.CENTRAL: "distributed DP-FedAvg (each site clips its update and adds its own Gaussian noise)",
 }
 SCORING_MECHANISM = "noisy counts (Gaussian mechanism on each split's counts)"
 
@@ -120,14 +121,14 @@ def guarantee_statement(
     a run made before scorings had a mechanism), per `scoring_unit` ('patient' or 'record'; default:
     the training unit's, 'patient' under central); `honest` (central under secure aggregation): each
     site's epsilon against a coordinator that follows the protocol and sums `min_sites` sites."""
-    if mode == "none":
+    if mode == PrivacyMode.NONE:
         return NO_PRIVACY
     if mode not in UNITS:
-        raise ValueError(f"guarantee_statement: mode {mode!r} is not one of none, {', '.join(UNITS)}")
+        raise ValueError(f"guarantee_statement: mode {str(mode)!r} is not one of none, {', '.join(UNITS)}")
     unit = UNITS[mode][0] if unit is None else unit
     if unit not in UNITS[mode]:
         raise ValueError(
-            f"guarantee_statement: unit {unit!r} is not allowed under mode {mode!r} "
+            f"guarantee_statement: unit {unit!r} is not allowed under mode {str(mode)!r} "
             f"(allowed: {', '.join(UNITS[mode])})"
         )
     text = _TRAINING[unit].format(epsilon=epsilon, delta=delta)
@@ -241,7 +242,7 @@ class PrivacyPlan:
         """central: the epsilon of each site when the coordinator follows the protocol and sees only
         the sum of at least `min_sites` sites' noisy updates (secure aggregation): noise
         sqrt(min_sites) x sigma x C on a sum that one site moves by at most C."""
-        if self.mode != "central":
+        if self.mode != PrivacyMode.CENTRAL:
             raise ValueError("honest_epsilon: only central mode adds noise shares")
         return max(
             epsilon_spent([Release(p.release.noise_multiplier * math.sqrt(min_sites), 1.0, p.release.steps * p.turns)],
@@ -300,23 +301,23 @@ def make_plan(
 
     mode = privacy.mode
     if mode not in UNITS:
-        raise ValueError(f"no privacy plan for mode {mode!r}")
+        raise ValueError(f"no privacy plan for mode {str(mode)!r}")
     if not sites:
         raise ValueError("no sites to plan for")
-    unit = ("patient" if patient_ids else "record") if mode == "dp-sgd" else "site"
+    unit = ("patient" if patient_ids else "record") if mode == PrivacyMode.DP_SGD else "site"
     _check_delta(privacy.delta, unit, sites)
     releases: dict[str, Release] = {}
     calibrated: dict[tuple[float, int], float] = {}  # sites of equal size share one calibration
     for name, facts in sites.items():
-        if mode == "dp-sgd":
+        if mode == PrivacyMode.DP_SGD:
             q, steps = sample_rate_and_steps(facts.n_patients, batch_size, local_epochs, local_steps)
         else:
             q, steps = 1.0, 1  # every site in every round; one Gaussian release of the sum per round
-        tuning = finetune_steps if mode == "dp-sgd" else 0
+        tuning = finetune_steps if mode == PrivacyMode.DP_SGD else 0
         total = steps * facts.turns + tuning
         if privacy.noise_multiplier is not None:
             sigma = privacy.noise_multiplier
-            if mode == "dp-sgd" and sigma < MIN_NOISE_MULTIPLIER:
+            if mode == PrivacyMode.DP_SGD and sigma < MIN_NOISE_MULTIPLIER:
                 raise ConfigError(
                     f"privacy.noise_multiplier: {sigma:g} is below {MIN_NOISE_MULTIPLIER:g}, the least a "
                     "site accepts under dp-sgd (its noise sampler's finite support would tell patients "
@@ -327,7 +328,7 @@ def make_plan(
                 calibrated[q, total] = noise_for_epsilon(
                     privacy.epsilon, privacy.delta, q, total, privacy.accountant
                 )
-                if mode == "dp-sgd":  # a budget met with less noise still gets the floor
+                if mode == PrivacyMode.DP_SGD:  # a budget met with less noise still gets the floor
                     calibrated[q, total] = max(calibrated[q, total], MIN_NOISE_MULTIPLIER)
             sigma = calibrated[q, total]
         releases[name] = Release(sigma, q, steps)
@@ -336,8 +337,8 @@ def make_plan(
             n_patients=facts.n_patients,
             turns=facts.turns,
             release=releases[name],
-            planned_epsilon=_planned(releases[name], facts.turns, privacy, finetune_steps if mode == "dp-sgd" else 0),
-            finetune=(replace(releases[name], steps=finetune_steps) if mode == "dp-sgd" and finetune_steps else None),
+            planned_epsilon=_planned(releases[name], facts.turns, privacy, finetune_steps if mode == PrivacyMode.DP_SGD else 0),
+            finetune=(replace(releases[name], steps=finetune_steps) if mode == PrivacyMode.DP_SGD and finetune_steps else None),
         )
         for name, facts in sites.items()
     }
