@@ -687,7 +687,7 @@ def test_personalised_survival_has_a_panel_per_site(tmp_path, monkeypatch):
 
 
 def test_kaplan_meier_without_the_survival_module_agrees(tmp_path, monkeypatch):
-    from privmed.report import html as report_html
+    from privmed.report import survival as report_survival
 
     def panels() -> dict:
         calls = []
@@ -697,7 +697,7 @@ def test_kaplan_meier_without_the_survival_module_agrees(tmp_path, monkeypatch):
 
     run = make_survival_run(tmp_path)
     first = panels()
-    monkeypatch.setattr(report_html, "_survival_helpers", lambda: None)  # lifelines directly
+    monkeypatch.setattr(report_survival, "_survival_helpers", lambda: None)  # lifelines directly
     second = panels()
     assert list(first) == list(second)
     for a, b in zip(*first.values(), *second.values()):
