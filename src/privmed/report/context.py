@@ -13,7 +13,7 @@ from privmed.report.context_audit import audit_section
 from privmed.report.figure import FigureOut
 from privmed.report.formatting import COUNTS, fmt_metric
 from privmed.report.private import PRIVATE_NOTE
-from privmed.report.run_files import RunFiles, best_round, site_names
+from privmed.report.run_files import RunFiles, site_names
 from privmed.report.task_view import TaskView, task_view, view_unit_words
 from privmed.report.words import NA, fmt_epsilon, fmt_number, fmt_seconds, privacy_section
 from privmed.report.words import as_dict as _dict
@@ -25,68 +25,62 @@ from privmed.report.words import privacy_status as _privacy_status
 
 
 def context(run: RunFiles, figures: list[FigureOut]) -> dict:
-    s = run.summary
-    view = task_view(run)
-    data = _dict(s.get("data"))
-    features = data.get("feature_names")
+    f, view = run.facts, task_view(run)
     headline = _headline(run, view)
+    class_names = f.data.class_names
     return {
-        "name": str(s.get("name") or run.path.name),
+        "name": f.name,
         "private": run.private,
         "private_note": PRIVATE_NOTE,
         "shareable_report": str(run.path / "report.html"),
-        "synthetic": data.get("synthetic") is True,
+        "synthetic": f.data.synthetic,
         "synthetic_what": "records" if view.tabular else "phantom images",
         "task": view.task,
         "survival": view.survival,
         "items": view.items,
         "metric_label": view.metric_label,
         "overview": _overview(run),
-        "no_rounds": not run.metrics and not s.get("rounds_completed"),
+        "no_rounds": not run.metrics and not f.rounds_completed,
         "key_figures": _key_figures(run, view),
         "headline": headline,
-        "selected_last": "last round" in str(s.get("selection") or ""),
+        "selected_last": f.selected_last,
         "run_rows": _run_rows(run),
         "sites": _sites_table(run, view),
-        "figures": [_figure_context(f) for f in figures],
-        "privacy": _privacy(s.get("privacy"), view),
+        "figures": [_figure_context(fig) for fig in figures],
+        "privacy": _privacy(f.privacy, view),
         "audit": audit_section(run, view),
-        "data_description": data.get("description"),
-        "data_citation": data.get("citation"),
-        "class_names": data.get("class_names") if not view.survival else None,
-        "feature_names": [str(f) for f in features] if view.tabular and isinstance(features, list) else [],
+        "data_description": f.data.description,
+        "data_citation": f.data.citation,
+        "class_names": list(class_names) if class_names is not None and not view.survival else None,
+        "feature_names": list(f.data.feature_names or ()) if view.tabular else [],
         "config_yaml": yaml.safe_dump(run.config, sort_keys=False, default_flow_style=False,
                                       allow_unicode=True),
-        "version": s.get("privmed_version") or NA,
+        "version": f.version or NA,
     }
 
 
 def _overview(run: RunFiles) -> list[tuple[str, str]]:
-    s, cfg = run.summary, run.config
-    data, model = _dict(s.get("data")), _dict(s.get("model"))
-    source = data.get("source") or _get(cfg, "data", "source")
-    name = _get(cfg, "data", "name")
-    params = _num(model.get("parameters"))
-    model_text = str(model.get("name") or _get(cfg, "model", "name") or NA)
-    if params is not None:
-        model_text += f" ({_int(params)} parameters)"
-    rounds = f"{_int(s.get('rounds_completed'))} of {_int(s.get('rounds_planned'))}"
-    strategy = str(s.get("strategy") or _get(cfg, "federation", "strategy") or NA)
-    rule = _get(cfg, "federation", "aggregator")
+    f = run.facts
+    model_text = f.model or NA
+    if f.parameters is not None:
+        model_text += f" ({_int(f.parameters)} parameters)"
+    rounds = f"{_int(f.rounds_completed)} of {_int(f.rounds_planned)}"
+    strategy = f.strategy or NA
+    rule = f.aggregator
     if rule and rule != "mean":
         strategy += f", aggregated by {rule}"
         if rule not in ("median", "norm-clip"):
-            strategy += f" (withstands {_get(cfg, 'federation', 'byzantine')} malicious sites)"
+            strategy += f" (withstands {f.byzantine} malicious sites)"
     rows = [
-        ("Task", str(s.get("task") or _get(cfg, "task") or NA)),
+        ("Task", f.task or NA),
         ("Strategy", strategy),
         ("Sites", str(len(site_names(run)))),
         ("Rounds completed", rounds),
         ("Model", model_text),
-        ("Data", f"{source or NA}" + (f" / {name}" if name else "")),
-        ("Privacy", _privacy_overview(s.get("privacy"), task_view(run))),
+        ("Data", f"{f.data.source or NA}" + (f" / {f.data.name}" if f.data.name else "")),
+        ("Privacy", _privacy_overview(f.privacy, task_view(run))),
     ]
-    attack = _dict(_get(cfg, "attack"))
+    attack = f.attack
     if attack.get("kind", "none") != "none":
         who = attack.get("sites")
         who = f"{who} site{'s' if who != 1 else ''}" if isinstance(who, int) else ", ".join(map(str, who or []))
@@ -97,7 +91,7 @@ def _overview(run: RunFiles) -> list[tuple[str, str]]:
 
 
 def _finetune_steps(run: RunFiles) -> str:
-    steps = _num(_get(run.config, "federation", "finetune_steps"))
+    steps = run.facts.finetune_steps
     return f"{_int(steps)} steps" if steps else "a few steps"
 
 
@@ -139,7 +133,7 @@ def _headline(run: RunFiles, view: TaskView) -> dict:
         columns.append(("val", "Validation (mean over the sites' own models)" if view.personalised
                         else "Validation"))
     pooled_counts = _pooled_counts(run) if view.personalised else {}
-    noisy = bool(_dict(s.get("privacy")).get("scoring"))
+    noisy = run.facts.scoring
     public = _public_counts(run) if noisy else {}
 
     def cell(part: str, key: str) -> str:
@@ -178,7 +172,7 @@ def _pooled_counts(run: RunFiles) -> dict:
 def _no_validation(run: RunFiles) -> bool:
     """Whether the run completed rounds without any validation data (data.val_fraction 0)."""
     s = run.summary
-    if not run.metrics and not s.get("rounds_completed"):
+    if not run.metrics and not run.facts.rounds_completed:
         return False
     sites = [_dict(v) for v in _dict(s.get("sites")).values()]
     site_vals = [v.get("val") for v in sites if "val" in v]
@@ -186,15 +180,14 @@ def _no_validation(run: RunFiles) -> bool:
 
 
 def _run_rows(run: RunFiles) -> list[tuple[str, str]]:
-    s = run.summary
-    best = best_round(run)
+    f = run.facts
     return [
-        ("Selected round", NA if best is None else str(best)),
-        ("How it was chosen", str(s.get("selection") or NA)),
-        ("Wall time", fmt_seconds(s.get("wall_seconds"))),
-        ("Training time", fmt_seconds(s.get("train_seconds"))),
-        ("Sample-gradient steps", _int(s.get("sample_gradient_steps"))),
-        ("Seed", _int(s.get("seed"))),
+        ("Selected round", NA if f.best_round is None else str(f.best_round)),
+        ("How it was chosen", f.selection or NA),
+        ("Wall time", fmt_seconds(f.wall_seconds)),
+        ("Training time", fmt_seconds(f.train_seconds)),
+        ("Sample-gradient steps", _int(f.sample_gradient_steps)),
+        ("Seed", _int(f.seed)),
     ]
 
 

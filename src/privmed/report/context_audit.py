@@ -3,6 +3,7 @@ a shareable one which attacks ran and where their results are."""
 
 from __future__ import annotations
 
+from privmed.catalog import PrivacyMode
 from privmed.report.figures_audit import inversion_label
 from privmed.report.private import PRIVATE_DIR
 from privmed.report.released import released_inversion_of_run
@@ -12,7 +13,6 @@ from privmed.report.words import NA, fmt_bound, fmt_epsilon, fmt_lower_bound, fm
 from privmed.report.words import as_dict as _dict
 from privmed.report.words import as_int as _int
 from privmed.report.words import ci_text as _ci
-from privmed.report.words import get as _get
 from privmed.report.words import num as _num
 
 
@@ -33,10 +33,10 @@ def audit_section(run: RunFiles, view: TaskView | None = None) -> dict | None:
     if eps is None:
         claim = "The run claims no differential-privacy guarantee: nothing bounds what these attacks find."
     else:
-        unit = view_unit_words(_get(run.summary, "privacy", "unit"), view)[1]
+        unit = view_unit_words(run.facts.privacy_unit, view)[1]
         claim = f"The run claims epsilon {fmt_epsilon(eps)} at delta {claimed.get('delta')}"
         claim += f"; its unit of privacy is {unit}." if unit else "."
-        if claimed.get("mode") == "central":
+        if claimed.get("mode") == PrivacyMode.CENTRAL:
             claim += " Central DP protects a whole site, so it bounds a site's membership, not a patient's."
         if bound is not None and membership:
             # Rounded up: a bound printed below its value would claim more than the epsilon backs.

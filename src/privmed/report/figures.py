@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 
+from privmed.catalog import PrivacyMode
 from privmed.report import plots, words
 from privmed.report.figure import FigureOut
 from privmed.report.figures_audit import audit_figure, inversion_figure
 from privmed.report.figures_predictions import dense_figures, prediction_figures
 from privmed.report.figures_survival import survival_figures
-from privmed.report.run_files import RunFiles, best_round, site_names
+from privmed.report.run_files import RunFiles, site_names
 from privmed.report.task_view import TaskView, task_view
 from privmed.report.words import ACCOUNTANTS, fmt_number
 from privmed.report.words import as_dict as _dict
@@ -66,8 +67,8 @@ def _learning_curves(run: RunFiles, view: TaskView | None = None) -> FigureOut:
             "selected round."
         )
     caption += " Bottom: mean training loss of each site's local training in that round."
-    if _dict(run.summary.get("privacy")).get("mode") == "dp-sgd":
-        units = words.unit_nouns(_get(run.summary, "privacy", "unit"), tabular=view.tabular)
+    if run.facts.privacy_mode == PrivacyMode.DP_SGD:
+        units = words.unit_nouns(run.facts.privacy_unit, tabular=view.tabular)
         caption += (" Under DP-SGD the sites do not report their training loss (it is computed from "
                     f"training {units} outside the privacy mechanism), so that panel is empty.")
     if not rows:
@@ -84,7 +85,7 @@ def _learning_curves(run: RunFiles, view: TaskView | None = None) -> FigureOut:
         train_loss_by_site={s: [_get(row, "train_loss", s) for row in rows] for s in sites},
         pooled_val_auc=[_get(row, "val", metric) for row in rows],
         pooled_test_auc=[_get(row, "test", metric) for row in rows],
-        best_round=best_round(run),
+        best_round=run.facts.best_round,
         val_label=val_label,
         test_label=test_label,
         metric_label=ylabel,
@@ -114,7 +115,7 @@ def _privacy_figure(run: RunFiles) -> FigureOut | None:
     )
     if budget is None:
         caption += " The run recorded no budget, so no budget line is drawn."
-    if privacy.get("mode") == "central":
+    if run.facts.privacy_mode == PrivacyMode.CENTRAL:
         caption += " Under central DP every site takes part in every round, so the lines coincide."
     if not rows:
         return FigureOut("privacy_spent", title, caption,

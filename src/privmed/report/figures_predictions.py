@@ -10,8 +10,6 @@ from privmed.report import plots
 from privmed.report.figure import FigureOut
 from privmed.report.run_files import RunFiles
 from privmed.report.task_view import TaskView, task_view
-from privmed.report.words import as_dict as _dict
-from privmed.report.words import get as _get
 from privmed.tasks import counts as evaluation_counts
 
 
@@ -102,7 +100,7 @@ def _count_roc(run: RunFiles, finite: dict[str, dict], k: int, present: np.ndarr
             f"class, how many test {items} have a score in each of {n_bins:,} bins of the logit "
             "scale, so each score is rounded to that grid")
     caption = _roc_caption(k, len(finite))
-    if _dict(run.summary.get("privacy")).get("scoring"):
+    if run.facts.scoring:
         caption += (f"{sent}, each count with Gaussian noise added at the site (the scoring "
                     "mechanism of the privacy section): the curve and AUC are those of the noisy "
                     f"counts, clipped at zero.{skipped}")
@@ -183,7 +181,7 @@ def _count_figures(run: RunFiles, counts: dict[str, dict], items: str) -> list[F
 
 
 def _class_names(run: RunFiles, k: int) -> list[str]:
-    names = _get(run.summary, "data", "class_names")
-    if isinstance(names, list) and len(names) == k:
-        return [str(n) for n in names]
+    names = run.facts.data.class_names
+    if names is not None and len(names) == k:
+        return list(names)
     return [f"class {i}" for i in range(k)]

@@ -10,7 +10,6 @@ from privmed.report.figure import FigureOut
 from privmed.report.formatting import fmt_p
 from privmed.report.run_files import RunFiles
 from privmed.report.survival import kaplan_meier, logrank_p, risk_groups, step_at
-from privmed.report.words import get as _get
 
 
 KM_TITLE = "Kaplan-Meier curves by predicted risk group"
@@ -113,5 +112,5 @@ def _logrank_words(tests: list[tuple[str, float | None]], single: list[str], dro
 
 
 def _time_label(run: RunFiles) -> str:
-    unit = _get(run.summary, "data", "time_unit")
-    return f"time ({unit})" if isinstance(unit, str) and unit else "time"
+    unit = run.facts.data.time_unit
+    return f"time ({unit})" if unit else "time"

@@ -9,9 +9,11 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from privmed.catalog import PrivacyMode
 from privmed.errors import RunDirError
 from privmed.report.private import audit_file, inversion_file, shareable_audit
 from privmed.report.readers import read_json as _read_json
@@ -19,10 +21,125 @@ from privmed.report.readers import read_jsonl as _read_jsonl
 from privmed.report.readers import read_yaml as _read_yaml
 from privmed.report.words import as_dict as _dict
 from privmed.report.words import get as _get
+from privmed.report.words import num as _num
 from privmed.tasks import counts as evaluation_counts
 
 
 REQUIRED_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
+
+
+def _text(value: Any) -> str | None:
+    """A value the run files give as text, as text; None where missing or empty."""
+    return str(value) if value else None
+
+
+def _count(value: Any) -> int | None:
+    """A count or other whole number (rounded), None where missing or not a finite number."""
+    x = _num(value)
+    return None if x is None else int(round(x))
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    """A list of names as strings; None where the files give no list."""
+    return tuple(str(n) for n in value) if isinstance(value, list) else None
+
+
+def _mode(value: Any) -> PrivacyMode | None:
+    """privacy.mode as a PrivacyMode; None where missing or not a mode privmed knows."""
+    return PrivacyMode(value) if value in tuple(PrivacyMode) else None
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What summary.json says of the run's data ("data"; the config's data.source where it is silent)."""
+
+    source: str | None
+    name: str | None  # the config's data.name (a MedMNIST set)
+    synthetic: bool  # generated phantoms or records, not patients' data
+    tabular: bool | None  # a feature table; None: an older summary that does not say
+    image_shape: tuple[int, ...] | None  # (D,) for a table of D features; None: not recorded
+    class_names: tuple[str, ...] | None  # None: not recorded as a list
+    feature_names: tuple[str, ...] | None
+    spacing_mm: float | None  # segmentation: the pixel side, where known
+    time_unit: str | None  # survival: the unit of the survival times
+    description: str | None
+    citation: str | None
+
+    @classmethod
+    def read(cls, summary: dict, config: dict) -> DataFacts:
+        data = _dict(summary.get("data"))
+        tabular, shape = data.get("tabular"), data.get("image_shape")
+        unit = data.get("time_unit")
+        return cls(
+            source=_text(data.get("source") or _get(config, "data", "source")),
+            name=_text(_get(config, "data", "name")), synthetic=data.get("synthetic") is True,
+            tabular=tabular if isinstance(tabular, bool) else None,
+            image_shape=tuple(shape) if isinstance(shape, list) else None,
+            class_names=_names(data.get("class_names")), feature_names=_names(data.get("feature_names")),
+            spacing_mm=_num(data.get("spacing_mm")), time_unit=unit if isinstance(unit, str) and unit else None,
+            description=_text(data.get("description")), citation=_text(data.get("citation")),
+        )
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """summary.json's facts of the run as a whole (the config's where an older summary is silent),
+    typed: what the report's steps read instead of the summary's dicts. The scores (per part, per
+    site, per round) stay in RunFiles.summary and RunFiles.metrics."""
+
+    name: str  # the run's name, else its directory's
+    task: str | None  # None: neither file says (the report then words a classification)
+    strategy: str | None
+    aggregator: str | None  # federation.aggregator (config)
+    byzantine: Any  # federation.byzantine (config), as written
+    finetune_steps: float | None  # federation.finetune_steps (config)
+    model: str | None
+    parameters: float | None
+    rounds_completed: int | None
+    rounds_planned: int | None
+    best_round: int | None  # the selected round (the last metrics row's where the summary has none)
+    selection: str | None  # how the result was chosen, in words
+    selection_rule: str | None  # "last" or "best-validation"; None: a summary from before the field
+    wall_seconds: float | None
+    train_seconds: float | None
+    sample_gradient_steps: int | None
+    seed: int | None
+    version: str | None  # privmed's version that wrote the summary
+    privacy: Any  # summary.json's "privacy" as written (privmed.report.words reads it)
+    privacy_mode: PrivacyMode | None
+    privacy_unit: str | None  # "patient", "record" or "site"; None: not recorded
+    scoring: bool  # the sites' scores came as noisy counts (privacy.scoring)
+    attack: dict[str, Any]  # the config's simulated attack ({} without one)
+    data: DataFacts
+
+    @property
+    def selected_last(self) -> bool:
+        """Whether the result is the last round's model: the summary's selection_rule; for a summary
+        from before that field, its selection in words."""
+        if self.selection_rule is not None:
+            return self.selection_rule == "last"
+        return "last round" in (self.selection or "")
+
+    @classmethod
+    def read(cls, path: Path, summary: dict, config: dict, metrics: list[dict]) -> RunFacts:
+        s, model, privacy = summary, _dict(summary.get("model")), summary.get("privacy")
+        unit = _get(privacy, "unit")
+        return cls(
+            name=str(s.get("name") or path.name), task=_text(s.get("task") or _get(config, "task")),
+            strategy=_text(s.get("strategy") or _get(config, "federation", "strategy")),
+            aggregator=_text(_get(config, "federation", "aggregator")),
+            byzantine=_get(config, "federation", "byzantine"),
+            finetune_steps=_num(_get(config, "federation", "finetune_steps")),
+            model=_text(model.get("name") or _get(config, "model", "name")), parameters=_num(model.get("parameters")),
+            rounds_completed=_count(s.get("rounds_completed")), rounds_planned=_count(s.get("rounds_planned")),
+            best_round=_best_round(s, metrics), selection=_text(s.get("selection")),
+            selection_rule=_text(s.get("selection_rule")), wall_seconds=_num(s.get("wall_seconds")),
+            train_seconds=_num(s.get("train_seconds")), sample_gradient_steps=_count(s.get("sample_gradient_steps")),
+            seed=_count(s.get("seed")), version=_text(s.get("privmed_version")), privacy=privacy,
+            privacy_mode=_mode(_get(privacy, "mode")), privacy_unit=unit if isinstance(unit, str) else None,
+            scoring=bool(_get(privacy, "scoring")), attack=_dict(_get(config, "attack")),
+            data=DataFacts.read(s, config),
+        )
 
 
 @dataclass(frozen=True)
@@ -39,6 +156,7 @@ class RunFiles:
     config: dict
     summary: dict
     metrics: list[dict]
+    facts: RunFacts  # the summary's facts of the run, typed
     labels: np.ndarray | None = None
     probs: dict[str, np.ndarray] = field(default_factory=dict)
     time: np.ndarray | None = None
@@ -71,8 +189,9 @@ def read_run(run_dir: Path, private: bool = False) -> RunFiles:
                                  else (None, {}, None, {}))
     counts = _read_counts(run_dir / "test_counts.npz")
     audit = _read_json(audit_file(run_dir)) if audit_file(run_dir).is_file() else None
-    read = dict(path=run_dir, config=config, summary=summary, metrics=metrics, labels=labels, probs=probs,
-                time=time, risk=risk, counts=counts, predictions=arrays)
+    facts = RunFacts.read(run_dir, summary, config, metrics)
+    read = dict(path=run_dir, config=config, summary=summary, metrics=metrics, facts=facts, labels=labels,
+                probs=probs, time=time, risk=risk, counts=counts, predictions=arrays)
     if not private:
         return RunFiles(**read, audit=shareable_audit(audit))
     images = _read_arrays(inversion_file(run_dir)) if _get(audit, "inversion") else {}
@@ -143,8 +262,9 @@ def site_names(run: RunFiles) -> list[str]:
     return names
 
 
-def best_round(run: RunFiles) -> int | None:
-    best = run.summary.get("best_round")
-    if best is None and run.metrics:
-        best = run.metrics[-1].get("best_round")
+def _best_round(summary: dict, metrics: list[dict]) -> int | None:
+    """The selected round: the summary's, else the last metrics row's (a run still going)."""
+    best = summary.get("best_round")
+    if best is None and metrics:
+        best = metrics[-1].get("best_round")
     return best if isinstance(best, int) and not isinstance(best, bool) else None

@@ -12,7 +12,6 @@ from privmed.report import words
 from privmed.report.run_files import RunFiles
 from privmed.report.words import as_dict as _dict
 from privmed.report.words import get as _get
-from privmed.report.words import num as _num
 from privmed.report.words import unit_words
 from privmed.tasks.names import metric_label
 
@@ -76,14 +75,21 @@ class TaskView:
         return self.task == "survival"
 
     @property
+    def entry(self) -> catalog.Task:
+        """The task's catalog entry; a task the catalog does not name (never written by privmed) is
+        worded as a classification, as the report always has."""
+        known = catalog.names(catalog.TASKS)
+        return catalog.task(self.task if self.task in known else "classification")
+
+    @property
     def dense(self) -> bool:
         """A target image per item (segmentation, reconstruction): no ROC, no calibration."""
-        return self.task in DENSE_ROWS
+        return self.entry.dense
 
     @property
     def metric(self) -> str:
-        """The headline metric's key in the score dicts."""
-        return {"survival": "c_index", "segmentation": "dice", "reconstruction": "psnr"}.get(self.task, "auc")
+        """The headline metric's key in the score dicts: the catalog's (privmed.catalog.Task.headline)."""
+        return self.entry.headline
 
     @property
     def metric_label(self) -> str:
@@ -127,19 +133,16 @@ class TaskView:
 
 
 def task_view(run: RunFiles) -> TaskView:
-    s = run.summary
-    data = _dict(s.get("data"))
-    task = str(s.get("task") or _get(run.config, "task") or "classification")
-    tabular = data.get("tabular")
-    if not isinstance(tabular, bool):
-        shape = data.get("image_shape")
-        tabular = task != "classification" or (isinstance(shape, list) and len(shape) == 1)
-    strategy = s.get("strategy") or _get(run.config, "federation", "strategy")
-    personalised = strategy in PERSONALISED or any(
-        isinstance(_dict(v).get("test_pooled"), dict) for v in _dict(s.get("sites")).values())
-    names = data.get("class_names") if task == "segmentation" else None
-    spacing = _num(data.get("spacing_mm"))
-    return TaskView(task, tabular, personalised, tuple(str(n) for n in names or ()), spacing)
+    f = run.facts
+    task = f.task or "classification"
+    tabular = f.data.tabular
+    if tabular is None:  # an older summary: a table's items have one dimension
+        shape = f.data.image_shape
+        tabular = task != "classification" or (shape is not None and len(shape) == 1)
+    personalised = f.strategy in PERSONALISED or any(
+        isinstance(_dict(v).get("test_pooled"), dict) for v in _dict(run.summary.get("sites")).values())
+    names = f.data.class_names if task == "segmentation" else None
+    return TaskView(task, tabular, personalised, names or (), f.data.spacing_mm)
 
 
 def audit_units(run: RunFiles, view: TaskView | None = None) -> str:
@@ -148,7 +151,7 @@ def audit_units(run: RunFiles, view: TaskView | None = None) -> str:
     view = view or task_view(run)
     unit = _get(run.audit, "unit")
     if unit not in ("patient", "record"):
-        unit = _get(run.summary, "privacy", "unit")
+        unit = run.facts.privacy_unit
     return words.unit_nouns(unit, tabular=view.tabular)
 
 
