@@ -23,6 +23,9 @@ from privmed.report.words import privacy_status as _privacy_status
 
 
 def make_figures(run: RunFiles) -> list[FigureOut]:
+    """The report's figures, in the order it shows them: learning curves; privacy spent (a run
+    with differential privacy); the test set's (dense examples, Kaplan-Meier, or ROC and
+    calibration); in a private report only, the audit's."""
     view = task_view(run)
     privacy = _privacy_figure(run)
     if view.dense:

@@ -133,6 +133,9 @@ class TaskView:
 
 
 def task_view(run: RunFiles) -> TaskView:
+    """The run's task as the report words it, from the run's typed facts (run.facts); a
+    personalised run is one whose strategy keeps a model per site, or whose sites scored the
+    pooled test set with their own models."""
     f = run.facts
     task = f.task or "classification"
     tabular = f.data.tabular
