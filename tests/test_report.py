@@ -687,7 +687,7 @@ def test_personalised_survival_has_a_panel_per_site(tmp_path, monkeypatch):
 
 
 def test_kaplan_meier_without_the_survival_module_agrees(tmp_path, monkeypatch):
-    from privmed.report import html as report_html
+    from privmed.report import survival as report_survival
 
     def panels() -> dict:
         calls = []
@@ -697,7 +697,7 @@ def test_kaplan_meier_without_the_survival_module_agrees(tmp_path, monkeypatch):
 
     run = make_survival_run(tmp_path)
     first = panels()
-    monkeypatch.setattr(report_html, "_survival_helpers", lambda: None)  # lifelines directly
+    monkeypatch.setattr(report_survival, "_survival_helpers", lambda: None)  # lifelines directly
     second = panels()
     assert list(first) == list(second)
     for a, b in zip(*first.values(), *second.values()):
@@ -795,3 +795,31 @@ def test_kaplan_meier_plot_returns_png():
              "censored_times": np.array([5.0]), "censored_survival": np.array([0.7])}
     assert plots.kaplan_meier({"one": [curve, curve]}).startswith(PNG_MAGIC)
     assert plots.kaplan_meier({f"p{i}": [curve] for i in range(4)}, time_label="days").startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("rule, selection, last", [
+    ("last", "the result, worded as a future privmed may word it", True),
+    ("best-validation", "not the last round's model, as a future privmed may word it", False),
+    (None, "the last round's model (no validation data plays a part in the choice)", True),  # before the field
+    (None, "highest validation AUC over all sites' validation data (pooled), earliest round on ties", False),
+])
+def test_the_selection_is_read_from_the_typed_rule(tmp_path, rule, selection, last):
+    run = make_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["selection"] = selection
+    if rule is not None:
+        summary["selection_rule"] = rule
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = _text(write_report(run).read_text())
+    assert ("The model reported here is <b>the last round's model</b>" in text) is last
+    assert ("<b>chosen on validation data only</b>" in text) is not last
+
+
+def test_the_task_view_takes_the_headline_and_density_from_the_catalog():
+    from privmed import catalog
+    from privmed.report.task_view import DENSE_ROWS, TaskView
+
+    for task in catalog.TASKS:
+        view = TaskView(task.name, tabular=False, personalised=False)
+        assert view.metric == task.headline and view.dense == task.dense
+    assert set(DENSE_ROWS) == {t.name for t in catalog.TASKS if t.dense}

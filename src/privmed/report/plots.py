@@ -53,39 +53,15 @@ def learning_curves(
     ax_auc, ax_loss = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     x = np.asarray(rounds, dtype=float)
     colours = _colours(list(val_auc_by_site) + [s for s in train_loss_by_site if s not in val_auc_by_site])
-
-    for site, values in val_auc_by_site.items():
-        # Above the pooled lines: a site whose score equals the pooled one must stay visible.
-        ax_auc.plot(x, _floats(values), marker="o", ms=3, lw=1.2, color=colours[site], label=site,
-                    zorder=3)
-    for values, style in (
-        (pooled_val_auc, dict(color="black", lw=2.4, marker="o", ms=4, label=val_label)),
-        (pooled_test_auc, dict(color="dimgray", lw=1.8, ls="--", marker="s", ms=3, label=test_label)),
-        (mean_test_auc, dict(color="tab:purple", lw=1.6, ls="-.", marker="^", ms=3,
-                             label=mean_test_label)),
-    ):
-        if values is not None and np.isfinite(_floats(values)).any():
-            ax_auc.plot(x, _floats(values), zorder=2, **style)
-    for ax in (ax_auc, ax_loss):
-        if best_round is not None:
-            ax.axvline(best_round, color="tab:red", lw=1, ls=":", zorder=0)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=TICK_SIZE)
-    if best_round is not None:
-        ax_auc.plot([], [], color="tab:red", lw=1, ls=":", label=f"selected round ({best_round})")
+    pooled = ((pooled_val_auc, dict(color="black", lw=2.4, marker="o", ms=4, label=val_label)),
+              (pooled_test_auc, dict(color="dimgray", lw=1.8, ls="--", marker="s", ms=3, label=test_label)),
+              (mean_test_auc, dict(color="tab:purple", lw=1.6, ls="-.", marker="^", ms=3, label=mean_test_label)))
+    _score_lines(ax_auc, x, val_auc_by_site, pooled, colours)
+    _mark_round(ax_auc, ax_loss, best_round)
     ax_auc.set_ylabel(metric_label, fontsize=LABEL_SIZE)
     ax_auc.set_title(title, fontsize=TITLE_SIZE)
     groups = [val_auc_by_site.values(), [pooled_val_auc, pooled_test_auc, mean_test_auc or []]]
-    lo, hi = _finite_min(groups), _finite_max(groups)
-    if lo is not None and hi is not None and hi <= 1.0:  # a score in [0, 1] (AUC, C-index, Dice)
-        ax_auc.set_ylim(max(0.0, min(lo, 0.9) - 0.03), 1.01)
-    # any other score (PSNR in dB) keeps matplotlib's limits around its values
-    if not many:  # wherever it hides the fewest points (C-index curves sit low, AUC curves high)
-        ax_auc.legend(fontsize=LEGEND_SIZE, loc="best")
-    else:  # too many to fit inside without hiding the curves; constrained layout makes room
-        ax_auc.legend(fontsize=LEGEND_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                      ncol=1 + (len(val_auc_by_site) > 14))
-
+    _score_limits_and_legend(ax_auc, groups, many, len(val_auc_by_site) > 14)
     for site, values in train_loss_by_site.items():
         ax_loss.plot(x, _floats(values), marker="o", ms=3, lw=1.2, color=colours[site], label=site)
     ax_loss.set_ylabel("training loss\n(per site, colours as above)", fontsize=LABEL_SIZE)
@@ -94,6 +70,40 @@ def learning_curves(
     if len(x):
         ax_loss.set_xlim(x.min() - 0.5, x.max() + 0.5)  # else one round gets fractional ticks
     return _png(fig)
+
+
+def _score_lines(ax, x: np.ndarray, by_site: Mapping[str, Sequence[float]], pooled, colours: dict) -> None:
+    """The top panel's lines: one per site, then each pooled (values, style) with a finite value."""
+    for site, values in by_site.items():
+        # Above the pooled lines: a site whose score equals the pooled one must stay visible.
+        ax.plot(x, _floats(values), marker="o", ms=3, lw=1.2, color=colours[site], label=site, zorder=3)
+    for values, style in pooled:
+        if values is not None and np.isfinite(_floats(values)).any():
+            ax.plot(x, _floats(values), zorder=2, **style)
+
+
+def _mark_round(ax_auc, ax_loss, best_round: int | None) -> None:
+    """The selected round, dotted red on both panels and in the top legend; grids and ticks."""
+    for ax in (ax_auc, ax_loss):
+        if best_round is not None:
+            ax.axvline(best_round, color="tab:red", lw=1, ls=":", zorder=0)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=TICK_SIZE)
+    if best_round is not None:
+        ax_auc.plot([], [], color="tab:red", lw=1, ls=":", label=f"selected round ({best_round})")
+
+
+def _score_limits_and_legend(ax, groups, many: bool, two_columns: bool) -> None:
+    """The top panel's y range (a score in [0, 1] up to 1; any other, such as PSNR in dB, keeps
+    matplotlib's limits around its values) and legend (beside the axes with `many` sites)."""
+    lo, hi = _finite_min(groups), _finite_max(groups)
+    if lo is not None and hi is not None and hi <= 1.0:  # a score in [0, 1] (AUC, C-index, Dice)
+        ax.set_ylim(max(0.0, min(lo, 0.9) - 0.03), 1.01)
+    if not many:  # wherever it hides the fewest points (C-index curves sit low, AUC curves high)
+        ax.legend(fontsize=LEGEND_SIZE, loc="best")
+    else:  # too many to fit inside without hiding the curves; constrained layout makes room
+        ax.legend(fontsize=LEGEND_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  ncol=1 + two_columns)
 
 
 def roc(

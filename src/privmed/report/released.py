@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from privmed import catalog
+from privmed.catalog import PrivacyMode
 from privmed.report.words import NA, as_dict, as_int, fmt_number, fmt_span, get, num, utc_time
 
 if TYPE_CHECKING:  # for annotations only: the report imports this module without torch
@@ -49,14 +50,14 @@ def released_view(mode: str | None, secure: bool) -> tuple[str, str]:
     aggregation `secure` sent the coordinator: one site's DP-SGD update under DP-SGD (with secure
     aggregation the coordinator saw only their sum, which shows no more), the secure sum, else
     one site's update as it was."""
-    if mode == "dp-sgd":
+    if mode == PrivacyMode.DP_SGD:
         words = "one site's DP-SGD update, with the run's own noise"
         if secure:
             words += " (the coordinator saw only the secure sum of such updates, which shows no more)"
         return "site-dp", words
     if secure:
         return "secure-sum", "the secure sum of the sites' updates, all the coordinator saw of them"
-    if mode == "central":
+    if mode == PrivacyMode.CENTRAL:
         return "site", ("one site's update without noise (central DP adds its noise after the "
                         "coordinator has seen the update)")
     return "site", "one site's update in the clear (the run had no differential privacy)"
@@ -180,7 +181,7 @@ def _runs_of_rounds(f: StatementFiles, releases: dict[int, Release]) -> list[tup
     """(first round, last round, what the site did) for each run of consecutive rounds in which
     it did the same."""
     out: list[tuple[int, int, _Turn]] = []
-    private = f.mode != "none"
+    private = f.mode != PrivacyMode.NONE
     for row in f.metrics:
         rnd, s = row["round"], f.site
         scores = as_dict(get(row, "sites", s))
@@ -224,7 +225,7 @@ def _update_words(f: StatementFiles, t: _Turn, items: str, units: str) -> str:
     n = num(get(f.summary, "sites", f.site, "n_train"))
     clip = fmt_number(get(f.summary, "privacy", "max_grad_norm"))
     words = "its model update"
-    if f.mode == "central":  # the ledger's release is the site's own noise share
+    if f.mode == PrivacyMode.CENTRAL:  # the ledger's release is the site's own noise share
         noise = "" if t.release is None else f" of multiplier {fmt_number(t.release.noise_multiplier)}"
         words += (f" each round, clipped to norm {clip} and with Gaussian noise{noise} added by the "
                   "site itself before it left")
@@ -245,7 +246,7 @@ def _score_words(f: StatementFiles, t: _Turn, items: str, units: str) -> list[tu
              if n is not None]
     if parts:
         how = (", as noisy counts (releases the second guarantee counts)"
-               if f.mode != "none" else ", with the counts behind them, as computed")
+               if f.mode != PrivacyMode.NONE else ", with the counts behind them, as computed")
         out.append((f"the scores of {model} on its {' and '.join(parts)} {items}{how}", COORDINATOR))
     if t.pooled and not f.public_test:
         out.append(("its own model, to be scored", "the other sites with test data, which scored "
@@ -263,7 +264,7 @@ def _to_whom(f: StatementFiles) -> str:
                 "deviates can isolate this site's (the guarantee does not count on the masking); its "
                 "count went in the clear")
     who = TO_WHOM.get(f.strategy, AVERAGED)
-    if f.mode == "central":
+    if f.mode == PrivacyMode.CENTRAL:
         who += "; it received this site's update already clipped and noised by the site"
     return who
 
@@ -276,13 +277,13 @@ def _end_row(f: StatementFiles, items: str) -> dict | None:
     to = "the coordinator, who keeps the final model (model.pt) and may share it"
     sent = []
     if num(site.get("n_test")) and not f.public_test:
-        how = ("as noisy counts (a release the second guarantee counts)" if f.mode != "none"
+        how = ("as noisy counts (a release the second guarantee counts)" if f.mode != PrivacyMode.NONE
                else "with the counts behind them")
         sent.append((f"the scores of the final model on its {as_int(site.get('n_test'))} test {items}, {how}", to))
     if as_dict(site.get("test_finetuned")):
         steps = as_int(get(f.config, "federation", "finetune_steps"))
-        how = {"dp-sgd": f", a DP-SGD turn its ledger counts, and those scores as noisy counts of its test {items}",
-               "none": ""}.get(f.mode, f", and those scores as noisy counts of its test {items}")
+        how = {PrivacyMode.DP_SGD: f", a DP-SGD turn its ledger counts, and those scores as noisy counts of its test {items}",
+               PrivacyMode.NONE: ""}.get(f.mode, f", and those scores as noisy counts of its test {items}")
         sent.append((f"the scores of the final model after {steps} more training steps on its own "
                      f"training {items} (that model stayed at the site){how}", to))
     return _row("End of the run", "", sent or [("nothing more", to)])

@@ -4,15 +4,25 @@ the site (privmed.report.released), which both import it from here."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from privmed.catalog import PrivacyMode
+from privmed.report.private import PRIVATE_DIR
 from privmed.report.words import NA, get
 
 if TYPE_CHECKING:
     from privmed.privacy.ledger import PrivacyLedger
     from privmed.privacy.site_ledger import SiteLedger
+
+AUDIT_FILE = f"{PRIVATE_DIR}/audit.json"  # privmed.report.private.audit_file, as the page names it
+
+
+def default_name(site: str) -> str:
+    """statement-SITE.html, the site's name made safe for a file name."""
+    return f"statement-{re.sub(r'[^A-Za-z0-9._-]', '_', site)}.html"
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,7 @@ class StatementFiles:
     @property
     def mode(self) -> str:
         """The run's privacy.mode: 'dp-sgd', 'central' or 'none'."""
-        return str(get(self.summary, "privacy", "mode") or get(self.config, "privacy", "mode") or "none")
+        return str(get(self.summary, "privacy", "mode") or get(self.config, "privacy", "mode") or PrivacyMode.NONE)
 
     @property
     def strategy(self) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from privmed.catalog import PrivacyMode
 from privmed.privacy.figures import format_budget, format_epsilon
 
 NA = "n/a"
@@ -19,7 +20,7 @@ ACCOUNTANTS = {  # summary['privacy']['accountant'] -> what the report calls it
     "rdp": "RDP (Rényi DP, via Opacus)",
     "pld": "PLD (privacy loss distributions, via Google's dp-accounting)",
 }
-PRIVATE_MODES = ("dp-sgd", "central")
+PRIVATE_MODES = (PrivacyMode.DP_SGD, PrivacyMode.CENTRAL)
 UNITS = {  # summary['privacy']['unit'] -> (guarantee wording, unit of privacy; {item}/{items}: the noun)
     "patient": ("per patient", "one patient, with all of their {items}"),
     # Group privacy: (eps, delta) per record gives (k eps, k e^((k-1) eps) delta) for k records.
@@ -35,7 +36,7 @@ def privacy_status(privacy: Any) -> str:
     """"private", "none" (trained without differential privacy) or "unknown" (not recorded)."""
     if not isinstance(privacy, dict):
         return "unknown"
-    if privacy.get("mode") == "none":
+    if privacy.get("mode") == PrivacyMode.NONE:
         return "none"
     if privacy.get("mode") in PRIVATE_MODES or num(privacy.get("epsilon")) is not None:
         return "private"
