@@ -4,10 +4,11 @@ of single-sample gradients, and one item moving a DP-SGD step by at most C in ev
 
 import pytest
 import torch
+from grad_samples import per_sample_gradients
 from opacus.validators import ModuleValidator
 
 from privmed.models.cascade import DeepCascade, cascade, data_consistency
-from privmed.privacy.dpsgd import DPSGD, GRAD_SAMPLE_MODES, per_sample_gradients
+from privmed.privacy.dpsgd import DPSGD, GRAD_SAMPLE_MODES
 from privmed.kspace import fft2c, simulate_kspace, undersample, unpack_input
 from privmed.tasks.recon_metrics import ReconLoss
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_samples import per_sample_gradients
 from torch import nn
 
 from privmed.errors import ConfigError
@@ -21,7 +22,6 @@ from privmed.privacy.dpsgd import (
     dp_train,
     grid_spacing,
     noised_sum,
-    per_sample_gradients,
     poisson_batches,
     validate_model,
 )

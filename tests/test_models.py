@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from grad_samples import per_sample_gradients
 from torch import nn
 
 from privmed.errors import ConfigError
@@ -18,7 +19,7 @@ from privmed.models import (
     norm_state_mask,
     spatial_dims,
 )
-from privmed.privacy.dpsgd import per_sample_gradients, validate_model
+from privmed.privacy.dpsgd import validate_model
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])

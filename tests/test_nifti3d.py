@@ -158,7 +158,8 @@ def test_loss_and_counts_take_patches():
 def test_unet3d_is_private_under_opacus():
     """Opacus' per-sample gradients of the 3D U-Net (privmed's grad_sample mode, ew) equal one
     backward pass per patch."""
-    from privmed.privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE, per_sample_gradients, validate_model
+    from grad_samples import per_sample_gradients
+    from privmed.privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE, validate_model
 
     torch.manual_seed(0)
     model = build_model("unet3d", in_channels=1, num_classes=2, image_size=16, width=4).double()

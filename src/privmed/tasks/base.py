@@ -6,7 +6,7 @@ means (predictions), and how predictions are scored.
     loss = task.criterion()(model(x), y[idx])      # a mean over the batch's patients
     pred = task.predict(model(x))                  # probabilities (N, K) or risks (N,)
     task.metrics(pred.numpy(), images)             # {"auc", ...} or {"c_index", ...}
-    c = task.counts(pred.numpy(), images)          # sums a site can report (tasks/counts.py)
+    c = task.counts(pred.numpy(), images)          # sums a site can report (tasks/counts/)
     task.metrics_from_counts(merge_counts([c, ...]))  # the same keys, from the sites' counts
 
 Tasks: "classification" (images, K classes), "tabular-classification" (feature tables; a binary
