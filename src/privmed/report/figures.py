@@ -101,14 +101,13 @@ def _learning_curves(run: RunFiles, view: TaskView | None = None) -> FigureOut:
 
 def _privacy_figure(run: RunFiles) -> FigureOut | None:
     """Epsilon spent per site over the rounds; None for a run without differential privacy."""
-    privacy = _dict(run.summary.get("privacy"))
+    f = run.facts
     rows = [row for row in run.metrics if isinstance(row.get("epsilon"), dict)]
-    if not rows and _privacy_status(privacy) != "private":
+    if not rows and _privacy_status(_dict(f.privacy)) != "private":
         return None
     title = "Privacy spent"
-    accountant = privacy.get("accountant")
-    budget = _num(privacy.get("budget_epsilon"))
-    how = f"delta = {fmt_number(privacy.get('delta'))}"
+    accountant, budget = f.accountant, f.budget_epsilon
+    how = f"delta = {fmt_number(f.delta)}"
     if accountant:
         how = f"accountant: {ACCOUNTANTS.get(accountant, accountant)}; {how}"
     caption = (
@@ -118,13 +117,13 @@ def _privacy_figure(run: RunFiles) -> FigureOut | None:
     )
     if budget is None:
         caption += " The run recorded no budget, so no budget line is drawn."
-    if run.facts.privacy_mode == PrivacyMode.CENTRAL:
+    if f.privacy_mode == PrivacyMode.CENTRAL:
         caption += " Under central DP every site takes part in every round, so the lines coincide."
     if not rows:
         return FigureOut("privacy_spent", title, caption,
                          note="No completed rounds recorded a privacy spend: nothing to plot.")
     rounds, series = _epsilon_series(run, rows)
-    png = plots.privacy_spent(rounds, series, budget=budget, delta=_num(privacy.get("delta")))
+    png = plots.privacy_spent(rounds, series, budget=budget, delta=f.delta)
     return FigureOut("privacy_spent", title, caption, png=png)
 
 

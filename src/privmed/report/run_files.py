@@ -108,6 +108,9 @@ class RunFacts:
     privacy: Any  # summary.json's "privacy" as written (privmed.report.words reads it)
     privacy_mode: PrivacyMode | None
     privacy_unit: str | None  # "patient", "record" or "site"; None: not recorded
+    accountant: str | None  # "prv", "rdp" or "pld"
+    delta: float | None
+    budget_epsilon: float | None  # each site's budget; None: not recorded
     scoring: bool  # the sites' scores came as noisy counts (privacy.scoring)
     attack: dict[str, Any]  # the config's simulated attack ({} without one)
     data: DataFacts
@@ -137,6 +140,8 @@ class RunFacts:
             train_seconds=_num(s.get("train_seconds")), sample_gradient_steps=_count(s.get("sample_gradient_steps")),
             seed=_count(s.get("seed")), version=_text(s.get("privmed_version")), privacy=privacy,
             privacy_mode=_mode(_get(privacy, "mode")), privacy_unit=unit if isinstance(unit, str) else None,
+            accountant=_text(_get(privacy, "accountant")), delta=_num(_get(privacy, "delta")),
+            budget_epsilon=_num(_get(privacy, "budget_epsilon")),
             scoring=bool(_get(privacy, "scoring")), attack=_dict(_get(config, "attack")),
             data=DataFacts.read(s, config),
         )
