@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from privmed import io
+from privmed import catalog, io
 from privmed.config import RunConfig, validate_config
 from privmed.errors import ConfigError
 from privmed.report import plots
@@ -85,6 +85,32 @@ def tune(cfg: RunConfig, trials: int, out: Path, progress: bool = False) -> Tune
 
     from privmed.api import run
 
+    _check_tunable(cfg, trials, out)
+    base = cfg.to_dict()
+    base["federation"]["model_selection"] = "best-validation"
+    space = _space(cfg, base)
+    headline = catalog.task(cfg.task).headline
+    records: list[dict] = []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    study.enqueue_trial({k: _get(base, k) for k in space})  # trial 0: the config as written
+    study.optimize(_objective(base, space, get_task(cfg.task), headline, records, progress), n_trials=trials)
+    scored = [r for r in records if r["score"] is not None]
+    if not scored:
+        raise ConfigError("no trial gave a validation score (every setting was refused or diverged)")
+    best = max(scored, key=lambda r: (r["score"], -r["trial"]))
+    best_cfg = _with(base, best["params"])
+    best_cfg["name"] = f"{cfg.name or 'run'}-tuned"
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / "best.yaml", yaml.safe_dump(best_cfg, sort_keys=False))
+    summary = run(validate_config(best_cfg), out / "best", progress=progress).summary
+    result = TuneResult(records, best, best_cfg, summary)
+    _write(out, cfg, result, headline)
+    return result
+
+
+def _check_tunable(cfg: RunConfig, trials: int, out: Path) -> None:
+    """ConfigError (one line) for trials < 1, a private config, no validation data or a used OUT."""
     if trials < 1:
         raise ConfigError(f"--trials: {trials} is not a number of trials; give 1 or more")
     if cfg.private:
@@ -99,17 +125,31 @@ def tune(cfg: RunConfig, trials: int, out: Path, progress: bool = False) -> Tune
         raise ConfigError("data.val_fraction: 0 leaves no validation data to tune on; give e.g. 0.15")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} is not empty; tuning writes a new directory")
-    base = cfg.to_dict()
-    base["federation"]["model_selection"] = "best-validation"
+
+
+def _space(cfg: RunConfig, base: dict) -> dict:
+    """search_space(cfg), with the config's own value (from `base`) among every key's choices."""
     space = search_space(cfg)
-    for key, (kind, arg) in space.items():  # the config's own value is always among the choices
+    for key, (kind, arg) in space.items():
         if kind == "choice" and _get(base, key) not in arg:
             space[key] = (kind, (*arg, _get(base, key)))
-    task = get_task(cfg.task)
-    records: list[dict] = []
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-    study.enqueue_trial({k: _get(base, k) for k in space})  # trial 0: the config as written
+    return space
+
+
+def _with(base: dict, params: dict) -> dict:
+    """A deep copy of the config dict `base` with each dotted key of `params` set."""
+    out = json.loads(json.dumps(base))
+    for key, value in params.items():
+        _set(out, key, value)
+    return out
+
+
+def _objective(base: dict, space: dict, task, headline: str, records: list[dict], progress: bool):
+    """Optuna's objective: one whole run per trial, scored by the task's selection score of its
+    validation metrics (-inf where NaN); each trial appended to `records`, a refused one pruned."""
+    import optuna
+
+    from privmed.api import run
 
     def objective(trial: optuna.Trial) -> float:
         params = {}
@@ -120,9 +160,7 @@ def tune(cfg: RunConfig, trials: int, out: Path, progress: bool = False) -> Tune
                 params[key] = trial.suggest_int(key, *arg)
             else:
                 params[key] = trial.suggest_categorical(key, list(arg))
-        trial_cfg = json.loads(json.dumps(base))
-        for key, value in params.items():
-            _set(trial_cfg, key, value)
+        trial_cfg = _with(base, params)
         started = time.perf_counter()
         try:
             summary = run(validate_config(trial_cfg, source=f"trial {trial.number}"), report=False).summary
@@ -134,24 +172,10 @@ def tune(cfg: RunConfig, trials: int, out: Path, progress: bool = False) -> Tune
         records.append({"trial": trial.number, "params": params,
                         "score": None if math.isnan(score) else score, "seconds": time.perf_counter() - started})
         if progress:
-            print(f"trial {trial.number}: validation {task.headline} {score:.4f}  {params}", flush=True)
+            print(f"trial {trial.number}: validation {headline} {score:.4f}  {params}", flush=True)
         return score if not math.isnan(score) else -math.inf
 
-    study.optimize(objective, n_trials=trials)
-    scored = [r for r in records if r["score"] is not None]
-    if not scored:
-        raise ConfigError("no trial gave a validation score (every setting was refused or diverged)")
-    best = max(scored, key=lambda r: (r["score"], -r["trial"]))
-    best_cfg = json.loads(json.dumps(base))
-    for key, value in best["params"].items():
-        _set(best_cfg, key, value)
-    best_cfg["name"] = f"{cfg.name or 'run'}-tuned"
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_text(out / "best.yaml", yaml.safe_dump(best_cfg, sort_keys=False))
-    summary = run(validate_config(best_cfg), out / "best", progress=progress).summary
-    result = TuneResult(records, best, best_cfg, summary)
-    _write(out, cfg, result, task.headline)
-    return result
+    return objective
 
 
 def _write(out: Path, cfg: RunConfig, r: TuneResult, metric: str) -> None:

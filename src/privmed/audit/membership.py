@@ -149,31 +149,14 @@ def draw_candidates(
     for i, sd in enumerate(target.site_data):
         members += [(i, g) for g in _patient_groups(sd.train)]
     val = ImageSet.concat([sd.val for sd in target.site_data])
-    if non_members == "test":
-        source, population = target.source.test, val
-    else:
-        groups = _patient_groups(val)
-        half = rng.permutation(len(groups))
-        cut = len(groups) // 2
-        source = val.subset(np.sort(np.concatenate([groups[j] for j in half[:cut]] or [np.zeros(0, int)])))
-        population = val.subset(np.sort(np.concatenate([groups[j] for j in half[cut:]] or [np.zeros(0, int)])))
+    source, population = _outside_and_population(val, target.source.test, non_members, rng)
     outside = [(-1, g) for g in _patient_groups(source)]
 
     def label(site: int, g: np.ndarray) -> int:
         data = source if site < 0 else target.site_data[site].train
         return int(data.labels[g[0]])
 
-    member_label = np.asarray([label(*m) for m in members])
-    outside_label = np.asarray([label(*o) for o in outside])
-    n = min(n_per_side, len(outside))
-    drawn = rng.choice(len(outside), n, replace=False) if n else np.zeros(0, dtype=np.int64)
-    picked_out, picked_in = [], []
-    for c in np.unique(outside_label[drawn]):
-        of_c = drawn[outside_label[drawn] == c]
-        pool = np.flatnonzero(member_label == c)
-        k = min(len(of_c), len(pool))  # a label no site trained on cannot be matched
-        picked_out += [outside[j] for j in of_c[:k]]
-        picked_in += [members[j] for j in rng.choice(pool, k, replace=False)]
+    picked_in, picked_out = _label_matched(members, outside, label, n_per_side, rng)
     if len(picked_in) < 2:
         raise ConfigError(f"the run has {len(members)} training and {len(outside)} test patients with "
                           f"{len(picked_in)} label-matched pairs: too few to audit")
@@ -191,6 +174,41 @@ def draw_candidates(
         population_images=population.images[pop], population_labels=population.labels[pop],
         outside=source,
     )
+
+
+def _outside_and_population(
+    val: ImageSet, test: ImageSet, non_members: str, rng: np.random.Generator
+) -> tuple[ImageSet, ImageSet]:
+    """(where the non-members come from, the attacker's population sample): the test set and the
+    validation data, or ('validation') the validation data's patients cut in two at random."""
+    if non_members == "test":
+        return test, val
+    groups = _patient_groups(val)
+    half = rng.permutation(len(groups))
+    cut = len(groups) // 2
+    source = val.subset(np.sort(np.concatenate([groups[j] for j in half[:cut]] or [np.zeros(0, int)])))
+    population = val.subset(np.sort(np.concatenate([groups[j] for j in half[cut:]] or [np.zeros(0, int)])))
+    return source, population
+
+
+def _label_matched(
+    members: list, outside: list, label, n_per_side: int, rng: np.random.Generator
+) -> tuple[list, list]:
+    """(members, non-members) drawn in pairs of the same label: up to `n_per_side` non-members at
+    random, and for each label as many members as there are of it (fewer where too few members
+    have it). Each candidate is (site index or -1, its patient's item indices)."""
+    member_label = np.asarray([label(*m) for m in members])
+    outside_label = np.asarray([label(*o) for o in outside])
+    n = min(n_per_side, len(outside))
+    drawn = rng.choice(len(outside), n, replace=False) if n else np.zeros(0, dtype=np.int64)
+    picked_out, picked_in = [], []
+    for c in np.unique(outside_label[drawn]):
+        of_c = drawn[outside_label[drawn] == c]
+        pool = np.flatnonzero(member_label == c)
+        k = min(len(of_c), len(pool))  # a label no site trained on cannot be matched
+        picked_out += [outside[j] for j in of_c[:k]]
+        picked_in += [members[j] for j in rng.choice(pool, k, replace=False)]
+    return picked_in, picked_out
 
 
 def _patient_groups(data: ImageSet) -> list[np.ndarray]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from privmed import io
+from privmed.catalog import PrivacyMode
 from privmed.audit import mia
 from privmed.audit.attacks import ATTACKS, UPDATE_ATTACKS, AttackData
 from privmed.audit.attribute import attribute_audit
@@ -73,21 +74,10 @@ def audit(
     `non_members`: where membership's non-members come from ('test' or 'validation', see
     draw_candidates). Returns what was written."""
     names = list(attacks or ATTACKS)
-    unknown = [n for n in names if n not in ATTACKS and n not in UPDATE_ATTACKS]
-    if unknown:
-        allowed = ", ".join([*ATTACKS, *UPDATE_ATTACKS])
-        raise ConfigError(f"--attack: unknown attack '{unknown[0]}' (allowed: {allowed})")
-    membership = [n for n in names if n in ATTACKS]
-    if shadows < 1 and any(ATTACKS[n].needs_shadows for n in membership):
-        raise ConfigError(f"--shadows: {shadows}; attacks {', '.join(n for n in membership if ATTACKS[n].needs_shadows)} need at least 1")
+    membership = _membership_attacks(names, shadows)
     say = progress or (lambda _msg: None)
     run_dir = Path(run_dir)
-    target = load_target(run_dir)
-    for line in move_legacy(run_dir):
-        say(line)
-    if get_task(target.config.task).dense:
-        raise ConfigError(f"{run_dir}: task '{target.config.task}' is not audited yet: privmed's attacks "
-                          "score class labels (membership, canaries, attribute) or invert classifiers' updates")
+    target = _target(run_dir, say)
     previous = _previous(run_dir)
     if any(n in CANARY_ATTACKS for n in names):  # refused before any attack trains
         canary_site(target, canaries, site)
@@ -99,6 +89,45 @@ def audit(
     else:
         out.update({k: v for k, v in previous.items()
                     if k not in ("run", "claimed", "unit", "unit_meaning", *UPDATE_ATTACKS)})
+    _canaries_and_attribute(out, previous, names, target, canaries=canaries, seed=seed, site=site,
+                            attribute=attribute, say=say)
+    _inversion(out, previous, names, target, run_dir, inversion, seed, say)
+    if out["unit"] != "patient":
+        out = _in_units(out, _nouns(target, out["unit"])[:-1])
+    _write(run_dir, out)
+    return out
+
+
+def _membership_attacks(names: list[str], shadows: int) -> list[str]:
+    """The membership attacks among `names`; ConfigError for an unknown name, or too few shadows."""
+    unknown = [n for n in names if n not in ATTACKS and n not in UPDATE_ATTACKS]
+    if unknown:
+        allowed = ", ".join([*ATTACKS, *UPDATE_ATTACKS])
+        raise ConfigError(f"--attack: unknown attack '{unknown[0]}' (allowed: {allowed})")
+    membership = [n for n in names if n in ATTACKS]
+    if shadows < 1 and any(ATTACKS[n].needs_shadows for n in membership):
+        raise ConfigError(f"--shadows: {shadows}; attacks {', '.join(n for n in membership if ATTACKS[n].needs_shadows)} need at least 1")
+    return membership
+
+
+def _target(run_dir: Path, say: Callable[[str], None]) -> Target:
+    """The run's target, after moving an older privmed's files into private/; ConfigError for a
+    dense task, which no attack audits yet."""
+    target = load_target(run_dir)
+    for line in move_legacy(run_dir):
+        say(line)
+    if get_task(target.config.task).dense:
+        raise ConfigError(f"{run_dir}: task '{target.config.task}' is not audited yet: privmed's attacks "
+                          "score class labels (membership, canaries, attribute) or invert classifiers' updates")
+    return target
+
+
+def _canaries_and_attribute(
+    out: dict, previous: dict, names: list[str], target: Target, *, canaries: int, seed: int,
+    site: str | None, attribute: str | None, say: Callable[[str], None],
+) -> None:
+    """Into `out`: each canary audit and the attribute audit named in `names`, else what the
+    previous audit.json held for it."""
     for name, (run_audit, what) in _CANARY_AUDITS.items():
         if name in names:
             say(f"training the run again with {canaries} {what}")
@@ -110,6 +139,14 @@ def audit(
         out["attribute"] = attribute_audit(target, attribute)
     elif "attribute" in previous:
         out["attribute"] = previous["attribute"]
+
+
+def _inversion(
+    out: dict, previous: dict, names: list[str], target: Target, run_dir: Path,
+    inversion: InversionOptions | None, seed: int, say: Callable[[str], None],
+) -> None:
+    """Into `out`: the gradient inversion when `names` holds it (its images written to private/),
+    else the previous one; either with what the run's released figures say of it."""
     if "inversion" in names:
         opts = inversion or InversionOptions()
         settings = opts.settings(target)
@@ -120,10 +157,6 @@ def audit(
         out["inversion"] = previous["inversion"]
     if "inversion" in out:
         out["inversion"]["released"] = _released_inversion(target, out["inversion"]).to_dict()
-    if out["unit"] != "patient":
-        out = _in_units(out, _nouns(target, out["unit"])[:-1])
-    _write(run_dir, out)
-    return out
 
 
 def _write(run_dir: Path, out: dict) -> None:

@@ -55,39 +55,12 @@ def load_heart_disease(data: DataConfig) -> SourceData:
             f"(from {UCI_PAGE})"
         )
 
-    raw, label, rows, train_mask = [], [], [], []
-    for site in SITES:
-        path = file_path(root, site)
-        if not path.is_file():
-            raise DataError(
-                f"data.root: {path} not found; put the UCI Heart Disease files {names} in {root} "
-                f"(from {UCI_PAGE})"
-            )
-        values, line_numbers = read_processed(path)
-        y = (values[:, LABEL] > 0).astype(np.int64)
-        raw.append(values)
-        label.append(y)
-        rows.append(line_numbers)
-        train_mask.append(split_center(y))
-
+    raw, label, rows, train_mask = _read_sites(root, names)
     features, feature_names = _encode(np.concatenate(raw))
     sizes = np.cumsum([0] + [len(r) for r in raw])
     per_site = [features[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
-
     standardize = data.standardize in ("auto", "per-site")  # FLamby standardises per hospital
-    parts: dict[str, list[ImageSet]] = {"train": [], "test": []}
-    for site, x, y, lines, is_train in zip(SITES, per_site, label, rows, train_mask):
-        if standardize:
-            mean, std = train_stats(x[is_train])
-            x = (x - mean) / std
-        patient = np.array([f"{site}-{n}" for n in lines])
-        for split, mask in (("train", is_train), ("test", ~is_train)):
-            parts[split].append(ImageSet(
-                images=x[mask].astype(np.float32),
-                labels=y[mask],
-                site=np.array([site] * int(mask.sum())),
-                patient=patient[mask],
-            ))
+    parts = _splits(per_site, label, rows, train_mask, standardize)
 
     return SourceData(
         train=ImageSet.concat(parts["train"]),
@@ -106,6 +79,50 @@ def load_heart_disease(data: DataConfig) -> SourceData:
         files=[str(file_path(root, s)) for s in SITES],
         feature_names=feature_names,
     )
+
+
+def _read_sites(
+    root: Path, names: str
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per site in SITES: the file's rows (`read_processed`), the binary labels (num > 0), the
+    rows' line numbers and FLamby's train mask; DataError for a missing file."""
+    raw, label, rows, train_mask = [], [], [], []
+    for site in SITES:
+        path = file_path(root, site)
+        if not path.is_file():
+            raise DataError(
+                f"data.root: {path} not found; put the UCI Heart Disease files {names} in {root} "
+                f"(from {UCI_PAGE})"
+            )
+        values, line_numbers = read_processed(path)
+        y = (values[:, LABEL] > 0).astype(np.int64)
+        raw.append(values)
+        label.append(y)
+        rows.append(line_numbers)
+        train_mask.append(split_center(y))
+    return raw, label, rows, train_mask
+
+
+def _splits(
+    per_site: list[np.ndarray], label: list[np.ndarray], rows: list[np.ndarray],
+    train_mask: list[np.ndarray], standardize: bool,
+) -> dict[str, list[ImageSet]]:
+    """{"train": [...], "test": [...]}: each site's encoded features (standardised by its own
+    training rows' statistics when `standardize`), float32, with patients named SITE-LINE."""
+    parts: dict[str, list[ImageSet]] = {"train": [], "test": []}
+    for site, x, y, lines, is_train in zip(SITES, per_site, label, rows, train_mask):
+        if standardize:
+            mean, std = train_stats(x[is_train])
+            x = (x - mean) / std
+        patient = np.array([f"{site}-{n}" for n in lines])
+        for split, mask in (("train", is_train), ("test", ~is_train)):
+            parts[split].append(ImageSet(
+                images=x[mask].astype(np.float32),
+                labels=y[mask],
+                site=np.array([site] * int(mask.sum())),
+                patient=patient[mask],
+            ))
+    return parts
 
 
 def read_processed(path: Path) -> tuple[np.ndarray, np.ndarray]:

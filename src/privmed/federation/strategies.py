@@ -20,7 +20,7 @@ exchange with the sites, and the maths they share, in `strategy_base`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class FedAvg:
 
     name = "fedavg"
     pools_data = False
-    server_lr = 1.0  # subclasses that do not call __init__ (DPFedAvg) stay plain
+    server_lr = 1.0  # a subclass that does not call __init__ stays plain
     secure_weighting = "samples"
     secure_clip = None
 
@@ -181,7 +181,7 @@ class Pooled(FedAvg):
         return [[POOLED_SITE]]
 
 
-class DPFedAvg(FedAvg):
+class DPFedAvg:
     """DP-FedAvg (McMahan et al. 2018) as distributed DP, site-level differential privacy: each site
     clips its update (its model minus the global model) to L2 norm `clip` over all weights and adds
     Gaussian noise of std `noise_multiplier` x `clip` drawn from its own secret key, before the
@@ -190,11 +190,12 @@ class DPFedAvg(FedAvg):
     site's update is then a Gaussian mechanism on its whole data on its own, whatever the server
     does; the sum of m sites' updates carries noise sqrt(m) x noise_multiplier x clip. The mean is
     unweighted: weighting by sample counts would let a large site move it by more than `clip`. The
-    server adds nothing and clips nothing: it never sees an unnoised update."""
+    server adds nothing and clips nothing: it never sees an unnoised update.
 
-    name = "fedavg"
+    A wrapper, as Flower adds DP to any strategy: the rounds, the tasks sent and the state are the
+    `inner` strategy's (default: FedAvg); only the aggregation is DP-FedAvg's, x + sum / n_sites."""
 
-    def __init__(self, clip: float, noise_multiplier: float, n_sites: int):
+    def __init__(self, clip: float, noise_multiplier: float, n_sites: int, inner: Strategy | None = None):
         if not clip > 0 or not noise_multiplier > 0 or not n_sites >= 1:
             raise ValueError(
                 f"need clip > 0, noise_multiplier > 0 and n_sites >= 1, got {clip!r}, "
@@ -202,6 +203,12 @@ class DPFedAvg(FedAvg):
             )
         self.clip, self.noise_multiplier = float(clip), float(noise_multiplier)
         self.n_sites = int(n_sites)
+        self.inner = inner if inner is not None else FedAvg()
+
+    def __getattr__(self, name: str) -> Any:  # name, pools_data, init_state, stages, configure
+        if name.startswith("__") or name == "inner":  # not yet set (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     secure_weighting = "uniform"
     # Under secure aggregation each entry of a site's noisy update is rounded stochastically to

@@ -30,7 +30,7 @@ MAX_NORM_RATIO = 2.0**100
 # to one, and the two integers are added exactly (both below 2^53 for batches of up to MAX_BATCH patients and
 # noise multipliers up to MAX_NOISE_MULTIPLIER). So the output is m(S) + round(N / GRID): a fixed
 # function of the exact-arithmetic Gaussian mechanism on m(S), whose sensitivity is at most the
-# clipped one plus sqrt(parameters) x GRID (<= 1e-6 C below 1e6 parameters), which CLIP_MARGIN pays
+# clipped one plus sqrt(parameters) x GRID (<= 1e-6 C below 1e6 parameters), which dp_step.CLIP_MARGIN pays
 # for. Rounding once to float32 afterwards is post-processing. Float32 noise added in float32 (Opacus)
 # instead lets the low bits of the output tell whether a coordinate's sum was 0 (Jin et al. 2022).
 GRID_BITS = 30

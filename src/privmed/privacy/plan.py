@@ -297,68 +297,28 @@ def make_plan(
     `finetune_steps` (dp-sgd): one more turn of that many steps after the last round, planned and
     calibrated with the rounds. `scorings`: per split, the scorings each site releases in the run
     (None: no scoring plan)."""
-    from privmed.privacy.dpsgd import MIN_NOISE_MULTIPLIER
-
     mode = privacy.mode
     if mode not in UNITS:
         raise ValueError(f"no privacy plan for mode {str(mode)!r}")
     if not sites:
         raise ValueError("no sites to plan for")
-    unit = ("patient" if patient_ids else "record") if mode == PrivacyMode.DP_SGD else "site"
+    dp_sgd = mode == PrivacyMode.DP_SGD
+    unit = ("patient" if patient_ids else "record") if dp_sgd else "site"
     _check_delta(privacy.delta, unit, sites)
-    releases: dict[str, Release] = {}
-    calibrated: dict[tuple[float, int], float] = {}  # sites of equal size share one calibration
-    for name, facts in sites.items():
-        if mode == PrivacyMode.DP_SGD:
-            q, steps = sample_rate_and_steps(facts.n_patients, batch_size, local_epochs, local_steps)
-        else:
-            q, steps = 1.0, 1  # every site in every round; one Gaussian release of the sum per round
-        tuning = finetune_steps if mode == PrivacyMode.DP_SGD else 0
-        total = steps * facts.turns + tuning
-        if privacy.noise_multiplier is not None:
-            sigma = privacy.noise_multiplier
-            if mode == PrivacyMode.DP_SGD and sigma < MIN_NOISE_MULTIPLIER:
-                raise ConfigError(
-                    f"privacy.noise_multiplier: {sigma:g} is below {MIN_NOISE_MULTIPLIER:g}, the least a "
-                    "site accepts under dp-sgd (its noise sampler's finite support would tell patients "
-                    "apart); allowed: >= 0.2"
-                )
-        else:
-            if (q, total) not in calibrated:
-                calibrated[q, total] = noise_for_epsilon(
-                    privacy.epsilon, privacy.delta, q, total, privacy.accountant
-                )
-                if mode == PrivacyMode.DP_SGD:  # a budget met with less noise still gets the floor
-                    calibrated[q, total] = max(calibrated[q, total], MIN_NOISE_MULTIPLIER)
-            sigma = calibrated[q, total]
-        releases[name] = Release(sigma, q, steps)
+    finetune = finetune_steps if dp_sgd else 0
+    releases = _releases(privacy, sites, batch_size=batch_size, local_epochs=local_epochs,
+                         local_steps=local_steps, finetune=finetune)
     plans = {
         name: SitePlan(
             n_patients=facts.n_patients,
             turns=facts.turns,
             release=releases[name],
-            planned_epsilon=_planned(releases[name], facts.turns, privacy, finetune_steps if mode == PrivacyMode.DP_SGD else 0),
-            finetune=(replace(releases[name], steps=finetune_steps) if mode == PrivacyMode.DP_SGD and finetune_steps else None),
+            planned_epsilon=_planned(releases[name], facts.turns, privacy, finetune),
+            finetune=(replace(releases[name], steps=finetune_steps) if dp_sgd and finetune_steps else None),
         )
         for name, facts in sites.items()
     }
-    if privacy.epsilon is not None:
-        budget = privacy.epsilon
-        over = {s: p for s, p in plans.items() if p.planned_epsilon > budget}
-        if over:
-            site, p = max(over.items(), key=lambda kv: kv[1].planned_epsilon)
-            r = p.release
-            total_steps = r.steps * p.turns + (p.finetune.steps if p.finetune else 0)
-            need = noise_for_epsilon(budget, privacy.delta, r.sample_rate, total_steps, privacy.accountant)
-            raise ConfigError(
-                f"privacy.noise_multiplier: {r.noise_multiplier:g} would spend epsilon "
-                f"{format_epsilon(p.planned_epsilon, 4)} at site '{site}' ({p.turns} turns of {r.steps} "
-                f"steps at sample rate {r.sample_rate:.4g}), past privacy.epsilon {format_budget(budget)}; "
-                f"allowed: a noise multiplier >= {format_epsilon(need, 4)}, fewer rounds or steps, or a "
-                "larger epsilon"
-            )
-    else:
-        budget = max(p.planned_epsilon for p in plans.values())
+    budget = _budget(privacy, plans)
     scoring = None
     if scorings is not None:
         scoring = scoring_plan(privacy.scoring_epsilon or budget, privacy.delta, scorings, privacy.accountant)
@@ -373,6 +333,66 @@ def make_plan(
         unit=unit,
         scoring=scoring,
     )
+
+
+def _releases(
+    privacy: PrivacyConfig, sites: Mapping[str, SiteFacts], *, batch_size: int, local_epochs: int,
+    local_steps: int | None, finetune: int,
+) -> dict[str, Release]:
+    """Each site's release of one turn: privacy.noise_multiplier (ConfigError below dp-sgd's floor)
+    or the noise calibrated to privacy.epsilon over the site's turns and `finetune` more steps (sites
+    of equal sample rate and steps share one calibration; dp-sgd never below its floor)."""
+    from privmed.privacy.exact import MIN_NOISE_MULTIPLIER
+
+    dp_sgd = privacy.mode == PrivacyMode.DP_SGD
+    releases: dict[str, Release] = {}
+    calibrated: dict[tuple[float, int], float] = {}  # sites of equal size share one calibration
+    for name, facts in sites.items():
+        if dp_sgd:
+            q, steps = sample_rate_and_steps(facts.n_patients, batch_size, local_epochs, local_steps)
+        else:
+            q, steps = 1.0, 1  # every site in every round; one Gaussian release of the sum per round
+        total = steps * facts.turns + finetune
+        if privacy.noise_multiplier is not None:
+            sigma = privacy.noise_multiplier
+            if dp_sgd and sigma < MIN_NOISE_MULTIPLIER:
+                raise ConfigError(
+                    f"privacy.noise_multiplier: {sigma:g} is below {MIN_NOISE_MULTIPLIER:g}, the least a "
+                    "site accepts under dp-sgd (its noise sampler's finite support would tell patients "
+                    "apart); allowed: >= 0.2"
+                )
+        else:
+            if (q, total) not in calibrated:
+                calibrated[q, total] = noise_for_epsilon(
+                    privacy.epsilon, privacy.delta, q, total, privacy.accountant
+                )
+                if dp_sgd:  # a budget met with less noise still gets the floor
+                    calibrated[q, total] = max(calibrated[q, total], MIN_NOISE_MULTIPLIER)
+            sigma = calibrated[q, total]
+        releases[name] = Release(sigma, q, steps)
+    return releases
+
+
+def _budget(privacy: PrivacyConfig, plans: dict[str, SitePlan]) -> float:
+    """privacy.epsilon, once no site's plan spends more (ConfigError naming the site that spends
+    most and the noise it would need); without a target epsilon, the most a site plans to spend."""
+    if privacy.epsilon is None:
+        return max(p.planned_epsilon for p in plans.values())
+    budget = privacy.epsilon
+    over = {s: p for s, p in plans.items() if p.planned_epsilon > budget}
+    if over:
+        site, p = max(over.items(), key=lambda kv: kv[1].planned_epsilon)
+        r = p.release
+        total_steps = r.steps * p.turns + (p.finetune.steps if p.finetune else 0)
+        need = noise_for_epsilon(budget, privacy.delta, r.sample_rate, total_steps, privacy.accountant)
+        raise ConfigError(
+            f"privacy.noise_multiplier: {r.noise_multiplier:g} would spend epsilon "
+            f"{format_epsilon(p.planned_epsilon, 4)} at site '{site}' ({p.turns} turns of {r.steps} "
+            f"steps at sample rate {r.sample_rate:.4g}), past privacy.epsilon {format_budget(budget)}; "
+            f"allowed: a noise multiplier >= {format_epsilon(need, 4)}, fewer rounds or steps, or a "
+            "larger epsilon"
+        )
+    return budget
 
 
 def scoring_plan(epsilon: float, delta: float, releases: Mapping[str, int], accountant: str) -> ScoringPlan:
