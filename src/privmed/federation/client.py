@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 # metrics a site's update may carry under a privacy mode: public figures and the release itself
-PUBLIC_METRICS = ("sample_gradient_steps", "optimizer_steps", "release")
+PUBLIC_METRICS = ("sample_gradient_steps", "optimizer_steps")
 
 
 class SiteClient:
@@ -187,8 +187,7 @@ class SiteClient:
             if np.issubdtype(w.dtype, np.floating):
                 w = (w.astype(np.float64) + c + rng.normal(0.0, std, size=c.shape)).astype(w.dtype)
             weights.append(w)
-        metrics = {**update.metrics, "release": self.policy.release}
-        return replace(update, weights=weights, metrics=metrics)
+        return replace(update, weights=weights, release=self.policy.release)
 
     def _released(self, update: SiteUpdate) -> SiteUpdate:
         """What of `update` may leave the site: under a privacy mode only the weights, the public
@@ -197,4 +196,4 @@ class SiteClient:
             return update
         metrics = {k: v for k, v in update.metrics.items() if k in PUBLIC_METRICS}
         metrics["train_loss"] = math.nan
-        return SiteUpdate(update.site, update.weights, update.n_samples, update.model_key, metrics)
+        return replace(update, metrics=metrics)

@@ -245,20 +245,20 @@ def _private_dir(path: Path) -> None:
 
 
 def _update_to_file(digest: str, u: SiteUpdate) -> dict:
-    r = u.metrics.get("release")
-    metrics = {k: v for k, v in u.metrics.items() if k != "release"}
+    r = u.release
     return {
         "digest": digest, "site": u.site, "n_samples": u.n_samples, "model_key": u.model_key,
         "weights": [torch.from_numpy(np.ascontiguousarray(w)) for w in u.weights],
-        "metrics": metrics,
+        "metrics": u.metrics,
         "release": None if r is None else [r.noise_multiplier, r.sample_rate, r.steps],
     }
 
 
 def _update_from_file(d: dict) -> tuple[str, SiteUpdate]:
-    metrics = dict(d["metrics"])
+    release = None
     if d["release"] is not None:
         sigma, q, steps = d["release"]
-        metrics["release"] = Release(float(sigma), float(q), int(steps))
+        release = Release(float(sigma), float(q), int(steps))
     weights = [w.numpy() for w in d["weights"]]
-    return d["digest"], SiteUpdate(d["site"], weights, int(d["n_samples"]), d["model_key"], metrics)
+    return d["digest"], SiteUpdate(d["site"], weights, int(d["n_samples"]), d["model_key"], dict(d["metrics"]),
+                                   release)

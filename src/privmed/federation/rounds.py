@@ -55,8 +55,8 @@ def train_round(
         for upd in outcome.updates:
             losses[upd.site] = upd.metrics.get("train_loss", math.nan)
             steps += upd.metrics["sample_gradient_steps"]
-            if "release" in upd.metrics:
-                releases.setdefault(upd.site, []).append(upd.metrics["release"])
+            if upd.release is not None:
+                releases.setdefault(upd.site, []).append(upd.release)
             elif exp.privacy is not None and exp.privacy.mode == PrivacyMode.CENTRAL:
                 releases.setdefault(upd.site, []).append(exp.privacy.release(upd.site))
             if upd.metrics.get("secagg_clipped"):

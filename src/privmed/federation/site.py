@@ -119,7 +119,7 @@ class Site:
     `model_factory()` returns a model of the run's architecture (its initial weights do not matter:
     the weights to train from always come with the task). `task` (privmed.tasks) gives the targets,
     the loss and the meaning of the model's output. With `dp`, every training turn is DP-SGD and its
-    update reports the release it made (`metrics["release"]`) for the privacy ledger.
+    update reports the release it made (`SiteUpdate.release`) for the privacy ledger.
     """
 
     def __init__(
@@ -341,8 +341,8 @@ class Site:
                 "sample_gradient_steps": round(r.sample_rate * self.counts[1] * r.steps),
                 "optimizer_steps": r.steps,
                 "train_seconds": time.perf_counter() - start,
-                "release": r,
             },
+            release=r,
         )
 
     def _batches(self, gen: torch.Generator, steps: int | None = None) -> Iterator[torch.Tensor]:

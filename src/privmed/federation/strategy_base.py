@@ -11,6 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
+from privmed.privacy.accountants import Release
+
 Weights = list[np.ndarray]
 State = dict[str, Weights]
 GLOBAL = "global"
@@ -40,6 +42,9 @@ class SiteUpdate:
     n_samples: int  # training items the site holds (FedAvg's weight)
     model_key: str = GLOBAL
     metrics: dict = field(default_factory=dict)
+    # the DP release this update is (noise multiplier, sample rate, steps), which the coordinator's
+    # ledger charges; None for a site training without DP-SGD or central DP
+    release: Release | None = None
 
 
 @dataclass(frozen=True)

@@ -101,9 +101,8 @@ def decode_instruction(content: RecordDict) -> Instruction:
 def encode_update(update: SiteUpdate, arrays: list[np.ndarray], num_examples: int, secure: bool = False) -> RecordDict:
     """`arrays`: the weights, or (`secure`) the secure contribution, which SecAgg+'s mod masks
     array by array (so it is not packed); `num_examples`: SecAgg+'s weight."""
-    metrics = {k: v for k, v in update.metrics.items() if k != "release"}
-    metrics = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}
-    r = update.metrics.get("release")
+    metrics = {k: (float(v) if isinstance(v, float) else v) for k, v in update.metrics.items()}
+    r = update.release
     if r is not None:
         metrics.update(
             release_noise_multiplier=float(r.noise_multiplier),
@@ -127,8 +126,9 @@ def update_from_fitres(res: FitRes, with_weights: bool) -> SiteUpdate:
     m = dict(res.metrics)
     site, key, n = str(m.pop("site")), str(m.pop("model_key")), int(m.pop("n_samples"))
     manifest = m.pop("packed", None)
+    release = None
     if "release_steps" in m:
-        m["release"] = Release(
+        release = Release(
             noise_multiplier=float(m.pop("release_noise_multiplier")),
             sample_rate=float(m.pop("release_sample_rate")),
             steps=int(m.pop("release_steps")),
@@ -140,7 +140,7 @@ def update_from_fitres(res: FitRes, with_weights: bool) -> SiteUpdate:
         weights = parameters_to_ndarrays(res.parameters)
         if manifest is not None:
             weights = unpack(weights[0], str(manifest))
-    return SiteUpdate(site=site, weights=weights, n_samples=n, model_key=key, metrics=m)
+    return SiteUpdate(site=site, weights=weights, n_samples=n, model_key=key, metrics=m, release=release)
 
 
 def encode_scores(site: str, scores: dict) -> RecordDict:
