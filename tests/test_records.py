@@ -9,7 +9,7 @@ from privmed._version import __version__
 from privmed.catalog import PrivacyMode
 from privmed.errors import RunDirError
 from privmed.federation.records import (
-    MetricsRow, PrivacySummary, Summary, read_ledger, read_metrics, read_summary,
+    MetricsRow, PrivacySummary, Summary, read_ledger, read_metrics, read_summary, read_summary_json,
 )
 from privmed.io import write_json, write_jsonl
 from privmed.privacy.ledger import LedgerRelease, PrivacyLedger
@@ -99,7 +99,7 @@ def test_a_metrics_line_without_its_round_names_the_line(tmp_path):
 
 def test_damaged_files_and_unknown_modes_are_one_line(tmp_path):
     (tmp_path / "summary.json").write_text("{", encoding="utf-8")
-    with pytest.raises(RunDirError, match=r"summary\.json: not JSON"):
+    with pytest.raises(RunDirError, match=r"summary\.json: not valid JSON"):
         read_summary(tmp_path)
     with pytest.raises(RunDirError, match=r"summary\.json: cannot be read"):
         read_summary(tmp_path / "nothing")
@@ -107,3 +107,21 @@ def test_damaged_files_and_unknown_modes_are_one_line(tmp_path):
     with pytest.raises(RunDirError, match=r"privacy\.mode 'dpsgd' is not one of 'none', 'dp-sgd', 'central'"):
         read_summary(tmp_path)
     assert read_metrics(tmp_path) == []  # no round completed yet
+
+
+def test_a_partial_summary_reads_as_far_as_it_goes(tmp_path):
+    """What the report reads: missing fields None, an unknown privacy mode None, the rest as written;
+    read strictly, the same summary is an error."""
+    d = {"name": "old", "rounds_completed": 3, "privacy": {"mode": "dpsgd", "epsilon": 3.2, "unit": "patient"}}
+    s = Summary.from_json(d, partial=True)
+    assert (s.name, s.rounds_completed, s.task, s.seed, s.data) == ("old", 3, None, None, None)
+    assert (s.privacy.mode, s.privacy.epsilon, s.privacy.unit, s.privacy.statement) == (None, 3.2, "patient", None)
+    assert Summary.from_json({**d, "privacy": {"mode": "central"}}, partial=True).privacy.mode == PrivacyMode.CENTRAL
+    assert Summary.from_json({**d, "privacy": "garbled"}, partial=True).privacy is None
+    with pytest.raises(RunDirError, match="no field 'task'"):
+        Summary.from_json(d)
+    write_json(tmp_path / "summary.json", [d])
+    with pytest.raises(RunDirError, match=r"summary\.json: expected a JSON object, got list"):
+        read_summary_json(tmp_path)
+    write_json(tmp_path / "summary.json", d)
+    assert read_summary_json(tmp_path) == d

@@ -1,7 +1,9 @@
 """The run directory's records, typed: what summary.json and each line of metrics.jsonl hold.
 
     rows = read_metrics(run_dir)          list[MetricsRow], one per completed round
+    rows = read_metrics_json(run_dir)     list[dict], each line as written, by round
     summary = read_summary(run_dir)       Summary (its `privacy` a PrivacySummary)
+    d = read_summary_json(run_dir)        summary.json's object as written (dict)
     ledger = read_ledger(run_dir)         the coordinator's PrivacyLedger (privacy_ledger.json)
 
 `to_json()` gives the dict privmed writes (the same keys in the same order, so the files come out
@@ -10,6 +12,8 @@ byte for byte as they always have); `from_json()` reads it back. Metrics are wri
 field every privmed wrote, or is not JSON, raises RunDirError naming the file, the field, the
 version that wrote it and the one reading it. Scores stay dicts (metric name -> value; the metrics
 depend on the task: privmed.tasks), and NaN is written as null, so a score read back may be None.
+`from_json(d, partial=True)` reads a summary as far as it goes (every missing field None, an unknown
+privacy mode None): for readers that show whatever a run directory holds, such as the report.
 """
 
 from __future__ import annotations
@@ -78,9 +82,9 @@ class PrivacySummary:
     """summary.json's `privacy`: the run's guarantee, every epsilon the coordinator ledger's. Under
     mode none only `mode`, `epsilon` (None) and `statement` are set."""
 
-    mode: PrivacyMode
+    mode: PrivacyMode  # None only as read with partial=True (a mode missing or unknown)
     epsilon: float | None
-    statement: str
+    statement: str  # None only as read with partial=True
     unit: str | None = None  # what one guarantee protects: 'patient', 'record' or 'site'
     mechanism: str | None = None
     delta: float | None = None
@@ -106,7 +110,14 @@ class PrivacySummary:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping, where: str = SUMMARY_FILE) -> PrivacySummary:
+    def from_json(cls, d: Mapping, where: str = SUMMARY_FILE, partial: bool = False) -> PrivacySummary:
+        """The entry `to_json` wrote; RunDirError naming the field when `mode`, `epsilon` or
+        `statement` is missing or the mode is unknown. `partial`: those read as None instead."""
+        if partial:
+            mode = d.get("mode")
+            rest = {k: d[k] for k in cls.__dataclass_fields__ if k not in ("mode", "epsilon", "statement") and k in d}
+            return cls(mode=PrivacyMode(mode) if mode in tuple(PrivacyMode) else None,
+                       epsilon=d.get("epsilon"), statement=d.get("statement"), **rest)
         _require(d, ("mode", "epsilon", "statement"), f"{where}: privacy")
         try:
             mode = PrivacyMode(d["mode"])
@@ -160,21 +171,34 @@ class Summary:
         return dict(items[:at] + [("test_finetuned_mean_over_sites", self.test_finetuned_mean_over_sites)] + items[at:])
 
     @classmethod
-    def from_json(cls, d: Mapping, where: str = SUMMARY_FILE) -> Summary:
+    def from_json(cls, d: Mapping, where: str = SUMMARY_FILE, partial: bool = False) -> Summary:
         """The summary `to_json` wrote; RunDirError naming the field when one every privmed wrote is
-        missing."""
+        missing. `partial`: every missing field reads as None, and a `privacy` that is not an
+        object as None (the values are the file's, unchecked)."""
         fields = list(cls.__dataclass_fields__)
-        _require(d, [f for f in fields if f not in cls._OPTIONAL], where, d.get("privmed_version"))
+        if not partial:
+            _require(d, [f for f in fields if f not in cls._OPTIONAL], where, d.get("privmed_version"))
         values = {k: d.get(k) for k in fields}
+        if partial and not isinstance(values["privacy"], Mapping):
+            values["privacy"] = None
         if values["privacy"] is not None:
-            values["privacy"] = PrivacySummary.from_json(values["privacy"], where)
+            values["privacy"] = PrivacySummary.from_json(values["privacy"], where, partial)
         return cls(**values)
 
 
 def read_summary(run_dir: Path) -> Summary:
     """RUN_DIR/summary.json (written at the end of a run); RunDirError if missing or unreadable."""
+    return Summary.from_json(read_summary_json(run_dir), str(Path(run_dir) / SUMMARY_FILE))
+
+
+def read_summary_json(run_dir: Path) -> dict:
+    """RUN_DIR/summary.json's object as written, unchecked; RunDirError naming the file if it is
+    missing, unreadable or not a JSON object."""
     path = Path(run_dir) / SUMMARY_FILE
-    return Summary.from_json(_load_json(path, json.loads), str(path))
+    d = _load_json(path, json.loads)
+    if not isinstance(d, dict):
+        raise RunDirError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def read_metrics(run_dir: Path) -> list[MetricsRow]:
@@ -185,6 +209,27 @@ def read_metrics(run_dir: Path) -> list[MetricsRow]:
     lines = _load_json(path, lambda text: [json.loads(x) for x in text.splitlines() if x.strip()])
     version = _written_by(Path(run_dir))
     return [MetricsRow.from_json(row, f"{path} line {i}", version) for i, row in enumerate(lines, 1)]
+
+
+def read_metrics_json(run_dir: Path) -> list[dict]:
+    """RUN_DIR/metrics.jsonl's lines as written, unchecked but for an integer 'round', sorted by
+    round; a round written twice (a resumed run) keeps its last line ([] without the file).
+    RunDirError naming the file and line when one is not such an object."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    by_round: dict[int, dict] = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)  # accepts NaN, as Python's json writes it
+        except ValueError as e:
+            raise RunDirError(f"{path}:{i}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise RunDirError(f"{path}:{i}: expected an object with an integer 'round'")
+        by_round[row["round"]] = row
+    return [by_round[r] for r in sorted(by_round)]
 
 
 def read_ledger(run_dir: Path) -> PrivacyLedger | None:
@@ -208,7 +253,7 @@ def _load_json(path: Path, parse) -> Any:
     except OSError as e:
         raise RunDirError(f"{path}: cannot be read ({e.strerror or e})") from None
     except ValueError as e:
-        raise RunDirError(f"{path}: not JSON ({e})") from None
+        raise RunDirError(f"{path}: not valid JSON ({e})") from None
 
 
 def _require(d: Any, keys, where: str, version: str | None = None) -> None:

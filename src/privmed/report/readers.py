@@ -1,11 +1,11 @@
-"""Reading a run directory's JSON, JSON-lines and YAML files: each error a RunDirError that names
-the file (and the line) and what is wrong with it."""
+"""Reading a run directory's other JSON files and its YAML: each error a RunDirError that names the
+file and what is wrong with it. summary.json and metrics.jsonl are read by
+privmed.federation.records (read_summary_json, read_metrics_json)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -31,18 +31,3 @@ def read_yaml(path: Path) -> dict:
         raise RunDirError(f"{path}: expected a YAML mapping, got {type(obj).__name__}")
     return obj
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows sorted by round; a round written twice (a resumed run) keeps its last row."""
-    by_round: dict[Any, dict] = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)  # accepts NaN, as Python's json writes it
-        except ValueError as e:
-            raise RunDirError(f"{path}:{i}: not valid JSON ({e})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            raise RunDirError(f"{path}:{i}: expected an object with an integer 'round'")
-        by_round[row["round"]] = row
-    return [by_round[r] for r in sorted(by_round)]

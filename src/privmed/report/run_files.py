@@ -15,9 +15,9 @@ import numpy as np
 
 from privmed.catalog import PrivacyMode
 from privmed.errors import RunDirError
+from privmed.federation.records import PrivacySummary, Summary, read_metrics_json, read_summary_json
 from privmed.report.private import audit_file, inversion_file, shareable_audit
 from privmed.report.readers import read_json as _read_json
-from privmed.report.readers import read_jsonl as _read_jsonl
 from privmed.report.readers import read_yaml as _read_yaml
 from privmed.report.words import as_dict as _dict
 from privmed.report.words import get as _get
@@ -44,14 +44,11 @@ def _names(value: Any) -> tuple[str, ...] | None:
     return tuple(str(n) for n in value) if isinstance(value, list) else None
 
 
-def _mode(value: Any) -> PrivacyMode | None:
-    """privacy.mode as a PrivacyMode; None where missing or not a mode privmed knows."""
-    return PrivacyMode(value) if value in tuple(PrivacyMode) else None
-
-
 @dataclass(frozen=True)
 class DataFacts:
-    """What summary.json says of the run's data ("data"; the config's data.source where it is silent)."""
+    """What summary.json says of the run's data ("data"; the config's data.source where it is silent).
+    Summary keeps "data" as the dict the run wrote (privmed.federation.facts.DataFacts is the
+    coordinator's, with fields the summary does not hold): this reads it leniently, for any summary."""
 
     source: str | None
     name: str | None  # the config's data.name (a MedMNIST set)
@@ -66,8 +63,8 @@ class DataFacts:
     citation: str | None
 
     @classmethod
-    def read(cls, summary: dict, config: dict) -> DataFacts:
-        data = _dict(summary.get("data"))
+    def read(cls, summary: Summary, config: dict) -> DataFacts:
+        data = _dict(summary.data)
         tabular, shape = data.get("tabular"), data.get("image_shape")
         unit = data.get("time_unit")
         return cls(
@@ -124,26 +121,26 @@ class RunFacts:
         return "last round" in (self.selection or "")
 
     @classmethod
-    def read(cls, path: Path, summary: dict, config: dict, metrics: list[dict]) -> RunFacts:
-        s, model, privacy = summary, _dict(summary.get("model")), summary.get("privacy")
-        unit = _get(privacy, "unit")
+    def read(cls, path: Path, s: Summary, privacy: Any, config: dict, metrics: list[dict]) -> RunFacts:
+        """The facts of `s` (summary.json read with partial=True, so any field may be None or not of
+        its type: each is checked here), its `privacy` entry as written, the config's where the
+        summary is silent."""
+        model, p = _dict(s.model), s.privacy or PrivacySummary(mode=None, epsilon=None, statement=None)
         return cls(
-            name=str(s.get("name") or path.name), task=_text(s.get("task") or _get(config, "task")),
-            strategy=_text(s.get("strategy") or _get(config, "federation", "strategy")),
+            name=str(s.name or path.name), task=_text(s.task or _get(config, "task")),
+            strategy=_text(s.strategy or _get(config, "federation", "strategy")),
             aggregator=_text(_get(config, "federation", "aggregator")),
             byzantine=_get(config, "federation", "byzantine"),
             finetune_steps=_num(_get(config, "federation", "finetune_steps")),
             model=_text(model.get("name") or _get(config, "model", "name")), parameters=_num(model.get("parameters")),
-            rounds_completed=_count(s.get("rounds_completed")), rounds_planned=_count(s.get("rounds_planned")),
-            best_round=_best_round(s, metrics), selection=_text(s.get("selection")),
-            selection_rule=_text(s.get("selection_rule")), wall_seconds=_num(s.get("wall_seconds")),
-            train_seconds=_num(s.get("train_seconds")), sample_gradient_steps=_count(s.get("sample_gradient_steps")),
-            seed=_count(s.get("seed")), version=_text(s.get("privmed_version")), privacy=privacy,
-            privacy_mode=_mode(_get(privacy, "mode")), privacy_unit=unit if isinstance(unit, str) else None,
-            accountant=_text(_get(privacy, "accountant")), delta=_num(_get(privacy, "delta")),
-            budget_epsilon=_num(_get(privacy, "budget_epsilon")),
-            scoring=bool(_get(privacy, "scoring")), attack=_dict(_get(config, "attack")),
-            data=DataFacts.read(s, config),
+            rounds_completed=_count(s.rounds_completed), rounds_planned=_count(s.rounds_planned),
+            best_round=_best_round(s, metrics), selection=_text(s.selection),
+            selection_rule=_text(s.selection_rule), wall_seconds=_num(s.wall_seconds),
+            train_seconds=_num(s.train_seconds), sample_gradient_steps=_count(s.sample_gradient_steps),
+            seed=_count(s.seed), version=_text(s.privmed_version), privacy=privacy,
+            privacy_mode=p.mode, privacy_unit=p.unit if isinstance(p.unit, str) else None,
+            accountant=_text(p.accountant), delta=_num(p.delta), budget_epsilon=_num(p.budget_epsilon),
+            scoring=bool(p.scoring), attack=_dict(_get(config, "attack")), data=DataFacts.read(s, config),
         )
 
 
@@ -185,16 +182,17 @@ def read_run(run_dir: Path, private: bool = False) -> RunFiles:
     for name in REQUIRED_FILES:
         if not (run_dir / name).is_file():
             raise RunDirError(f"{run_dir}: not a privmed run directory (missing {name})")
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_summary_json(run_dir)
     config = _read_yaml(run_dir / "config.yaml")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    metrics = read_metrics_json(run_dir)
     predictions_file = run_dir / "predictions.npz"
     arrays = _read_arrays(predictions_file)
     labels, probs, time, risk = (_predictions(predictions_file, arrays) if predictions_file.is_file()
                                  else (None, {}, None, {}))
     counts = _read_counts(run_dir / "test_counts.npz")
     audit = _read_json(audit_file(run_dir)) if audit_file(run_dir).is_file() else None
-    facts = RunFacts.read(run_dir, summary, config, metrics)
+    typed = Summary.from_json(summary, str(run_dir / "summary.json"), partial=True)
+    facts = RunFacts.read(run_dir, typed, summary.get("privacy"), config, metrics)
     read = dict(path=run_dir, config=config, summary=summary, metrics=metrics, facts=facts, labels=labels,
                 probs=probs, time=time, risk=risk, counts=counts, predictions=arrays)
     if not private:
@@ -267,9 +265,9 @@ def site_names(run: RunFiles) -> list[str]:
     return names
 
 
-def _best_round(summary: dict, metrics: list[dict]) -> int | None:
+def _best_round(summary: Summary, metrics: list[dict]) -> int | None:
     """The selected round: the summary's, else the last metrics row's (a run still going)."""
-    best = summary.get("best_round")
+    best = summary.best_round
     if best is None and metrics:
         best = metrics[-1].get("best_round")
     return best if isinstance(best, int) and not isinstance(best, bool) else None

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from privmed.catalog import PrivacyMode
 from privmed.errors import PrivmedError, RunDirError, unknown_name
+from privmed.federation.records import SUMMARY_FILE, read_metrics_json, read_summary_json
 from privmed.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
 from privmed.report.private import audit_file, shareable_audit
-from privmed.report.readers import read_json, read_jsonl, read_yaml
+from privmed.report.readers import read_json, read_yaml
 from privmed.report.statement_files import AUDIT_FILE, StatementFiles
 from privmed.report.words import as_dict, get
 
@@ -37,8 +38,8 @@ def read_statement(run_dir: Path, site: str, state_dir: Path | None = None, priv
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"RUN_DIR: {run_dir} is not a privmed run directory (it has no config.yaml)")
     config = read_yaml(run_dir / "config.yaml")
-    summary = _optional(run_dir / "summary.json", read_json)
-    metrics = _optional(run_dir / "metrics.jsonl", read_jsonl) or []
+    summary = read_summary_json(run_dir) if (run_dir / SUMMARY_FILE).is_file() else None
+    metrics = read_metrics_json(run_dir)
     ledger = _optional(run_dir / LEDGER_FILE, PrivacyLedger.load)
     _check_site(run_dir, site, site_names(config, summary, metrics, ledger))
     run_id = get(_optional(run_dir / "run.json", read_json), "run_id")
