@@ -100,17 +100,39 @@ def _bad_cases(tmp_path: Path):
     return cases
 
 
-def test_bad_input_gives_one_line_and_exit_2(tmp_path):
-    failures = []
-    for kind, (cfg, expected) in _bad_cases(tmp_path).items():
-        f = _write(tmp_path, cfg, f"{kind.replace(' ', '-')}.yaml")
-        out = tmp_path / f"out-{kind.replace(' ', '-')}"
+# Each kind of bad input through the CLI's `main` in this process (a Python start-up and the imports
+# per kind would cost ~6 s each); these kinds also through a real `python -m privmed`, for its exit
+# code and for a stderr that nothing but the one line reaches (a traceback, a warning).
+IN_A_PROCESS = ("unknown key", "corrupt png")
+
+
+def _bad_input_result(tmp_path: Path, kind: str, cfg: dict, capsys, process: bool) -> tuple[int, str, Path]:
+    """(exit code, stderr, --out) of `privmed run` on `cfg`, in a subprocess or through `main`."""
+    from privmed.cli import main
+
+    name = kind.replace(" ", "-") + ("-process" if process else "")
+    f, out = _write(tmp_path, cfg, f"{name}.yaml"), tmp_path / f"out-{name}"
+    if process:
         r = privmed("run", f, "--out", out, "--quiet")
-        lines = r.stderr.strip().splitlines()
-        ok = (r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr
+        return r.returncode, r.stderr, out
+    capsys.readouterr()
+    code = main(["run", str(f), "--out", str(out), "--quiet"])  # an exception escaping fails the test
+    return code, capsys.readouterr().err, out
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
+    failures = []
+    cases = _bad_cases(tmp_path)
+    assert set(IN_A_PROCESS) <= set(cases)
+    runs = [(kind, False) for kind in cases] + [(kind, True) for kind in IN_A_PROCESS]
+    for kind, process in runs:
+        cfg, expected = cases[kind]
+        code, err, out = _bad_input_result(tmp_path, kind, cfg, capsys, process)
+        lines = err.strip().splitlines()
+        ok = (code == 2 and len(lines) == 1 and "Traceback" not in err
               and expected in lines[0] and not out.exists())
         if not ok:
-            failures.append(f"{kind}: rc={r.returncode} stderr={r.stderr.strip()[-400:]!r}")
+            failures.append(f"{kind} ({'process' if process else 'main'}): rc={code} stderr={err.strip()[-400:]!r}")
     assert not failures, "\n".join(failures)
 
 

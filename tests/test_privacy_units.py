@@ -4,13 +4,13 @@ image or row) where it does not, 'site' under central DP."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
-import os
-import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -149,10 +149,15 @@ def _image_folder_with_patients(root: Path) -> dict:
     return _dp(cfg)
 
 
-def _cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "privmed", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
+def _cli(*args) -> SimpleNamespace:
+    """`privmed ARGS` through the CLI's `main` in this process (a Python start-up and its imports per
+    command cost ~6 s; tests/test_cli.py runs the command as a process): returncode, stdout, stderr."""
+    from privmed.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_a_source_with_patient_ids_is_planned_per_patient(tmp_path):
