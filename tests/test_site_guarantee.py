@@ -168,7 +168,9 @@ def test_nothing_computed_outside_the_mechanism_leaves_a_private_site(hospital):
     client, model = hospital
     update = client.train(Instruction(_task(model), 1, run="r"))
     assert math.isnan(update.metrics["train_loss"])
-    assert set(update.metrics) == {"train_loss", "sample_gradient_steps", "optimizer_steps", "release"}
+    assert set(update.metrics) == {"train_loss", "sample_gradient_steps", "optimizer_steps"}
+    # the release it made travels beside the metrics, for the coordinator's ledger: public numbers
+    assert update.release is not None and update.release.steps == update.metrics["optimizer_steps"]
 
 
 def test_a_refusal_reaches_the_coordinator_in_process(tmp_path):
