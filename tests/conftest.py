@@ -5,45 +5,8 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# Two cores on CI: keep torch from oversubscribing them when tests start subprocesses. Not one
-# thread per xdist worker: test_flower_deploy compares an in-process run with Flower's processes
-# to rel 1e-6, and with the worker and this variable at one thread its ECE differed by 1e-6
-# (0.13058840 against 0.13058827; which process kept two threads is not known).
+# Two cores on CI: keep torch from oversubscribing them when tests start subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-# The slowest files first (measured with --durations=0, 2 cores): xdist hands out whole files
-# (--dist loadfile), and a long file handed out last would leave the other worker idle at the end.
-SLOW_FIRST = [
-    "test_flower_deploy.py", "test_audit.py", "test_resume.py", "test_cli.py", "test_privacy_runs.py",
-    "test_audit_inversion.py", "test_privacy_units.py", "test_shareable.py", "test_defaults.py",
-    "test_robust.py",
-]
-# Files whose tests start servers on a port found free (deploy.free_port): handed out as one unit,
-# so that two workers never pick the same "free" port between its check and its use.
-SERVERS = {"test_flower_deploy.py", "test_flower_speed.py"}
-
-
-def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
-    """The files of SLOW_FIRST before all others, in that order; the rest keep theirs."""
-    rank = {name: k for k, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
-
-
-@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown where xdist is not installed
-def pytest_xdist_make_scheduler(config, log):  # noqa: ANN001, ANN201
-    """Under --dist loadfile: one file a unit of work, as xdist does, but the SERVERS files one
-    unit together. (Not --dist loadgroup: xdist 3.8 groups by renaming `item._nodeid`, which
-    pytest 9 no longer reads, so its groups are ignored.)"""
-    if config.getoption("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class ServersTogether(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            scope = super()._split_scope(nodeid)
-            return "servers" if Path(scope).name in SERVERS else scope
-
-    return ServersTogether(config, log)
 
 
 def tiny_config(**over) -> dict:
