@@ -15,6 +15,7 @@ from typing import Any
 
 from privmed import catalog
 from privmed.catalog import PrivacyMode
+from privmed.errors import unknown_name
 from privmed.config.values import (
     MEDMNIST_SIZES,
     MEDMNIST_VOLUME_SIZES,
@@ -128,6 +129,7 @@ def check_run(cfg: Any) -> None:
     check_privacy(cfg)
     check_robustness(cfg)
     check_attack(cfg)
+    check_model(cfg)
 
 
 def check_task(cfg: Any) -> None:
@@ -299,3 +301,20 @@ def check_attack(cfg: Any) -> None:
     if att.kind == "little-is-enough" and n_bad >= len(names) // 2 + 1:
         raise ValueError(f"{what} needs the malicious sites to be a minority; {n_bad} of "
                          f"{len(names)} are not")
+
+
+def check_model(cfg: Any) -> None:
+    """model.name: a model of the catalog whose output fits the task (an image per item for a
+    dense task, one prediction per item for the others). Whether it takes the data's kind (a
+    table, images, volumes) is known only once the data is loaded (privmed.federation.experiment)."""
+    name, task = cfg.model.name, catalog.task(cfg.task)
+    models = catalog.by_name(catalog.MODELS)
+    if name not in models:
+        raise ValueError(unknown_name("model.name", "model", name, models))
+    dense = sorted(m.name for m in catalog.MODELS if m.dense)
+    if task.dense and not models[name].dense:
+        raise ValueError(f"model.name: '{name}' outputs one prediction per item, and task '{task.name}' "
+                         f"needs one per pixel; use one of: {', '.join(dense)}")
+    if not task.dense and models[name].dense:
+        raise ValueError(f"model.name: '{name}' outputs an image, and task '{task.name}' needs one "
+                         "prediction per item; use an image or tabular model (cnn, resnet18, linear, ...)")

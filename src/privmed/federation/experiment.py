@@ -22,7 +22,7 @@ from privmed.federation.robust import with_aggregator
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError, PrivmedError
-from privmed.models import DENSE_MODELS, build_model, check_model_name, models_for, norm_state_mask, spatial_dims
+from privmed.models import build_model, models_for, norm_state_mask, spatial_dims
 from privmed.privacy.accountants import Release
 from privmed.privacy.dpsgd import validate_model
 from privmed.privacy.plan import PrivacyPlan, SiteFacts, make_plan
@@ -176,7 +176,6 @@ def prepare_experiment(
     config says), plan the run from the sites' public facts (`plan_experiment`) and build the
     sites. `noise`: the noise multipliers a resumed run started with (else calibrated from the
     config). Raises PrivmedError on bad input; writes nothing."""
-    check_model_name(cfg.model.name)
     source, site_data, facts = simulated_sites(cfg, hospitals)
     exp = experiment_from_sites(cfg, site_data, facts, source, noise)
     exp.hospitals = {h.site: h for h in hospitals or []}
@@ -296,10 +295,8 @@ def plan_experiment(
     """The run's plan from the config and public facts only (no patient's record): the model (its
     initial weights from the seed), the strategy and the privacy plan over the sites' counts.
     `pooled`: the pooled site's profile, for strategies that pool the data (a simulation only)."""
-    check_model_name(cfg.model.name)
     task = get_task(cfg.task, data)
     _check_model_fits_data(cfg.model.name, data, task.dense)
-    _check_model_fits_task(cfg.model.name, task)
     if cfg.federation.model_selection == "best-validation" and not any(p.n_val for p in sites):
         raise ConfigError(
             "federation.model_selection: 'best-validation' needs validation data, and "
@@ -414,16 +411,6 @@ def _secagg_rounding_bound(cfg: RunConfig, weights: Weights) -> float:
             "secagg_clipping_range"
         )
     return bound
-
-
-def _check_model_fits_task(model: str, task: Task) -> None:
-    """A dense task needs a model whose output is an image, and the other tasks one whose is not."""
-    if task.dense and model not in DENSE_MODELS:
-        raise ConfigError(f"model.name: '{model}' outputs one prediction per item, and task '{task.name}' "
-                          f"needs one per pixel; use one of: {', '.join(sorted(DENSE_MODELS))}")
-    if not task.dense and model in DENSE_MODELS:
-        raise ConfigError(f"model.name: '{model}' outputs an image, and task '{task.name}' needs one "
-                          "prediction per item; use an image or tabular model (cnn, resnet18, linear, ...)")
 
 
 _KINDS = {0: "a feature table", 2: "images", 3: "3-D volumes"}
