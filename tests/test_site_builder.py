@@ -41,6 +41,26 @@ def test_a_hospital_builds_the_simulations_site_from_its_setup(dp_exp):
     assert all(np.array_equal(a, b) for a, b in zip(get_weights(client.site.model), get_weights(simulated.model)))
 
 
+def test_the_config_is_validated_once_at_each_edge(monkeypatch):
+    """The simulation's sites take the plan's validated config; a hospital validates what it
+    receives, once, even when handed the plan's own setup object (whose `validated` it ignores)."""
+    import privmed.federation.experiment as experiment
+
+    calls = []
+    real = experiment.validate_config
+    monkeypatch.setattr(experiment, "validate_config", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = validate_config(tiny_config(federation__rounds=1))
+    exp = prepare_experiment(cfg)
+    assert calls == [] and all(s.training is cfg.training for s in exp.trainers.values())
+    setup = exp.plan.setup_for("site-2")
+    h = Hospital.rehearsal(cfg, "site-2")
+    client = h.setup(setup)
+    assert len(calls) == 1 and client.site.training == cfg.training and client.site.training is not cfg.training
+    tampered = SiteSetup(**{**{f: getattr(setup, f) for f in ("config", "data", "local_steps", "release")},
+                            "validated": validate_config(tiny_config(federation__rounds=1, training__lr=9.0))})
+    assert Hospital.rehearsal(cfg, "site-1").setup(tampered).site.training.lr == cfg.training.lr
+
+
 @pytest.mark.parametrize(("weighting", "max_weight"), [("samples", 200.0), ("uniform", 1.0)])
 def test_the_client_computes_its_secure_contribution(weighting, max_weight, one_thread):
     exp = prepare_experiment(validate_config(tiny_config(federation__rounds=1, federation__secure_aggregation=True)))

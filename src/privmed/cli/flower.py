@@ -226,13 +226,11 @@ def submit(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
 
     from privmed.federation.flower import deploy
     from privmed.federation.rundir import RunDir
-    from privmed.models import check_model_name
 
     _need(args, "server", "certs")
     _warn_insecure(args)
     resume = args.resume and (out / "config.yaml").exists()
     # the config was validated when loaded; the coordinator plans from what the sites report
-    check_model_name(cfg.model.name)
     RunDir.check_resume(out, cfg) if resume else RunDir.check_new(out)
     home = deploy.home_dir(args.home)
     path = _resolved_config(cfg, home, "run")

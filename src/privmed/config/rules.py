@@ -15,7 +15,6 @@ from typing import Any
 
 from privmed import catalog
 from privmed.catalog import PrivacyMode
-from privmed.errors import unknown_name
 from privmed.config.values import (
     MEDMNIST_SIZES,
     MEDMNIST_VOLUME_SIZES,
@@ -26,6 +25,7 @@ from privmed.config.values import (
     aggregator_min_sites,
     is_volume_source,
 )
+from privmed.errors import unknown_name
 
 # --------------------------------------------------------------------------- sections
 

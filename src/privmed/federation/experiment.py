@@ -66,7 +66,7 @@ class Plan:
                 if plan.mode == PrivacyMode.CENTRAL:
                     clip = self.strategy.secure_clip if self.config.federation.secure_aggregation else plan.max_grad_norm
         return SiteSetup(self.config.to_dict(), self.data.to_dict(), self.local_steps, release, self.label_shares,
-                         finetune, scoring, clip)
+                         finetune, scoring, clip, validated=self.config)
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ class SiteSetup:
     finetune: tuple[float, float, int] | None = None  # dp-sgd: the fine-tuning turn
     scoring: dict | None = None  # privmed.privacy.plan.ScoringPlan.to_dict()
     clip: float | None = None  # central: the norm each site clips its update to
+    # `config` as validated, once: the plan's own (a simulation), or the hospital's check of what
+    # the coordinator sent, on first use (not part of the setup: not sent, compared or hashed)
+    validated: RunConfig | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -113,7 +116,10 @@ class SiteSetup:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def run_config(self) -> RunConfig:
-        return validate_config(self.config, source="the coordinator's run config")
+        """The run config, validated once: at the hospital's edge for a setup it received."""
+        if self.validated is None:
+            object.__setattr__(self, "validated", validate_config(self.config, source="the coordinator's run config"))
+        return self.validated
 
 
 @dataclass
