@@ -52,6 +52,8 @@ def print_summary(s: dict, out: Path) -> int:
         f"{s['strategy']}: {s['rounds_completed']} rounds, test {scores(test)}"
         f" (model of round {s['best_round'] or 'per site'}: {s['selection']})"
     )
+    for w in s.get("warnings") or []:
+        print(f"WARNING: {w['message']}")
     by_site = s.get("test_mean_over_sites") or {}
     if by_site:
         print(f"mean over sites of each site's test: {scores(by_site)}")
@@ -87,7 +89,7 @@ def _print_privacy(privacy: dict, out: Path) -> None:
 
 
 def scores(m: dict) -> str:
-    """'AUC 0.912, accuracy 0.850', 'C-index 0.781', 'Dice ...' from a metrics dict."""
+    """'AUC 0.912, accuracy 0.850, balanced accuracy 0.801', 'C-index 0.781', 'Dice ...' from a metrics dict."""
     from privmed.tasks.names import scores_text
 
     return scores_text(m)

@@ -156,14 +156,19 @@ class Summary:
     seed: int
     privmed_version: str | None
     test_finetuned_mean_over_sites: Scores | None = None  # federation.finetune_steps only
+    # what is wrong with the selected model (privmed.tasks.usefulness): [{"kind", "message"}];
+    # None: a summary from before the field (not written then)
+    warnings: list[dict[str, str]] | None = None
 
     _OPTIONAL = ("selection_rule", "evaluation", "test_mean_over_sites", "train_seconds", "privacy",
-                 "secure_aggregation", "privmed_version", "test_finetuned_mean_over_sites")
+                 "secure_aggregation", "privmed_version", "test_finetuned_mean_over_sites", "warnings")
 
     def to_json(self) -> dict:
         """summary.json's dict, keys in the order privmed has always written them."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "test_finetuned_mean_over_sites"}
         d["privacy"] = None if self.privacy is None else self.privacy.to_json()
+        if self.warnings is None:
+            del d["warnings"]
         if self.test_finetuned_mean_over_sites is None:
             return d
         items = list(d.items())

@@ -41,6 +41,8 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
         "metric_label": view.metric_label,
         "overview": _overview(run),
         "no_rounds": not run.metrics and not f.rounds_completed,
+        "warnings": _warnings(run),
+        "positive_class": _positive_class(view, class_names),
         "key_figures": _key_figures(run, view),
         "headline": headline,
         "selected_last": f.selected_last,
@@ -57,6 +59,24 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
                                       allow_unicode=True),
         "version": f.version or NA,
     }
+
+
+def _warnings(run: RunFiles) -> list[str]:
+    """summary.json's `warnings` (privmed.tasks.usefulness): what is wrong with the selected model."""
+    ws = _get(run.summary, "warnings")
+    if not isinstance(ws, list):
+        return []
+    return [w["message"] for w in ws if isinstance(w, dict) and isinstance(w.get("message"), str)]
+
+
+def _positive_class(view: TaskView, class_names: tuple[str, ...] | None) -> str | None:
+    """Which class the AUC and the ROC curves score (classification only), in words."""
+    if view.survival or view.dense or not class_names or len(class_names) < 2:
+        return None
+    if len(class_names) == 2:
+        return (f"The AUC and the ROC curve score '{class_names[1]}' as the positive class (against "
+                f"'{class_names[0]}').")
+    return "The AUC is the mean over the classes of each class's against the rest."
 
 
 def _overview(run: RunFiles) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ def metric_label(key: str) -> str:
 
 
 def scores_text(m: dict) -> str:
-    """A metrics dict in a few words: 'AUC 0.912, accuracy 0.850', 'C-index 0.781',
+    """A metrics dict in a few words: 'AUC 0.912, accuracy 0.850, balanced accuracy 0.801', 'C-index 0.781',
     'Dice 0.912 (foreground 0.950), HD95 2.1', 'PSNR 31.20 dB, SSIM 0.912'."""
     def fmt(x, digits: int = 3) -> str:  # noqa: ANN001
         return "n/a" if x is None or x != x else f"{x:.{digits}f}"
@@ -23,4 +23,7 @@ def scores_text(m: dict) -> str:
     if "psnr" in m:
         return (f"PSNR {fmt(m['psnr'], 2)} dB, SSIM {fmt(m.get('ssim'))} (zero-filled: "
                 f"{fmt(m.get('psnr_zero_filled'), 2)} dB, {fmt(m.get('ssim_zero_filled'))})")
-    return f"AUC {fmt(m.get('auc'))}, accuracy {fmt(m.get('accuracy'))}"
+    text = f"AUC {fmt(m.get('auc'))}, accuracy {fmt(m.get('accuracy'))}"
+    if "balanced_accuracy" in m:  # accuracy alone hides a model that predicts the commonest class
+        text += f", balanced accuracy {fmt(m['balanced_accuracy'])}"
+    return text
