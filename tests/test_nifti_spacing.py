@@ -99,3 +99,24 @@ def test_a_bad_spacing_is_refused_in_one_line(spacing, match):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="only source 'nifti' resamples volumes"):
         validate_config({"task": "segmentation", "data": {"source": "phantom", "spacing": [1, 1, 1]}})
+
+
+@pytest.mark.parametrize(("value", "why"), [("val", "each site draws its validation patients"), ("tset", "")])
+def test_a_split_other_than_train_or_test_is_refused_naming_the_file_and_value(tmp_path, value, why):
+    """Before this check any other value, 'val' and typos included, silently counted as train."""
+    from privmed.errors import DataError
+
+    csv = _two_scanners(tmp_path)
+    lines = (tmp_path / "index.csv").read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + f",{value}"
+    (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        load_source(DataConfig(source="nifti", csv=csv), SitesConfig(count=2, partition="natural"), 0,
+                    task="segmentation")
+    msg = str(e.value)
+    assert csv in msg and "file 'v1.nii.gz' has split '" + value + "'; allowed: train, test" in msg and why in msg
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",TEST"  # any case
+    (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
+    loaded = load_source(DataConfig(source="nifti", csv=csv), SitesConfig(count=2, partition="natural"), 0,
+                         task="segmentation")
+    assert set(loaded.test.patient) == {"p1", "p3"}

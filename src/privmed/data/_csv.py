@@ -69,3 +69,19 @@ def read_index(path: Path, required: tuple[str, ...], optional: tuple[str, ...])
     if not rows:
         raise DataError(f"{path}: no rows below the header")
     return rows
+
+
+SPLITS = ("train", "test")
+
+
+def check_splits(rows: list[dict[str, str]], path: Path) -> None:
+    """DataError naming the file and the value when a row's `split` is not train or test (any
+    case). Validation patients are drawn by each site (data.val_fraction), so 'val' is refused
+    too, with that reason."""
+    for r in rows:
+        value = r.get("split")
+        if value is None or value.lower() in SPLITS:
+            continue
+        why = (" (each site draws its validation patients from its training rows: data.val_fraction)"
+               if value.lower() in ("val", "valid", "validation") else "")
+        raise DataError(f"{path}: file '{r['file']}' has split '{value}'; allowed: {', '.join(SPLITS)}{why}")

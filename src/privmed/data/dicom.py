@@ -15,7 +15,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from privmed.config import DataConfig
-from privmed.data._csv import read_index
+from privmed.data._csv import check_splits, read_index
 from privmed.data._images import center_crop_resize, stack_images
 from privmed.data._split import train_test
 from privmed.data.base import ImageSet, SourceData
@@ -87,12 +87,8 @@ def parse_labels(values: list[str], where: Path) -> tuple[np.ndarray, list[str]]
 
 def _given_split(rows: list[dict[str, str]], csv_path: Path) -> np.ndarray:
     """(N,) bool: which rows the CSV's `split` column puts in the test set."""
+    check_splits(rows, csv_path)
     split = np.array([r["split"].lower() for r in rows])
-    bad = [(r["file"], r["split"]) for r, s in zip(rows, split) if s not in ("train", "test")]
-    if bad:
-        raise DataError(
-            f"{csv_path}: file '{bad[0][0]}' has split '{bad[0][1]}'; allowed: train, test"
-        )
     if not (split == "test").any() or not (split == "train").any():
         missing = "test" if not (split == "test").any() else "train"
         raise DataError(

@@ -7,9 +7,9 @@
 
 - `file` and `mask` are required: an image volume and its integer mask (0 background, 1..K-1 the
   classes; `data.class_names` names them, background first). `site`, `patient` (default: the
-  file's name) and `split` ("train" or "test", never empty: "test" holds the volume out as the
-  public test set; when no row says "test", the last `data.test_subjects` patients in the file
-  are) are optional.
+  file's name) and `split` ("train" or "test", any case, never empty; any other value is refused:
+  "test" holds the volume out as the public test set; when no row says "test", the last
+  `data.test_subjects` patients in the file are) are optional.
 - Items are slices along the volume's last axis (axial for RAS/LPS files), centre-padded or cropped
   to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
   with no mask at all are kept only when `data.min_foreground` is 0.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from privmed.config import DataConfig, SitesConfig
-from privmed.data._csv import read_index
+from privmed.data._csv import check_splits, read_index
 from privmed.data.base import ImageSet, SourceData
 from privmed.data.volumes import axial, normalise, patches, read_volume, slices_with
 from privmed.errors import DataError
@@ -42,6 +42,7 @@ from privmed.errors import DataError
 def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
     csv = Path(data.csv)
     rows = read_index(csv, ("file", "mask"), ("site", "patient", "split"))
+    check_splits(rows, csv)
     root = Path(data.root) if data.root is not None else csv.parent
     spacing = tuple(data.spacing) if data.spacing else None
     vols = [_read_pair(root, r, spacing) for r in rows]
