@@ -40,6 +40,10 @@ training: {batch_size: 64, lr: 0.01, optimizer: sgd}
         ({"data": {"source": "medmnist", "root": "x"}}, "data.name is required"),
         ({"data": {"source": "medmnist", "name": "p", "root": "x", "size": 32}}, "data.size: 32"),
         ({"sites": {"count": 2, "names": ["a"]}}, "sites.names has 1 names"),
+        ({"data": {"class_names": ["a", "b"]}}, "source 'phantom' names its own classes; data.class_names "
+                                                "applies to image-folder, dicom, nifti"),
+        ({"data": {"source": "image-folder", "root": "x", "class_names": ["a", "a"]}}, "each once"),
+        ({"data": {"source": "image-folder", "root": "x", "class_names": ["a"]}}, "at least 2 classes"),
     ],
 )
 def test_bad_config_names_the_field(raw, message):

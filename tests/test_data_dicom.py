@@ -242,3 +242,17 @@ def test_csv_errors(tmp_path):
 
     assert "not found" in _error(tmp_path, tmp_path / "none.csv")
     assert "is not a folder" in _error(tmp_path / "nowhere", no_test)
+
+
+def test_named_classes_take_names_or_indices_and_refuse_others(tmp_path):
+    rows = _set(tmp_path, n=6, labels=("malignant",))  # a hospital holding one of the federation's classes
+    csv = _csv(tmp_path / "i.csv", "file,label", rows)
+    assert "needs at least 2" in _error(tmp_path, csv)
+    src = _load(tmp_path, csv, class_names=["benign", "malignant"], test_fraction=0.3)
+    assert src.class_names == ["benign", "malignant"] and set(src.train.labels.tolist()) == {1}
+    indices = _csv(tmp_path / "j.csv", "file,label", [r.replace("malignant", "1") for r in rows])
+    np.testing.assert_array_equal(_load(tmp_path, indices, class_names=["benign", "malignant"],
+                                        test_fraction=0.3).train.labels, src.train.labels)
+    bad = _csv(tmp_path / "k.csv", "file,label", [r.replace("malignant", "2") for r in rows])
+    assert "label '2' is not one of data.class_names ['benign', 'malignant'] (nor a class index 0 to 1)" in _error(
+        tmp_path, bad, class_names=["benign", "malignant"])

@@ -262,3 +262,26 @@ def test_holdout_share_is_close_to_the_fraction():
     labels = np.arange(1000) % 2
     tr, te = holdout_by_patient(labels, patients, 0.2, np.random.default_rng(0))
     assert len(te) == 200 and np.bincount(labels[te]).tolist() == [100, 100]
+
+
+def test_named_classes_let_a_hospital_hold_only_some_of_them(tmp_path):
+    """data.class_names: the federation's classes, in that order; this hospital holds 'pneumonia'
+    only (no 'normal' folder, or an empty one), and its labels index the named classes."""
+    _classes(tmp_path, n=10, classes=("pneumonia",))
+    assert "data.class_names" in _error(tmp_path)  # without names: one class folder, and the way out
+    src = _load(tmp_path, class_names=["normal", "pneumonia"], test_fraction=0.2)
+    assert src.class_names == ["normal", "pneumonia"]
+    assert set(src.train.labels.tolist()) == set(src.test.labels.tolist()) == {1}
+    (tmp_path / "normal").mkdir()  # an empty folder for the class it lacks: the same
+    again = _load(tmp_path, class_names=["normal", "pneumonia"], test_fraction=0.2)
+    np.testing.assert_array_equal(again.train.labels, src.train.labels)
+    # the names' order, not the folders', gives the labels
+    both = tmp_path / "both"
+    _classes(both, n=5)
+    swapped = _load(both, class_names=["pneumonia", "normal"], test_fraction=0.2)
+    assert swapped.class_names == ["pneumonia", "normal"]
+    assert np.all((swapped.train.images[:, 0, 0, 0] * 255 > 120) == (swapped.train.labels == 0))
+    # a folder that is not a named class is refused, naming it
+    _classes(both, n=5, classes=("covid",))
+    assert "class 'covid' is not among data.class_names ['normal', 'pneumonia']" in _error(
+        both, class_names=["normal", "pneumonia"])

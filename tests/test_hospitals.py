@@ -161,3 +161,31 @@ def test_privacy_plan_of_a_coordinator_config_from_the_hospitals_configs(folders
     for name in HOSPITALS:
         n = Hospital.from_config(load_site_config(tmp_path / f"{name}.yaml")).profile.n_patients
         assert any(line.split()[:2] == [name, str(n)] for line in r.stdout.splitlines()), r.stdout
+
+
+def test_a_hospital_holding_one_class_joins_when_the_classes_are_named(folders, tmp_path, one_thread):
+    """Label skew at its extreme: hospital-c holds one class only. Its folder alone cannot say what
+    the other class is called, so it is refused with the way out; with the federation's classes
+    named in every hospital's data.class_names it joins, trains and is scored."""
+    import shutil
+
+    root, dirs = folders
+    names = sorted(p.name for p in dirs["hospital-c"].iterdir())
+    one = tmp_path / "one-class"
+    shutil.copytree(dirs["hospital-c"] / names[1], one / names[1])
+    own = dict(dirs, **{"hospital-c": one})
+    cfg = _run_config(coordinator_config(tmp_path, federation__rounds=2, federation__model_selection="last"))
+    with pytest.raises(privmed.errors.DataError, match="data.class_names"):
+        Hospital.from_config(load_site_config(site_config(tmp_path, "hospital-c", one)))
+    hospitals = []
+    for name in HOSPITALS:
+        raw = yaml.safe_load(site_config(tmp_path, name, own[name]).read_text())
+        raw["data"]["class_names"] = names
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+        hospitals.append(load_site_config(tmp_path / f"{name}.yaml"))
+    result = privmed.run(cfg, tmp_path / "run", hospitals=hospitals, report=False)
+    c = result.summary["sites"]["hospital-c"]
+    assert c["n_train"] > 0 and c["test"]["n"] > 0
+    assert result.summary["data"]["class_names"] == names
+    ledger = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
+    assert len(ledger["sites"]["hospital-c"]["releases"]) == 2  # it trained both rounds

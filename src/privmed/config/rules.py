@@ -54,6 +54,21 @@ def check_data(data: Any) -> None:
         _check_patch(data)
     if data.spacing is not None:
         _check_spacing(data)
+    if data.class_names is not None:
+        _check_class_names(data)
+
+
+CLASS_NAME_SOURCES = ("image-folder", "dicom", "nifti")  # the sources whose classes a config can name
+
+
+def _check_class_names(data: Any) -> None:
+    given = f"data.class_names: {list(data.class_names)}"
+    if data.source not in CLASS_NAME_SOURCES:
+        raise ValueError(f"{given}: source '{data.source}' names its own classes; data.class_names applies "
+                         f"to {', '.join(CLASS_NAME_SOURCES)}")
+    if len(data.class_names) < 2 or len(set(data.class_names)) < len(data.class_names) or not all(
+            n.strip() for n in data.class_names):
+        raise ValueError(f"{given}: name at least 2 classes, each once and none empty")
 
 
 def _check_medmnist(data: Any) -> None:

@@ -77,7 +77,9 @@ class DataConfig(_Section):
         None, description="reconstruction: one acceleration per site (cycled), instead of data.acceleration"
     )
     class_names: list[str] | None = Field(
-        None, description="nifti: the mask's classes, background first (default: class 1, class 2, ...)"
+        None, description="the classes, in label order: image-folder and dicom, the federation's agreed "
+        "classes, so that a hospital holding only some of them can join (default: the folders' or labels' "
+        "sorted names); nifti, the mask's classes, background first (default: class 1, class 2, ...)"
     )
     window: tuple[float, float] | None = Field(
         None, description="nifti: CT intensity window [low, high] in HU, scaled to [0, 1]"

@@ -29,7 +29,7 @@ def load_dicom(data: DataConfig, seed: int) -> SourceData:
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder (expected the folder of .dcm files)")
     rows = read_index(csv_path, ("file", "label"), ("site", "patient", "split"))
-    labels, class_names = parse_labels([r["label"] for r in rows], csv_path)
+    labels, class_names = parse_labels([r["label"] for r in rows], csv_path, data.class_names)
 
     paths = [root / r["file"] for r in rows]
     for p, r in zip(paths, rows):
@@ -63,8 +63,12 @@ def load_dicom(data: DataConfig, seed: int) -> SourceData:
     )
 
 
-def parse_labels(values: list[str], where: Path) -> tuple[np.ndarray, list[str]]:
-    """int64 labels and class names: integer indices (names '0'..'max'), or names in sorted order."""
+def parse_labels(values: list[str], where: Path, named: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """int64 labels and class names: integer indices (names '0'..'max'), or names in sorted order;
+    with `named` (data.class_names, the federation's agreed classes), names among them or indices
+    below their number, and those names, whichever classes this CSV holds."""
+    if named:
+        return _named_labels(values, where, list(named)), list(named)
     try:
         ints = [int(v) for v in values]
     except ValueError:
@@ -95,6 +99,20 @@ def _given_split(rows: list[dict[str, str]], csv_path: Path) -> np.ndarray:
             f"{csv_path}: column 'split' names no '{missing}' rows; need both train and test"
         )
     return split == "test"
+
+
+def _named_labels(values: list[str], where: Path, named: list[str]) -> np.ndarray:
+    index = {n: i for i, n in enumerate(named)}
+    labels = []
+    for v in values:
+        if v in index:
+            labels.append(index[v])
+        elif v.isdigit() and int(v) < len(named):
+            labels.append(int(v))
+        else:
+            raise DataError(f"{where}: label '{v}' is not one of data.class_names {named} "
+                            f"(nor a class index 0 to {len(named) - 1})")
+    return np.array(labels, dtype=np.int64)
 
 
 def read_dicom(path: Path) -> np.ndarray:

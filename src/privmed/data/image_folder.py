@@ -5,6 +5,10 @@ Layouts under data.root:
     train/<class>/..., test/<class>/... [, val/<class>/... merged into train]   (the Kermany layout)
 An optional data.csv (columns `file`, and any of `site`, `patient`) gives each image's site and
 patient; it must list every image.
+
+The classes are the class folders' names, sorted; or `data.class_names`, in that order: the
+federation's agreed classes, so that a hospital holding only some of them (label skew) can join.
+Then a class may have no folder, or an empty one, and a folder that is not a named class is refused.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def load_image_folder(data: DataConfig, seed: int) -> SourceData:
             "or train/ and test/ folders of class subfolders)"
         )
     channels = data.channels or 1
-    items, class_names = scan_folders(root)
+    items, class_names = scan_folders(root, data.class_names)
     files = [it.rel for it in items]
 
     site = patient = None
@@ -69,8 +73,9 @@ def load_image_folder(data: DataConfig, seed: int) -> SourceData:
     )
 
 
-def scan_folders(root: Path) -> tuple[list[_Item], list[str]]:
-    """Every image under root's class folders (sorted), and the sorted class names."""
+def scan_folders(root: Path, named: list[str] | None = None) -> tuple[list[_Item], list[str]]:
+    """Every image under root's class folders (sorted), and the class names: the folders' sorted,
+    or `named` (data.class_names), which may include classes with no images here."""
     subdirs = _subdirs(root)
     names = {d.name for d in subdirs}
     if "train" in names and names <= set(SPLIT_FOLDERS):
@@ -79,26 +84,28 @@ def scan_folders(root: Path) -> tuple[list[_Item], list[str]]:
         layout = {"": root}
 
     classes = _subdirs(layout["train"] if "train" in layout else root)
-    class_names = [d.name for d in classes]
+    class_names = list(named) if named else [d.name for d in classes]
     if len(class_names) < 2:
         where = layout.get("train", root)
         raise DataError(
             f"data.root: {where} has {len(class_names)} class folder(s) {class_names}; "
-            "classification needs at least 2 (one subfolder of images per class)"
+            "classification needs at least 2 (one subfolder of images per class; a hospital that "
+            "holds only some of the federation's classes names them all in data.class_names)"
         )
     index = {n: i for i, n in enumerate(class_names)}
+    what = "data.class_names" if named else "the training classes"
     items: list[_Item] = []
     for split, folder in layout.items():
         for d in _subdirs(folder):
             if d.name not in index:
-                raise DataError(
-                    f"{d}: class '{d.name}' is not among the training classes {class_names}"
-                )
+                raise DataError(f"{d}: class '{d.name}' is not among {what} {class_names}")
             found = _images_in(d)
-            if not found:
+            if not found and not named:
                 raise DataError(f"{d}: empty class folder (no {'/'.join(IMAGE_SUFFIXES)} images)")
             tag = "test" if split == "test" else ("train" if split else "")
             items += [_Item(p.relative_to(root).as_posix(), tag, index[d.name]) for p in found]
+    if not items:
+        raise DataError(f"data.root: {root} holds no {'/'.join(IMAGE_SUFFIXES)} images in its class folders")
     return items, class_names
 
 
