@@ -228,8 +228,8 @@ def test_a_hospital_killed_mid_round_out_of_five(federation, tmp_path):
 def test_hospitals_refuse_what_their_own_budget_and_ledger_do_not_allow(federation, tmp_path):
     """Hospitals whose own configs allow 3 DP rounds (fixed noise) and train only under DP-SGD,
     against coordinators that ask for (c) training without DP, (b) a released round again with
-    other weights (a tampered checkpoint) and (a) rounds past the budget (a second run): each is
-    refused by the hospital, over Flower, with its reason in the coordinator's output; and each
+    other weights (a tampered checkpoint) and (a) a run past the budget (a second run, refused
+    before its first release): each is refused by the hospital, over Flower, with its reason in the coordinator's output; and each
     hospital's own ledger, kept in its --state, counts every release of every run once."""
     dp = dict(privacy__mode="dp-sgd", privacy__noise_multiplier=1.0, privacy__delta=1e-3,
               privacy__accountant="rdp", training__optimizer="sgd", training__lr=0.5, training__momentum=0.0,
@@ -267,15 +267,16 @@ def test_hospitals_refuse_what_their_own_budget_and_ledger_do_not_allow(federati
     assert res.returncode == 2, res.stdout + res.stderr
     assert "refused round 2 of run" in res.stderr and "already released that round for other weights" in res.stderr
 
-    # (a) the hospitals' budget is 3 rounds and the good run spent 2: a new run gets one round,
-    # and its second is refused
+    # (a) the hospitals' budget is 3 rounds and the good run spent 2: a new run of 2 rounds is
+    # refused before its first release, with what the hospital can still afford
     res = fed.run(good, tmp_path / "again")
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "refused round 2 of run" in res.stderr and "past its budget" in res.stderr
+    assert "refused round 1 of run" in res.stderr and "the whole run it was set up for, 2 rounds" in res.stderr
+    assert "it can afford 1 such round" in res.stderr
 
     for s in sites:
         own = json.loads((tmp_path / "sites" / s / "site_ledger.json").read_text())
-        assert len(own["releases"]) == 3 and own["epsilon"] <= own["budget_epsilon"]  # 2 + 1
+        assert len(own["releases"]) == 2 and own["epsilon"] <= own["budget_epsilon"]  # the good run's 2
         # the good run's releases, as the coordinator's ledger counts them
         mine = [(r["round"], r["noise_multiplier"], r["sample_rate"], r["steps"])
                 for r in own["releases"] if r["run"] == run_id]

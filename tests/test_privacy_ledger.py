@@ -162,3 +162,27 @@ def test_bad_input_is_named():
     data["unit"] = "image"
     with pytest.raises(LedgerError, match=r"unit"):
         PrivacyLedger.from_dict(data)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_site_ledger_checks_a_whole_run_and_says_how_many_rounds_it_affords(accountant):
+    """SiteLedger.check_run: the largest affordable number of rounds is exact (one more passes the
+    budget, as the accountant counts it), and a run that fits passes."""
+    from privmed.privacy.site_ledger import SiteLedger, SiteRelease
+
+    turn = Release(1.0, 0.1, 50)
+    budget = epsilon_spent([turn] * 7, 1e-5, accountant) + 1e-9  # room for exactly 7 turns
+    ledger = SiteLedger("a", budget, 1e-5, accountant, "patient")
+    ledger.add(SiteRelease("old", 1, "train", "d", 1.0, 0.1, 50))  # one spent in an earlier run
+    ledger.check_run(turn, 6, [], "round 1 of run new")  # 1 + 6 = 7: fits
+    with pytest.raises(BudgetExceeded) as e:
+        ledger.check_run(turn, 10, [], "round 1 of run new")
+    msg = str(e.value)
+    assert "refused round 1 of run new: the whole run it was set up for, 10 rounds" in msg
+    assert "it can afford 6 such rounds" in msg and f"past its budget {budget:g}" in msg
+    with pytest.raises(BudgetExceeded, match="it can afford the 6 rounds but not the fine-tuning turn too"):
+        ledger.check_run(turn, 6, [Release(1.0, 0.5, 20)], "round 1 of run new")
+    # the validation patients: their own line, their own quota
+    ledger.check_run_scoring("val", Release(4.0, 1.0, 1), 3, "round 1 of run new")
+    with pytest.raises(BudgetExceeded, match=r"the run's 400 scorings of its validation patients"):
+        ledger.check_run_scoring("val", Release(4.0, 1.0, 1), 400, "round 1 of run new")

@@ -32,7 +32,7 @@ from privmed.federation.flower.site_app import RelayEndpoint, make_client_app
 from privmed.federation.flower.site_service import SiteEndpoint, serve_site
 from privmed.federation.instructions import Instruction
 from privmed.federation.strategies import TrainTask
-from privmed.privacy.site_ledger import SiteRefused
+from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger, SiteRefused
 
 
 def dp_config(**over) -> dict:
@@ -174,15 +174,20 @@ def test_nothing_computed_outside_the_mechanism_leaves_a_private_site(hospital):
 
 
 def test_a_refusal_reaches_the_coordinator_in_process(tmp_path):
-    """The coordinator plans with a budget of 4, the hospitals' own configs allow 3.9 and the
-    same fixed noise: round 2 passes theirs, and they say no."""
+    """The coordinator plans 3 rounds; the hospitals' own configs allow one round's epsilon at the
+    same fixed noise. Each checks the whole run before its first release and says no then, with
+    how many rounds it can afford, instead of spending round 1 and refusing round 2."""
     over = dict(privacy__noise_multiplier=1.0, privacy__epsilon=None, federation__rounds=3)
     cfg = validate_config(dp_config(**over))
     own = validate_config(dp_config(**{**over, "federation__rounds": 1}))  # budget: one round's epsilon
     grid = LocalGrid(_hospitals(cfg, tmp_path, own))
-    refused = r"site 'site-1' refused round 2 of run .*past its budget"
+    refused = (r"site 'site-1' refused round 1 of run .*: the whole run it was set up for, 3 rounds .* past "
+               r"its budget .* it can afford 1 such round: ask for fewer rounds or more noise")
     with in_process_identity(), pytest.raises(SiteRefused, match=refused):
         privmed.run(cfg, tmp_path / "run", sites=FlowerSites(cfg, grid, connect_timeout=5))
+    for name in cfg.sites.site_names():  # nothing was released, so nothing was spent
+        ledger = SiteLedger.load(tmp_path / name / SITE_LEDGER_FILE)
+        assert ledger.releases == [] and ledger.scorings == []
 
 
 def test_a_refusal_comes_back_through_the_relay_of_a_hospitals_supernode(hospital, tmp_path):

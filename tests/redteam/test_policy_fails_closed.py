@@ -64,8 +64,11 @@ def test_a_noise_multiplier_of_zero_is_refused(silent):
 
 
 def test_central_mode_only_with_the_sites_own_noise(silent):
+    # epsilon 6, not the shipped 8: a site charges its own noise share (what a coordinator that
+    # cheats can isolate), at its own delta 1e-5, and 30 rounds of the epsilon-8 plan's share would
+    # take it to 10.5, past the default budget of 10, which the site refuses before round 1
     h, endpoint = silent
-    setup = honest_setup(h, privacy__mode="central")
+    setup = honest_setup(h, privacy__mode="central", privacy__epsilon=6.0)
     d = json.loads(setup.to_json())
     no_share = SiteSetup(d["config"], d["data"], d["local_steps"], None, setup.label_shares, None, setup.scoring, None)
     set_up(endpoint, no_share)
@@ -86,7 +89,7 @@ def test_central_mode_only_with_the_sites_own_noise(silent):
 
 def test_fine_tuning_only_under_dp_sgd_and_as_planned(silent):
     h, endpoint = silent
-    central = honest_setup(h, privacy__mode="central")
+    central = honest_setup(h, privacy__mode="central", privacy__epsilon=6.0)
     set_up(endpoint, central)
     w0 = initial_weights(h, central)
     with pytest.raises(SiteRefused, match="refused 'finetune' for round 1 of run run-1: under privacy.mode central"):
@@ -95,7 +98,9 @@ def test_fine_tuning_only_under_dp_sgd_and_as_planned(silent):
     set_up(endpoint, dp)
     with pytest.raises(SiteRefused, match="refused 'finetune'.*the fine-tuning turn its privacy plan counts"):
         finetune(endpoint, w0, 1, steps=5)
-    planned = honest_setup(h, federation__finetune_steps=5)  # planned: charged, and only its steps
+    # planned: charged, and only its steps (epsilon 6: at the site's delta 1e-5, 30 rounds of the
+    # epsilon-8 plan and its fine-tuning turn would pass the default budget, refused before round 1)
+    planned = honest_setup(h, federation__finetune_steps=5, privacy__epsilon=6.0)
     set_up(endpoint, planned)
     w0 = initial_weights(h, planned)
     with pytest.raises(SiteRefused, match="refused 'finetune'"):

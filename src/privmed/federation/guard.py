@@ -127,8 +127,25 @@ class SiteGuard:
 
     # ------------------------------------------------------------------ training
     def bind_run(self, run: str, policy: GuardPolicy, what: str) -> None:
+        """Fix the privacy terms of run `run`. The first time the site sees the run, before its
+        first release, the whole planned run is checked against the budget: a run it cannot
+        afford to the end is refused now, not in its last affordable round."""
+        if run not in self.ledger.runs:
+            try:
+                self._check_whole_run(policy, what)
+            except BudgetExceeded as e:
+                raise SiteRefused(str(e)) from None
         if self.ledger.bind_run(run, policy.terms(), what):
             self._save_ledger()
+
+    def _check_whole_run(self, policy: GuardPolicy, what: str) -> None:
+        if policy.release is not None and policy.rounds > 0:
+            extra = [policy.finetune] if policy.finetune is not None else []
+            self.ledger.check_run(policy.release, policy.rounds, extra, what)
+        if policy.scoring is not None:
+            for split, count in sorted(policy.scoring.releases.items()):
+                if split in policy.scoring.noise and count > 0:
+                    self.ledger.check_run_scoring(split, policy.scoring.release(split), count, what)
 
     def admit(self, ins: Instruction, digest: str, release: Release) -> SiteUpdate | None:
         """The cached reply when the request with this digest was answered before; None when the

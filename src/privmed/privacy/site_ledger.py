@@ -145,6 +145,45 @@ class SiteLedger:
                               f"'{entry.model_key}' in run {entry.run} round {entry.round} is already recorded")
         self.scorings.append(entry)
 
+    # ------------------------------------------------------------------ a whole run, before it starts
+    def check_run(self, turn: Release, rounds: int, extra: list[Release], what: str) -> None:
+        """Before a run's first release: BudgetExceeded when the whole run it was set up for
+        (`rounds` training turns `turn`, then `extra`: a fine-tuning turn) would take its training
+        patients past the budget, saying how many of those rounds it can still afford."""
+        spent = [r.release for r in self.releases]
+        after = epsilon_spent(spent + [turn] * rounds + extra, self.delta, self.accountant)
+        if not math.isfinite(after) or after <= self.budget_epsilon:
+            return  # an unbounded release is refused, with its own words, when it is asked for
+        affordable = _most(lambda k: epsilon_spent(spent + [turn] * k, self.delta, self.accountant)
+                           <= self.budget_epsilon, rounds)
+        plus = " and a fine-tuning turn" if extra else ""
+        afford = (f"it can afford the {rounds} rounds but not the fine-tuning turn too" if affordable == rounds else
+                  f"it can afford {affordable} such round{'s' if affordable != 1 else ''}")
+        raise BudgetExceeded(
+            f"site '{self.site}' refused {what}: the whole run it was set up for, {rounds} rounds "
+            f"(noise multiplier {turn.noise_multiplier:g}, sample rate {turn.sample_rate:.4g}, {turn.steps} "
+            f"steps each){plus}, would bring the epsilon of its training patients from "
+            f"{format_epsilon(self.epsilon, 4)} to {format_epsilon(after, 4)}, past its budget "
+            f"{self.budget_epsilon:g} (delta {self.delta:g}, {self.accountant} accountant); {afford}: "
+            "ask for fewer rounds or more noise"
+        )
+
+    def check_run_scoring(self, split: str, release: Release, count: int, what: str) -> None:
+        """Before a run's first release: BudgetExceeded when the `count` scorings of `split` the
+        run's plan counts would take those patients past the budget."""
+        before = [s.release for s in self.scorings if s.split == split]
+        after = epsilon_spent(before + [release] * count, self.delta, self.accountant)
+        if not math.isfinite(after) or after <= self.budget_epsilon:
+            return
+        group = {"val": "its validation patients", "test": "its test patients"}[split]
+        raise BudgetExceeded(
+            f"site '{self.site}' refused {what}: the run's {count} scorings of {group} (noise multiplier "
+            f"{release.noise_multiplier:g} each) would bring their epsilon from "
+            f"{format_epsilon(self.scoring_epsilon(split), 4)} to {format_epsilon(after, 4)}, past its budget "
+            f"{self.budget_epsilon:g} (delta {self.delta:g}, {self.accountant} accountant): ask for a smaller "
+            "privacy.scoring_epsilon or fewer privacy.validation_rounds"
+        )
+
     # ------------------------------------------------------------------ runs
     def bind_run(self, run: str, terms: str, what: str) -> bool:
         """Fix run `run`'s privacy terms (a digest of the setup's privacy parameters) the first
@@ -208,3 +247,12 @@ class SiteLedger:
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, LedgerError) as e:
             raise LedgerError(f"site ledger {path}: cannot be read ({e})") from None
+
+
+def _most(fits, limit: int) -> int:  # noqa: ANN001 - fits(k) -> bool, true for k up to some k*
+    """The largest k in 0..limit with fits(k) (fits(0) is taken as true; fits is monotone)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
