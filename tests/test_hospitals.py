@@ -110,8 +110,11 @@ def test_the_hospitals_simulated_from_their_own_configs(folders, tmp_path, one_t
     assert not np.allclose(counts["score_hist"], np.round(counts["score_hist"]))  # noisy, not whole counts
     assert "each site's own test patients" in summary["evaluation"]["test"]
     assert set(summary["sites"]) == set(HOSPITALS) and all(s["test"]["n"] for s in summary["sites"].values())
-    assert summary["test_mean_over_sites"]["auc"] == pytest.approx(
-        np.nanmean([s["test"]["auc"] for s in summary["sites"].values()]), nan_ok=True)
+    # a site whose noisy test counts leave a class empty has no AUC (null in the file); the keys are
+    # fresh each run, so this happens now and then
+    aucs = [np.nan if s["test"]["auc"] is None else s["test"]["auc"] for s in summary["sites"].values()]
+    mean = summary["test_mean_over_sites"]["auc"]
+    assert (mean is None and np.isnan(aucs).all()) or mean == pytest.approx(np.nanmean(aucs))
     # each hospital guarded itself with its own budget, and its ledger agrees with the coordinator's
     ledger = json.loads((out / "privacy_ledger.json").read_text())
     for name in HOSPITALS:
