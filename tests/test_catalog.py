@@ -228,7 +228,8 @@ def test_sources_tasks_follow_the_catalog():
     for s in catalog.SOURCES:
         if s.name == "sites":
             continue
-        raw = {"data": {"source": s.name, "root": ".", "csv": "x.csv", "name": "pneumoniamnist"}}
+        given = {"root": ".", "csv": "x.csv", "name": "pneumoniamnist"}  # what each source reads of these
+        raw = {"data": {"source": s.name, **{k: v for k, v in given.items() if k in s.keys}}}
         assert validate_config(raw).task == s.task, s.name
         wrong = next(t for t in names(catalog.TASKS) if t not in s.tasks)
         with pytest.raises(ConfigError, match=f"task: '{wrong}' does not fit data.source '{s.name}'"):
@@ -246,3 +247,12 @@ def test_report_and_statement_read_the_catalog():
     personalised = tuple(s.name for s in catalog.STRATEGIES if s.personalised)
     assert html.PERSONALISED == released.PERSONALISED == personalised == ("fedbn", "local")
     assert set(released.TO_WHOM) <= set(STRATEGIES)
+
+
+def test_every_source_reads_only_data_keys_that_exist():
+    from privmed.config import DataConfig
+
+    fields = set(DataConfig.model_fields)
+    for src in catalog.SOURCES:
+        assert set(src.keys) <= fields, (src.name, set(src.keys) - fields)
+        assert "source" not in src.keys and "val_fraction" not in src.keys  # every source's

@@ -44,6 +44,15 @@ training: {batch_size: 64, lr: 0.01, optimizer: sgd}
                                                 "applies to image-folder, dicom, nifti"),
         ({"data": {"source": "image-folder", "root": "x", "class_names": ["a", "a"]}}, "each once"),
         ({"data": {"source": "image-folder", "root": "x", "class_names": ["a"]}}, "at least 2 classes"),
+        # a key the source does not read is refused, naming the source, not silently ignored
+        ({"data": {"test_subjects": 5}}, "data.test_subjects: 5 does not apply to source 'phantom'"),
+        ({"data": {"source": "image-folder", "root": "x", "download": False}},
+         "data.download: False does not apply to source 'image-folder', which reads only data.channels, "
+         "data.class_names, data.csv, data.root, data.size, data.source, data.test_fraction, data.val_fraction"),
+        ({"data": {"source": "heart-disease", "root": "x", "size": 28}}, "data.size: 28 does not apply to source"),
+        ({"data": {"source": "medmnist", "name": "p", "root": "x", "test_fraction": 0.3}},
+         "data.test_fraction: 0.3 does not apply to source 'medmnist'"),
+        ({"data": {"source": "ixi", "root": "x", "samples_per_site": 50}}, "data.samples_per_site: 50 does not"),
     ],
 )
 def test_bad_config_names_the_field(raw, message):

@@ -92,6 +92,9 @@ class Source:
     patient_ids: str = "always"
     # training defaults where the config is silent ({section: {key: value}}, see config.SOURCE_DEFAULTS)
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    # the data keys its loader reads, besides data.source and data.val_fraction (every source's):
+    # the config refuses any other data key set to a value of its own
+    keys: tuple[str, ...] = ()
 
     @property
     def task(self) -> str | None:
@@ -102,23 +105,30 @@ class Source:
 _DENSE = ("segmentation", "reconstruction")
 SOURCES: tuple[Source, ...] = (
     Source("medmnist", "official MedMNIST .npz files, 2D and 3D", "privmed.data:_load_medmnist",
-           ("classification",), needs_root=True, patient_ids="never"),
+           ("classification",), needs_root=True, patient_ids="never",
+           keys=("name", "root", "size", "channels", "download")),
     Source("image-folder", "PNG/JPEG class folders", "privmed.data:_load_image_folder", ("classification",),
-           needs_root=True, patient_ids="csv"),
+           needs_root=True, patient_ids="csv",
+           keys=("root", "csv", "size", "channels", "test_fraction", "class_names")),
     Source("dicom", "DICOM files listed in a CSV", "privmed.data:_load_dicom", ("classification",),
-           needs_root=True, patient_ids="csv"),
+           needs_root=True, patient_ids="csv",
+           keys=("root", "csv", "size", "channels", "test_fraction", "class_names")),
     Source("phantom", "synthetic images; volumes with masks for the dense tasks", "privmed.data:_load_phantom",
-           ("classification",) + _DENSE),
+           ("classification",) + _DENSE,
+           keys=("size", "channels", "samples_per_site", "volumes_per_site", "acceleration", "accelerations")),
     # Tabular sources: smaller batches and plain SGD with a larger step than the image defaults,
     # measured over 5 seeds on each source's natural sites (benchmarks/defaults.py).
     Source("heart-disease", "UCI heart disease, as FLamby's Fed-Heart-Disease", "privmed.data:_load_heart_disease",
            ("tabular-classification",), tabular=True, natural_sites=4, needs_root=True,
-           defaults={"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.05}}),
+           defaults={"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.05}}, keys=("root", "standardize")),
     Source("tcga-brca", "survival, as FLamby's Fed-TCGA-BRCA", "privmed.data:_load_tcga_brca", ("survival",),
            tabular=True, natural_sites=6, needs_root=True,
-           defaults={"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.1}}),
-    Source("ixi", "IXI T1 brain volumes with label maps", "privmed.data:_load_ixi", _DENSE, needs_root=True),
-    Source("nifti", "NIfTI volumes and masks listed in a CSV", "privmed.data:_load_nifti", ("segmentation",)),
+           defaults={"training": {"batch_size": 16, "momentum": 0.0, "lr": 0.1}}, keys=("root", "standardize")),
+    Source("ixi", "IXI T1 brain volumes with label maps", "privmed.data:_load_ixi", _DENSE, needs_root=True,
+           keys=("root", "subjects", "slice_step", "test_subjects", "acceleration", "accelerations")),
+    Source("nifti", "NIfTI volumes and masks listed in a CSV", "privmed.data:_load_nifti", ("segmentation",),
+           keys=("root", "csv", "size", "class_names", "window", "min_foreground", "patch", "spacing",
+                 "test_subjects")),
     Source("sites", "no data here: each hospital joins with its own", None, (), patient_ids="hospital"),
 )
 

@@ -11,6 +11,7 @@ as the schema imports this module)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from privmed import catalog
@@ -56,6 +57,20 @@ def check_data(data: Any) -> None:
         _check_spacing(data)
     if data.class_names is not None:
         _check_class_names(data)
+    _check_keys_apply(data)
+
+
+def _check_keys_apply(data: Any) -> None:
+    """A data key its source does not read (catalog.Source.keys), set to a value of its own, is
+    refused rather than silently ignored."""
+    reads = {"source", "val_fraction", *catalog.source(data.source).keys}
+    for key, spec in type(data).model_fields.items():
+        value = getattr(data, key)
+        if key not in reads and value != spec.default:
+            shown = [str(v) for v in value] if isinstance(value, (list, tuple)) else (
+                str(value) if isinstance(value, Path) else value)
+            raise ValueError(f"data.{key}: {shown!r} does not apply to source '{data.source}', which reads "
+                             f"only data.{', data.'.join(sorted(reads))}; remove it")
 
 
 CLASS_NAME_SOURCES = ("image-folder", "dicom", "nifti")  # the sources whose classes a config can name
