@@ -190,6 +190,23 @@ def test_a_refusal_reaches_the_coordinator_in_process(tmp_path):
         assert ledger.releases == [] and ledger.scorings == []
 
 
+def test_a_refusal_reaches_the_coordinator_under_secagg_too(tmp_path):
+    """The same refusal in a SecAgg+ round: Flower's workflow drops a site whose reply is an error
+    without saying why (the coordinator said only 'too few sites answered'); the hospital's own
+    reason now reaches the coordinator, and nothing was released."""
+    over = dict(privacy__noise_multiplier=1.0, privacy__epsilon=None, federation__rounds=3,
+                federation__secure_aggregation=True)
+    cfg = validate_config(dp_config(**over))
+    own = validate_config(dp_config(**{**over, "federation__rounds": 1}))
+    # the sites' errors come back as a deployment's coordinator gets them: as error replies
+    grid = LocalGrid(_hospitals(cfg, tmp_path, own), errors_as_replies=True)
+    refused = r"site 'site-\d' refused round 1 of run .*: the whole run it was set up for, 3 rounds"
+    with in_process_identity(), pytest.raises(SiteRefused, match=refused):
+        privmed.run(cfg, tmp_path / "run", sites=FlowerSites(cfg, grid, connect_timeout=5))
+    for name in cfg.sites.site_names():
+        assert SiteLedger.load(tmp_path / name / SITE_LEDGER_FILE).releases == []
+
+
 def test_a_refusal_comes_back_through_the_relay_of_a_hospitals_supernode(hospital, tmp_path):
     client, model = hospital
     sock = tmp_path / "sock" / "site-1.sock"

@@ -17,6 +17,8 @@ from privmed.errors import PrivmedError
 from privmed.federation.experiment import Experiment
 from privmed.federation.instructions import ScoreRequest, Scores
 from privmed.federation.flower import messages as M
+from privmed.federation.flower.messages import reason as _reason
+from privmed.federation.flower.messages import refusal
 from privmed.federation.flower import trace
 from privmed.federation.strategies import SecureStrategy, SiteUpdate, TrainTask
 from privmed.federation.transport import StageFailed, StageOutcome, required_sites, secure_round
@@ -324,20 +326,3 @@ class FlowerSites:
     def close(self) -> None:
         pass
 
-
-def _reason(reason: str) -> str:
-    """The site's own words from Flower's "<class 'E'>:<'E: WORDS'>" error text."""
-    at = reason.find(":<'")
-    return reason[at + 3:].removesuffix("'>") if at >= 0 else reason
-
-
-def refusal(reason: str) -> str | None:
-    """The site's reason when an error reply is a refusal by its guard, else None. The relay
-    raises 'SiteRefused: REASON', which Flower's ClientApp runner reports as
-    "<class 'RuntimeError'>:<'SiteRefused: REASON'>"."""
-    marker = f"{SiteRefused.__name__}: "
-    at = reason.find(marker)
-    if at < 0:
-        return None
-    text = reason[at + len(marker):].strip()
-    return text[:-2] if text.endswith("'>") else text

@@ -27,6 +27,7 @@ from flwr.compat.common import recorddict_compat as compat
 from privmed.federation.instructions import Instruction
 from privmed.federation.strategies import SiteUpdate, TrainTask
 from privmed.privacy.accountants import Release
+from privmed.privacy.site_ledger import SiteRefused
 
 TRAIN_PLAIN = "train.plain"  # training whose result the coordinator sees (no secure aggregation)
 DESCRIBE = "query.describe"  # which site a node serves
@@ -213,3 +214,24 @@ def decode_score_reply(content: RecordDict) -> tuple[str, str, dict[str, tuple[d
         arrays = unpack(content.array_records[f"counts.{split}"]["packed"].numpy(), str(index["manifest"]))
         out[str(split)] = (metrics, dict(zip((str(k) for k in index["keys"]), arrays)))
     return str(c["site"]), str(c["model_key"]), out
+
+
+# ------------------------------------------------------------------ error replies
+
+
+def reason(error: str) -> str:
+    """The site's own words from Flower's "<class 'E'>:<'E: WORDS'>" error text."""
+    at = error.find(":<'")
+    return error[at + 3:].removesuffix("'>") if at >= 0 else error
+
+
+def refusal(error: str) -> str | None:
+    """The site's reason when an error reply is a refusal by its guard, else None. The relay
+    raises 'SiteRefused: REASON', which Flower's ClientApp runner reports as
+    "<class 'RuntimeError'>:<'SiteRefused: REASON'>"."""
+    marker = f"{SiteRefused.__name__}: "
+    at = error.find(marker)
+    if at < 0:
+        return None
+    text = error[at + len(marker):].strip()
+    return text[:-2] if text.endswith("'>") else text

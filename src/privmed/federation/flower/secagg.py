@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.common import parameters_to_ndarrays
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -41,6 +42,7 @@ from privmed.config import FederationConfig
 from privmed.federation.flower import messages as M
 from privmed.federation.strategies import SecureSum, SiteUpdate, TrainTask
 from privmed.federation.stages import StageFailed
+from privmed.privacy.site_ledger import SiteRefused
 
 COORDINATOR_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 
@@ -98,6 +100,27 @@ class _SecAggPlus(SecAggPlusWorkflow):
             else:
                 del state.nid_to_neighbours[nid]
         return ok
+
+
+class _RefusalWatch:
+    """The grid as SecAggPlusWorkflow uses it, noting each site's refusal among the replies: the
+    workflow drops a site whose reply is an error without saying why, and a refusal by a
+    hospital's guard must reach the coordinator's output, as it does outside secure rounds."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+        self.refusals: list[str] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            why = M.refusal(reply.error.reason) if reply.has_error() else None
+            if why is not None:
+                self.refusals.append(why)
+        return replies
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - everything else, as the grid has it
+        return getattr(self._grid, name)
 
 
 class SecAggError(StageFailed):
@@ -185,7 +208,8 @@ def secure_stage(
         min_sites=min_sites,
     )
     run_id = _run_id(grid)
-    stage = _Stage(grid, run_id, node_of, fitins)
+    watch = _RefusalWatch(grid)
+    stage = _Stage(watch, run_id, node_of, fitins)
     state = RecordDict()
     state.config_records["config"] = ConfigRecord({"current_round": rnd})
     state.array_records["parameters"] = ArrayRecord([np.zeros(1)])
@@ -193,7 +217,9 @@ def secure_stage(
         Context(run_id=run_id, node_id=COORDINATOR_NODE_ID, node_config={}, state=state, run_config={}),
         strategy=stage,
     )
-    workflow(grid, context)
+    workflow(watch, context)
+    if watch.refusals:  # a site that refused ends the run, as outside secure rounds: it would again
+        raise SiteRefused(watch.refusals[0])
     if stage.mean is None:
         raise SecAggError(
             f"round {rnd}: too few sites answered to unmask the sum (SecAgg+ threshold "
@@ -224,10 +250,14 @@ class LocalGrid(Grid):
     """A Flower Grid whose nodes are ClientApps in this process: a message is copied (as a network
     would), handed to its node's app with that node's Context (its state persists across messages,
     as on a SuperNode), and the reply returned. `drop`: node ids that stop answering, to study
-    dropouts; `seen`: when a list, every reply the coordinator received (for tests)."""
+    dropouts; `seen`: when a list, every reply the coordinator received (for tests).
+    `errors_as_replies`: an exception an app raises comes back as the error reply a deployment's
+    coordinator gets (Flower's ClientApp runner's, around the relay's 'NAME: WORDS'), instead of
+    reaching the caller."""
 
-    def __init__(self, apps: dict[int, ClientApp], node_configs: dict[int, dict] | None = None):
-        self.apps = apps
+    def __init__(self, apps: dict[int, ClientApp], node_configs: dict[int, dict] | None = None,
+                 errors_as_replies: bool = False):
+        self.apps, self.errors_as_replies = apps, errors_as_replies
         self.contexts = {
             nid: Context(run_id=0, node_id=nid, node_config=(node_configs or {}).get(nid, {}),
                          state=RecordDict(), run_config={})
@@ -266,7 +296,13 @@ class LocalGrid(Grid):
             nid = msg.metadata.dst_node_id
             if nid in self.drop:
                 continue
-            reply = copy.deepcopy(self.apps[nid](msg, self.contexts[nid]))
+            try:
+                reply = copy.deepcopy(self.apps[nid](msg, self.contexts[nid]))
+            except Exception as e:  # noqa: BLE001 - as Flower's runner turns it into a reply
+                if not self.errors_as_replies:
+                    raise
+                reason = f"<class 'RuntimeError'>:<'{type(e).__name__}: {e}'>"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
             if self.seen is not None:
                 self.seen.append(reply)
             replies.append(reply)
