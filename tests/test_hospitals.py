@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -164,6 +165,38 @@ def test_privacy_plan_of_a_coordinator_config_from_the_hospitals_configs(folders
     for name in HOSPITALS:
         n = Hospital.from_config(load_site_config(tmp_path / f"{name}.yaml")).profile.n_patients
         assert any(line.split()[:2] == [name, str(n)] for line in r.stdout.splitlines()), r.stdout
+
+
+def test_privacy_plan_shows_what_each_hospital_can_still_afford(folders, tmp_path):
+    """By each hospital's own terms and ledger: one with a small budget of its own cannot afford
+    the run, and the plan says how many of its rounds it could."""
+    root, dirs = folders
+    coord = coordinator_config(tmp_path, federation__rounds=5)
+    paths = []
+    for name in HOSPITALS:
+        raw = yaml.safe_load(site_config(tmp_path, name, dirs[name]).read_text())
+        raw["state"] = str(tmp_path / "state" / name)  # never the machine's own ~/.privmed
+        if name == "hospital-c":
+            raw["privacy"]["max_epsilon"] = 3.0
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+        paths.append(tmp_path / f"{name}.yaml")
+    # hospital-b has taken part before: its ledger, in its state, has spent some of its budget
+    from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger, SiteRelease
+
+    before = SiteLedger("hospital-b", 8.0, 1e-3, "rdp", "patient")
+    before.add(SiteRelease("earlier", 1, "train", "d", 1.0, 0.5, 20))
+    (tmp_path / "state" / "hospital-b").mkdir(parents=True)
+    before.save(tmp_path / "state" / "hospital-b" / SITE_LEDGER_FILE)
+    r = subprocess.run([sys.executable, "-m", "privmed", "privacy", "plan", str(coord),
+                        *[a for h in paths for a in ("--hospital", str(h))]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout[r.stdout.index("what each hospital can still afford"):]
+    rows = {line.split()[0]: line for line in out.splitlines()[3:] if line.strip()}
+    assert set(rows) == set(HOSPITALS), out
+    assert rows["hospital-a"].rstrip().endswith("yes") and "(no ledger here)" in rows["hospital-a"]
+    assert re.search(r"no: [1-4] of 5 rounds$", rows["hospital-c"].rstrip()), out
+    spent = rows["hospital-b"].split()[4]
+    assert "(no ledger here)" not in rows["hospital-b"] and float(spent) >= before.epsilon > 0
 
 
 def test_a_hospital_holding_one_class_joins_when_the_classes_are_named(folders, tmp_path, one_thread):

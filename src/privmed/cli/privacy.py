@@ -201,6 +201,7 @@ def plan_config(path: Path, overrides: list[str], hospitals: list[Path] | None =
                        f"epsilon {format_budget(p.scoring.epsilon)} (privacy.scoring_epsilon)",
                    table(["split", "scorings per site", "noise"],
                          [[names[sp], str(n), format_epsilon(p.scoring.noise[sp], 4)] for sp, n in p.scoring.releases.items()])]
+    afford = _hospitals_afford(own, p, cfg.federation.rounds) if own else []
     return "\n".join([
         f"{p.mechanism} plan for {path} (unit: {p.unit}; delta {p.delta:g}; {p.accountant} accountant; "
         f"clip {p.max_grad_norm:g}; budget epsilon {format_budget(p.budget)}; noise {how})",
@@ -210,7 +211,40 @@ def plan_config(path: Path, overrides: list[str], hospitals: list[Path] | None =
                "steps/turn", "turns", "noise", "epsilon"], rows),
         *finetune,
         *scoring,
+        *afford,
     ])
+
+
+def _hospitals_afford(hospitals: list, plan, rounds: int) -> list[str]:  # noqa: ANN001 - SiteConfigs, a PrivacyPlan
+    """What each hospital can still afford of this run, by its own terms (budget, delta,
+    accountant) and its own ledger where this machine holds its state (else as a new hospital):
+    what it checks before the run's first release."""
+    from privmed.federation.guard import LedgerTerms
+    from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
+
+    rows = []
+    for h in hospitals:
+        s = plan.sites.get(h.site)
+        if s is None or s.release is None:
+            continue
+        state = Path(h.state or Path("~/.privmed/sites") / h.site).expanduser()
+        held = (state / SITE_LEDGER_FILE).is_file()
+        if held:
+            ledger = SiteLedger.load(state / SITE_LEDGER_FILE)
+        else:
+            t = LedgerTerms.for_hospital(h.privacy, True)
+            ledger = SiteLedger(h.site, t.budget_epsilon, t.delta, t.accountant, plan.unit)
+        after, most = ledger.afford(s.release, rounds, [s.finetune] if s.finetune is not None else [])
+        fits = "yes" if after <= ledger.budget_epsilon else ("no: " + (
+            "not the fine-tuning turn" if most == rounds else f"{most} of {rounds} rounds"))
+        rows.append([h.site, format_budget(ledger.budget_epsilon), f"{ledger.delta:g}", ledger.accountant,
+                     format_epsilon(ledger.epsilon) + ("" if held else " (no ledger here)"),
+                     format_epsilon(after), fits])
+    if not rows:
+        return []
+    return ["", "what each hospital can still afford of this run, by its own budget and ledger (it refuses "
+                "a run it cannot afford before its first release):",
+            table(["hospital", "budget", "delta", "accountant", "spent", "after this run", "affordable"], rows)]
 
 
 def spent(run_dir: Path) -> str:

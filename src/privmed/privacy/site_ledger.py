@@ -150,12 +150,9 @@ class SiteLedger:
         """Before a run's first release: BudgetExceeded when the whole run it was set up for
         (`rounds` training turns `turn`, then `extra`: a fine-tuning turn) would take its training
         patients past the budget, saying how many of those rounds it can still afford."""
-        spent = [r.release for r in self.releases]
-        after = epsilon_spent(spent + [turn] * rounds + extra, self.delta, self.accountant)
+        after, affordable = self.afford(turn, rounds, extra)
         if not math.isfinite(after) or after <= self.budget_epsilon:
             return  # an unbounded release is refused, with its own words, when it is asked for
-        affordable = _most(lambda k: epsilon_spent(spent + [turn] * k, self.delta, self.accountant)
-                           <= self.budget_epsilon, rounds)
         plus = " and a fine-tuning turn" if extra else ""
         afford = (f"it can afford the {rounds} rounds but not the fine-tuning turn too" if affordable == rounds else
                   f"it can afford {affordable} such round{'s' if affordable != 1 else ''}")
@@ -167,6 +164,16 @@ class SiteLedger:
             f"{self.budget_epsilon:g} (delta {self.delta:g}, {self.accountant} accountant); {afford}: "
             "ask for fewer rounds or more noise"
         )
+
+    def afford(self, turn: Release, rounds: int, extra: list[Release]) -> tuple[float, int]:
+        """(the training patients' epsilon after `rounds` turns `turn` and `extra`, the most of
+        those rounds the budget allows, 0 to `rounds`), counted on what the ledger has spent."""
+        spent = [r.release for r in self.releases]
+        after = epsilon_spent(spent + [turn] * rounds + extra, self.delta, self.accountant)
+        if after <= self.budget_epsilon:
+            return after, rounds
+        return after, _most(lambda k: epsilon_spent(spent + [turn] * k, self.delta, self.accountant)
+                            <= self.budget_epsilon, rounds)
 
     def check_run_scoring(self, split: str, release: Release, count: int, what: str) -> None:
         """Before a run's first release: BudgetExceeded when the `count` scorings of `split` the
