@@ -167,13 +167,15 @@ def _resolved_config(cfg: RunConfig, home: Path, kind: str) -> Path:
 def join(args) -> int:  # noqa: ANN001
     """The hospital's process holds its site (data, model) for as long as it runs; the SuperNode's
     short-lived ClientApp processes relay each message to it."""
+    _need(args, "server", "certs", "key")
+    # what it does while it loads (imports, the hospital's data, Flower's processes): tens of seconds
+    print(f"privmed join: loading {args.config} and the hospital's data ...", flush=True)
     from privmed.config import load_config, load_site_config
     from privmed.federation.client import lock_state
     from privmed.federation.flower import deploy
     from privmed.federation.flower.site_service import SiteEndpoint, serve_site
     from privmed.federation.hospital import Hospital
 
-    _need(args, "server", "certs", "key")
     _warn_insecure(args)
     home = deploy.home_dir(args.home)
     # bad config or data: a clear error before anything starts
@@ -196,6 +198,7 @@ def join(args) -> int:  # noqa: ANN001
     serve_site(SiteEndpoint(hospital), sock)
     proc = None
     p = hospital.profile
+    print(f"hospital '{name}': data loaded; starting Flower's client processes ...", flush=True)
     warm = deploy.start_warm_clientapps(home, name)  # Flower's ClientApps, forked with Flower imported
     try:
         while True:  # Flower's SuperNode ends when it loses the coordinator: start it again
