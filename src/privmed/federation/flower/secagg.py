@@ -28,9 +28,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.common import parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
@@ -207,17 +207,9 @@ def secure_stage(
         timeout=timeout,
         min_sites=min_sites,
     )
-    run_id = _run_id(grid)
     watch = _RefusalWatch(grid)
-    stage = _Stage(watch, run_id, node_of, fitins)
-    state = RecordDict()
-    state.config_records["config"] = ConfigRecord({"current_round": rnd})
-    state.array_records["parameters"] = ArrayRecord([np.zeros(1)])
-    context = LegacyContext(
-        Context(run_id=run_id, node_id=COORDINATOR_NODE_ID, node_config={}, state=state, run_config={}),
-        strategy=stage,
-    )
-    workflow(watch, context)
+    stage = _Stage(watch, _run_id(grid), node_of, fitins)
+    workflow(watch, _legacy_context(stage, rnd))
     if watch.refusals:  # a site that refused ends the run, as outside secure rounds: it would again
         raise SiteRefused(watch.refusals[0])
     if stage.mean is None:
@@ -226,6 +218,17 @@ def secure_stage(
             f"{workflow.reconstruction_threshold}, federation.min_sites {min_sites or 'none'})"
         )
     return SecureSum(mean=[np.asarray(a, dtype=np.float64) for a in stage.mean], reports=stage.reports)
+
+
+def _legacy_context(stage: _Stage, rnd: int) -> LegacyContext:
+    """The context SecAggPlusWorkflow reads: the round, and `stage` as its strategy."""
+    state = RecordDict()
+    state.config_records["config"] = ConfigRecord({"current_round": rnd})
+    state.array_records["parameters"] = ArrayRecord([np.zeros(1)])
+    return LegacyContext(
+        Context(run_id=stage.run_id, node_id=COORDINATOR_NODE_ID, node_config={}, state=state, run_config={}),
+        strategy=stage,
+    )
 
 
 def share_count(shares: int, sites: int) -> int:
