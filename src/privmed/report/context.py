@@ -76,7 +76,7 @@ def _positive_class(view: TaskView, class_names: tuple[str, ...] | None) -> str 
     if len(class_names) == 2:
         return (f"The AUC and the ROC curve score '{class_names[1]}' as the positive class (against "
                 f"'{class_names[0]}').")
-    return "The AUC is the mean over the classes of each class's against the rest."
+    return "The AUC is the mean, over the classes, of each class's AUC against the rest."
 
 
 def _overview(run: RunFiles) -> list[tuple[str, str]]:
