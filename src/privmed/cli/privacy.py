@@ -219,6 +219,7 @@ def _hospitals_afford(hospitals: list, plan, rounds: int) -> list[str]:  # noqa:
     """What each hospital can still afford of this run, by its own terms (budget, delta,
     accountant) and its own ledger where this machine holds its state (else as a new hospital):
     what it checks before the run's first release."""
+    from privmed.federation.flower.deploy import home_dir
     from privmed.federation.guard import LedgerTerms
     from privmed.privacy.site_ledger import SITE_LEDGER_FILE, SiteLedger
 
@@ -227,7 +228,7 @@ def _hospitals_afford(hospitals: list, plan, rounds: int) -> list[str]:  # noqa:
         s = plan.sites.get(h.site)
         if s is None or s.release is None:
             continue
-        state = Path(h.state or Path("~/.privmed/sites") / h.site).expanduser()
+        state = Path(h.state or home_dir(None).parent / "sites" / h.site).expanduser()  # as `join` finds it
         held = (state / SITE_LEDGER_FILE).is_file()
         if held:
             ledger = SiteLedger.load(state / SITE_LEDGER_FILE)

@@ -73,14 +73,12 @@ def _check_keys_apply(data: Any) -> None:
                              f"only data.{', data.'.join(sorted(reads))}; remove it")
 
 
-CLASS_NAME_SOURCES = ("image-folder", "dicom", "nifti")  # the sources whose classes a config can name
-
-
 def _check_class_names(data: Any) -> None:
     given = f"data.class_names: {list(data.class_names)}"
-    if data.source not in CLASS_NAME_SOURCES:
+    named = [s.name for s in catalog.SOURCES if "class_names" in s.keys]  # the catalog's list
+    if data.source not in named:
         raise ValueError(f"{given}: source '{data.source}' names its own classes; data.class_names applies "
-                         f"to {', '.join(CLASS_NAME_SOURCES)}")
+                         f"to {', '.join(named)}")
     if len(data.class_names) < 2 or len(set(data.class_names)) < len(data.class_names) or not all(
             n.strip() for n in data.class_names):
         raise ValueError(f"{given}: name at least 2 classes, each once and none empty")
