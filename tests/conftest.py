@@ -10,15 +10,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def tiny_config(**over) -> dict:
-    """A phantom run small enough for a test: 3 sites x 120 images of 16 px, 2 rounds."""
+    """A phantom run small enough for a test: 3 sites x 120 images of 16 px, 2 rounds of one local
+    epoch at a constant learning rate (named, so that the defaults that follow the data, which
+    would take ~20 steps a round here, do not apply: tests/test_sizing.py tests those)."""
     cfg = {
         "name": "tiny",
         "seed": 0,
         "data": {"source": "phantom", "size": 16, "samples_per_site": 120},
         "sites": {"count": 3, "partition": "natural"},
         "model": {"name": "cnn", "width": 8},
-        "federation": {"strategy": "fedavg", "rounds": 2},
-        "training": {"batch_size": 32, "lr": 0.003, "optimizer": "adam"},
+        "federation": {"strategy": "fedavg", "rounds": 2, "local_epochs": 1},
+        "training": {"batch_size": 32, "lr": 0.003, "optimizer": "adam", "lr_schedule": "constant"},
     }
     for key, value in over.items():
         node = cfg

@@ -157,7 +157,12 @@ class FederationConfig(_Section):
         "data in one place)",
     )
     rounds: int = Field(20, ge=1, le=100_000)
-    local_epochs: int = Field(1, ge=1, le=1000)
+    local_epochs: int = Field(
+        1, ge=1, le=1000,
+        description="local epochs a round; image classification without DP-SGD, where neither this "
+        "nor local_steps is set: the nearest whole number to 20 steps a round at the median site "
+        "(privmed.federation.sizing)",
+    )
     local_steps: int | None = Field(
         None, ge=1, le=1_000_000,
         description="train a fixed number of batches per site and round instead of local_epochs "
@@ -190,7 +195,9 @@ class FederationConfig(_Section):
         "auto",
         description="which round's model is the result: the one with the best validation AUC, or "
         "the last one (its choice then uses no validation data); auto: best-validation without "
-        "privacy, last with privacy.mode dp-sgd or central or without validation data",
+        "privacy, last with privacy.mode dp-sgd or central or without validation data. Image "
+        "classification without DP-SGD, where neither this nor training.lr_schedule is set: last, "
+        "with a cosine schedule (privmed.federation.sizing)",
     )
 
     secure_aggregation: bool = Field(
@@ -263,7 +270,11 @@ class FederationConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    batch_size: int = Field(64, ge=1, le=65_536)
+    batch_size: int = Field(
+        64, ge=1, le=65_536,
+        description="image classification without DP-SGD, where not set: 64, or less where the "
+        "smallest site holds under 256 training items (privmed.federation.sizing)",
+    )
     lr: float = Field(0.01, gt=0, le=10)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
@@ -273,7 +284,8 @@ class TrainingConfig(_Section):
         "constant",
         description="the sites' learning rate over the rounds: constant, or cosine (lr in round 1, "
         "falling along half a cosine towards 0 after the last of federation.rounds). A public "
-        "function of the round, so it changes no privacy guarantee",
+        "function of the round, so it changes no privacy guarantee. Image classification without "
+        "DP-SGD, where neither this nor federation.model_selection is set: cosine",
     )
     eval_batch_size: int = Field(512, ge=1)
     device: Literal["cpu", "cuda", "auto"] = Field(

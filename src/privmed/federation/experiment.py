@@ -19,6 +19,7 @@ from privmed.federation.adversary import Adversary, adversary_for
 from privmed.federation.facts import DataFacts, SiteProfile, reference_label_shares
 from privmed.federation.guard import LedgerTerms
 from privmed.federation.robust import with_aggregator
+from privmed.federation.sizing import fit_to_data
 from privmed.federation.site import DPTraining, Site, derive_seed, get_weights
 from privmed.federation.strategies import POOLED_SITE, DPFedAvg, Strategy, Weights, build_strategy
 from privmed.errors import ConfigError, PrivmedError
@@ -300,7 +301,10 @@ def plan_experiment(
 ) -> Plan:
     """The run's plan from the config and public facts only (no patient's record): the model (its
     initial weights from the seed), the strategy and the privacy plan over the sites' counts.
-    `pooled`: the pooled site's profile, for strategies that pool the data (a simulation only)."""
+    `pooled`: the pooled site's profile, for strategies that pool the data (a simulation only).
+    Where the config is silent, the training defaults follow the sites' counts (fit_to_data): the
+    plan's config holds the values chosen."""
+    cfg = fit_to_data(cfg, data, sites)
     task = get_task(cfg.task, data)
     _check_model_fits_data(cfg.model.name, data, task.dense)
     if cfg.federation.model_selection == "best-validation" and not any(p.n_val for p in sites):

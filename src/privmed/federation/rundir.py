@@ -33,6 +33,7 @@ from privmed import io
 from privmed.config import RunConfig
 from privmed.errors import RunDirError
 from privmed.federation.records import METRICS_FILE, SUMMARY_FILE, MetricsRow, Summary
+from privmed.federation.sizing import left_to_data
 
 _CKPT = re.compile(r"^round-(\d{4,})\.pt$")
 PRIVATE_DIR = "private"
@@ -110,7 +111,9 @@ class RunDir:
         if not saved_file.is_file():
             raise RunDirError(f"--resume: {path} holds no privmed run (no config.yaml)")
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-        diff = [k for k in config_diff(saved, cfg.to_dict()) if k != "federation.rounds"]
+        # keys whose defaults follow the data are compared once the run is planned (api.run)
+        skip = {"federation.rounds"} | left_to_data(cfg)
+        diff = [k for k in config_diff(saved, cfg.to_dict()) if k not in skip]
         if diff:
             raise RunDirError(
                 f"--resume: the config differs from the one {path} was started with, at {', '.join(diff)}"

@@ -1,0 +1,93 @@
+"""Defaults that follow the data: what a run's plan sets, from the sites' public counts, where the
+config is silent.
+
+privmed's fixed defaults (batch 64, one local epoch a round, 20 rounds, the best validation round's
+model) were measured on PneumoniaMNIST's 4,708 training images. At a hospital's size they fail: a
+site of 100 images takes two optimizer steps a round, 40 in the whole run, and its 15 validation
+images make the choice of round a coin toss (issue 27: pooled test AUC 0.640, every image called
+the majority class). So, for image classification (2D and 3D) without DP-SGD, where the config
+names none of them:
+
+- training.batch_size: 64 where the smallest site holds 256 training items or more, else 32 (64 or
+  more), 16 (32 or more) or 8: a site keeps two batches an epoch or more;
+- federation.local_epochs: the whole number of epochs nearest to MIN_STEPS optimizer steps a
+  round at the median site (one epoch where that takes 14 steps or more: the large-data defaults
+  are unchanged), so that the rounds do about the same work whatever the size;
+- training.lr_schedule cosine with federation.model_selection last: the learning rate falls to near
+  0 by the last round, whose model is the result. The last rounds then move the model little, and
+  the choice does not rest on a handful of validation images.
+
+DP-SGD has its own defaults (privmed.config.defaults.DP_SGD_DEFAULTS: its batches and steps are
+part of the guarantee), and so do the tabular sources and the dense tasks. The plan's config holds
+the values chosen, so config.yaml, the sites' setup and the report show what ran.
+benchmarks/small_sites.py measures these against the fixed defaults at 50 to 1,500 training items a
+site (README: Defaults at a hospital's size).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from privmed.catalog import PrivacyMode
+from privmed.config import RunConfig, validate_config
+from privmed.federation.facts import DataFacts, SiteProfile
+
+MIN_STEPS = 20  # optimizer steps a round at the median site (PneumoniaMNIST's defaults: 19 an epoch)
+
+
+def batch_size_for(n_smallest: int) -> int:
+    """The default batch size for sites whose smallest holds `n_smallest` training items."""
+    return 64 if n_smallest >= 256 else 32 if n_smallest >= 64 else 16 if n_smallest >= 32 else 8
+
+
+def local_epochs_for(n_median: float, batch_size: int) -> int:
+    """Local epochs that take about MIN_STEPS optimizer steps at a site of `n_median` items."""
+    per_epoch = max(1, math.ceil(n_median / batch_size))
+    return max(1, math.floor(MIN_STEPS / per_epoch + 0.5))  # the nearest whole number of epochs
+
+
+def applies(cfg: RunConfig, data: DataFacts) -> bool:
+    """Whether the run's defaults follow the data: image classification without DP-SGD."""
+    return cfg.task == "classification" and not data.tabular and cfg.privacy.mode != PrivacyMode.DP_SGD
+
+
+def fit_to_data(cfg: RunConfig, data: DataFacts, sites: list[SiteProfile]) -> RunConfig:
+    """`cfg` with the defaults above set where it is silent (as is where none applies, or where it
+    sets them all). Only the sites' counts are read: a deployment's coordinator plans the same."""
+    if not applies(cfg, data) or not sites:
+        return cfg
+    fed, training = cfg.federation.model_fields_set, cfg.training.model_fields_set
+    counts = [p.n_train for p in sites]
+    changes: dict[str, dict] = {"federation": {}, "training": {}}
+    batch = cfg.training.batch_size
+    if "batch_size" not in training:
+        batch = changes["training"]["batch_size"] = batch_size_for(min(counts))
+    if not {"local_epochs", "local_steps"} & fed:
+        changes["federation"]["local_epochs"] = local_epochs_for(statistics.median(counts), batch)
+    if "lr_schedule" not in training and "model_selection" not in fed:
+        changes["training"]["lr_schedule"] = "cosine"
+        changes["federation"]["model_selection"] = "last"
+    current = {section: getattr(cfg, section).model_dump(mode="json") for section in changes}
+    if all(current[s].get(k) == v for s, values in changes.items() for k, v in values.items()):
+        return cfg
+    raw = cfg.to_dict()
+    for section, values in changes.items():
+        raw[section].update(values)
+    return validate_config(raw, source="the run's defaults for its data")
+
+
+FITTED_KEYS = ("training.batch_size", "federation.local_epochs", "training.lr_schedule",
+               "federation.model_selection")
+
+
+def left_to_data(cfg: RunConfig) -> set[str]:
+    """The dotted keys whose values `fit_to_data` may choose for `cfg` once the sites' counts are
+    known (those the config leaves out, where the defaults follow the data): a resumed run's
+    config is compared on them after planning, not before."""
+    if cfg.task != "classification" or cfg.privacy.mode == PrivacyMode.DP_SGD:
+        return set()
+    left = {k for k in FITTED_KEYS if k.split(".")[1] not in getattr(cfg, k.split(".")[0]).model_fields_set}
+    if "local_steps" in cfg.federation.model_fields_set:
+        left.discard("federation.local_epochs")
+    return left
