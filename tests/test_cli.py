@@ -136,6 +136,20 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
     assert not failures, "\n".join(failures)
 
 
+def test_a_data_error_comes_before_the_heavy_imports(tmp_path):
+    """The data is loaded before torch and the models are imported: a missing folder is reported
+    without them (issue 27: it took 7-15 s)."""
+    f = _write(tmp_path, {"data": {"source": "image-folder", "root": str(tmp_path / "missing")}})
+    probe = ("import sys; from privmed.cli import main; "
+             f"code = main(['run', {str(f)!r}, '--out', {str(tmp_path / 'out')!r}]); "
+             "print(code, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False"], r.stderr
+    assert r.stderr.splitlines() == ["loading data ...", f"privmed: error: data.root: {tmp_path / 'missing'} "
+                                     "is not a folder (expected one subfolder per class of .png/.jpg images, "
+                                     "or train/ and test/ folders of class subfolders)"]
+
+
 def test_out_dir_holding_another_run_is_refused(tmp_path):
     f = _write(tmp_path, tiny_config(federation__rounds=1))
     out = tmp_path / "run"

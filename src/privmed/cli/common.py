@@ -4,6 +4,7 @@ summary. Light at import: what running needs is imported inside the functions.""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from privmed.catalog import PrivacyMode
@@ -29,11 +30,20 @@ def dashboard_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 def run_experiment(cfg_source, out: Path, resume: bool, quiet: bool,  # noqa: ANN001
                    hospitals: list[Path] | None = None, dashboard: str | None = None) -> int:
-    """Run in this process (privmed.api.run), then print the summary."""
-    from privmed.api import run
-    from privmed.config import load_site_config
+    """Run in this process (privmed.api.run), then print the summary. The data is loaded first,
+    before the heavy imports, so that a data error is reported at once."""
+    from privmed.config import SitesConfig, load_site_config
+    from privmed.data import preload
 
     own = [load_site_config(h) for h in hospitals or []]
+    if not quiet:
+        print("loading data ...", file=sys.stderr, flush=True)
+    for h in own:  # as privmed.federation.experiment.load_own_site loads them
+        preload(h.data, SitesConfig(count=1), h.seed)
+    if not own and cfg_source.data.source != "sites":  # as simulated_sites loads it
+        preload(cfg_source.data, cfg_source.sites, cfg_source.seed, cfg_source.task)
+    from privmed.api import run
+
     if dashboard is None:
         result = run(cfg_source, out, resume=resume, progress=not quiet, hospitals=own or None)
         return print_summary(result.summary, out)

@@ -12,20 +12,40 @@ features take the place of images. Bad input raises privmed.errors.DataError.
 
 from __future__ import annotations
 
+import json
+
 from privmed import catalog
 from privmed.config import DataConfig, SitesConfig
 from privmed.data.base import ImageSet, SourceData
 from privmed.errors import DataError
 
-__all__ = ["ImageSet", "SourceData", "load_source"]
+__all__ = ["ImageSet", "SourceData", "load_source", "preload"]
+
+# sources loaded ahead of the run by `preload`, each taken once by the load_source call it was made for
+_PRELOADED: dict[str, SourceData] = {}
+
+
+def _key(data: DataConfig, sites: SitesConfig, seed: int, task: str) -> str:
+    return json.dumps([data.model_dump(mode="json"), sites.model_dump(mode="json"), seed, task], sort_keys=True)
+
+
+def preload(data: DataConfig, sites: SitesConfig, seed: int, task: str = "classification") -> None:
+    """Load the source now and keep it for the run's own `load_source` call with the same arguments
+    (in this process). The command line calls it before importing torch and the models, so that a
+    data error (a missing folder, a bad CSV value) appears in about a second rather than after them."""
+    _PRELOADED[_key(data, sites, seed, task)] = load_source(data, sites, seed, task)
 
 
 def load_source(data: DataConfig, sites: SitesConfig, seed: int, task: str = "classification") -> SourceData:
     """The pooled train / test (and official val) sets of the configured source, for `task` (the
     phantom makes volumes with masks for the dense tasks).
 
-    Deterministic: the same config and seed give identical arrays.
+    Deterministic: the same config and seed give identical arrays (what `preload` loaded for
+    them, if it did).
     """
+    preloaded = _PRELOADED.pop(_key(data, sites, seed, task), None)
+    if preloaded is not None:
+        return preloaded
     if data.channels not in (None, 1, 3):
         raise DataError(f"data.channels: {data.channels} is not allowed; use 1 (grey) or 3 (RGB)")
     entry = catalog.by_name(catalog.SOURCES).get(data.source)
