@@ -225,6 +225,7 @@ def join(args) -> int:  # noqa: ANN001
 def submit(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
     """`privmed run --runner flower`: submit the run to the coordinator at --server, follow it, and
     return its summary."""
+    import yaml
     from tqdm import tqdm
 
     from privmed.federation.flower import deploy
@@ -241,10 +242,24 @@ def submit(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
     bar = tqdm(total=cfg.federation.rounds, desc=f"{cfg.name or 'run'} [flower run {run_id}]",
                unit="round", disable=args.quiet, dynamic_ncols=True)
 
+    planned: list[bool] = [True] if resume else []  # a resumed run's config.yaml is the old one
+
     def tick() -> None:
-        metrics = out / "metrics.jsonl"
+        metrics, saved = out / "metrics.jsonl", out / "config.yaml"
         done = metrics.read_text().count("\n") if metrics.is_file() else 0
+        if not saved.is_file():
+            bar.set_postfix_str("planning: waiting for the hospitals to describe their data", refresh=False)
+        else:
+            if not planned:  # the plan may have chosen the rounds from the sites' counts
+                try:
+                    bar.total = int(yaml.safe_load(saved.read_text())["federation"]["rounds"])
+                    planned.append(True)
+                except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+                    pass  # read again at the next tick
+            if done < bar.total:
+                bar.set_postfix_str(f"round {done + 1}: the hospitals train and score", refresh=False)
         bar.update(max(0, done - bar.n))
+        bar.refresh()
 
     try:
         status, details = deploy.wait_run(args.server, args.certs, args.insecure, run_id, tick=tick)
