@@ -105,3 +105,15 @@ def test_volumes_take_fewer_steps_a_round_over_more_rounds():
     assert (named.federation.local_epochs, named.federation.rounds) == (2, 60)  # a raised round count keeps the work
     images = fit_to_data(validate_config(_silent()), IMAGES, _sites(100, 100, 100))
     assert images.federation.rounds == 20
+
+
+def test_a_flower_run_sends_what_the_config_sets(tmp_path: Path):
+    """`privmed run --runner flower` hands the coordinator the keys the config sets: a full dump
+    would name every default and leave none to follow the hospitals' data."""
+    from privmed.cli.flower import _resolved_config
+
+    cfg = validate_config(_silent(federation={"rounds": 5}, training={"lr": 0.05}))
+    sent = validate_config(yaml.safe_load(_resolved_config(cfg, tmp_path, "run").read_text()))
+    assert sent.to_dict() == cfg.to_dict()
+    assert left_to_data(sent) == left_to_data(cfg) == {
+        "training.batch_size", "federation.local_epochs", "training.lr_schedule", "federation.model_selection"}

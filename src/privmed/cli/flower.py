@@ -152,12 +152,16 @@ def serve(args) -> int:  # noqa: ANN001
 
 
 def _resolved_config(cfg: RunConfig, home: Path, kind: str) -> Path:
-    """Write the resolved config (overrides applied) where Flower's processes read it."""
+    """Write the config (overrides applied) where Flower's processes read it: the keys it sets,
+    so that the coordinator's plan still chooses the defaults that follow the hospitals' data
+    (privmed.federation.sizing) where it is silent, as an in-process run does."""
     import yaml
 
     from privmed import io
 
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    # the name always: a config file without one is named after the file it is read from
+    sets = {"name": cfg.name, **cfg.model_dump(mode="json", exclude_unset=True)}
+    text = yaml.safe_dump(sets, sort_keys=False)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = home / "configs" / f"{kind}-{cfg.name or 'run'}-{digest}.yaml"
     io.write_text(path, text)
