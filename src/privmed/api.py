@@ -72,7 +72,7 @@ def run(
         sites.attach(exp)
     else:
         exp = prepare_experiment(cfg, noise=noise, hospitals=hospitals)
-    if resume and exp.config is not cfg:  # the defaults that followed the data, as first chosen
+    if run_dir is not None and resume and exp.config is not cfg:  # the defaults that followed the data
         RunDir.check_resume(out, exp.config)
     result = run_in_process(exp, run_dir=run_dir, resume=resume, progress=progress, sites=sites,
                              live=live)

@@ -36,7 +36,7 @@ def run_experiment(cfg_source, out: Path, resume: bool, quiet: bool,  # noqa: AN
     from privmed.data import preload
 
     own = [load_site_config(h) for h in hospitals or []]
-    if not quiet:
+    if not quiet and (own or cfg_source.data.source != "sites"):
         print("loading data ...", file=sys.stderr, flush=True)
     for h in own:  # as privmed.federation.experiment.load_own_site loads them
         preload(h.data, SitesConfig(count=1), h.seed)

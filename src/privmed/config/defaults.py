@@ -83,8 +83,8 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {t.name: t.defaults for t 
 # without them: 0.864/0.833); random flips on top of them did not (lr 0.05, 1 epoch: 0.787/0.707).
 # (All with cnn3d at width 16; at width 8, its default since for speed, lr 0.05 and 3 epochs gave
 # 0.904/0.915 in a third of the time; over seeds 0-2 test AUC 0.895 against 0.915: privmed.models.cnn.)
-# The local epochs now follow the sites' sizes (privmed.federation.sizing: about 20 steps a round,
-# which is 3 epochs at these sites' ~445 volumes).
+# The local work and rounds now follow the sites' sizes (privmed.federation.sizing: about 8 steps a
+# round over 40 rounds, where the config names neither).
 VOLUME_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"name": VOLUME_MODEL},
     "training": {"lr": 0.05},

@@ -5,14 +5,14 @@ privmed's fixed defaults (batch 64, one local epoch a round, 20 rounds, the best
 model) were measured on PneumoniaMNIST's 4,708 training images. At a hospital's size they fail: a
 site of 100 images takes two optimizer steps a round, 40 in the whole run, and its 15 validation
 images make the choice of round a coin toss (issue 27: pooled test AUC 0.640, every image called
-the majority class). So, for image classification (2D and 3D) without DP-SGD, where the config
-names none of them:
+the majority class). So, for image classification (2D and 3D) without DP-SGD, each of these where
+the config does not name it:
 
 - training.batch_size: 64 where the smallest site holds 256 training items or more, else 32 (64 or
   more), 16 (32 or more) or 8: a site keeps two batches an epoch or more;
 - federation.local_epochs: the whole number of epochs nearest to MIN_STEPS optimizer steps a
-  round at the median site (one epoch where that takes 14 steps or more: the large-data defaults
-  are unchanged), so that the rounds do about the same work whatever the size;
+  round at the median site (one epoch where that takes 14 steps or more: large sites' local work
+  is unchanged), so that the rounds do about the same work whatever the size;
 - volumes (3D): about VOLUME_STEPS steps a round instead, and VOLUME_ROUNDS rounds where
   federation.rounds is not set (measured below);
 - training.lr_schedule cosine with federation.model_selection last: the learning rate falls to near
