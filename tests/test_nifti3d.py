@@ -87,7 +87,12 @@ def test_nifti_serves_patches_that_carry_the_volume(csv):
     for p in np.unique(src.train.patient):
         rows = src.train.patient == p
         assert rows.sum() == 4 and len(set(src.train.site[rows])) == 1
-    assert not set(src.test.patient) & set(src.train.patient) and src.test.site is None
+    assert not set(src.test.patient) & set(src.train.patient)
+    # a test row stays the test set of the site it names (p6 at a, p7 at b), unless made public
+    assert dict(zip(src.test.patient, src.test.site)) == {"p6": "a", "p7": "b"}
+    public = load_source(DataConfig(source="nifti", csv=csv, patch=PATCH, public_test=True),
+                         SitesConfig(count=2, partition="natural"), 0, task="segmentation")
+    assert public.test.site is None and len(public.test) == 8
     # the patches hold the whole mask of their volume: nothing cropped
     import nibabel as nib
 
@@ -180,7 +185,7 @@ def test_unet3d_is_private_under_opacus():
 
 
 def test_fedavg_segments_3d_patches_and_reports_them(csv, tmp_path, one_thread):
-    res = privmed.run(_config(csv), tmp_path / "run")
+    res = privmed.run(_config(csv, data={"public_test": True}), tmp_path / "run")
     test = res.summary["test"]
     assert test["dice"] > 0.3 and test["volumes"] == 2 and test["n"] == 8
     with np.load(tmp_path / "run" / "predictions.npz") as z:
@@ -189,6 +194,19 @@ def test_fedavg_segments_3d_patches_and_reports_them(csv, tmp_path, one_thread):
     html = (tmp_path / "run" / "report.html").read_text()
     assert "one test patch, drawn by its slice" in html
     assert (tmp_path / "run" / "plots" / "examples.png").stat().st_size > 1000
+
+
+def test_a_site_s_test_rows_are_scored_at_the_site(csv, tmp_path, one_thread):
+    """Without data.public_test each site scores its own test volume: the pooled figure comes from
+    the sites' counts, and the coordinator's files hold none of those volumes."""
+    res = privmed.run(_config(csv), tmp_path / "run", report=False)
+    test, sites = res.summary["test"], res.summary["sites"]
+    assert test["volumes"] == 2 and test["n"] == 8
+    assert {name: s["test"]["volumes"] for name, s in sites.items()} == {"a": 1, "b": 1}
+    released = tmp_path / "run" / "predictions.npz"
+    if released.exists():
+        with np.load(released) as z:
+            assert not [k for k in z.files if k.startswith(("mask", "example"))], z.files
 
 
 def test_dp_sgd_on_3d_patches_keeps_the_ledger(csv, tmp_path, one_thread):

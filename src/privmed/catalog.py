@@ -128,7 +128,7 @@ SOURCES: tuple[Source, ...] = (
            keys=("root", "subjects", "slice_step", "test_subjects", "acceleration", "accelerations")),
     Source("nifti", "NIfTI volumes and masks listed in a CSV", "privmed.data:_load_nifti", ("segmentation",),
            keys=("root", "csv", "size", "class_names", "window", "min_foreground", "patch", "spacing",
-                 "test_subjects")),
+                 "test_subjects", "public_test")),
     Source("sites", "no data here: each hospital joins with its own", None, (), patient_ids="hospital"),
 )
 

@@ -69,6 +69,12 @@ class DataConfig(_Section):
         3, ge=1, le=1000,
         description="ixi, nifti: subjects held out as the public test set (by subject, never split)",
     )
+    public_test: bool = Field(
+        False,
+        description="nifti: the rows marked split 'test' form one public test set that the "
+        "coordinator holds and scores itself; default: each stays the test set of the site its row "
+        "names, scored at that site (rows without a site column are public either way)",
+    )
     acceleration: float = Field(
         4.0, gt=1, le=16, description="reconstruction: k-space undersampling factor of every scanner "
         "(4: a quarter of the phase-encode lines) and of the test set's"

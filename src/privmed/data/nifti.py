@@ -7,9 +7,11 @@
 
 - `file` and `mask` are required: an image volume and its integer mask (0 background, 1..K-1 the
   classes; `data.class_names` names them, background first). `site`, `patient` (default: the
-  file's name) and `split` ("train" or "test", any case, never empty; any other value is refused:
-  "test" holds the volume out as the public test set; when no row says "test", the last
-  `data.test_subjects` patients in the file are) are optional.
+  file's name) and `split` ("train" or "test", any case, never empty; any other value is refused)
+  are optional. A row marked "test" is the test set of the site it names, scored at that site
+  (its patients' images never leave it); with `data.public_test: true`, or without a `site`
+  column, the rows marked "test" are one public test set that the coordinator holds and scores.
+  When no row says "test", the last `data.test_subjects` patients in the file are the public test set.
 - Items are slices along the volume's last axis (axial for RAS/LPS files), centre-padded or cropped
   to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
   with no mask at all are kept only when `data.min_foreground` is 0.
@@ -55,7 +57,10 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
                         "(name the background first)")
     patients = [r.get("patient") or Path(r["file"]).name.split(".")[0] for r in rows]
     test = {p for r, p in zip(rows, patients) if r.get("split", "").lower() == "test"}
+    # a test row stays its site's own, unless the config (or a file without sites) makes it public
+    public = data.public_test or "site" not in rows[0]
     if not test:
+        public = True
         ordered = list(dict.fromkeys(patients))
         if data.test_subjects >= len(ordered):
             raise DataError(f"data.test_subjects: {data.test_subjects} leaves no patient to train on "
@@ -67,7 +72,8 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
         keep = slices_with(m > 0, data.min_foreground) if data.min_foreground > 0 else np.arange(len(m))
         n = len(keep)
         part = ImageSet(images=img[keep], labels=np.zeros(n, np.int64), patient=np.full(n, p),
-                        site=np.full(n, r.get("site", "site-1")) if p not in test else None, target=m[keep])
+                        site=None if p in test and public else np.full(n, r.get("site", "site-1")),
+                        target=m[keep])
         (held if p in test else train).append(part)
     if not train or not held:
         raise DataError(f"{csv}: the split leaves no {'training' if not train else 'test'} volume")
