@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="extra", type=json.loads, default={},
                     help='config keys to set on every run, as JSON, e.g. {"federation": {"rounds": 40}}')
+    ap.add_argument("--strategies", nargs="+", default=["fedavg", "pooled"], choices=["fedavg", "pooled"],
+                    help="run only these (the table then leaves the other's columns blank)")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "medmnist")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "small_volumes.md")
     args = ap.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             counts = subsample(args.data_root / "vesselmnist3d.npz", Path(tmp), args.per_site, seed)
-            results[seed] = {"counts": counts, **{st: one_run(Path(tmp), seed, st, args.extra) for st in ("fedavg", "pooled")}}
+            results[seed] = {"counts": counts, **{st: one_run(Path(tmp), seed, st, args.extra) for st in args.strategies}}
         print(seed, json.dumps(results[seed]), flush=True)
     lines = [
         f"# 3D classification at {args.per_site} training volumes a site",
@@ -98,17 +100,22 @@ def main() -> None:
         "| pooled last-5 move | fedavg balanced acc. | s (fedavg / pooled) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+    nan = float("nan")
+    blank = {"auc": nan, "last5_move": nan, "balanced_accuracy": nan, "seconds": nan}
+    cell = lambda x, fmt: "" if x != x else format(x, fmt)  # noqa: E731  (blank for a strategy not run)
     for seed, r in results.items():
-        f, p = r["fedavg"], r["pooled"]
-        lines.append(f"| {seed} | {r['counts']['train']} ({r['counts']['train_positive']}) | {f['auc']:.3f} | "
-                     f"{p['auc']:.3f} | {f['auc'] - p['auc']:+.3f} | {f['last5_move']:.3f} | "
-                     f"{p['last5_move']:.3f} | {f['balanced_accuracy']:.3f} | {f['seconds']:.0f} / {p['seconds']:.0f} |")
-    mean = lambda st, k: statistics.mean(r[st][k] for r in results.values())  # noqa: E731
-    lines.append(f"| mean | | {mean('fedavg', 'auc'):.3f} | {mean('pooled', 'auc'):.3f} | "
-                 f"{mean('fedavg', 'auc') - mean('pooled', 'auc'):+.3f} | {mean('fedavg', 'last5_move'):.3f} | "
-                 f"{mean('pooled', 'last5_move'):.3f} | {mean('fedavg', 'balanced_accuracy'):.3f} | |")
+        f, p = r.get("fedavg", blank), r.get("pooled", blank)
+        lines.append(f"| {seed} | {r['counts']['train']} ({r['counts']['train_positive']}) | {cell(f['auc'], '.3f')} | "
+                     f"{cell(p['auc'], '.3f')} | {cell(f['auc'] - p['auc'], '+.3f')} | {cell(f['last5_move'], '.3f')} | "
+                     f"{cell(p['last5_move'], '.3f')} | {cell(f['balanced_accuracy'], '.3f')} | "
+                     f"{cell(f['seconds'], '.0f')} / {cell(p['seconds'], '.0f')} |")
+    mean = lambda st, k: statistics.mean(r.get(st, blank)[k] for r in results.values())  # noqa: E731
+    lines.append(f"| mean | | {cell(mean('fedavg', 'auc'), '.3f')} | {cell(mean('pooled', 'auc'), '.3f')} | "
+                 f"{cell(mean('fedavg', 'auc') - mean('pooled', 'auc'), '+.3f')} | {cell(mean('fedavg', 'last5_move'), '.3f')} | "
+                 f"{cell(mean('pooled', 'last5_move'), '.3f')} | {cell(mean('fedavg', 'balanced_accuracy'), '.3f')} | |")
     first = next(iter(results.values()))
-    lines += ["", "Chosen from the data (fedavg's config.yaml): " + ", ".join(first["fedavg"]["config"]) + ".",
+    lines += ["", f"Chosen from the data ({args.strategies[0]}'s config.yaml): "
+              + ", ".join(first[args.strategies[0]]["config"]) + ".",
               "", f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), on a machine "
               f"shared with another benchmark; {(time.time() - started) / 60:.0f} min in all."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
