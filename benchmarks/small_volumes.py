@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 import privmed
 
 ROOT = Path(__file__).resolve().parents[1]
+CHOSEN = ("rounds", "local_epochs", "batch_size", "lr", "lr_schedule", "model_selection")  # shown from config.yaml
 
 
 def subsample(src: Path, dst: Path, per_site: int, seed: int) -> dict:
@@ -61,9 +63,8 @@ def one_run(root: Path, seed: int, strategy: str, extra: dict) -> dict:
     return {"auc": s["test"]["auc"], "balanced_accuracy": s["test"].get("balanced_accuracy"),
             "best_round": s["best_round"], "last5_move": max(last5) - min(last5),
             "seconds": time.time() - started,
-            "config": [ln.strip() for ln in saved.splitlines()
-                       if ln.strip().split(":")[0] in ("local_epochs", "batch_size", "lr", "lr_schedule",
-                                                       "model_selection")]}
+            "config": [f"{key}: {section[key]}" for section in yaml.safe_load(saved).values()
+                       if isinstance(section, dict) for key in CHOSEN if key in section]}
 
 
 def main() -> None:

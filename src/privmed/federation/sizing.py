@@ -56,9 +56,15 @@ def local_epochs_for(n_median: float, batch_size: int, steps: int = MIN_STEPS) -
     return max(1, math.floor(steps / per_epoch + 0.5))  # the nearest whole number of epochs
 
 
+def _may_apply(cfg: RunConfig) -> bool:
+    """The config's half of `applies`: classification without DP-SGD (the data's half, images
+    rather than a table, is known once the sites describe their data)."""
+    return cfg.task == "classification" and cfg.privacy.mode != PrivacyMode.DP_SGD
+
+
 def applies(cfg: RunConfig, data: DataFacts) -> bool:
     """Whether the run's defaults follow the data: image classification without DP-SGD."""
-    return cfg.task == "classification" and not data.tabular and cfg.privacy.mode != PrivacyMode.DP_SGD
+    return _may_apply(cfg) and not data.tabular
 
 
 def fit_to_data(cfg: RunConfig, data: DataFacts, sites: list[SiteProfile]) -> RunConfig:
@@ -98,7 +104,7 @@ def left_to_data(cfg: RunConfig) -> set[str]:
     """The dotted keys whose values `fit_to_data` may choose for `cfg` once the sites' counts are
     known (those the config leaves out, where the defaults follow the data): a resumed run's
     config is compared on them after planning, not before."""
-    if cfg.task != "classification" or cfg.privacy.mode == PrivacyMode.DP_SGD:
+    if not _may_apply(cfg):
         return set()
     left = {k for k in FITTED_KEYS if k.split(".")[1] not in getattr(cfg, k.split(".")[0]).model_fields_set}
     if "local_steps" in cfg.federation.model_fields_set:
