@@ -120,6 +120,29 @@ def test_run_directory_contents(tmp_path):
     assert json.dumps(read_summary(out).to_json(), indent=2) + "\n" == (out / "summary.json").read_text()
 
 
+def test_config_yaml_shows_the_keys_that_apply_and_loads_back_the_same(tmp_path):
+    """config.yaml holds only the data keys the run's source reads, not
+    medmnist's download or reconstruction's acceleration for a phantom classification; loading it
+    gives the run's config, and a run directory written with every key still resumes."""
+    import yaml
+
+    from privmed.config import validate_config
+    from privmed.config.rules import source_reads
+
+    out = tmp_path / "run"
+    cfg = tiny_config(federation__rounds=1)
+    privmed.run(cfg, out, report=False)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert set(saved["data"]) == source_reads("phantom", "classification")
+    assert not {"download", "acceleration", "csv", "volumes_per_site"} & set(saved["data"])
+    full = validate_config(cfg).to_dict()
+    assert "download" in full["data"] and validate_config(saved).to_dict() == full
+    # a run directory from before, with every key written out, is the same config to --resume
+    (out / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    resumed = privmed.run(tiny_config(federation__rounds=2), out, resume=True, report=False)
+    assert resumed.summary["rounds_completed"] == 2
+
+
 def test_a_public_test_set_is_scored_by_the_coordinator(tmp_path):
     """A test split no site owns (here: sites drawn iid, so the phantom's per-site test images
     belong to nobody) is public: the coordinator scores it itself and keeps its predictions."""

@@ -32,6 +32,7 @@ from privmed.config.schema import (
     SitePrivacyConfig,
     SitesConfig,
     TrainingConfig,
+    shown,
 )
 from privmed.config.values import (
     ACCOUNTANTS,

@@ -60,10 +60,28 @@ def check_data(data: Any) -> None:
     _check_keys_apply(data)
 
 
+# data keys that a source reads for some of its tasks only (the phantom's images or volumes, k-space)
+TASK_DATA_KEYS = {
+    "samples_per_site": ("classification",),
+    "volumes_per_site": ("segmentation", "reconstruction"),
+    "acceleration": ("reconstruction",),
+    "accelerations": ("reconstruction",),
+}
+
+
+def source_reads(source: str, task: str | None = None) -> set[str]:
+    """The data keys that source `source` reads (catalog.Source.keys, and the ones every source
+    has); for `task`, without those only other tasks read (TASK_DATA_KEYS)."""
+    keys = {"source", "val_fraction", *catalog.source(source).keys}
+    if task is not None:
+        keys = {k for k in keys if task in TASK_DATA_KEYS.get(k, (task,))}
+    return keys
+
+
 def _check_keys_apply(data: Any) -> None:
     """A data key its source does not read (catalog.Source.keys), set to a value of its own, is
     refused rather than silently ignored."""
-    reads = {"source", "val_fraction", *catalog.source(data.source).keys}
+    reads = source_reads(data.source)
     for key, spec in type(data).model_fields.items():
         value = getattr(data, key)
         if key not in reads and value != spec.default:

@@ -433,6 +433,24 @@ class RunConfig(_Section):
         """The config as YAML and JSON write it (plain values: the privacy mode as its string)."""
         return self.model_dump(mode="json")
 
+    def shown(self) -> dict[str, Any]:
+        """`to_dict` as a run shows it (config.yaml, summary.json, the report): see `shown`."""
+        return shown(self.to_dict())
+
+
+def shown(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the data keys that its source does not read for its task. Those stay
+    at their defaults (validation refuses others where the source reads none), so nothing is lost:
+    loading the result gives the same config."""
+    data, task = config.get("data"), config.get("task")
+    if not isinstance(data, dict) or not isinstance(data.get("source"), str):
+        return config
+    try:
+        reads = rules.source_reads(data["source"], task if isinstance(task, str) else None)
+    except KeyError:  # an unknown source: shown as it is (validation names it)
+        return config
+    return {**config, "data": {k: v for k, v in data.items() if k in reads}}
+
 
 # --------------------------------------------------------------------------- a hospital's own config
 

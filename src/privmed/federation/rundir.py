@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from privmed import io
-from privmed.config import RunConfig
+from privmed.config import RunConfig, shown
 from privmed.errors import RunDirError
 from privmed.federation.records import METRICS_FILE, SUMMARY_FILE, MetricsRow, Summary
 from privmed.federation.sizing import left_to_data
@@ -113,7 +113,9 @@ class RunDir:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
         # keys whose defaults follow the data are compared once the run is planned (api.run)
         skip = {"federation.rounds"} | left_to_data(cfg)
-        diff = [k for k in config_diff(saved, cfg.to_dict()) if k not in skip]
+        # a run writes the keys that apply (config.yaml of older runs: every key), so both are
+        # compared as shown
+        diff = [k for k in config_diff(shown(saved), cfg.shown()) if k not in skip]
         if diff:
             raise RunDirError(
                 f"--resume: the config differs from the one {path} was started with, at {', '.join(diff)}"
@@ -124,7 +126,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.rglob(".*.tmp"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
-        io.write_text(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        io.write_text(self.path / "config.yaml", yaml.safe_dump(cfg.shown(), sort_keys=False))
 
     def run_id(self) -> str:
         """The run's id (run.json), made at its first use: a resumed run keeps it."""
