@@ -150,6 +150,21 @@ def test_a_data_error_comes_before_the_heavy_imports(tmp_path):
                                      "or train/ and test/ folders of class subfolders)"]
 
 
+def test_join_reports_a_data_error_before_the_heavy_imports(tmp_path):
+    """`privmed join` loads the hospital's data before torch and Flower are imported."""
+    site = tmp_path / "site.yaml"
+    site.write_text(f"site: hospital-a\ndata: {{source: image-folder, root: {tmp_path / 'missing'}}}\n")
+    probe = ("import sys; from privmed.cli import main; "
+             f"code = main(['join', {str(site)!r}, '--server', '127.0.0.1:1', '--insecure', "
+             f"'--home', {str(tmp_path / 'home')!r}]); print(code, 'torch' in sys.modules, 'flwr' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.stdout.splitlines()[-1].split() == ["2", "False", "False"], r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"privmed: error: data.root: {tmp_path / 'missing'} is not a "
+                                                 "folder (expected one subfolder per class of .png/.jpg images, "
+                                                 "or train/ and test/ folders of class subfolders)")
+    assert not (tmp_path / "home").exists()
+
+
 def test_out_dir_holding_another_run_is_refused(tmp_path):
     f = _write(tmp_path, tiny_config(federation__rounds=1))
     out = tmp_path / "run"

@@ -174,7 +174,12 @@ def join(args) -> int:  # noqa: ANN001
     _need(args, "server", "certs", "key")
     # what it does while it loads (imports, the hospital's data, Flower's processes): tens of seconds
     print(f"privmed join: loading {args.config} and the hospital's data ...", flush=True)
-    from privmed.config import load_config, load_site_config
+    from privmed.config import SitesConfig, load_config, load_site_config
+    from privmed.data import preload
+
+    own = None if args.site else load_site_config(args.config, args.overrides)
+    if own is not None:  # the data first, before the heavy imports: a data error comes at once
+        preload(own.data, SitesConfig(count=1), own.seed)  # as load_own_site loads it
     from privmed.federation.client import lock_state
     from privmed.federation.flower import deploy
     from privmed.federation.flower.site_service import SiteEndpoint, serve_site
@@ -190,7 +195,6 @@ def join(args) -> int:  # noqa: ANN001
         lock = lock_state(state)  # noqa: F841 - held until the process ends
         hospital = Hospital.rehearsal(cfg, name, state)
     else:
-        own = load_site_config(args.config, args.overrides)
         name = own.site
         state = Path(args.state or own.state or home.parent / "sites" / name).expanduser()
         lock = lock_state(state)  # noqa: F841 - held until the process ends
