@@ -99,8 +99,8 @@ def test_run_writes_the_chosen_values_and_resumes_on_them(tmp_path: Path, one_th
 def test_volumes_take_fewer_steps_a_round_over_more_rounds():
     volumes = DataFacts(1, 28, 2, False, "medmnist", ("a", "b"), image_shape=(1, 28, 28, 28))
     cfg = fit_to_data(validate_config(_silent()), volumes, _sites(100, 100, 100))
-    # 4 batches of 32 an epoch: 2 epochs is 8 steps, over 40 rounds (benchmarks/small_volumes.py)
-    assert (cfg.training.batch_size, cfg.federation.local_epochs, cfg.federation.rounds) == (32, 2, 40)
+    # 4 batches of 32 an epoch: 2 epochs is 8 steps, over 80 rounds (benchmarks/small_volumes.py)
+    assert (cfg.training.batch_size, cfg.federation.local_epochs, cfg.federation.rounds) == (32, 2, 80)
     named = fit_to_data(validate_config(_silent(federation={"rounds": 60})), volumes, _sites(100, 100, 100))
     assert (named.federation.local_epochs, named.federation.rounds) == (2, 60)  # a raised round count keeps the work
     images = fit_to_data(validate_config(_silent()), IMAGES, _sites(100, 100, 100))
