@@ -10,6 +10,7 @@ Without `out`, nothing is written anywhere; with `out`, the run directory is wri
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +20,7 @@ from privmed.federation.live import LiveState
 from privmed.federation.rundir import RunDir
 from privmed.federation.runner import RunResult, run_in_process
 from privmed.federation.transport import Sites
+from privmed.privacy.outlook import outlook_warnings
 
 
 class RemoteSites(Sites, Protocol):
@@ -74,6 +76,9 @@ def run(
         exp = prepare_experiment(cfg, noise=noise, hospitals=hospitals)
     if run_dir is not None and resume and exp.config is not cfg:  # the defaults that followed the data
         RunDir.check_resume(out, exp.config)
+    if progress:  # what the DP-SGD plan leaves the sites to learn with, before the first release
+        for w in outlook_warnings(exp.privacy, exp.config.federation.rounds):
+            print(f"warning: {w['message']}", file=sys.stderr, flush=True)
     result = run_in_process(exp, run_dir=run_dir, resume=resume, progress=progress, sites=sites,
                              live=live)
     if run_dir is not None and report:

@@ -183,13 +183,20 @@ def plan_config(path: Path, overrides: list[str], hospitals: list[Path] | None =
             f"{path}: privacy.mode is 'none': nothing to plan (try --set privacy.mode=dp-sgd "
             "--set privacy.epsilon=8)"
         )
+    from privmed.catalog import PrivacyMode
+    from privmed.privacy.outlook import outlook, step_noise
+
     own = [load_site_config(h) for h in hospitals or []]
-    p = prepare_experiment(cfg, hospitals=own or None).privacy
+    exp = prepare_experiment(cfg, hospitals=own or None)
+    p = exp.privacy
+    dp_sgd = p.mode == PrivacyMode.DP_SGD
     rows = [
         [site, str(s.n_patients), f"{s.release.sample_rate:.4g}", str(s.release.steps), str(s.turns),
-         format_epsilon(s.release.noise_multiplier, 4), format_epsilon(s.planned_epsilon)]
+         format_epsilon(s.release.noise_multiplier, 4), format_epsilon(s.planned_epsilon),
+         *([f"{step_noise(s.release.noise_multiplier, s.release.sample_rate, s.n_patients):.3g}"] if dp_sgd else [])]
         for site, s in p.sites.items()
     ]
+    expect = outlook(p, exp.config.federation.rounds)
     how = "calibrated to the budget" if p.calibrated else "fixed by privacy.noise_multiplier"
     note = unit_note(p.unit)
     finetune = [f"  {site}: fine-tuning turn of {s.finetune.steps} steps after the last round, planned with the rounds"
@@ -208,8 +215,11 @@ def plan_config(path: Path, overrides: list[str], hospitals: list[Path] | None =
         *([f"unit: {note}"] if note else []),
         "",
         table(["site", {"patient": "patients", "record": "records"}.get(p.unit, "units"), "sample rate",
-               "steps/turn", "turns", "noise", "epsilon"], rows),
+               "steps/turn", "turns", "noise", "epsilon", *(["noise/step"] if dp_sgd else [])], rows),
         *finetune,
+        *(["", f"{'expected' if expect.verdict == 'learned' else 'warning'}: {expect.message} "
+               "(noise/step: the noise on the site's averaged clipped gradient in one step, sigma / "
+               "(sample rate x patients); privmed.privacy.outlook gives the measured runs)"] if expect else []),
         *scoring,
         *afford,
     ])

@@ -20,6 +20,7 @@ from privmed.federation.site import set_weights
 from privmed.federation.strategies import GLOBAL, TrainTask
 from privmed.federation.transport import Sites
 from privmed.privacy.ledger import LEDGER_FILE
+from privmed.privacy.outlook import outlook_warnings
 from privmed.tasks.usefulness import usefulness_warnings
 
 
@@ -188,7 +189,8 @@ def _summary(
         seed=cfg.seed,
         privmed_version=__version__,
         warnings=usefulness_warnings(cfg.task, test_scores, None if local else sel.counts.get(GLOBAL),
-                                     data.class_names, private=exp.privacy is not None),
+                                     data.class_names, private=exp.privacy is not None)
+        + outlook_warnings(exp.privacy, cfg.federation.rounds),
     )
 
 
