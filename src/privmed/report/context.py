@@ -62,7 +62,8 @@ def context(run: RunFiles, figures: list[FigureOut]) -> dict:
 
 
 def _warnings(run: RunFiles) -> list[str]:
-    """summary.json's `warnings` (privmed.tasks.usefulness): what is wrong with the selected model."""
+    """summary.json's `warnings`: what is wrong with the selected model (privmed.tasks.usefulness), and
+    what the DP-SGD plan warned of before training (privmed.privacy.outlook)."""
     ws = _get(run.summary, "warnings")
     if not isinstance(ws, list):
         return []
