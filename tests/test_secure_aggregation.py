@@ -473,3 +473,28 @@ def test_an_even_share_number_below_the_site_count_gives_a_sum():
                            shares, threshold, n_samples={t.site: 1 for t in tasks}, weighting="uniform", clip=None)
     assert not any(m.has_error() for m in grid.seen)
     assert np.allclose(out.mean[0], 0.25, atol=1e-5)  # every stub site sends 0.25
+
+
+def test_the_coordinator_says_each_stage_as_it_begins(tmp_path):
+    """FlowerSites tells its on_stage what the hospitals are asked to do, SecAgg+'s four stages
+    by name, and the Flower ServerApp's writer puts the words where `privmed run --runner flower`
+    reads them for its progress bar."""
+    from privmed.cli.flower import _read_stage
+    from privmed.federation.flower.deploy import STAGE_FILE
+    from privmed.federation.flower.secagg import SECURE_STAGES
+    from privmed.flower_server import stage_writer
+
+    cfg = _cfg(sites__count=3, federation__rounds=1)
+    _grid, make = _flower_sites(cfg)
+    said = []
+    with in_process_identity():
+        sites = make()
+        sites.on_stage = said.append
+        privmed.run(cfg, sites=sites)
+    secure = [f"round 1: {w}" for w in SECURE_STAGES.values()]
+    assert said[:4] == secure and "1/4" in said[0] and "4/4" in said[3]
+    assert said[4:] and set(said[4:]) == {"round 1: the hospitals score the models"}
+    write = stage_writer(tmp_path)
+    write(said[1])
+    assert _read_stage(tmp_path / STAGE_FILE) == said[1] and not list(tmp_path.glob("*.tmp"))
+    assert _read_stage(tmp_path / "missing") == ""

@@ -48,11 +48,27 @@ def main(grid: Grid, context: Context) -> None:
     try:
         # the sites describe themselves first: the run is planned from their counts, not from data here
         sites = FlowerSites(cfg, PollingGrid(grid), registered=registered)
+        sites.on_stage = stage_writer(Path(str(rc["run-dir"])))
         run(cfg, str(rc["run-dir"]), resume=resume, sites=sites, live=live)
     except BaseException as e:
         if live is not None and not live.over:  # it failed before the round loop began
             live.ended(e)
         raise
+
+
+def stage_writer(run_dir: Path):  # noqa: ANN201 - Callable[[str], None]
+    """Writes each stage's words to the run directory's STAGE_FILE (atomically; a failed write is
+    only logged: progress must not stop a run)."""
+    from privmed import io
+    from privmed.federation.flower.deploy import STAGE_FILE
+
+    def write(what: str) -> None:
+        try:
+            io.write_text(run_dir / STAGE_FILE, what + "\n")
+        except OSError as e:
+            log.warning("could not write the stage to %s: %s", run_dir / STAGE_FILE, e)
+
+    return write
 
 
 def live_state(cfg) -> LiveState | None:  # noqa: ANN001

@@ -230,6 +230,14 @@ def join(args) -> int:  # noqa: ANN001
         sock.unlink(missing_ok=True)
 
 
+def _read_stage(path: Path) -> str:
+    """The coordinator's last stage, in words ("" when it has written none)."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def submit(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
     """`privmed run --runner flower`: submit the run to the coordinator at --server, follow it, and
     return its summary."""
@@ -265,7 +273,10 @@ def submit(cfg: RunConfig, out: Path, args) -> dict:  # noqa: ANN001
                 except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
                     pass  # read again at the next tick
             if done < bar.total:
-                bar.set_postfix_str(f"round {done + 1}: the hospitals train and score", refresh=False)
+                stage = _read_stage(out / deploy.STAGE_FILE)
+                if not stage.startswith(f"round {done + 1}:"):  # none yet, or the last round's
+                    stage = f"round {done + 1}: the hospitals train and score"
+                bar.set_postfix_str(stage, refresh=False)
         bar.update(max(0, done - bar.n))
         bar.refresh()
 

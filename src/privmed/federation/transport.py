@@ -11,7 +11,7 @@ contributions; otherwise each site's update.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from privmed.federation.client import SiteClient
 from privmed.federation.guard import SiteGuard
@@ -115,9 +115,10 @@ class InProcessSites:
 
 def secure_round(exp: Experiment, grid, node_of: dict[str, int], tasks: list[TrainTask], rnd: int,  # noqa: ANN001
                  secure: SecureStrategy, run: str, timeout: float | None = None,
-                 planned: int | None = None) -> SecureSum:
+                 planned: int | None = None, on_stage: Callable[[str], None] | None = None) -> SecureSum:
     """One stage under SecAgg+ with the run's settings (shared by both runners). `tasks`: the
-    reachable sites' instructions, of `planned` in the stage (default: all reachable)."""
+    reachable sites' instructions, of `planned` in the stage (default: all reachable). `on_stage`:
+    told as each of SecAgg+'s stages begins, in words."""
     from privmed.federation.flower.secagg import secure_stage
 
     cfg = exp.config
@@ -126,5 +127,5 @@ def secure_round(exp: Experiment, grid, node_of: dict[str, int], tasks: list[Tra
         grid, node_of, tasks, rnd, run, cfg.federation, shares, threshold,
         n_samples={p.name: p.n_train for p in exp.plan.trainers},
         weighting=secure.secure_weighting, clip=secure.secure_clip, timeout=timeout,
-        min_sites=required_sites(exp, planned or len(tasks)),
+        min_sites=required_sites(exp, planned or len(tasks)), on_stage=on_stage,
     )

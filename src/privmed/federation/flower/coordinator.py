@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Callable
 
 from flwr.app import Message
 from flwr.serverapp.grid import Grid
@@ -114,6 +115,9 @@ class FlowerSites:
         self._set_up: dict[str, int] = {}  # site -> the node it was set up on
         self._asked: set[int] = set()
         self._refused: list[str] = []
+        # told what the sites are asked to do as each stage begins, in words (the `privmed run
+        # --runner flower` progress bar shows it: flower_server writes it to the run directory)
+        self.on_stage: Callable[[str], None] | None = None
         n = len(self.expected)
         need = min(cfg.federation.min_sites or n, n)
         self._discover(wait_for=n, at_least=need, timeout=connect_timeout)
@@ -225,6 +229,10 @@ class FlowerSites:
             if node is not None:
                 self._asked.discard(node)
 
+    def _say(self, what: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(what)
+
     # ------------------------------------------------------------------ training
     def train_stage(
         self, tasks: list[TrainTask], rnd: int, secure: SecureStrategy | None, run: str
@@ -240,12 +248,14 @@ class FlowerSites:
                     f"({', '.join(dropped)} missing); federation.min_sites is {need}"
                 )
             total = secure_round(self.exp, self.grid, self.node_of, reachable, rnd, secure, run,
-                                 self.timeout, planned=len(tasks))
+                                 self.timeout, planned=len(tasks),
+                                 on_stage=lambda what: self._say(f"round {rnd}: {what}"))
             lost = [t.site for t in reachable if t.site not in total.sites]
             self._forget(lost)
             order = {t.site: i for i, t in enumerate(tasks)}
             reports = sorted(total.reports, key=lambda r: order[r.site])
             return StageOutcome(reports, secure=total, dropped=dropped + lost)
+        self._say(f"round {rnd}: the hospitals train")
         updates = self._send(reachable, rnd, run)
         lost = [t.site for t in reachable if t.site not in updates]
         self._forget(lost)
@@ -275,6 +285,7 @@ class FlowerSites:
         the round's row says so)."""
         self._reach(sorted({r.site for r in requests}))
         reachable = [r for r in requests if r.site in self.node_of]
+        self._say(f"round {rnd}: the hospitals score the models")
         msgs = [
             Message(M.encode_score_request(r.site, r.model_key, r.weights, r.splits, rnd, run),
                     dst_node_id=self.node_of[r.site], message_type=M.EVALUATE, group_id=f"score-{rnd}")

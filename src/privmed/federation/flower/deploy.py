@@ -31,6 +31,9 @@ from privmed.federation.flower.credentials import CA_CERT, SERVER_CERT, SERVER_K
 
 DEFAULT_HOME = Path("~/.privmed/flower")
 NODES_FILE = "nodes.json"  # in FLWR_HOME: {site: node id} of the keys `privmed serve` registered
+# in a Flower run's directory: what the coordinator has asked of the hospitals, in words (the
+# submitting `privmed run`'s progress bar shows it)
+STAGE_FILE = ".stage"
 # Flower's own waits, shortened where Flower lets privmed (see `flower_env`, `supernode_command`
 # and warm_clientapp); PRIVMED_FLOWER_STOCK=1 starts Flower's processes as Flower ships them
 STOCK_ENV = "PRIVMED_FLOWER_STOCK"

@@ -24,7 +24,7 @@ import logging
 import math
 import uuid
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
@@ -61,6 +61,15 @@ def quantization_bound(weights: list[float], clipping_range: float, bits: int) -
     return len(weights) * (2 * clipping_range / 2**bits) / (sum(weights) / w)
 
 
+# what each of SecAgg+'s stages does, as a progress line says it (`secure_stage`'s on_stage)
+SECURE_STAGES = {
+    "setup": "secure aggregation 1/4: the hospitals make their keys",
+    "share_keys": "secure aggregation 2/4: the hospitals exchange key shares",
+    "collect_masked_vectors": "secure aggregation 3/4: the hospitals train and send masked updates",
+    "unmask": "secure aggregation 4/4: the coordinator unmasks the sum",
+}
+
+
 class _SecAggPlus(SecAggPlusWorkflow):
     """Flower's workflow, with one fix and one rule.
 
@@ -76,11 +85,26 @@ class _SecAggPlus(SecAggPlusWorkflow):
     and not the other (one site's update, when a single site came back). It is this coordinator's
     own rule: the sites cannot tell a second sum from a retry, so one that lies need not keep it."""
 
-    def __init__(self, *args, min_sites: int = 0, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, min_sites: int = 0, on_stage: Callable[[str], None] | None = None,  # noqa: ANN002
+                 **kwargs) -> None:  # noqa: ANN003
         super().__init__(*args, **kwargs)
         self.min_sites = min_sites
+        self.on_stage = on_stage
+
+    def _say(self, what: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(what)
+
+    def setup_stage(self, grid, context, state) -> bool:  # noqa: ANN001
+        self._say(SECURE_STAGES["setup"])
+        return super().setup_stage(grid, context, state)
+
+    def unmask_stage(self, grid, context, state) -> bool:  # noqa: ANN001
+        self._say(SECURE_STAGES["unmask"])
+        return super().unmask_stage(grid, context, state)
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:  # noqa: ANN001
+        self._say(SECURE_STAGES["collect_masked_vectors"])
         ok = super().collect_masked_vectors_stage(grid, context, state)
         if ok and len(state.active_node_ids) < self.min_sites:
             logging.getLogger("privmed.secagg").warning(
@@ -91,6 +115,7 @@ class _SecAggPlus(SecAggPlusWorkflow):
         return ok
 
     def share_keys_stage(self, grid, context, state) -> bool:  # noqa: ANN001
+        self._say(SECURE_STAGES["share_keys"])
         ok = super().share_keys_stage(grid, context, state)
         active = set(state.active_node_ids)
         state.sampled_node_ids = set(active)
@@ -179,11 +204,13 @@ def secure_stage(
     clip: float | None,
     timeout: float | None = None,
     min_sites: int = 0,
+    on_stage: Callable[[str], None] | None = None,
 ) -> SecureSum:
     """Train `tasks` (one per site) and return only the weighted mean of the sites' contributions.
     Sites that fail or time out drop out; SecAgg+ removes their masks when `threshold` shares
     survive. SecAggError when no aggregate could be formed, or when fewer than `min_sites` sites
-    sent masked updates (then nothing is unmasked)."""
+    sent masked updates (then nothing is unmasked). `on_stage` is told as each of SecAgg+'s four
+    stages begins (SECURE_STAGES' words)."""
     weights = [n_samples[t.site] if weighting == "samples" else 1 for t in tasks]
     w_max = max_weight(weights)
     fitins = {
@@ -206,6 +233,7 @@ def secure_stage(
         quantization_range=2**fed.secagg_quantization_bits,
         timeout=timeout,
         min_sites=min_sites,
+        on_stage=on_stage,
     )
     watch = _RefusalWatch(grid)
     stage = _Stage(watch, _run_id(grid), node_of, fitins)
