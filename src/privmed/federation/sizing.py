@@ -19,8 +19,15 @@ the config does not name it:
   0 by the last round, whose model is the result. The last rounds then move the model little, and
   the choice does not rest on a handful of validation images.
 
+Segmentation of a hospital's own volumes (the `nifti` source, in 2D slices) takes the same local
+work rule, federation.local_epochs alone (its batch and lr are the task's, measured on the
+phantoms): on IXI's ventricles written as three hospitals' NIfTI files, 20 rounds of one local
+epoch, the defaults before, gave a test Dice of 0.000, and 3 local epochs (the rule's choice
+there) 0.796 (benchmarks/foreign_volumes.py).
+
 DP-SGD has its own defaults (privmed.config.defaults.DP_SGD_DEFAULTS: its batches and steps are
-part of the guarantee), and so do the tabular sources and the dense tasks. The plan's config holds
+part of the guarantee), and so do the tabular sources and the other dense runs (phantom and IXI
+volumes, whose defaults were measured on them; nifti's 3D patches, unmeasured). The plan's config holds
 the values chosen, so config.yaml, the sites' setup and the report show what ran.
 benchmarks/small_sites.py measures these against the fixed defaults at 50 to 1,500 training items a
 site, benchmarks/small_volumes.py on volumes (README: Defaults at a hospital's size).
@@ -60,14 +67,23 @@ def local_epochs_for(n_median: float, batch_size: int, steps: int = MIN_STEPS) -
 
 
 def _may_apply(cfg: RunConfig) -> bool:
-    """The config's half of `applies`: classification without DP-SGD (the data's half, images
-    rather than a table, is known once the sites describe their data)."""
-    return cfg.task == "classification" and cfg.privacy.mode != PrivacyMode.DP_SGD
+    """The config's half of `applies`: classification, or segmentation of NIfTI slices, without
+    DP-SGD (the data's half is known once the sites describe their data)."""
+    return cfg.privacy.mode != PrivacyMode.DP_SGD and (cfg.task == "classification" or _own_slices(cfg))
+
+
+def _own_slices(cfg: RunConfig) -> bool:
+    """Segmentation that may be of a hospital's own NIfTI volumes in slices: the `nifti` source
+    without data.patch, or a deployment's coordinator, whose hospitals name their source."""
+    return cfg.task == "segmentation" and cfg.data.source in ("nifti", "sites") and cfg.data.patch is None
 
 
 def applies(cfg: RunConfig, data: DataFacts) -> bool:
-    """Whether the run's defaults follow the data: image classification without DP-SGD."""
-    return _may_apply(cfg) and not data.tabular
+    """Whether the run's defaults follow the data: image classification without DP-SGD; and the
+    local work of segmentation on NIfTI slices (SEGMENTATION_KEYS)."""
+    if not _may_apply(cfg) or data.tabular:
+        return False
+    return cfg.task == "classification" or (data.source == "nifti" and data.spatial_dims == 2)
 
 
 def fit_to_data(cfg: RunConfig, data: DataFacts, sites: list[SiteProfile]) -> RunConfig:
@@ -77,6 +93,15 @@ def fit_to_data(cfg: RunConfig, data: DataFacts, sites: list[SiteProfile]) -> Ru
         return cfg
     fed, training = cfg.federation.model_fields_set, cfg.training.model_fields_set
     counts = [p.n_train for p in sites]
+    if cfg.task == "segmentation":  # the local work only (the task's batch and lr stay)
+        if {"local_epochs", "local_steps"} & fed:
+            return cfg
+        epochs = local_epochs_for(statistics.median(counts), cfg.training.batch_size)
+        if epochs == cfg.federation.local_epochs:
+            return cfg
+        raw = cfg.to_dict()
+        raw["federation"]["local_epochs"] = epochs
+        return validate_config(raw, source="the run's defaults for its data")
     changes: dict[str, dict] = {"federation": {}, "training": {}}
     batch = cfg.training.batch_size
     if "batch_size" not in training:
@@ -101,6 +126,7 @@ def fit_to_data(cfg: RunConfig, data: DataFacts, sites: list[SiteProfile]) -> Ru
 
 FITTED_KEYS = ("training.batch_size", "federation.local_epochs", "training.lr_schedule",
                "federation.model_selection", "federation.rounds")
+SEGMENTATION_KEYS = ("federation.local_epochs",)
 
 
 def left_to_data(cfg: RunConfig) -> set[str]:
@@ -109,7 +135,8 @@ def left_to_data(cfg: RunConfig) -> set[str]:
     config is compared on them after planning, not before."""
     if not _may_apply(cfg):
         return set()
-    left = {k for k in FITTED_KEYS if k.split(".")[1] not in getattr(cfg, k.split(".")[0]).model_fields_set}
+    keys = FITTED_KEYS if cfg.task == "classification" else SEGMENTATION_KEYS
+    left = {k for k in keys if k.split(".")[1] not in getattr(cfg, k.split(".")[0]).model_fields_set}
     if "local_steps" in cfg.federation.model_fields_set:
         left.discard("federation.local_epochs")
     return left
