@@ -165,9 +165,9 @@ class FederationConfig(_Section):
     rounds: int = Field(20, ge=1, le=100_000)
     local_epochs: int = Field(
         1, ge=1, le=1000,
-        description="local epochs a round; image classification without DP-SGD, where neither this "
-        "nor local_steps is set: the nearest whole number to 20 steps a round at the median site "
-        "(privmed.federation.sizing)",
+        description="local epochs a round; image classification and segmentation of nifti slices "
+        "without DP-SGD, where neither this nor local_steps is set: the nearest whole number to 20 "
+        "steps a round at the median site (privmed.federation.sizing)",
     )
     local_steps: int | None = Field(
         None, ge=1, le=1_000_000,
