@@ -101,8 +101,8 @@ def test_a_bad_spacing_is_refused_in_one_line(spacing, match):
         validate_config({"task": "segmentation", "data": {"source": "phantom", "spacing": [1, 1, 1]}})
 
 
-@pytest.mark.parametrize(("value", "why"), [("val", "each site draws its validation patients"), ("tset", "")])
-def test_a_split_other_than_train_or_test_is_refused_naming_the_file_and_value(tmp_path, value, why):
+@pytest.mark.parametrize(("value", "why"), [("validation", "validation rows are marked 'val'"), ("tset", "")])
+def test_a_split_other_than_train_val_or_test_is_refused_naming_the_file_and_value(tmp_path, value, why):
     """Before this check any other value, 'val' and typos included, silently counted as train."""
     from privmed.errors import DataError
 
@@ -114,9 +114,29 @@ def test_a_split_other_than_train_or_test_is_refused_naming_the_file_and_value(t
         load_source(DataConfig(source="nifti", csv=csv), SitesConfig(count=2, partition="natural"), 0,
                     task="segmentation")
     msg = str(e.value)
-    assert csv in msg and "file 'v1.nii.gz' has split '" + value + "'; allowed: train, test" in msg and why in msg
+    assert csv in msg and "file 'v1.nii.gz' has split '" + value + "'; allowed: train, val, test" in msg and why in msg
     lines[2] = lines[2].rsplit(",", 1)[0] + ",TEST"  # any case
     (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
     loaded = load_source(DataConfig(source="nifti", csv=csv), SitesConfig(count=2, partition="natural"), 0,
                          task="segmentation")
     assert set(loaded.test.patient) == {"p1", "p3"}
+
+
+def test_rows_marked_val_are_their_site_s_validation_set(tmp_path):
+    """A 'val' row's volume is its site's validation data (not a val_fraction draw); a site with
+    no 'val' row is told how to fix it, and runs without validation at data.val_fraction 0."""
+    from privmed.data.sites import split_into_sites
+    from privmed.errors import DataError
+
+    csv = _two_scanners(tmp_path)
+    lines = (tmp_path / "index.csv").read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",Val"  # v2, patient p2, at site a (any case)
+    (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
+    natural = SitesConfig(count=2, partition="natural", min_samples=1)  # 4 slices a volume
+    src = load_source(DataConfig(source="nifti", csv=csv), natural, 0, task="segmentation")
+    assert set(src.val.patient) == {"p2"} and set(src.val.site) == {"a"}
+    assert "p2" not in set(src.train.patient) and set(src.test.patient) == {"p3"}
+    with pytest.raises(DataError, match="site 'b' has no validation data .*rows marked 'val'"):
+        split_into_sites(src, natural, val_fraction=0.15, seed=0)
+    a, b = split_into_sites(src, natural, val_fraction=0.0, seed=0)
+    assert set(a.val.patient) == {"p2"} and set(a.train.patient) == {"p0"} and len(b.val) == 0

@@ -74,14 +74,16 @@ def read_index(path: Path, required: tuple[str, ...], optional: tuple[str, ...])
 SPLITS = ("train", "test")
 
 
-def check_splits(rows: list[dict[str, str]], path: Path) -> None:
-    """DataError naming the file and the value when a row's `split` is not train or test (any
-    case). Validation patients are drawn by each site (data.val_fraction), so 'val' is refused
-    too, with that reason."""
+def check_splits(rows: list[dict[str, str]], path: Path, allowed: tuple[str, ...] = SPLITS) -> None:
+    """DataError naming the file and the value when a row's `split` is not one of `allowed` (any
+    case). Where 'val' is not allowed, validation patients are drawn by each site
+    (data.val_fraction), and a 'val' row is refused with that reason."""
     for r in rows:
         value = r.get("split")
-        if value is None or value.lower() in SPLITS:
+        if value is None or value.lower() in allowed:
             continue
-        why = (" (each site draws its validation patients from its training rows: data.val_fraction)"
-               if value.lower() in ("val", "valid", "validation") else "")
-        raise DataError(f"{path}: file '{r['file']}' has split '{value}'; allowed: {', '.join(SPLITS)}{why}")
+        why = ""
+        if value.lower() in ("val", "valid", "validation"):
+            why = (" (validation rows are marked 'val')" if "val" in allowed else
+                   " (each site draws its validation patients from its training rows: data.val_fraction)")
+        raise DataError(f"{path}: file '{r['file']}' has split '{value}'; allowed: {', '.join(allowed)}{why}")

@@ -7,11 +7,14 @@
 
 - `file` and `mask` are required: an image volume and its integer mask (0 background, 1..K-1 the
   classes; `data.class_names` names them, background first). `site`, `patient` (default: the
-  file's name) and `split` ("train" or "test", any case, never empty; any other value is refused)
-  are optional. A row marked "test" is the test set of the site it names, scored at that site
-  (its patients' images never leave it); with `data.public_test: true`, or without a `site`
+  file's name) and `split` ("train", "val" or "test", any case, never empty; any other value is
+  refused) are optional. A row marked "test" is the test set of the site it names, scored at that
+  site (its patients' images never leave it); with `data.public_test: true`, or without a `site`
   column, the rows marked "test" are one public test set that the coordinator holds and scores.
-  When no row says "test", the last `data.test_subjects` patients in the file are the public test set.
+  When no row says "test", the last `data.test_subjects` patients in the file are the public test
+  set. Rows marked "val" are their site's validation set, in place of a `data.val_fraction` draw
+  from its training rows (a site with none then has no validation data). A patient belongs to one
+  split: one row of theirs marked "test" (else "val") puts all their rows there.
 - Items are slices along the volume's last axis (axial for RAS/LPS files), centre-padded or cropped
   to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
   with no mask at all are kept only when `data.min_foreground` is 0.
@@ -44,7 +47,7 @@ from privmed.errors import DataError
 def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
     csv = Path(data.csv)
     rows = read_index(csv, ("file", "mask"), ("site", "patient", "split"))
-    check_splits(rows, csv)
+    check_splits(rows, csv, ("train", "val", "test"))
     root = Path(data.root) if data.root is not None else csv.parent
     spacing = tuple(data.spacing) if data.spacing else None
     vols = [_read_pair(root, r, spacing) for r in rows]
@@ -57,6 +60,7 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
                         "(name the background first)")
     patients = [r.get("patient") or Path(r["file"]).name.split(".")[0] for r in rows]
     test = {p for r, p in zip(rows, patients) if r.get("split", "").lower() == "test"}
+    val = {p for r, p in zip(rows, patients) if r.get("split", "").lower() == "val"} - test
     # a test row stays its site's own, unless the config (or a file without sites) makes it public
     public = data.public_test or "site" not in rows[0]
     if not test:
@@ -66,7 +70,7 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
             raise DataError(f"data.test_subjects: {data.test_subjects} leaves no patient to train on "
                             f"({len(ordered)} patients in {csv})")
         test = set(ordered[-data.test_subjects:])
-    train, held = [], []
+    train, validation, held = [], [], []
     for r, p, (vol, mask, _) in zip(rows, patients, vols):
         img, m = _items(_intensities(vol, data.window), mask, patch or (side, side))
         keep = slices_with(m > 0, data.min_foreground) if data.min_foreground > 0 else np.arange(len(m))
@@ -74,7 +78,7 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
         part = ImageSet(images=img[keep], labels=np.zeros(n, np.int64), patient=np.full(n, p),
                         site=None if p in test and public else np.full(n, r.get("site", "site-1")),
                         target=m[keep])
-        (held if p in test else train).append(part)
+        (held if p in test else validation if p in val else train).append(part)
     if not train or not held:
         raise DataError(f"{csv}: the split leaves no {'training' if not train else 'test'} volume")
     # HD95 in mm needs one pixel side for every volume; otherwise it is given in pixels, and the
@@ -86,6 +90,7 @@ def load_nifti(data: DataConfig, sites: SitesConfig, seed: int) -> SourceData:
                                     "(HD95 in pixels; data.spacing resamples them to one)"))
     return SourceData(
         train=ImageSet.concat(train), test=ImageSet.concat(held), class_names=names,
+        val=ImageSet.concat(validation) if validation else None,
         description=f"NIfTI volumes from {csv.name}: {len(rows)} volumes, {voxels}, "
                     + (f"patches {'x'.join(map(str, patch))}" if patch else f"slices {side}x{side}"),
         files=[str(root / r[c]) for r in rows for c in ("file", "mask")],

@@ -38,9 +38,13 @@ def split_into_sites(
         parts = _random(source, sites, val_fraction, rng)
     for sd in parts:
         if len(sd.val) == 0 and val_fraction > 0:
+            fix = ("the source's validation split (rows marked 'val') holds none of its items: mark "
+                   "some of its patients 'val', or set data.val_fraction: 0 (a site without 'val' rows then "
+                   "has no validation data)"
+                   if source.val is not None and sites.partition == "natural" else
+                   "raise data.val_fraction or sites.alpha")
             raise DataError(
-                f"sites: site '{sd.name}' has no validation data ({len(sd.train)} training items); "
-                f"raise data.val_fraction or sites.alpha"
+                f"sites: site '{sd.name}' has no validation data ({len(sd.train)} training items); {fix}"
             )
     return parts
 
