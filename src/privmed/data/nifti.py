@@ -13,8 +13,9 @@
   column, the rows marked "test" are one public test set that the coordinator holds and scores.
   When no row says "test", the last `data.test_subjects` patients in the file are the public test
   set. Rows marked "val" are their site's validation set, in place of a `data.val_fraction` draw
-  from its training rows (a site with none then has no validation data). A patient belongs to one
-  split: one row of theirs marked "test" (else "val") puts all their rows there.
+  from its training rows (a site with none is refused, naming the fix, unless data.val_fraction is
+  0: it then has no validation data). A patient belongs to one split: one row of theirs marked
+  "test" (else "val") puts all their rows there.
 - Items are slices along the volume's last axis (axial for RAS/LPS files), centre-padded or cropped
   to `data.size` square (default: the largest slice side, rounded up to a multiple of 16). Slices
   with no mask at all are kept only when `data.min_foreground` is 0.
