@@ -26,6 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import yaml
 
 import privmed
 
@@ -64,8 +65,6 @@ def one_run(csv: Path, seed: int, spacing: float, rounds: int, extra: dict) -> d
         result = privmed.run(cfg, Path(out) / "run", report=False)
         saved = (Path(out) / "run" / "config.yaml").read_text()
     s = result.summary
-    import yaml
-
     chosen = yaml.safe_load(saved)
     return {"dice": s["test"].get("dice"), "volumes": s["test"].get("volumes"),
             "local_epochs": chosen["federation"]["local_epochs"], "batch_size": chosen["training"]["batch_size"],

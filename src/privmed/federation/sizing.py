@@ -93,18 +93,10 @@ def fit_to_data(cfg: RunConfig, data: DataFacts, sites: list[SiteProfile]) -> Ru
         return cfg
     fed, training = cfg.federation.model_fields_set, cfg.training.model_fields_set
     counts = [p.n_train for p in sites]
-    if cfg.task == "segmentation":  # the local work only (the task's batch and lr stay)
-        if {"local_epochs", "local_steps"} & fed:
-            return cfg
-        epochs = local_epochs_for(statistics.median(counts), cfg.training.batch_size)
-        if epochs == cfg.federation.local_epochs:
-            return cfg
-        raw = cfg.to_dict()
-        raw["federation"]["local_epochs"] = epochs
-        return validate_config(raw, source="the run's defaults for its data")
+    classification = cfg.task == "classification"  # segmentation: the local work only
     changes: dict[str, dict] = {"federation": {}, "training": {}}
     batch = cfg.training.batch_size
-    if "batch_size" not in training:
+    if classification and "batch_size" not in training:
         batch = changes["training"]["batch_size"] = batch_size_for(min(counts))
     volumes = data.spatial_dims == 3
     if volumes and "rounds" not in fed:
@@ -112,7 +104,7 @@ def fit_to_data(cfg: RunConfig, data: DataFacts, sites: list[SiteProfile]) -> Ru
     if not {"local_epochs", "local_steps"} & fed:
         steps = VOLUME_STEPS if volumes else MIN_STEPS
         changes["federation"]["local_epochs"] = local_epochs_for(statistics.median(counts), batch, steps)
-    if "lr_schedule" not in training and "model_selection" not in fed:
+    if classification and "lr_schedule" not in training and "model_selection" not in fed:
         changes["training"]["lr_schedule"] = "cosine"
         changes["federation"]["model_selection"] = "last"
     current = {section: getattr(cfg, section).model_dump(mode="json") for section in changes}
